@@ -1,0 +1,283 @@
+"""The three serving modules of model-service, their TorchScript export, and the catalog files.
+
+Every module takes batched tensors with a leading batch dimension B:
+  history  int64 [B, L]  item rows of the profile, right-padded (padding value 0)
+  mask     bool  [B, L]  True where history holds a real item
+  cands    int64 [B, C]  candidate item rows (DIN and RankNet)
+and returns float32 scores (higher is better). model_output/README.md documents the contract;
+the Rust server (src/models.rs) is the other side of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+SCHEMA_VERSION = 1
+
+
+class LightGCNServe(nn.Module):
+    """Stage 1: score the whole catalog for a history (LightGCN propagation folded in at serving).
+
+    user = sum_{i in H} norm_i * fold_in[i] / sqrt(|H|), with norm_i = deg(i)^-1/2 from the training
+    graph; scores = user @ item_emb^T. The training script decides what fold_in and item_emb hold.
+    """
+
+    def __init__(self, fold_in: torch.Tensor, item_emb: torch.Tensor, item_norm: torch.Tensor):
+        super().__init__()
+        self.register_buffer("fold_in", fold_in.float().contiguous())
+        self.register_buffer("item_emb", item_emb.float().contiguous())
+        self.register_buffer("item_norm", item_norm.float().contiguous())
+
+    def user_vectors(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(self.fold_in.dtype)
+        w = self.item_norm[history] * m  # [B, L]
+        n = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return torch.einsum("bl,bld->bd", w, self.fold_in[history]) / n.sqrt()
+
+    def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.user_vectors(history, mask) @ self.item_emb.t()
+
+
+class LastDimPReLU(nn.Module):
+    """PReLU with one slope per feature of the last dimension (nn.PReLU uses dimension 1)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((features,), 0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, x, x * self.alpha)
+
+
+class DIN(nn.Module):
+    """Stage 2: Deep Interest Network (Zhou et al. 2018).
+
+    The local activation unit scores every (history item, candidate) pair from
+    [h, c, h - c, h * c] through an MLP (PReLU here, Dice in the paper); the history is pooled with
+    those weights (no softmax, as in the paper) and an MLP scores [pooled, c, pooled * c].
+    The first attention layer is applied in its algebraically identical split form
+    W [h, c, h-c, h*c] = (W1 + W3) h + (W2 - W3) c + W4 (h*c), which avoids materialising the
+    4D-wide concatenation for every pair.
+    """
+
+    def __init__(self, num_items: int, dim: int = 64, att_hidden: int = 64, mlp_hidden: int = 128):
+        super().__init__()
+        self.emb = nn.Embedding(num_items, dim)
+        self.att1 = nn.Linear(4 * dim, att_hidden)
+        self.att_act = LastDimPReLU(att_hidden)
+        self.att2 = nn.Linear(att_hidden, 1)
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * dim, mlp_hidden),
+            LastDimPReLU(mlp_hidden),
+            nn.Linear(mlp_hidden, mlp_hidden // 2),
+            LastDimPReLU(mlp_hidden // 2),
+            nn.Linear(mlp_hidden // 2, 1),
+        )
+        self.dim = dim
+        nn.init.normal_(self.emb.weight, std=0.05)
+
+    def forward(self, history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        h = self.emb(history)  # [B, L, D]
+        c = self.emb(cands)  # [B, C, D]
+        w = self.att1.weight  # [A, 4D]
+        w1, w2, w3, w4 = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
+        hp = h @ (w1 + w3).t()  # [B, L, A]
+        cp = c @ (w2 - w3).t() + self.att1.bias  # [B, C, A]
+        # (h*c) W4^T for every pair: [B, C, L, A]
+        hc = torch.einsum("bld,bcd,ad->bcla", h, c, w4)
+        a = self.att_act(hc + hp.unsqueeze(1) + cp.unsqueeze(2))
+        att = self.att2(a).squeeze(-1)  # [B, C, L]
+        att = att * mask.unsqueeze(1).to(att.dtype)
+        pooled = torch.einsum("bcl,bld->bcd", att, h)  # [B, C, D]
+        x = torch.cat([pooled, c, pooled * c], dim=-1)
+        return self.mlp(x).squeeze(-1)
+
+
+class RankNet(nn.Module):
+    """Stage 3: RankNet (Burges et al. 2005), an MLP over per-candidate features trained with the
+    pairwise logistic loss. The features are computed inside the module from buffers, so the
+    server passes only ids and the two upstream scores:
+
+      0 lightgcn score            4 log(1 + |H|)
+      1 din score                 5 max cosine(candidate, history) over LightGCN item vectors
+      2 lightgcn rank in the list 6 mean cosine(candidate, history)
+      3 log(1 + popularity)       7 ItemKNN score: sum over history of sparse co-occurrence cosine
+    """
+
+    NUM_FEATURES = 8
+
+    def __init__(
+        self,
+        item_unit: torch.Tensor,
+        log_pop: torch.Tensor,
+        nbr_idx: torch.Tensor,
+        nbr_val: torch.Tensor,
+        feat_mean: torch.Tensor,
+        feat_std: torch.Tensor,
+        hidden: int = 64,
+    ):
+        super().__init__()
+        self.register_buffer("item_unit", item_unit.float().contiguous())
+        self.register_buffer("log_pop", log_pop.float().contiguous())
+        self.register_buffer("nbr_idx", nbr_idx.long().contiguous())
+        self.register_buffer("nbr_val", nbr_val.float().contiguous())
+        self.register_buffer("feat_mean", feat_mean.float())
+        self.register_buffer("feat_std", feat_std.float())
+        self.net = nn.Sequential(
+            nn.Linear(self.NUM_FEATURES, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden // 2),
+            nn.ReLU(),
+            nn.Linear(hidden // 2, 1),
+        )
+
+    def features(
+        self,
+        history: torch.Tensor,
+        mask: torch.Tensor,
+        cands: torch.Tensor,
+        s1: torch.Tensor,
+        s2: torch.Tensor,
+    ) -> torch.Tensor:
+        b, c = cands.shape
+        m = mask.to(torch.float32)
+        hlen = m.sum(dim=1, keepdim=True)  # [B, 1]
+        rank = torch.argsort(torch.argsort(s1, dim=1, descending=True), dim=1).to(torch.float32)
+        rank = rank / float(max(c, 1))
+        hu = self.item_unit[history]  # [B, L, D]
+        cu = self.item_unit[cands]  # [B, C, D]
+        sim = torch.einsum("bcd,bld->bcl", cu, hu)
+        neg = torch.full_like(sim, -2.0)
+        valid = mask.unsqueeze(1).expand_as(sim)
+        max_sim = torch.where(valid, sim, neg).amax(dim=2)
+        max_sim = torch.where(hlen > 0, max_sim, torch.zeros_like(max_sim))
+        mean_sim = (sim * m.unsqueeze(1)).sum(dim=2) / hlen.clamp(min=1.0)
+        # ItemKNN: scatter every history item's neighbour similarities into a dense [B, N] row
+        n_items = self.log_pop.shape[0]
+        k = self.nbr_idx.shape[1]
+        idx = self.nbr_idx[history].reshape(b, -1)  # [B, L*K]
+        val = (self.nbr_val[history] * m.unsqueeze(2)).reshape(b, -1)
+        dense = torch.zeros(b, n_items, dtype=torch.float32, device=cands.device)
+        dense.scatter_add_(1, idx, val)
+        knn = dense.gather(1, cands)
+        if k == 0:
+            knn = torch.zeros_like(knn)
+        feats = torch.stack(
+            [
+                s1,
+                s2,
+                rank,
+                self.log_pop[cands],
+                torch.log1p(hlen).expand(b, c),
+                max_sim,
+                mean_sim,
+                knn,
+            ],
+            dim=-1,
+        )
+        return (feats - self.feat_mean) / self.feat_std
+
+    def forward(
+        self,
+        history: torch.Tensor,
+        mask: torch.Tensor,
+        cands: torch.Tensor,
+        s1: torch.Tensor,
+        s2: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.net(self.features(history, mask, cands, s1, s2)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export with a parity check
+
+
+def random_batch(num_items: int, batch: int = 4, max_len: int = 12, cands: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, num_items, (batch, max_len), generator=g)
+    lens = torch.randint(0, max_len + 1, (batch,), generator=g)
+    lens[0] = max_len
+    mask = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)
+    history = history * mask  # padding value 0
+    cand = torch.randint(0, num_items, (batch, cands), generator=g)
+    s1 = torch.randn(batch, cands, generator=g)
+    s2 = torch.randn(batch, cands, generator=g)
+    return history, mask, cand, s1, s2
+
+
+def _inputs(kind: str, batch):
+    history, mask, cand, s1, s2 = batch
+    if kind == "lightgcn":
+        return (history, mask)
+    if kind == "din":
+        return (history, mask, cand)
+    return (history, mask, cand, s1, s2)
+
+
+def export(module: nn.Module, kind: str, out_dir: str, num_items: int, meta: Dict) -> Dict:
+    """Script `module`, save it as out_dir/model.pt, load the file back and check it against the
+    eager module on random batches (also a batch whose history is all padding), write meta.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    module = module.eval()
+    scripted = torch.jit.script(module)
+    path = os.path.join(out_dir, "model.pt")
+    tmp = path + ".tmp"
+    scripted.save(tmp)
+    loaded = torch.jit.load(tmp)
+    worst = 0.0
+    with torch.inference_mode():
+        for seed in range(3):
+            b = random_batch(num_items, seed=seed)
+            if seed == 2:
+                b = (b[0] * 0, b[1] & False) + b[2:]
+            want = module(*_inputs(kind, b))
+            got = loaded(*_inputs(kind, b))
+            if got.shape != want.shape:
+                raise RuntimeError(f"{kind}: TorchScript shape {tuple(got.shape)} != {tuple(want.shape)}")
+            diff = (got - want).abs().max().item()
+            worst = max(worst, diff)
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                raise RuntimeError(f"{kind}: TorchScript output differs from eager by {diff}")
+    os.replace(tmp, path)
+    meta = dict(meta)
+    meta.update(
+        {
+            "stage": kind,
+            "schema_version": SCHEMA_VERSION,
+            "num_items": num_items,
+            "sha256": sha256_file(path),
+            "parity_max_abs_diff": worst,
+        }
+    )
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return meta
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_catalog(out_dir: str, asins: List[str], popularity: List[int]) -> None:
+    """catalog.tsv: one line per item row, `asin<TAB>popularity` (training interactions)."""
+    with open(os.path.join(out_dir, "catalog.tsv"), "w") as f:
+        for a, p in zip(asins, popularity):
+            f.write(f"{a}\t{int(p)}\n")
+
+
+def write_manifest(out_dir: str, manifest: Dict) -> None:
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")

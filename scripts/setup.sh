@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Shared, idempotent setup for start_model_service.sh and scripts/test.sh. Source it, then call
+# `setup_all` (or the steps). Each step skips what is already done:
+#   setup_apt    redis-server and promtool (Debian packages), when missing
+#   setup_venv   a virtualenv with requirements.txt under ~/.cache/model-service, reused while the
+#                pinned requirements are unchanged (so PyTorch is downloaded once per machine)
+#   setup_build  the release binary, linked against that venv's libtorch (rpath embedded)
+# After setup: $VENV, $PY (its python) and $BIN (the binary) are set.
+
+MS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MS_CACHE="${MODEL_SERVICE_CACHE:-$HOME/.cache/model-service}"
+
+ms_log() { printf '[setup] %s\n' "$*" >&2; }
+
+ms_sudo() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        ms_log "need root for: $*  (run as root or install sudo)"; return 1
+    fi
+}
+
+setup_apt() {
+    local missing=()
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v promtool >/dev/null || missing+=(prometheus)
+    command -v python3 >/dev/null || missing+=(python3 python3-venv)
+    if [ ${#missing[@]} -eq 0 ]; then return 0; fi
+    ms_log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    ms_sudo apt-get update -qq
+    ms_sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # the prometheus package starts a server we do not need
+    if command -v systemctl >/dev/null 2>&1; then ms_sudo systemctl stop prometheus >/dev/null 2>&1 || true; fi
+}
+
+setup_venv() {
+    local req_hash
+    req_hash="$(sha256sum "$MS_ROOT/requirements.txt" | cut -c1-12)"
+    VENV="${MODEL_SERVICE_VENV:-$MS_CACHE/venv-$req_hash}"
+    PY="$VENV/bin/python"
+    if [ -f "$VENV/.complete" ]; then
+        return 0
+    fi
+    ms_log "creating $VENV (PyTorch 2.11.0 from PyPI: a few GB, once per machine)"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    python3 -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -r "$MS_ROOT/requirements.txt"
+    "$PY" -c "import torch; assert torch.__version__.split('+')[0] == '2.11.0', torch.__version__"
+    touch "$VENV/.complete"
+}
+
+setup_build() {
+    command -v cargo >/dev/null || { ms_log "cargo is missing: install Rust from https://rustup.rs"; return 1; }
+    ms_log "cargo build --release (incremental)"
+    (cd "$MS_ROOT" && LIBTORCH_USE_PYTORCH=1 PATH="$VENV/bin:$PATH" cargo build --release --quiet)
+    BIN="$MS_ROOT/target/release/model-service"
+}
+
+setup_all() {
+    setup_apt && setup_venv && setup_build
+    export VENV PY BIN
+    export LIBTORCH_USE_PYTORCH=1 MODEL_SERVICE_PYTHON="$PY"
+    export PATH="$VENV/bin:$PATH"
+}

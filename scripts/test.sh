@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up (like start_model_service.sh), then run every test: formatting, clippy, the Rust unit and
+# integration tests (real redis-server, real TorchScript models), and the Python tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+setup_all
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --release --all-targets --quiet -- -D warnings
+echo "== cargo test"
+cargo test --release -- --test-threads 2
+echo "== python tests"
+(cd scripts && "$PY" -m pytest -q ../tests/python)

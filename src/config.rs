@@ -1,0 +1,192 @@
+//! The one configuration struct: every flag has an environment-variable fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::ConfigError;
+
+#[derive(Debug, Parser)]
+#[command(name = "model-service", version, about = "Recommendation server: LightGCN -> DIN -> RankNet between Redis and HTTP")]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Serve,
+    /// Run the pipeline once for USER_ID, write Redis like the server does, print the JSON response.
+    Recommend {
+        user_id: String,
+        /// Number of items to return (default: --default-k).
+        #[arg(long)]
+        k: Option<usize>,
+    },
+    /// Load and validate MODEL_DIR, run a smoke batch, print a summary.
+    Check,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Full Redis URL (redis:// or rediss://); overrides the REDIS_HOST/PORT/DB/PASSWORD settings.
+    #[arg(long, env = "REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_HOST", default_value = "localhost", global = true)]
+    pub redis_host: String,
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379, global = true)]
+    pub redis_port: u16,
+    #[arg(long, env = "REDIS_DB", default_value_t = 0, global = true)]
+    pub redis_db: i64,
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true, global = true)]
+    pub redis_password: Option<String>,
+    /// Bound on connecting to Redis, in milliseconds.
+    #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 300, global = true)]
+    pub redis_connect_timeout_ms: u64,
+    /// Bound on one Redis command, in milliseconds.
+    #[arg(long, env = "REDIS_RESPONSE_TIMEOUT_MS", default_value_t = 500, global = true)]
+    pub redis_response_timeout_ms: u64,
+
+    /// Directory with manifest.json, catalog.tsv and lightgcn/, din/, ranknet/.
+    #[arg(long, env = "MODEL_DIR", default_value = "./model_output", global = true)]
+    pub model_dir: PathBuf,
+    /// auto | cpu | cuda | cuda:N (auto: CUDA when available).
+    #[arg(long, env = "DEVICE", default_value = "auto", global = true)]
+    pub device: String,
+    /// libtorch intra-op threads (0: libtorch's default).
+    #[arg(long, env = "TORCH_THREADS", default_value_t = 0, global = true)]
+    pub torch_threads: usize,
+
+    #[arg(long, env = "HOST", default_value = "0.0.0.0", global = true)]
+    pub host: String,
+    #[arg(long, env = "PORT", default_value_t = 8001, global = true)]
+    pub port: u16,
+
+    /// Lifetime of recommendations:<user_id>, in seconds.
+    #[arg(long, env = "RECOMMENDATION_TTL", default_value_t = 3600, global = true)]
+    pub recommendation_ttl: u64,
+    /// List length when the request gives no k.
+    #[arg(long, env = "DEFAULT_K", default_value_t = 10, global = true)]
+    pub default_k: usize,
+    /// Largest k a request may ask for.
+    #[arg(long, env = "MAX_K", default_value_t = 100, global = true)]
+    pub max_k: usize,
+    /// Candidates kept after LightGCN (scored by DIN).
+    #[arg(long, env = "LIGHTGCN_CANDIDATES", default_value_t = 200, global = true)]
+    pub lightgcn_candidates: usize,
+    /// Candidates kept after DIN (ordered by RankNet).
+    #[arg(long, env = "DIN_CANDIDATES", default_value_t = 100, global = true)]
+    pub din_candidates: usize,
+    /// Profile items used, the most recent (last in the JSON array) first.
+    #[arg(long, env = "MAX_HISTORY", default_value_t = 200, global = true)]
+    pub max_history: usize,
+
+    /// Most requests the inference thread runs as one batch.
+    #[arg(long, env = "MAX_BATCH", default_value_t = 16, global = true)]
+    pub max_batch: usize,
+    /// Requests that may wait for the inference thread; beyond that requests get 429.
+    #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
+    pub queue_capacity: usize,
+    /// Deadline for one recommendation (queue wait and inference), in milliseconds.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, global = true)]
+    pub request_timeout_ms: u64,
+}
+
+impl Config {
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let text = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        text.parse().map_err(|_| ConfigError::Invalid(format!("HOST/PORT do not form an address: {text}")))
+    }
+
+    pub fn redis_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_connect_timeout_ms)
+    }
+
+    pub fn redis_response_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_response_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Checks that do not need the models or Redis.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("DEFAULT_K", self.default_k),
+            ("MAX_K", self.max_k),
+            ("LIGHTGCN_CANDIDATES", self.lightgcn_candidates),
+            ("DIN_CANDIDATES", self.din_candidates),
+            ("MAX_HISTORY", self.max_history),
+            ("MAX_BATCH", self.max_batch),
+            ("QUEUE_CAPACITY", self.queue_capacity),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.default_k > self.max_k {
+            return Err(ConfigError::Invalid(format!("DEFAULT_K ({}) exceeds MAX_K ({})", self.default_k, self.max_k)));
+        }
+        if self.din_candidates > self.lightgcn_candidates {
+            return Err(ConfigError::Invalid(format!(
+                "DIN_CANDIDATES ({}) exceeds LIGHTGCN_CANDIDATES ({})",
+                self.din_candidates, self.lightgcn_candidates
+            )));
+        }
+        if self.max_k > self.din_candidates {
+            return Err(ConfigError::Invalid(format!(
+                "MAX_K ({}) exceeds DIN_CANDIDATES ({}): the final list is drawn from DIN's candidates",
+                self.max_k, self.din_candidates
+            )));
+        }
+        if self.recommendation_ttl == 0 {
+            return Err(ConfigError::Invalid("RECOMMENDATION_TTL must be at least 1 second".into()));
+        }
+        self.listen_addr()?;
+        crate::models::DeviceChoice::parse(&self.device)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).expect("parse")
+    }
+
+    #[test]
+    fn defaults_match_the_python_service() {
+        let cli = parse(&["model-service", "serve"]);
+        let c = cli.config;
+        assert_eq!((c.redis_host.as_str(), c.redis_port, c.redis_db), ("localhost", 6379, 0));
+        assert_eq!(c.listen_addr().unwrap().to_string(), "0.0.0.0:8001");
+        assert_eq!((c.recommendation_ttl, c.default_k, c.max_k), (3600, 10, 100));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn inconsistent_candidate_counts_are_refused() {
+        let cli = parse(&["model-service", "--lightgcn-candidates", "50", "--din-candidates", "100", "serve"]);
+        let err = cli.config.validate().unwrap_err().to_string();
+        assert!(err.contains("DIN_CANDIDATES"), "{err}");
+    }
+
+    #[test]
+    fn bad_device_is_refused() {
+        let cli = parse(&["model-service", "--device", "tpu", "check"]);
+        assert!(cli.config.validate().unwrap_err().to_string().contains("DEVICE"));
+    }
+}

@@ -1,0 +1,190 @@
+//! The inference thread: it owns the models, takes jobs from a bounded queue, runs the queued
+//! jobs as one batch, and answers each through a oneshot channel. Nothing here runs on a tokio
+//! worker thread.
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{ConfigError, Error};
+use crate::metrics::Metrics;
+use crate::models::{Budget, DeviceChoice, ModelInfo, Models, Ranked, StageTimes};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model_dir: PathBuf,
+    pub device: DeviceChoice,
+    pub torch_threads: usize,
+    pub catalog_len: usize,
+    pub max_batch: usize,
+    pub queue_capacity: usize,
+    pub deadline: Duration,
+    pub lightgcn_candidates: usize,
+    pub din_candidates: usize,
+}
+
+/// Where the engine is: loading and warming up, serving, or failed to load.
+#[derive(Debug, Clone)]
+pub enum EngineState {
+    Loading,
+    Ready(Arc<ModelInfo>),
+    Failed(String),
+}
+
+pub struct Scored {
+    pub ranked: Ranked,
+    pub times: StageTimes,
+}
+
+struct Job {
+    history: Vec<i64>,
+    k: usize,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Scored, Error>>,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<Job>,
+    state: watch::Receiver<EngineState>,
+    cfg: Arc<EngineConfig>,
+}
+
+impl Engine {
+    /// Starts the inference thread, which loads the models and warms them up; `state()` follows it.
+    pub fn start(cfg: EngineConfig, metrics: Metrics) -> Self {
+        let (tx, rx) = sync_channel(cfg.queue_capacity);
+        let (state_tx, state) = watch::channel(EngineState::Loading);
+        let cfg = Arc::new(cfg);
+        let thread_cfg = cfg.clone();
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || run(thread_cfg, rx, state_tx, metrics))
+            .expect("spawning the inference thread");
+        Self { tx, state, cfg }
+    }
+
+    pub fn state(&self) -> EngineState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the models are loaded and warmed up, or failed to load.
+    pub async fn ready(&self) -> Result<Arc<ModelInfo>, ConfigError> {
+        let mut state = self.state.clone();
+        loop {
+            match &*state.borrow_and_update() {
+                EngineState::Ready(info) => return Ok(info.clone()),
+                EngineState::Failed(reason) => return Err(ConfigError::Invalid(reason.clone())),
+                EngineState::Loading => {}
+            }
+            if state.changed().await.is_err() {
+                return Err(ConfigError::Invalid("the inference thread stopped while loading".into()));
+            }
+        }
+    }
+
+    /// Queues one history (non-empty, distinct catalog rows) and waits for its top `k`.
+    pub async fn rank(&self, history: Vec<i64>, k: usize) -> Result<Scored, Error> {
+        if !matches!(self.state(), EngineState::Ready(_)) {
+            return Err(Error::EngineStopped);
+        }
+        let deadline = Instant::now() + self.cfg.deadline;
+        let (reply, answer) = oneshot::channel();
+        match self.tx.try_send(Job { history, k, deadline, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.cfg.queue_capacity)),
+            Err(TrySendError::Disconnected(_)) => return Err(Error::EngineStopped),
+        }
+        let ms = self.cfg.deadline.as_millis() as u64;
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::EngineStopped),
+            Err(_) => Err(Error::DeadlineExceeded(ms)),
+        }
+    }
+}
+
+fn run(cfg: Arc<EngineConfig>, rx: Receiver<Job>, state: watch::Sender<EngineState>, metrics: Metrics) {
+    if cfg.torch_threads > 0 {
+        tch::set_num_threads(cfg.torch_threads as i32);
+    }
+    let models = match load(&cfg) {
+        Ok(models) => models,
+        Err(e) => {
+            tracing::error!(error = %e, "model load failed");
+            let _ = state.send(EngineState::Failed(e.to_string()));
+            return;
+        }
+    };
+    let info = Arc::new(models.info.clone());
+    metrics.set_model_info(&info);
+    tracing::info!(version = %info.version, device = %info.device, items = info.num_items, "models loaded and warmed up");
+    let _ = state.send(EngineState::Ready(info));
+
+    let max_batch = cfg.max_batch.max(1);
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        let (live, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline > now);
+        drop(late); // their callers have already answered 503
+        if live.is_empty() {
+            continue;
+        }
+        metrics.batch_size.observe(live.len() as f64);
+        run_batch(&models, &cfg, live);
+    }
+}
+
+fn load(cfg: &EngineConfig) -> Result<Models, ConfigError> {
+    let device = cfg.device.resolve(tch::Cuda::device_count().max(0) as usize)?;
+    let models = Models::load(&cfg.model_dir, device, cfg.catalog_len)?;
+    // TorchScript's first calls are slow (profiling executor): warm up at the serving sizes.
+    let n = cfg.catalog_len as i64;
+    let warm: Vec<Vec<i64>> = (0..cfg.max_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
+    let refs: Vec<&[i64]> = warm.iter().map(|h| h.as_slice()).collect();
+    let budget = Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k: 10 };
+    for _ in 0..3 {
+        models.rank(&refs, budget).map_err(|e| ConfigError::Model {
+            dir: cfg.model_dir.display().to_string(),
+            reason: format!("warm-up failed: {e}"),
+        })?;
+    }
+    Ok(models)
+}
+
+fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
+    let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
+    let budget = Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k };
+    let histories: Vec<&[i64]> = jobs.iter().map(|j| j.history.as_slice()).collect();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| models.rank(&histories, budget)));
+    let result = match outcome {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the inference thread caught a panic".to_string()),
+    };
+    match result {
+        Ok((ranked, times)) => {
+            for (job, mut r) in jobs.into_iter().zip(ranked) {
+                r.rows.truncate(job.k);
+                r.scores.truncate(job.k);
+                let _ = job.reply.send(Ok(Scored { ranked: r, times: times.clone() }));
+            }
+        }
+        Err(reason) => {
+            tracing::error!(%reason, batch = histories.len(), "inference failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(Error::Inference(reason.clone())));
+            }
+        }
+    }
+}

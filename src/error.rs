@@ -1,0 +1,117 @@
+//! Typed errors, and their single mapping to an HTTP status and a JSON `{"error", "detail"}` body.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// Errors of configuration and model loading: fatal at start, never seen by a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("model directory {dir}: {reason}")]
+    Model { dir: String, reason: String },
+    #[error("device: {0}")]
+    Device(String),
+}
+
+/// Errors a recommendation request can end in.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid user id: {0}")]
+    InvalidUserId(String),
+    #[error("invalid k: {0}")]
+    InvalidK(String),
+    #[error("invalid profile at {key}: {reason}")]
+    InvalidProfile { key: String, reason: String },
+    #[error("redis unavailable: {0}")]
+    RedisUnavailable(String),
+    #[error("redis refused the command: {0}")]
+    Redis(String),
+    #[error("inference queue is full ({0} requests waiting)")]
+    Overloaded(usize),
+    #[error("no result within the deadline of {0} ms")]
+    DeadlineExceeded(u64),
+    #[error("inference engine is not running")]
+    EngineStopped,
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl Error {
+    /// The machine-readable `error` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidUserId(_) => "invalid_user_id",
+            Error::InvalidK(_) => "invalid_k",
+            Error::InvalidProfile { .. } => "invalid_profile",
+            Error::RedisUnavailable(_) => "redis_unavailable",
+            Error::Redis(_) => "redis_error",
+            Error::Overloaded(_) => "overloaded",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
+            Error::EngineStopped => "engine_stopped",
+            Error::Inference(_) => "inference_failed",
+            Error::NotFound(_) => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidUserId(_) | Error::InvalidK(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidProfile { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::RedisUnavailable(_) | Error::Redis(_) | Error::EngineStopped | Error::DeadlineExceeded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({ "error": self.code(), "detail": self.to_string() })
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if matches!(self, Error::Overloaded(_) | Error::RedisUnavailable(_) | Error::EngineStopped) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_a_json_body_with_error_and_detail() {
+        let errors = [
+            Error::InvalidUserId("empty".into()),
+            Error::InvalidK("0".into()),
+            Error::InvalidProfile { key: "user_profile:a".into(), reason: "not JSON".into() },
+            Error::RedisUnavailable("refused".into()),
+            Error::Overloaded(3),
+            Error::DeadlineExceeded(10),
+            Error::EngineStopped,
+            Error::Inference("x".into()),
+        ];
+        let statuses: Vec<u16> = errors.iter().map(|e| e.status().as_u16()).collect();
+        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 500]);
+        for e in &errors {
+            let body = e.body();
+            assert_eq!(body["error"], e.code());
+            assert!(body["detail"].as_str().unwrap().len() > 3);
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Routes, extractors and response shapes. No business logic: handlers call `Service`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::engine::EngineState;
+use crate::error::Error;
+use crate::service::Service;
+
+/// Largest request body accepted (the API takes none; this bounds what a client can send).
+const BODY_LIMIT: usize = 16 * 1024;
+
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route("/recommend/{user_id}", post(recommend))
+        .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(service.clone(), track))
+        .with_state(service)
+}
+
+/// Counts every response by route template and status, and times it.
+async fn track(State(service): State<Arc<Service>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = &service.metrics;
+    m.http_requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
+    m.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn recommend(
+    State(service): State<Arc<Service>>,
+    user_id: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, Error> {
+    let Path(user_id) = user_id.map_err(|e| Error::InvalidUserId(e.body_text()))?;
+    let Query(query) = query.map_err(|e| Error::InvalidK(format!("the query string is not valid: {}", e.body_text())))?;
+    let k = service.parse_k(query.get("k").map(String::as_str))?;
+    let rec = service.recommend(&user_id, k).await?;
+    Ok(Json(rec).into_response())
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "alive" }))
+}
+
+/// Models loaded and warmed up, and Redis answering (`/health` and `/health/ready`).
+async fn readiness(service: &Service) -> (bool, serde_json::Value) {
+    let redis = service.store.ping().await;
+    let (model_loaded, model, device, engine_problem) = match service.engine.state() {
+        EngineState::Ready(info) => (true, json!(info.version), json!(info.device), None),
+        EngineState::Loading => (false, json!(null), json!(null), Some("models are loading".to_string())),
+        EngineState::Failed(reason) => (false, json!(null), json!(null), Some(format!("models failed to load: {reason}"))),
+    };
+    let redis_status = match &redis {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("error: {e}"),
+    };
+    let problems: Vec<String> =
+        engine_problem.into_iter().chain(redis.err().map(|e| format!("redis: {e}"))).collect();
+    let healthy = problems.is_empty();
+    let mut body = json!({
+        "status": if healthy { "healthy" } else { "unhealthy" },
+        "model_loaded": model_loaded,
+        "model_version": model,
+        "redis": redis_status,
+        "device": device,
+        "catalog_items": service.catalog.len(),
+    });
+    if !healthy {
+        body["error"] = json!("unhealthy");
+        body["detail"] = json!(problems.join("; "));
+    }
+    (healthy, body)
+}
+
+async fn health(State(service): State<Arc<Service>>) -> Response {
+    let (healthy, body) = readiness(&service).await;
+    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(service): State<Arc<Service>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], service.metrics.render()).into_response()
+}
+
+async fn not_found(request: Request) -> Error {
+    Error::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}

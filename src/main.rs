@@ -1,0 +1,149 @@
+//! model-service: reads `user_profile:<id>` from Redis, ranks the catalog with
+//! LightGCN -> DIN -> RankNet (TorchScript via libtorch), writes `recommendations:<id>`.
+
+mod catalog;
+mod config;
+mod engine;
+mod error;
+mod http;
+mod metrics;
+mod models;
+mod service;
+mod store;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::catalog::Catalog;
+use crate::config::{Cli, Command, Config};
+use crate::engine::{Engine, EngineConfig};
+use crate::metrics::Metrics;
+use crate::models::{DeviceChoice, Models};
+use crate::service::{Service, ServiceConfig};
+use crate::store::Store;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "model_service=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = cli.config.validate().map_err(anyhow::Error::from).and_then(|()| match cli.command {
+        Command::Check => check(&cli.config),
+        Command::Serve => runtime()?.block_on(serve(cli.config)),
+        Command::Recommend { user_id, k } => runtime()?.block_on(recommend_once(cli.config, user_id, k)),
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("model-service: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+fn load_catalog(cfg: &Config) -> anyhow::Result<Arc<Catalog>> {
+    Ok(Arc::new(Catalog::load(&cfg.model_dir.join("catalog.tsv"))?))
+}
+
+fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
+    let catalog = load_catalog(cfg)?;
+    let metrics = Metrics::new();
+    let engine = Engine::start(
+        EngineConfig {
+            model_dir: cfg.model_dir.clone(),
+            device: DeviceChoice::parse(&cfg.device)?,
+            torch_threads: cfg.torch_threads,
+            catalog_len: catalog.len(),
+            max_batch: cfg.max_batch,
+            queue_capacity: cfg.queue_capacity,
+            deadline: cfg.request_timeout(),
+            lightgcn_candidates: cfg.lightgcn_candidates,
+            din_candidates: cfg.din_candidates,
+        },
+        metrics.clone(),
+    );
+    let store = Store::new(cfg)?;
+    let service_cfg = ServiceConfig {
+        default_k: cfg.default_k,
+        max_k: cfg.max_k,
+        max_history: cfg.max_history,
+        ttl_secs: cfg.recommendation_ttl,
+    };
+    Ok(Arc::new(Service::new(store, engine, catalog, metrics, service_cfg)))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
+    let service = build_service(&cfg)?;
+    let addr = cfg.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, model_dir = %cfg.model_dir.display(), "listening");
+    let app = http::router(service.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
+    // The server answers /health/live at once; a model directory that fails to load ends the process.
+    if let Err(e) = service.engine.ready().await {
+        server.abort();
+        return Err(e.into());
+    }
+    server.await.context("HTTP server task")?.context("HTTP server")?;
+    tracing::info!("shut down");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown signal received, draining in-flight requests");
+}
+
+async fn recommend_once(cfg: Config, user_id: String, k: Option<usize>) -> anyhow::Result<ExitCode> {
+    let service = build_service(&cfg)?;
+    service.engine.ready().await?;
+    let k = k.unwrap_or(cfg.default_k);
+    match service.recommend(&user_id, k).await {
+        Ok(rec) => {
+            println!("{}", serde_json::to_string_pretty(&rec)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{}", serde_json::to_string_pretty(&e.body())?);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn check(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let catalog = load_catalog(cfg)?;
+    let device = DeviceChoice::parse(&cfg.device)?.resolve(tch::Cuda::device_count().max(0) as usize)?;
+    let models = Models::load(&cfg.model_dir, device, catalog.len())?;
+    let summary = serde_json::json!({
+        "status": "ok",
+        "model_dir": cfg.model_dir.display().to_string(),
+        "model_version": models.info.version,
+        "device": models.info.device,
+        "catalog_items": catalog.len(),
+        "stages": models.info.stages,
+        "candidates": { "lightgcn": cfg.lightgcn_candidates, "din": cfg.din_candidates },
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,114 @@
+//! Every Prometheus metric, named once, in one registry with the `model_service_` prefix.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::models::ModelInfo;
+
+const PREFIX: &str = "model_service";
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub stage_duration: HistogramVec,
+    pub stage_candidates: HistogramVec,
+    pub unknown_items: IntCounter,
+    pub cold_starts: IntCounter,
+    pub batch_size: Histogram,
+    model_info: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some(PREFIX.into()), None).expect("registry");
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests by route and status code"),
+            &["route", "status"],
+        )
+        .expect("metric");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("metric");
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "stage_duration_seconds",
+                "Latency of one pipeline stage: redis_read, lightgcn, din, ranknet, redis_write",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .expect("metric");
+        let stage_candidates = HistogramVec::new(
+            HistogramOpts::new("stage_candidates", "Items a stage hands on per request (lightgcn, din, ranknet)")
+                .buckets(vec![1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]),
+            &["stage"],
+        )
+        .expect("metric");
+        let unknown_items =
+            IntCounter::new("unknown_items_total", "Profile entries skipped because they are not in the catalog")
+                .expect("metric");
+        let cold_starts =
+            IntCounter::new("cold_starts_total", "Requests answered with the popular list (no usable history)")
+                .expect("metric");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("inference_batch_size", "Requests run together in one inference batch")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+        )
+        .expect("metric");
+        let model_info = IntGaugeVec::new(
+            Opts::new("model_info", "Models in service (value 1)"),
+            &["version", "device", "lightgcn", "din", "ranknet"],
+        )
+        .expect("metric");
+        for m in [
+            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_duration.clone()),
+            Box::new(stage_duration.clone()),
+            Box::new(stage_candidates.clone()),
+            Box::new(unknown_items.clone()),
+            Box::new(cold_starts.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(model_info.clone()),
+        ] {
+            registry.register(m).expect("metric registered once");
+        }
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            stage_duration,
+            stage_candidates,
+            unknown_items,
+            cold_starts,
+            batch_size,
+            model_info,
+        }
+    }
+
+    pub fn set_model_info(&self, info: &ModelInfo) {
+        self.model_info.reset();
+        let version_of = |stage: &str| {
+            info.stages.iter().find(|s| s.stage == stage).map(|s| s.version.clone()).unwrap_or_default()
+        };
+        let (l, d, r) = (version_of("lightgcn"), version_of("din"), version_of("ranknet"));
+        self.model_info.with_label_values(&[info.version.as_str(), info.device.as_str(), &l, &d, &r]).set(1);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

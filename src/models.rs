@@ -1,0 +1,291 @@
+//! The three TorchScript stages, their tensor contracts (model_output/README.md), and the cascade.
+//!
+//! Every tensor call uses tch's fallible `f_*` API: a model error becomes a `TchError`, never a
+//! panic on the inference thread.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tch::{CModule, Device, Kind, TchError, Tensor};
+
+use crate::error::ConfigError;
+
+pub const STAGES: [&str; 3] = ["lightgcn", "din", "ranknet"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let t = text.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| ConfigError::Invalid(format!("DEVICE must be auto, cpu, cuda or cuda:N, got {text:?}"))),
+        }
+    }
+
+    /// Picks the device; `cuda_devices` is how many CUDA devices libtorch sees.
+    pub fn resolve(self, cuda_devices: usize) -> Result<Device, ConfigError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto if cuda_devices > 0 => Ok(Device::Cuda(0)),
+            Self::Auto => {
+                tracing::info!("DEVICE=auto: no CUDA device available, running on CPU");
+                Ok(Device::Cpu)
+            }
+            Self::Cuda(n) if n < cuda_devices => Ok(Device::Cuda(n)),
+            Self::Cuda(n) => Err(ConfigError::Device(format!(
+                "DEVICE=cuda:{n} was asked for but libtorch sees {cuda_devices} CUDA device(s) \
+                 (no driver, no GPU, or a CPU-only libtorch); use DEVICE=cpu or DEVICE=auto"
+            ))),
+        }
+    }
+}
+
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Manifest {
+    version: String,
+    models: std::collections::BTreeMap<String, StageManifest>,
+    catalog: CatalogManifest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct StageManifest {
+    version: String,
+    dim: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct CatalogManifest {
+    num_items: usize,
+}
+
+/// What is in service, for /health, /metrics and `check`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub version: String,
+    pub stages: Vec<StageInfo>,
+    pub num_items: usize,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageInfo {
+    pub stage: String,
+    pub version: String,
+    pub dim: Option<u64>,
+    pub file: PathBuf,
+}
+
+/// Candidate counts of one cascade run.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub lightgcn: usize,
+    pub din: usize,
+    pub k: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StageTimes {
+    pub lightgcn: Duration,
+    pub din: Duration,
+    pub ranknet: Duration,
+}
+
+/// One history's final list: catalog rows with their RankNet scores, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    pub rows: Vec<i64>,
+    pub scores: Vec<f32>,
+}
+
+pub struct Models {
+    lightgcn: CModule,
+    din: CModule,
+    ranknet: CModule,
+    device: Device,
+    pub info: ModelInfo,
+}
+
+impl Models {
+    /// Reads manifest.json, loads the three stages onto `device` and checks them with a smoke
+    /// batch against the catalog size.
+    pub fn load(dir: &Path, device: Device, catalog_len: usize) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
+        let manifest_path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| err(format!("cannot read {}: {e}", manifest_path.display())))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| err(format!("manifest.json is not valid: {e}")))?;
+        if manifest.catalog.num_items != catalog_len {
+            return Err(err(format!(
+                "manifest.json says {} items but catalog.tsv has {catalog_len}",
+                manifest.catalog.num_items
+            )));
+        }
+        let mut modules = Vec::new();
+        let mut stages = Vec::new();
+        for stage in STAGES {
+            let m = manifest.models.get(stage).ok_or_else(|| err(format!("manifest.json has no models.{stage}")))?;
+            let file = dir.join(stage).join("model.pt");
+            if !file.is_file() {
+                return Err(err(format!("{} is missing", file.display())));
+            }
+            let mut module = CModule::load_on_device(&file, device)
+                .map_err(|e| err(format!("{} is not a loadable TorchScript file: {e}", file.display())))?;
+            module.set_eval();
+            modules.push(module);
+            stages.push(StageInfo { stage: stage.into(), version: m.version.clone(), dim: m.dim, file });
+        }
+        let ranknet = modules.pop().expect("three modules");
+        let din = modules.pop().expect("three modules");
+        let lightgcn = modules.pop().expect("three modules");
+        let info = ModelInfo { version: manifest.version, stages, num_items: catalog_len, device: device_name(device) };
+        let models = Self { lightgcn, din, ranknet, device, info };
+        models.smoke_test().map_err(|reason| err(format!("smoke batch failed: {reason}")))?;
+        Ok(models)
+    }
+
+    /// Runs a small batch through every stage and checks shapes and values against the catalog.
+    pub fn smoke_test(&self) -> Result<(), String> {
+        let n = self.info.num_items as i64;
+        let histories: Vec<Vec<i64>> = vec![(0..n.min(5)).collect(), vec![n - 1], (0..n.min(40)).rev().collect()];
+        let refs: Vec<&[i64]> = histories.iter().map(|h| h.as_slice()).collect();
+        let (h, m) = self.history_tensors(&refs).map_err(|e| e.to_string())?;
+        let s1 = self.lightgcn.forward_ts(&[&h, &m]).map_err(|e| format!("lightgcn: {e}"))?;
+        if s1.size() != [refs.len() as i64, n] {
+            return Err(format!("lightgcn returned shape {:?}, expected [{}, {n}] (one score per catalog item)", s1.size(), refs.len()));
+        }
+        let budget = Budget { lightgcn: 20.min(self.info.num_items), din: 10.min(self.info.num_items), k: 5 };
+        let (ranked, _) = self.rank(&refs, budget).map_err(|e| e.to_string())?;
+        for (hist, r) in histories.iter().zip(&ranked) {
+            if r.scores.iter().any(|s| !s.is_finite()) {
+                return Err("ranknet returned non-finite scores".into());
+            }
+            if r.rows.iter().any(|row| hist.contains(row)) {
+                return Err("a history item came back as a recommendation".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn history_tensors(&self, histories: &[&[i64]]) -> Result<(Tensor, Tensor), TchError> {
+        let b = histories.len();
+        let l = histories.iter().map(|h| h.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![0i64; b * l];
+        let mut mask = vec![false; b * l];
+        for (i, h) in histories.iter().enumerate() {
+            ids[i * l..i * l + h.len()].copy_from_slice(h);
+            mask[i * l..i * l + h.len()].fill(true);
+        }
+        let shape = [b as i64, l as i64];
+        let h = Tensor::f_from_slice(&ids)?.f_view(shape)?.f_to_device(self.device)?;
+        let m = Tensor::f_from_slice(&mask)?.f_view(shape)?.f_to_device(self.device)?;
+        Ok((h, m))
+    }
+
+    fn sync(&self) {
+        if let Device::Cuda(n) = self.device {
+            tch::Cuda::synchronize(n as i64);
+        }
+    }
+
+    /// The cascade for a batch of non-empty histories (distinct catalog rows each):
+    /// LightGCN scores the catalog, history items are excluded, the top `budget.lightgcn` go to DIN,
+    /// DIN's top `budget.din` go to RankNet, RankNet's top `budget.k` are returned.
+    pub fn rank(&self, histories: &[&[i64]], budget: Budget) -> Result<(Vec<Ranked>, StageTimes), TchError> {
+        let _guard = tch::no_grad_guard();
+        let n = self.info.num_items;
+        let longest = histories.iter().map(|h| h.len()).max().unwrap_or(0);
+        // Every row excludes at most `longest` items, so this many non-history items always exist.
+        let c1 = budget.lightgcn.min(n.saturating_sub(longest)) as i64;
+        let c2 = budget.din.min(c1 as usize) as i64;
+        let k = budget.k.min(c2 as usize) as i64;
+        let mut times = StageTimes::default();
+        if histories.is_empty() || k == 0 {
+            return Ok((histories.iter().map(|_| Ranked { rows: vec![], scores: vec![] }).collect(), times));
+        }
+        let (h, m) = self.history_tensors(histories)?;
+
+        let t = Instant::now();
+        let scores = self.lightgcn.forward_ts(&[&h, &m])?;
+        let (rows, cols): (Vec<i64>, Vec<i64>) =
+            histories.iter().enumerate().flat_map(|(i, hist)| hist.iter().map(move |&c| (i as i64, c))).unzip();
+        let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
+        let cols = Tensor::f_from_slice(&cols)?.f_to_device(self.device)?;
+        let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (Kind::Float, self.device))?;
+        let scores = scores.f_index_put_(&[Some(rows), Some(cols)], &neg_inf, false)?;
+        let (s1, cand1) = scores.f_topk(c1, 1, true, true)?;
+        self.sync();
+        times.lightgcn = t.elapsed();
+
+        let t = Instant::now();
+        let s2 = self.din.forward_ts(&[&h, &m, &cand1])?;
+        let (s2_top, pos2) = s2.f_topk(c2, 1, true, true)?;
+        let cand2 = cand1.f_gather(1, &pos2, false)?;
+        let s1_top = s1.f_gather(1, &pos2, false)?;
+        self.sync();
+        times.din = t.elapsed();
+
+        let t = Instant::now();
+        let s3 = self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?;
+        let (s3_top, pos3) = s3.f_topk(k, 1, true, true)?;
+        let final_rows = cand2.f_gather(1, &pos3, false)?;
+        let final_rows: Vec<i64> = Vec::try_from(final_rows.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+        let final_scores: Vec<f32> =
+            Vec::try_from(s3_top.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
+        times.ranknet = t.elapsed();
+
+        let k = k as usize;
+        let ranked = final_rows
+            .chunks(k)
+            .zip(final_scores.chunks(k))
+            .map(|(r, s)| Ranked { rows: r.to_vec(), scores: s.to_vec() })
+            .collect();
+        Ok((ranked, times))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_parse() {
+        assert_eq!(DeviceChoice::parse("auto").unwrap(), DeviceChoice::Auto);
+        assert_eq!(DeviceChoice::parse("CPU").unwrap(), DeviceChoice::Cpu);
+        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(0));
+        assert_eq!(DeviceChoice::parse("cuda:3").unwrap(), DeviceChoice::Cuda(3));
+        assert!(DeviceChoice::parse("cuda:x").is_err());
+        assert!(DeviceChoice::parse("gpu").is_err());
+    }
+
+    #[test]
+    fn auto_falls_back_to_cpu_and_explicit_cuda_fails_without_a_gpu() {
+        assert_eq!(DeviceChoice::Auto.resolve(0).unwrap(), Device::Cpu);
+        assert_eq!(DeviceChoice::Auto.resolve(2).unwrap(), Device::Cuda(0));
+        assert_eq!(DeviceChoice::Cuda(1).resolve(2).unwrap(), Device::Cuda(1));
+        let err = DeviceChoice::Cuda(0).resolve(0).unwrap_err().to_string();
+        assert!(err.contains("DEVICE=cuda:0") && err.contains("0 CUDA device"), "{err}");
+        assert!(DeviceChoice::Cuda(2).resolve(2).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! The one function that makes a recommendation: validate -> read profile -> rank -> write.
+//! Every entry point (HTTP, the `recommend` command) calls `Service::recommend`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::engine::{Engine, EngineState};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub const MAX_USER_ID_BYTES: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Personalized,
+    Popular,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    pub item_id: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Recommendation {
+    pub user_id: String,
+    pub recommendations: Vec<Item>,
+    pub strategy: Strategy,
+    pub model_version: String,
+    pub unknown_items: usize,
+    /// Profile items left out because the profile is longer than MAX_HISTORY (oldest first).
+    pub truncated_items: usize,
+    pub elapsed_ms: f64,
+}
+
+pub struct ServiceConfig {
+    pub default_k: usize,
+    pub max_k: usize,
+    pub max_history: usize,
+    pub ttl_secs: u64,
+}
+
+pub struct Service {
+    pub store: Store,
+    pub engine: Engine,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Metrics,
+    cfg: ServiceConfig,
+}
+
+/// A user id is 1..=128 bytes with no whitespace or control characters.
+pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
+    if user_id.is_empty() {
+        return Err(Error::InvalidUserId("the user id is empty".into()));
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(Error::InvalidUserId(format!(
+            "the user id is {} bytes, at most {MAX_USER_ID_BYTES} are allowed",
+            user_id.len()
+        )));
+    }
+    if let Some(c) = user_id.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::InvalidUserId(format!("the user id contains the character {c:?}")));
+    }
+    Ok(())
+}
+
+impl Service {
+    pub fn new(store: Store, engine: Engine, catalog: Arc<Catalog>, metrics: Metrics, cfg: ServiceConfig) -> Self {
+        Self { store, engine, catalog, metrics, cfg }
+    }
+
+    /// Parses `k` from a request (absent: the default).
+    pub fn parse_k(&self, raw: Option<&str>) -> Result<usize, Error> {
+        let Some(raw) = raw else { return Ok(self.cfg.default_k) };
+        let max = self.cfg.max_k;
+        match raw.trim().parse::<i64>() {
+            Ok(k) if (1..=max as i64).contains(&k) => Ok(k as usize),
+            Ok(k) => Err(Error::InvalidK(format!("k must be between 1 and {max}, got {k}"))),
+            Err(_) => Err(Error::InvalidK(format!("k must be an integer between 1 and {max}, got {raw:?}"))),
+        }
+    }
+
+    pub async fn recommend(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
+        let started = Instant::now();
+        validate_user_id(user_id)?;
+        if k == 0 || k > self.cfg.max_k {
+            return Err(Error::InvalidK(format!("k must be between 1 and {}, got {k}", self.cfg.max_k)));
+        }
+        let model_version = match self.engine.state() {
+            EngineState::Ready(info) => info.version.clone(),
+            _ => return Err(Error::EngineStopped),
+        };
+
+        let t = Instant::now();
+        let profile = self.store.read_profile(user_id).await?;
+        self.observe_stage("redis_read", t);
+
+        let history = self.catalog.history(profile.as_deref().unwrap_or(&[]), self.cfg.max_history);
+        self.metrics.unknown_items.inc_by(history.unknown as u64);
+
+        let (recommendations, strategy) = if history.rows.is_empty() {
+            self.metrics.cold_starts.inc();
+            let items = self
+                .catalog
+                .most_popular(k, &[])
+                .into_iter()
+                .map(|row| Item { item_id: self.catalog.item_id(row).to_string(), score: self.catalog.popularity(row) as f32 })
+                .collect();
+            (items, Strategy::Popular)
+        } else {
+            let scored = self.engine.rank(history.rows, k).await?;
+            for (stage, d) in [("lightgcn", scored.times.lightgcn), ("din", scored.times.din), ("ranknet", scored.times.ranknet)] {
+                self.metrics.stage_duration.with_label_values(&[stage]).observe(d.as_secs_f64());
+            }
+            self.metrics.stage_candidates.with_label_values(&["ranknet"]).observe(scored.ranked.rows.len() as f64);
+            let items = scored
+                .ranked
+                .rows
+                .iter()
+                .zip(&scored.ranked.scores)
+                .map(|(&row, &score)| Item { item_id: self.catalog.item_id(row).to_string(), score })
+                .collect();
+            (items, Strategy::Personalized)
+        };
+
+        let t = Instant::now();
+        let ids: Vec<&str> = recommendations.iter().map(|i: &Item| i.item_id.as_str()).collect();
+        self.store.write_recommendations(user_id, &ids, self.cfg.ttl_secs).await?;
+        self.observe_stage("redis_write", t);
+
+        Ok(Recommendation {
+            user_id: user_id.to_string(),
+            recommendations,
+            strategy,
+            model_version,
+            unknown_items: history.unknown,
+            truncated_items: history.truncated,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn observe_stage(&self, stage: &str, since: Instant) {
+        self.metrics.stage_duration.with_label_values(&[stage]).observe(since.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_validated() {
+        assert!(validate_user_id("A3RTKL9KB8KLID").is_ok());
+        assert!(validate_user_id(&"x".repeat(128)).is_ok());
+        for bad in ["", " a", "a b", "a\nb", "a\u{7}", "tab\t"] {
+            assert_eq!(validate_user_id(bad).unwrap_err().status().as_u16(), 400, "{bad:?}");
+        }
+        assert!(validate_user_id(&"x".repeat(129)).unwrap_err().to_string().contains("129 bytes"));
+    }
+}

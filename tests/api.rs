@@ -1,0 +1,240 @@
+//! HTTP API against a real redis-server and the real binary with TorchScript test models.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn setup() -> (Redis, Server) {
+    let redis = Redis::start();
+    let server = Server::start(redis.port);
+    server.wait_healthy();
+    (redis, server)
+}
+
+#[test]
+fn walkthrough_profile_to_recommendations_in_redis() {
+    let (redis, server) = setup();
+    redis.set("user_profile:A3RTKL9KB8KLID", r#"["0553092626","0393316041"]"#);
+
+    let (status, body) = server.post("/recommend/A3RTKL9KB8KLID");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], "A3RTKL9KB8KLID");
+    assert_eq!(body["strategy"], "personalized");
+    assert_eq!(body["model_version"], "synthetic-test");
+    assert_eq!(body["unknown_items"], 0);
+    assert!(body["elapsed_ms"].as_f64().unwrap() > 0.0);
+    let ids = rec_ids(&body);
+    assert_eq!(ids.len(), 10);
+    assert!(!ids.contains(&item(0)) && !ids.contains(&item(1)), "history items came back: {ids:?}");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 10, "duplicates: {ids:?}");
+
+    let scores: Vec<f64> = body["recommendations"].as_array().unwrap().iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "not in score order: {scores:?}");
+
+    let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:A3RTKL9KB8KLID").unwrap()).unwrap();
+    assert_eq!(stored, ids, "Redis holds the same ids in the same order");
+    let ttl = redis.ttl("recommendations:A3RTKL9KB8KLID");
+    assert!(ttl > 3500 && ttl <= 3600, "ttl {ttl}");
+}
+
+#[test]
+fn changing_the_profile_changes_the_recommendations_and_k_sets_the_length() {
+    let (redis, server) = setup();
+    // Items 0..4 and 3..7 are from different clusters of the synthetic catalog (row % 6).
+    let a: Vec<String> = [0, 6, 12, 18].iter().map(|&r| item(r)).collect();
+    let b: Vec<String> = [3, 9, 15, 21].iter().map(|&r| item(r)).collect();
+    redis.set("user_profile:u1", &serde_json::to_string(&a).unwrap());
+    let (_, first) = server.post("/recommend/u1?k=20");
+    redis.set("user_profile:u1", &serde_json::to_string(&b).unwrap());
+    let (status, second) = server.post("/recommend/u1?k=20");
+    assert_eq!(status, 200);
+    let (ia, ib) = (rec_ids(&first), rec_ids(&second));
+    assert_eq!((ia.len(), ib.len()), (20, 20));
+    assert_ne!(ia, ib);
+    assert!(ib.iter().all(|i| !b.contains(i)), "new history excluded");
+    let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:u1").unwrap()).unwrap();
+    assert_eq!(stored, ib, "Redis holds the latest list");
+
+    let (_, five) = server.post("/recommend/u1?k=5");
+    assert_eq!(rec_ids(&five), ib[..5].to_vec(), "a shorter list is a prefix of the longer one");
+}
+
+#[test]
+fn a_missing_or_empty_profile_gets_the_most_popular_items() {
+    let (redis, server) = setup();
+    let mut by_pop = catalog();
+    by_pop.sort_by_key(|(_, p)| std::cmp::Reverse(*p)); // stable: ties keep row order
+    let want: Vec<String> = by_pop.iter().take(10).map(|(i, _)| i.clone()).collect();
+
+    let (status, body) = server.post("/recommend/nobody");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["strategy"], "popular");
+    assert_eq!(rec_ids(&body), want);
+    let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:nobody").unwrap()).unwrap();
+    assert_eq!(stored, want);
+
+    redis.set("user_profile:empty", "[]");
+    let (_, body) = server.post("/recommend/empty");
+    assert_eq!((body["strategy"].as_str(), rec_ids(&body)), (Some("popular"), want.clone()));
+
+    redis.set("user_profile:ghost", r#"["nope","B000000000"]"#);
+    let (_, body) = server.post("/recommend/ghost");
+    assert_eq!(body["strategy"], "popular", "only unknown items: cold start");
+    assert_eq!(body["unknown_items"], 2);
+}
+
+#[test]
+fn unknown_items_are_skipped_and_counted() {
+    let (redis, server) = setup();
+    redis.set("user_profile:mixed", &format!(r#"["{}","unknown-1","{}","unknown-2","unknown-1"]"#, item(4), item(10)));
+    let (status, body) = server.post("/recommend/mixed");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["strategy"], "personalized");
+    assert_eq!(body["unknown_items"], 3);
+    let ids = rec_ids(&body);
+    assert!(!ids.contains(&item(4)) && !ids.contains(&item(10)));
+
+    let (_, metrics) = server.get_text("/metrics");
+    assert!(metrics.contains("model_service_unknown_items_total 3"), "{metrics}");
+}
+
+#[test]
+fn bad_requests_get_400_json_and_write_nothing() {
+    let (redis, server) = setup();
+    redis.set("user_profile:u", &format!(r#"["{}"]"#, item(2)));
+    for k in ["0", "101", "-3", "abc", "1.5", ""] {
+        assert_error(&server.post(&format!("/recommend/u?k={k}")), 400, "invalid_k");
+    }
+    let long = "x".repeat(129);
+    for id in [long.as_str(), "a%20b", "a%0Ab", "a%07", "%09"] {
+        assert_error(&server.post(&format!("/recommend/{id}")), 400, "invalid_user_id");
+    }
+    assert!(redis.keys("recommendations:*").is_empty(), "nothing may be written on a bad request");
+
+    let (status, body) = server.post(&format!("/recommend/{}", "x".repeat(128)));
+    assert_eq!(status, 200, "128 bytes is allowed: {body}");
+}
+
+#[test]
+fn malformed_profiles_get_422_naming_the_key_and_write_nothing() {
+    let (redis, server) = setup();
+    let cases = [
+        ("notjson", "{not json", "not JSON"),
+        ("object", r#"{"items":["a"]}"#, "got an object"),
+        ("numbers", "[1, 2, 3]", "element 0 is a number"),
+        ("nested", &format!(r#"["{}", ["x"]]"#, item(3)), "element 1 is an array"),
+    ];
+    for (user, value, reason) in cases {
+        redis.set(&format!("user_profile:{user}"), value);
+        let resp = server.post(&format!("/recommend/{user}"));
+        assert_error(&resp, 422, "invalid_profile");
+        let detail = resp.1["detail"].as_str().unwrap();
+        assert!(detail.contains(&format!("user_profile:{user}")) && detail.contains(reason), "{detail}");
+    }
+    redis.cmd(&["RPUSH", "user_profile:alist", "a", "b"]);
+    let resp = server.post("/recommend/alist");
+    assert_error(&resp, 422, "invalid_profile");
+    assert!(resp.1["detail"].as_str().unwrap().contains("list"), "{}", resp.1);
+    assert!(redis.keys("recommendations:*").is_empty());
+}
+
+#[test]
+fn unknown_routes_and_methods_get_json_errors() {
+    let (_redis, server) = setup();
+    assert_error(&server.get("/nope"), 404, "not_found");
+    assert_error(&server.post("/recommend/"), 404, "not_found");
+    assert_error(&server.get("/recommend/u"), 405, "method_not_allowed");
+}
+
+#[test]
+fn health_reports_models_device_and_redis() {
+    let (_redis, server) = setup();
+    let (status, body) = server.get("/health");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(body["model_loaded"], true);
+    assert_eq!(body["redis"], "ok");
+    assert_eq!(body["device"], "cpu");
+    assert_eq!(body["model_version"], "synthetic-test");
+    assert_eq!(server.get("/health/live").0, 200);
+    assert_eq!(server.get("/health/ready").0, 200);
+}
+
+#[test]
+fn redis_outage_gives_503_fast_and_service_resumes_without_restart() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let server = Server::start(port);
+    server.wait_healthy();
+    redis.set("user_profile:r", &format!(r#"["{}"]"#, item(5)));
+    assert_eq!(server.post("/recommend/r").0, 200);
+
+    redis.stop();
+    let t = Instant::now();
+    let health = server.get("/health");
+    assert!(t.elapsed() < Duration::from_secs(1), "health took {:?}", t.elapsed());
+    assert_eq!(health.0, 503);
+    assert_eq!(health.1["status"], "unhealthy");
+    assert!(health.1["redis"].as_str().unwrap().starts_with("error"), "{}", health.1);
+    let t = Instant::now();
+    let resp = server.post("/recommend/r");
+    assert!(t.elapsed() < Duration::from_secs(1), "recommend took {:?}", t.elapsed());
+    assert_error(&resp, 503, "redis_unavailable");
+    assert_eq!(server.get("/health/live").0, 200, "the process stays up");
+
+    let redis = Redis::start_on(port);
+    redis.set("user_profile:r", &format!(r#"["{}"]"#, item(5)));
+    let t = Instant::now();
+    wait_until(Duration::from_secs(5), || server.get("/health").0 == 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "recovery took {:?}", t.elapsed());
+    let (status, body) = server.post("/recommend/r");
+    assert_eq!(status, 200, "{body}");
+    assert!(redis.get("recommendations:r").is_some());
+}
+
+#[test]
+fn metrics_pass_promtool_and_show_every_stage() {
+    let (redis, server) = setup();
+    redis.set("user_profile:m", &format!(r#"["{}","{}"]"#, item(7), item(8)));
+    assert_eq!(server.post("/recommend/m").0, 200);
+    assert_eq!(server.post("/recommend/cold").0, 200);
+    assert_eq!(server.post("/recommend/m?k=0").0, 400);
+    let (status, text) = server.get_text("/metrics");
+    assert_eq!(status, 200);
+    for stage in ["redis_read", "lightgcn", "din", "ranknet", "redis_write"] {
+        assert!(
+            text.contains(&format!("model_service_stage_duration_seconds_count{{stage=\"{stage}\"}}")),
+            "no histogram for {stage}:\n{text}"
+        );
+    }
+    for needle in [
+        "model_service_http_requests_total{route=\"/recommend/{user_id}\",status=\"200\"} 2",
+        "model_service_http_requests_total{route=\"/recommend/{user_id}\",status=\"400\"} 1",
+        "model_service_http_request_duration_seconds_bucket",
+        "model_service_stage_candidates_count{stage=\"lightgcn\"} 1",
+        "model_service_cold_starts_total 1",
+        "model_service_model_info{",
+        "device=\"cpu\"",
+    ] {
+        assert!(text.contains(needle), "missing {needle}:\n{text}");
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (Debian package prometheus; scripts/test.sh installs it)");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

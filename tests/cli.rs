@@ -1,0 +1,106 @@
+//! The `recommend` and `check` subcommands.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn recommend_command_prints_the_response_and_writes_redis() {
+    let redis = Redis::start();
+    redis.set("user_profile:A3RTKL9KB8KLID", r#"["0553092626","0393316041"]"#);
+    let out = run_cli(redis.port, test_models(), &["recommend", "A3RTKL9KB8KLID", "--k", "7"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["strategy"], "personalized");
+    let ids = rec_ids(&body);
+    assert_eq!(ids.len(), 7);
+    let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:A3RTKL9KB8KLID").unwrap()).unwrap();
+    assert_eq!(stored, ids);
+}
+
+#[test]
+fn recommend_command_reports_errors_as_json_and_exits_nonzero() {
+    let redis = Redis::start();
+    redis.set("user_profile:bad", "[1]");
+    let out = run_cli(redis.port, test_models(), &["recommend", "bad"]);
+    assert!(!out.status.success());
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["error"], "invalid_profile");
+    assert!(redis.get("recommendations:bad").is_none());
+}
+
+#[test]
+fn check_summarises_a_valid_model_dir() {
+    let out = run_cli(1, test_models(), &["check"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["catalog_items"], 300);
+    assert_eq!(body["device"], "cpu");
+    let stages: Vec<&str> = body["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["lightgcn", "din", "ranknet"]);
+    assert_eq!(body["stages"][0]["dim"], 16);
+}
+
+fn copy_models(name: &str) -> std::path::PathBuf {
+    let dst = test_models().with_file_name(format!("{}-{name}", test_models().file_name().unwrap().to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&dst);
+    for stage in ["", "lightgcn", "din", "ranknet"] {
+        std::fs::create_dir_all(dst.join(stage)).unwrap();
+        for entry in std::fs::read_dir(test_models().join(stage)).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, dst.join(stage).join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    dst
+}
+
+#[test]
+fn check_fails_clearly_on_missing_or_broken_models() {
+    let missing = run_cli(1, std::path::Path::new("/nonexistent/models"), &["check"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("catalog"), "{}", String::from_utf8_lossy(&missing.stderr));
+
+    let broken = copy_models("broken");
+    std::fs::write(broken.join("din/model.pt"), b"not a torchscript file").unwrap();
+    let out = run_cli(1, &broken, &["check"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("din/model.pt") && err.contains("not a loadable TorchScript file"), "{err}");
+
+    let gone = copy_models("gone");
+    std::fs::remove_file(gone.join("ranknet/model.pt")).unwrap();
+    let err = String::from_utf8_lossy(&run_cli(1, &gone, &["check"]).stderr).to_string();
+    assert!(err.contains("ranknet/model.pt is missing"), "{err}");
+
+    let short = copy_models("short");
+    let catalog = std::fs::read_to_string(short.join("catalog.tsv")).unwrap();
+    let fewer: String = catalog.lines().take(299).map(|l| format!("{l}\n")).collect();
+    std::fs::write(short.join("catalog.tsv"), fewer).unwrap();
+    let err = String::from_utf8_lossy(&run_cli(1, &short, &["check"]).stderr).to_string();
+    assert!(err.contains("300 items but catalog.tsv has 299"), "{err}");
+}
+
+#[test]
+fn serve_exits_nonzero_when_the_models_cannot_load() {
+    let broken = copy_models("serve-broken");
+    std::fs::write(broken.join("lightgcn/model.pt"), b"junk").unwrap();
+    let mut server = Server::start_with(1, &broken, &[]);
+    wait_until(std::time::Duration::from_secs(30), || server.exited().is_some());
+    assert!(!server.exited().unwrap().success());
+}
+
+#[test]
+fn explicit_cuda_without_a_gpu_fails_at_start() {
+    if std::process::Command::new("nvidia-smi").output().is_ok() {
+        return; // this check is about machines without a GPU
+    }
+    let mut cmd = bin();
+    base_env(&mut cmd, 1, test_models());
+    let out = cmd.env("DEVICE", "cuda").arg("check").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DEVICE=cuda:0") && err.contains("DEVICE=cpu"), "{err}");
+}
