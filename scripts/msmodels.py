@@ -126,7 +126,7 @@ class RankNet(nn.Module):
         super().__init__()
         self.register_buffer("item_unit", item_unit.float().contiguous())
         self.register_buffer("log_pop", log_pop.float().contiguous())
-        self.register_buffer("nbr_idx", nbr_idx.long().contiguous())
+        self.register_buffer("nbr_idx", nbr_idx.to(torch.int32).contiguous())
         self.register_buffer("nbr_val", nbr_val.float().contiguous())
         self.register_buffer("feat_mean", feat_mean.float())
         self.register_buffer("feat_std", feat_std.float())
@@ -162,7 +162,7 @@ class RankNet(nn.Module):
         # ItemKNN: scatter every history item's neighbour similarities into a dense [B, N] row
         n_items = self.log_pop.shape[0]
         k = self.nbr_idx.shape[1]
-        idx = self.nbr_idx[history].reshape(b, -1)  # [B, L*K]
+        idx = self.nbr_idx[history].reshape(b, -1).long()  # [B, L*K]
         val = (self.nbr_val[history] * m.unsqueeze(2)).reshape(b, -1)
         dense = torch.zeros(b, n_items, dtype=torch.float32, device=cands.device)
         dense.scatter_add_(1, idx, val)

@@ -14,4 +14,4 @@ cargo clippy --release --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --release -- --test-threads 2
 echo "== python tests"
-(cd scripts && "$PY" -m pytest -q ../tests/python)
+(cd tests/python && "$PY" -m pytest -q)

@@ -68,10 +68,6 @@ impl Catalog {
         self.ids.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
     pub fn item_id(&self, row: i64) -> &str {
         &self.ids[row as usize]
     }

@@ -12,7 +12,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{ConfigError, Error};
 use crate::metrics::Metrics;
-use crate::models::{Budget, DeviceChoice, ModelInfo, Models, Ranked, StageTimes};
+use crate::models::{Budget, DeviceChoice, ModelInfo, Models, Ranked, StageStats};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -37,7 +37,7 @@ pub enum EngineState {
 
 pub struct Scored {
     pub ranked: Ranked,
-    pub times: StageTimes,
+    pub stats: StageStats,
 }
 
 struct Job {
@@ -166,6 +166,7 @@ fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
     let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
     let budget = Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k };
     let histories: Vec<&[i64]> = jobs.iter().map(|j| j.history.as_slice()).collect();
+    let batch = histories.len();
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| models.rank(&histories, budget)));
     let result = match outcome {
         Ok(Ok(result)) => Ok(result),
@@ -177,11 +178,11 @@ fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
             for (job, mut r) in jobs.into_iter().zip(ranked) {
                 r.rows.truncate(job.k);
                 r.scores.truncate(job.k);
-                let _ = job.reply.send(Ok(Scored { ranked: r, times: times.clone() }));
+                let _ = job.reply.send(Ok(Scored { ranked: r, stats: times.clone() }));
             }
         }
         Err(reason) => {
-            tracing::error!(%reason, batch = histories.len(), "inference failed");
+            tracing::error!(%reason, batch, "inference failed");
             for job in jobs {
                 let _ = job.reply.send(Err(Error::Inference(reason.clone())));
             }

@@ -104,11 +104,14 @@ pub struct Budget {
     pub k: usize,
 }
 
+/// Time spent in each stage of one batch, and the candidates each of the first two handed on.
 #[derive(Debug, Clone, Default)]
-pub struct StageTimes {
+pub struct StageStats {
     pub lightgcn: Duration,
     pub din: Duration,
     pub ranknet: Duration,
+    pub lightgcn_candidates: usize,
+    pub din_candidates: usize,
 }
 
 /// One history's final list: catalog rows with their RankNet scores, best first.
@@ -212,7 +215,7 @@ impl Models {
     /// The cascade for a batch of non-empty histories (distinct catalog rows each):
     /// LightGCN scores the catalog, history items are excluded, the top `budget.lightgcn` go to DIN,
     /// DIN's top `budget.din` go to RankNet, RankNet's top `budget.k` are returned.
-    pub fn rank(&self, histories: &[&[i64]], budget: Budget) -> Result<(Vec<Ranked>, StageTimes), TchError> {
+    pub fn rank(&self, histories: &[&[i64]], budget: Budget) -> Result<(Vec<Ranked>, StageStats), TchError> {
         let _guard = tch::no_grad_guard();
         let n = self.info.num_items;
         let longest = histories.iter().map(|h| h.len()).max().unwrap_or(0);
@@ -220,14 +223,14 @@ impl Models {
         let c1 = budget.lightgcn.min(n.saturating_sub(longest)) as i64;
         let c2 = budget.din.min(c1 as usize) as i64;
         let k = budget.k.min(c2 as usize) as i64;
-        let mut times = StageTimes::default();
+        let mut times = StageStats { lightgcn_candidates: c1 as usize, din_candidates: c2 as usize, ..Default::default() };
         if histories.is_empty() || k == 0 {
             return Ok((histories.iter().map(|_| Ranked { rows: vec![], scores: vec![] }).collect(), times));
         }
         let (h, m) = self.history_tensors(histories)?;
 
         let t = Instant::now();
-        let scores = self.lightgcn.forward_ts(&[&h, &m])?;
+        let mut scores = self.lightgcn.forward_ts(&[&h, &m])?;
         let (rows, cols): (Vec<i64>, Vec<i64>) =
             histories.iter().enumerate().flat_map(|(i, hist)| hist.iter().map(move |&c| (i as i64, c))).unzip();
         let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;

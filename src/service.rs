@@ -107,7 +107,7 @@ impl Service {
 
         let (recommendations, strategy) = if history.rows.is_empty() {
             self.metrics.cold_starts.inc();
-            let items = self
+            let items: Vec<Item> = self
                 .catalog
                 .most_popular(k, &[])
                 .into_iter()
@@ -116,11 +116,14 @@ impl Service {
             (items, Strategy::Popular)
         } else {
             let scored = self.engine.rank(history.rows, k).await?;
-            for (stage, d) in [("lightgcn", scored.times.lightgcn), ("din", scored.times.din), ("ranknet", scored.times.ranknet)] {
+            let s = &scored.stats;
+            for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
                 self.metrics.stage_duration.with_label_values(&[stage]).observe(d.as_secs_f64());
             }
-            self.metrics.stage_candidates.with_label_values(&["ranknet"]).observe(scored.ranked.rows.len() as f64);
-            let items = scored
+            for (stage, n) in [("lightgcn", s.lightgcn_candidates), ("din", s.din_candidates), ("ranknet", scored.ranked.rows.len())] {
+                self.metrics.stage_candidates.with_label_values(&[stage]).observe(n as f64);
+            }
+            let items: Vec<Item> = scored
                 .ranked
                 .rows
                 .iter()
@@ -131,7 +134,7 @@ impl Service {
         };
 
         let t = Instant::now();
-        let ids: Vec<&str> = recommendations.iter().map(|i: &Item| i.item_id.as_str()).collect();
+        let ids: Vec<&str> = recommendations.iter().map(|i| i.item_id.as_str()).collect();
         self.store.write_recommendations(user_id, &ids, self.cfg.ttl_secs).await?;
         self.observe_stage("redis_write", t);
 

@@ -1,0 +1,64 @@
+"""The serving cascade in Python, over the exported TorchScript files: the same steps, candidate
+counts and history handling as the Rust server (src/models.rs), used to build training data for
+stages 2 and 3 and to evaluate."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+MAX_HISTORY = 200  # the server's MAX_HISTORY default
+LIGHTGCN_CANDIDATES = 200  # LIGHTGCN_CANDIDATES default
+DIN_CANDIDATES = 100  # DIN_CANDIDATES default
+
+
+def pad(histories: Sequence[np.ndarray], max_history: int = MAX_HISTORY):
+    """Right-padded [B, L] history (padding 0) and its mask; keeps the last max_history items."""
+    hs = [h[-max_history:] for h in histories]
+    L = max(1, max(len(h) for h in hs))
+    out = torch.zeros(len(hs), L, dtype=torch.long)
+    mask = torch.zeros(len(hs), L, dtype=torch.bool)
+    for i, h in enumerate(hs):
+        out[i, : len(h)] = torch.from_numpy(np.asarray(h, dtype=np.int64))
+        mask[i, : len(h)] = True
+    return out, mask
+
+
+def exclude_history(scores: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    rows = mask.nonzero()[:, 0]
+    scores[rows, history[mask]] = float("-inf")
+    return scores
+
+
+def lightgcn_candidates(lightgcn, history, mask, c1: int = LIGHTGCN_CANDIDATES):
+    scores = exclude_history(lightgcn(history, mask), history, mask)
+    s1, cand = scores.topk(c1, dim=1)
+    return s1, cand
+
+
+class Cascade:
+    def __init__(self, model_dir: str, c1: int = LIGHTGCN_CANDIDATES, c2: int = DIN_CANDIDATES):
+        self.lightgcn = torch.jit.load(f"{model_dir}/lightgcn/model.pt").eval()
+        self.din = torch.jit.load(f"{model_dir}/din/model.pt").eval()
+        self.ranknet = torch.jit.load(f"{model_dir}/ranknet/model.pt").eval()
+        self.c1, self.c2 = c1, c2
+
+    @torch.inference_mode()
+    def rank(self, histories: Sequence[np.ndarray], k: int = 20):
+        """Top-k rows per history after each stage: (lightgcn, lightgcn->din, full cascade)."""
+        h, m = pad(histories)
+        s1, cand = lightgcn_candidates(self.lightgcn, h, m, self.c1)
+        s2 = self.din(h, m, cand)
+        s2_top, pos2 = s2.topk(self.c2, dim=1)
+        cand2 = cand.gather(1, pos2)
+        s1_top = s1.gather(1, pos2)
+        s3 = self.ranknet(h, m, cand2, s1_top, s2_top)
+        pos3 = s3.topk(k, dim=1).indices
+        return cand[:, :k].numpy(), cand2[:, :k].numpy(), cand2.gather(1, pos3).numpy()
+
+
+def batches(items: List, size: int):
+    for s in range(0, len(items), size):
+        yield items[s : s + size]

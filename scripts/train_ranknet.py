@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Train RankNet (Burges et al., ICML 2005) to order DIN's candidates, and export it.
+
+Data: half B of the held-out split (see train_din.py), users DIN did not train on. For each user
+the exported LightGCN and DIN run exactly as when serving (cascade.py); the DIN_CANDIDATES best
+are the list, held-out items in it are relevant. Features (msmodels.RankNet): the two upstream
+scores, LightGCN rank, popularity, history length, max/mean embedding cosine to the history, and an
+ItemKNN score from a sparse co-occurrence-cosine neighbour table built on the kept interactions.
+Loss: the pairwise logistic loss over every (relevant, irrelevant) pair of a list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import cascade
+import data as ds
+import msmodels
+from train_din import split_users
+
+
+def itemknn_neighbours(kept, num_users, num_items, k, block=1024):
+    """Top-k cosine neighbours of every item over the user-item co-occurrence matrix."""
+    rows = np.concatenate([np.full(len(x), u) for u, x in enumerate(kept)])
+    cols = np.concatenate(kept)
+    deg = np.bincount(cols, minlength=num_items).astype(np.float32)
+    xt = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([cols, rows])), torch.ones(len(rows)), (num_items, num_users)
+    ).coalesce()
+    by_item = [[] for _ in range(num_items)]
+    for r, c in zip(rows, cols):
+        by_item[c].append(r)
+    inv_sqrt = torch.from_numpy(1.0 / np.sqrt(np.maximum(deg, 1.0)))
+    idx = torch.zeros(num_items, k, dtype=torch.int32)
+    val = torch.zeros(num_items, k)
+    for j0 in range(0, num_items, block):
+        j1 = min(num_items, j0 + block)
+        xb = torch.zeros(num_users, j1 - j0)
+        for j in range(j0, j1):
+            xb[by_item[j], j - j0] = 1.0
+        co = torch.sparse.mm(xt, xb)  # [N, block]
+        sim = co * inv_sqrt.unsqueeze(1) * inv_sqrt[j0:j1].unsqueeze(0)
+        sim[torch.arange(j0, j1), torch.arange(j1 - j0)] = 0.0
+        v, i = sim.topk(k, dim=0)  # [k, block]
+        idx[j0:j1] = i.t().to(torch.int32)
+        val[j0:j1] = v.t()
+    return idx, val
+
+
+@torch.inference_mode()
+def lists_for(lightgcn, din, kept, users, c1, c2, batch=256):
+    """The serving lists: candidates after DIN with their stage-1 and stage-2 scores."""
+    cands, s1s, s2s = [], [], []
+    for s in range(0, len(users), batch):
+        bu = users[s : s + batch]
+        h, m = cascade.pad([kept[u] for u in bu])
+        s1, cand = cascade.lightgcn_candidates(lightgcn, h, m, c1)
+        s2 = din(h, m, cand)
+        s2_top, pos2 = s2.topk(c2, dim=1)
+        cands.append(cand.gather(1, pos2))
+        s1s.append(s1.gather(1, pos2))
+        s2s.append(s2_top)
+    return torch.cat(cands), torch.cat(s1s), torch.cat(s2s)
+
+
+@torch.inference_mode()
+def features_for(model, kept, users, cands, s1, s2, batch=256):
+    out = []
+    for s in range(0, len(users), batch):
+        h, m = cascade.pad([kept[u] for u in users[s : s + batch]])
+        out.append(model.features(h, m, cands[s : s + batch], s1[s : s + batch], s2[s : s + batch]))
+    return torch.cat(out)
+
+
+def recall(order_rows, held, users, k=20):
+    return float(np.mean([np.isin(order_rows[i, :k], held[u]).sum() / len(held[u]) for i, u in enumerate(users)]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--lightgcn", required=True, help="exported LightGCN directory")
+    p.add_argument("--din", required=True, help="exported DIN directory")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--holdout", type=float, default=0.1)
+    p.add_argument("--holdout-seed", type=int, default=2026)
+    p.add_argument("--c1", type=int, default=cascade.LIGHTGCN_CANDIDATES)
+    p.add_argument("--c2", type=int, default=cascade.DIN_CANDIDATES)
+    p.add_argument("--neighbours", type=int, default=50)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--valid-frac", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=13)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    os.makedirs(args.work, exist_ok=True)
+
+    d = ds.load(args.data)
+    kept, held = ds.holdout_split(d.train, args.holdout, args.holdout_seed)
+    _, users_b = split_users(held, args.holdout_seed)
+    lightgcn = torch.jit.load(os.path.join(args.lightgcn, "model.pt")).eval()
+    din = torch.jit.load(os.path.join(args.din, "model.pt")).eval()
+
+    t = time.time()
+    knn_cache = os.path.join(args.work, f"itemknn_{args.neighbours}.pt")
+    if os.path.exists(knn_cache):
+        nbr_idx, nbr_val = torch.load(knn_cache)
+    else:
+        nbr_idx, nbr_val = itemknn_neighbours(kept, d.num_users, d.num_items, args.neighbours)
+        torch.save((nbr_idx, nbr_val), knn_cache)
+    print(f"itemknn table {tuple(nbr_idx.shape)} in {time.time() - t:.0f}s", flush=True)
+    pop = np.bincount(np.concatenate(kept), minlength=d.num_items)
+    item_unit = torch.nn.functional.normalize(lightgcn.item_emb.clone(), dim=1)
+    model = msmodels.RankNet(
+        item_unit, torch.log1p(torch.from_numpy(pop).float()), nbr_idx, nbr_val,
+        torch.zeros(8), torch.ones(8), hidden=args.hidden,
+    )
+
+    t = time.time()
+    cands, s1, s2 = lists_for(lightgcn, din, kept, users_b, args.c1, args.c2)
+    feats = features_for(model, kept, users_b, cands, s1, s2)
+    labels = torch.from_numpy(np.stack([np.isin(cands[i].numpy(), held[u]) for i, u in enumerate(users_b)])).float()
+    print(f"lists for {len(users_b)} users in {time.time() - t:.0f}s; relevant per list {labels.sum(1).mean():.3f}", flush=True)
+    flat = feats.reshape(-1, feats.shape[-1])
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
+    model.feat_mean.copy_(mean)
+    model.feat_std.copy_(std)
+    x = (feats - mean) / std
+
+    perm = np.random.default_rng(args.seed).permutation(len(users_b))
+    n_valid = int(len(perm) * args.valid_frac)
+    valid, train = np.sort(perm[:n_valid]), perm[n_valid:]
+    train = train[labels[train].sum(1).numpy() > 0]  # lists without a relevant item have no pairs
+    opt = torch.optim.Adam(model.net.parameters(), lr=args.lr)
+    base = {
+        "lightgcn_recall20": recall(cands[valid].gather(1, s1[valid].argsort(1, descending=True)).numpy(), held, users_b[valid]),
+        "din_recall20": recall(cands[valid].numpy(), held, users_b[valid]),
+    }
+    print(json.dumps({"valid_users": len(valid), **base}), flush=True)
+    log = []
+    rng = np.random.default_rng(args.seed)
+    for epoch in range(args.epochs):
+        model.train()
+        order = rng.permutation(train)
+        total = 0.0
+        for s in range(0, len(order), args.batch):
+            b = torch.from_numpy(order[s : s + args.batch])
+            sc = model.net(x[b]).squeeze(-1)  # [B, C]
+            y = labels[b]
+            diff = sc.unsqueeze(2) - sc.unsqueeze(1)  # s_i - s_j
+            pair = (y.unsqueeze(2) > y.unsqueeze(1)).float()  # i relevant, j not
+            loss = (torch.nn.functional.softplus(-diff) * pair).sum() / pair.sum().clamp(min=1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        model.eval()
+        with torch.no_grad():
+            sv = model.net(x[valid]).squeeze(-1)
+        rec = recall(cands[valid].gather(1, sv.argsort(1, descending=True)).numpy(), held, users_b[valid])
+        entry = {"epoch": epoch + 1, "loss": total / len(order), "ranknet_recall20": rec}
+        log.append(entry)
+        print(json.dumps(entry), flush=True)
+
+    hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "din")}
+    msmodels.export(
+        model.eval(),
+        "ranknet",
+        args.out,
+        d.num_items,
+        {"model": "RankNet", "dim": int(item_unit.shape[1]), "features": 8, "hyperparameters": hp,
+         "data_sha256": d.data_hash, "training_log": log, "validation_baselines": base},
+    )
+    print(f"exported {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
