@@ -36,7 +36,8 @@ impl Catalog {
             let (id, pop) = line
                 .split_once('\t')
                 .ok_or_else(|| err(format!("line {}: expected `item_id<TAB>popularity`", n + 1)))?;
-            let pop: u64 = pop.trim().parse().map_err(|_| err(format!("line {}: popularity is not a number", n + 1)))?;
+            let pop: u64 =
+                pop.trim().parse().map_err(|_| err(format!("line {}: popularity is not a number", n + 1)))?;
             entries.push((id.to_string(), pop));
         }
         Self::from_entries(entries).map_err(err)

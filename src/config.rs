@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::ConfigError;
 
 #[derive(Debug, Parser)]
-#[command(name = "model-service", version, about = "Recommendation server: LightGCN -> DIN -> RankNet between Redis and HTTP")]
+#[command(
+    name = "model-service",
+    version,
+    about = "Recommendation server: LightGCN -> DIN -> RankNet between Redis and HTTP"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub config: Config,
@@ -82,7 +86,11 @@ pub struct Config {
     /// Candidates kept after DIN (ordered by RankNet).
     #[arg(long, env = "DIN_CANDIDATES", default_value_t = 100, global = true)]
     pub din_candidates: usize,
-    /// Profile items used, the most recent (last in the JSON array) first.
+    /// The stage whose order is returned: ranknet (the full cascade), or din / lightgcn to stop
+    /// early (ablations, the quality table).
+    #[arg(long, env = "LAST_STAGE", value_enum, default_value = "ranknet", global = true)]
+    pub last_stage: crate::models::Stage,
+    /// Profile items used: the most recent (last in the JSON array) are kept.
     #[arg(long, env = "MAX_HISTORY", default_value_t = 200, global = true)]
     pub max_history: usize,
 

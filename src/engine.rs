@@ -12,7 +12,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{ConfigError, Error};
 use crate::metrics::Metrics;
-use crate::models::{Budget, DeviceChoice, ModelInfo, Models, Ranked, StageStats};
+use crate::models::{Budget, DeviceChoice, ModelInfo, Models, Ranked, Stage, StageStats};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -25,6 +25,7 @@ pub struct EngineConfig {
     pub deadline: Duration,
     pub lightgcn_candidates: usize,
     pub din_candidates: usize,
+    pub last_stage: Stage,
 }
 
 /// Where the engine is: loading and warming up, serving, or failed to load.
@@ -78,11 +79,11 @@ impl Engine {
         loop {
             match &*state.borrow_and_update() {
                 EngineState::Ready(info) => return Ok(info.clone()),
-                EngineState::Failed(reason) => return Err(ConfigError::Invalid(reason.clone())),
+                EngineState::Failed(reason) => return Err(ConfigError::Load(reason.clone())),
                 EngineState::Loading => {}
             }
             if state.changed().await.is_err() {
-                return Err(ConfigError::Invalid("the inference thread stopped while loading".into()));
+                return Err(ConfigError::Load("the inference thread stopped while loading".into()));
             }
         }
     }
@@ -150,9 +151,11 @@ fn load(cfg: &EngineConfig) -> Result<Models, ConfigError> {
     let models = Models::load(&cfg.model_dir, device, cfg.catalog_len)?;
     // TorchScript's first calls are slow (profiling executor): warm up at the serving sizes.
     let n = cfg.catalog_len as i64;
-    let warm: Vec<Vec<i64>> = (0..cfg.max_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
+    let warm: Vec<Vec<i64>> =
+        (0..cfg.max_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
     let refs: Vec<&[i64]> = warm.iter().map(|h| h.as_slice()).collect();
-    let budget = Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k: 10 };
+    let budget =
+        Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k: 10, last_stage: cfg.last_stage };
     for _ in 0..3 {
         models.rank(&refs, budget).map_err(|e| ConfigError::Model {
             dir: cfg.model_dir.display().to_string(),
@@ -164,7 +167,7 @@ fn load(cfg: &EngineConfig) -> Result<Models, ConfigError> {
 
 fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
     let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
-    let budget = Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k };
+    let budget = Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k, last_stage: cfg.last_stage };
     let histories: Vec<&[i64]> = jobs.iter().map(|j| j.history.as_slice()).collect();
     let batch = histories.len();
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| models.rank(&histories, budget)));

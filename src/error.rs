@@ -14,6 +14,8 @@ pub enum ConfigError {
     Model { dir: String, reason: String },
     #[error("device: {0}")]
     Device(String),
+    #[error("{0}")]
+    Load(String),
 }
 
 /// Errors a recommendation request can end in.

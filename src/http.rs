@@ -36,11 +36,8 @@ pub fn router(service: Arc<Service>) -> Router {
 
 /// Counts every response by route template and status, and times it.
 async fn track(State(service): State<Arc<Service>>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    let route =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let response = next.run(request).await;
     let m = &service.metrics;
@@ -55,7 +52,8 @@ async fn recommend(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, Error> {
     let Path(user_id) = user_id.map_err(|e| Error::InvalidUserId(e.body_text()))?;
-    let Query(query) = query.map_err(|e| Error::InvalidK(format!("the query string is not valid: {}", e.body_text())))?;
+    let Query(query) =
+        query.map_err(|e| Error::InvalidK(format!("the query string is not valid: {}", e.body_text())))?;
     let k = service.parse_k(query.get("k").map(String::as_str))?;
     let rec = service.recommend(&user_id, k).await?;
     Ok(Json(rec).into_response())
@@ -71,14 +69,15 @@ async fn readiness(service: &Service) -> (bool, serde_json::Value) {
     let (model_loaded, model, device, engine_problem) = match service.engine.state() {
         EngineState::Ready(info) => (true, json!(info.version), json!(info.device), None),
         EngineState::Loading => (false, json!(null), json!(null), Some("models are loading".to_string())),
-        EngineState::Failed(reason) => (false, json!(null), json!(null), Some(format!("models failed to load: {reason}"))),
+        EngineState::Failed(reason) => {
+            (false, json!(null), json!(null), Some(format!("models failed to load: {reason}")))
+        }
     };
     let redis_status = match &redis {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("error: {e}"),
     };
-    let problems: Vec<String> =
-        engine_problem.into_iter().chain(redis.err().map(|e| format!("redis: {e}"))).collect();
+    let problems: Vec<String> = engine_problem.into_iter().chain(redis.err().map(|e| format!("redis: {e}"))).collect();
     let healthy = problems.is_empty();
     let mut body = json!({
         "status": if healthy { "healthy" } else { "unhealthy" },

@@ -69,6 +69,7 @@ fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
             deadline: cfg.request_timeout(),
             lightgcn_candidates: cfg.lightgcn_candidates,
             din_candidates: cfg.din_candidates,
+            last_stage: cfg.last_stage,
         },
         metrics.clone(),
     );
@@ -88,7 +89,8 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, model_dir = %cfg.model_dir.display(), "listening");
     let app = http::router(service.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
+    let server =
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
     // The server answers /health/live at once; a model directory that fails to load ends the process.
     if let Err(e) = service.engine.ready().await {
         server.abort();

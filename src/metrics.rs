@@ -1,6 +1,9 @@
 //! Every Prometheus metric, named once, in one registry with the `model_service_` prefix.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::models::ModelInfo;
 
@@ -93,9 +96,8 @@ impl Metrics {
 
     pub fn set_model_info(&self, info: &ModelInfo) {
         self.model_info.reset();
-        let version_of = |stage: &str| {
-            info.stages.iter().find(|s| s.stage == stage).map(|s| s.version.clone()).unwrap_or_default()
-        };
+        let version_of =
+            |stage: &str| info.stages.iter().find(|s| s.stage == stage).map(|s| s.version.clone()).unwrap_or_default();
         let (l, d, r) = (version_of("lightgcn"), version_of("din"), version_of("ranknet"));
         self.model_info.with_label_values(&[info.version.as_str(), info.device.as_str(), &l, &d, &r]).set(1);
     }

@@ -27,11 +27,11 @@ impl DeviceChoice {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
-            _ => t
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| ConfigError::Invalid(format!("DEVICE must be auto, cpu, cuda or cuda:N, got {text:?}"))),
+            _ => {
+                t.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(|| {
+                    ConfigError::Invalid(format!("DEVICE must be auto, cpu, cuda or cuda:N, got {text:?}"))
+                })
+            }
         }
     }
 
@@ -96,20 +96,31 @@ pub struct StageInfo {
     pub file: PathBuf,
 }
 
+/// The stage whose order is final. `ranknet` (the default) runs the whole cascade; `lightgcn` and
+/// `din` stop early, for ablations such as the stage-by-stage quality table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    Lightgcn,
+    Din,
+    Ranknet,
+}
+
 /// Candidate counts of one cascade run.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
     pub lightgcn: usize,
     pub din: usize,
     pub k: usize,
+    pub last_stage: Stage,
 }
 
 /// Time spent in each stage of one batch, and the candidates each of the first two handed on.
 #[derive(Debug, Clone, Default)]
 pub struct StageStats {
-    pub lightgcn: Duration,
-    pub din: Duration,
-    pub ranknet: Duration,
+    /// `None` for a stage that did not run (LAST_STAGE stopped the cascade before it).
+    pub lightgcn: Option<Duration>,
+    pub din: Option<Duration>,
+    pub ranknet: Option<Duration>,
     pub lightgcn_candidates: usize,
     pub din_candidates: usize,
 }
@@ -176,9 +187,18 @@ impl Models {
         let (h, m) = self.history_tensors(&refs).map_err(|e| e.to_string())?;
         let s1 = self.lightgcn.forward_ts(&[&h, &m]).map_err(|e| format!("lightgcn: {e}"))?;
         if s1.size() != [refs.len() as i64, n] {
-            return Err(format!("lightgcn returned shape {:?}, expected [{}, {n}] (one score per catalog item)", s1.size(), refs.len()));
+            return Err(format!(
+                "lightgcn returned shape {:?}, expected [{}, {n}] (one score per catalog item)",
+                s1.size(),
+                refs.len()
+            ));
         }
-        let budget = Budget { lightgcn: 20.min(self.info.num_items), din: 10.min(self.info.num_items), k: 5 };
+        let budget = Budget {
+            lightgcn: 20.min(self.info.num_items),
+            din: 10.min(self.info.num_items),
+            k: 5,
+            last_stage: Stage::Ranknet,
+        };
         let (ranked, _) = self.rank(&refs, budget).map_err(|e| e.to_string())?;
         for (hist, r) in histories.iter().zip(&ranked) {
             if r.scores.iter().any(|s| !s.is_finite()) {
@@ -223,7 +243,8 @@ impl Models {
         let c1 = budget.lightgcn.min(n.saturating_sub(longest)) as i64;
         let c2 = budget.din.min(c1 as usize) as i64;
         let k = budget.k.min(c2 as usize) as i64;
-        let mut times = StageStats { lightgcn_candidates: c1 as usize, din_candidates: c2 as usize, ..Default::default() };
+        let mut times =
+            StageStats { lightgcn_candidates: c1 as usize, din_candidates: c2 as usize, ..Default::default() };
         if histories.is_empty() || k == 0 {
             return Ok((histories.iter().map(|_| Ranked { rows: vec![], scores: vec![] }).collect(), times));
         }
@@ -239,7 +260,10 @@ impl Models {
         let scores = scores.f_index_put_(&[Some(rows), Some(cols)], &neg_inf, false)?;
         let (s1, cand1) = scores.f_topk(c1, 1, true, true)?;
         self.sync();
-        times.lightgcn = t.elapsed();
+        times.lightgcn = Some(t.elapsed());
+        if budget.last_stage == Stage::Lightgcn {
+            return Ok((to_ranked(&cand1.f_narrow(1, 0, k)?, &s1.f_narrow(1, 0, k)?)?, times));
+        }
 
         let t = Instant::now();
         let s2 = self.din.forward_ts(&[&h, &m, &cand1])?;
@@ -247,25 +271,26 @@ impl Models {
         let cand2 = cand1.f_gather(1, &pos2, false)?;
         let s1_top = s1.f_gather(1, &pos2, false)?;
         self.sync();
-        times.din = t.elapsed();
+        times.din = Some(t.elapsed());
+        if budget.last_stage == Stage::Din {
+            return Ok((to_ranked(&cand2.f_narrow(1, 0, k)?, &s2_top.f_narrow(1, 0, k)?)?, times));
+        }
 
         let t = Instant::now();
         let s3 = self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?;
         let (s3_top, pos3) = s3.f_topk(k, 1, true, true)?;
-        let final_rows = cand2.f_gather(1, &pos3, false)?;
-        let final_rows: Vec<i64> = Vec::try_from(final_rows.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-        let final_scores: Vec<f32> =
-            Vec::try_from(s3_top.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
-        times.ranknet = t.elapsed();
-
-        let k = k as usize;
-        let ranked = final_rows
-            .chunks(k)
-            .zip(final_scores.chunks(k))
-            .map(|(r, s)| Ranked { rows: r.to_vec(), scores: s.to_vec() })
-            .collect();
+        let ranked = to_ranked(&cand2.f_gather(1, &pos3, false)?, &s3_top)?;
+        times.ranknet = Some(t.elapsed());
         Ok((ranked, times))
     }
+}
+
+/// [B, k] rows and scores (any device) to one `Ranked` per history.
+fn to_ranked(rows: &Tensor, scores: &Tensor) -> Result<Vec<Ranked>, TchError> {
+    let k = rows.size().get(1).copied().unwrap_or(0).max(1) as usize;
+    let rows: Vec<i64> = Vec::try_from(rows.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+    let scores: Vec<f32> = Vec::try_from(scores.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
+    Ok(rows.chunks(k).zip(scores.chunks(k)).map(|(r, s)| Ranked { rows: r.to_vec(), scores: s.to_vec() }).collect())
 }
 
 #[cfg(test)]

@@ -111,16 +111,23 @@ impl Service {
                 .catalog
                 .most_popular(k, &[])
                 .into_iter()
-                .map(|row| Item { item_id: self.catalog.item_id(row).to_string(), score: self.catalog.popularity(row) as f32 })
+                .map(|row| Item {
+                    item_id: self.catalog.item_id(row).to_string(),
+                    score: self.catalog.popularity(row) as f32,
+                })
                 .collect();
             (items, Strategy::Popular)
         } else {
             let scored = self.engine.rank(history.rows, k).await?;
             let s = &scored.stats;
             for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
-                self.metrics.stage_duration.with_label_values(&[stage]).observe(d.as_secs_f64());
+                if let Some(d) = d {
+                    self.metrics.stage_duration.with_label_values(&[stage]).observe(d.as_secs_f64());
+                }
             }
-            for (stage, n) in [("lightgcn", s.lightgcn_candidates), ("din", s.din_candidates), ("ranknet", scored.ranked.rows.len())] {
+            for (stage, n) in
+                [("lightgcn", s.lightgcn_candidates), ("din", s.din_candidates), ("ranknet", scored.ranked.rows.len())]
+            {
                 self.metrics.stage_candidates.with_label_values(&[stage]).observe(n as f64);
             }
             let items: Vec<Item> = scored

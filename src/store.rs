@@ -120,7 +120,8 @@ fn client(cfg: &Config) -> Result<Client, ConfigError> {
     let info = match &cfg.redis_url {
         Some(url) => url.as_str().into_connection_info().map_err(bad)?,
         None => {
-            let info = ConnectionAddr::Tcp(cfg.redis_host.clone(), cfg.redis_port).into_connection_info().map_err(bad)?;
+            let info =
+                ConnectionAddr::Tcp(cfg.redis_host.clone(), cfg.redis_port).into_connection_info().map_err(bad)?;
             let mut redis = info.redis_settings().clone().set_db(cfg.redis_db);
             if let Some(password) = cfg.redis_password.as_deref().filter(|p| !p.is_empty()) {
                 redis = redis.set_password(password);

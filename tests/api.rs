@@ -31,7 +31,8 @@ fn walkthrough_profile_to_recommendations_in_redis() {
     assert!(!ids.contains(&item(0)) && !ids.contains(&item(1)), "history items came back: {ids:?}");
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 10, "duplicates: {ids:?}");
 
-    let scores: Vec<f64> = body["recommendations"].as_array().unwrap().iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    let scores: Vec<f64> =
+        body["recommendations"].as_array().unwrap().iter().map(|r| r["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "not in score order: {scores:?}");
 
     let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:A3RTKL9KB8KLID").unwrap()).unwrap();
@@ -237,4 +238,31 @@ fn metrics_pass_promtool_and_show_every_stage() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn last_stage_stops_the_cascade_early_for_ablations() {
+    let redis = Redis::start();
+    let history: Vec<String> = [0, 6, 12].iter().map(|&r| item(r)).collect();
+    redis.set("user_profile:s", &serde_json::to_string(&history).unwrap());
+    let mut lists = Vec::new();
+    for stage in ["lightgcn", "din", "ranknet"] {
+        let server = Server::start_with(redis.port, test_models(), &[("LAST_STAGE", stage)]);
+        server.wait_healthy();
+        let (status, body) = server.post("/recommend/s?k=10");
+        assert_eq!(status, 200, "{body}");
+        let ids = rec_ids(&body);
+        assert_eq!(ids.len(), 10);
+        assert!(ids.iter().all(|i| !history.contains(i)));
+        let (_, metrics) = server.get_text("/metrics");
+        let ran = |s: &str| metrics.contains(&format!("model_service_stage_duration_seconds_count{{stage=\"{s}\"}} 1"));
+        assert_eq!(
+            (ran("lightgcn"), ran("din"), ran("ranknet")),
+            (true, stage != "lightgcn", stage == "ranknet"),
+            "{stage}"
+        );
+        lists.push(ids);
+    }
+    assert_ne!(lists[0], lists[1], "DIN re-orders LightGCN's candidates");
+    assert_ne!(lists[1], lists[2], "RankNet re-orders DIN's candidates");
 }

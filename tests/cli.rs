@@ -61,7 +61,11 @@ fn copy_models(name: &str) -> std::path::PathBuf {
 fn check_fails_clearly_on_missing_or_broken_models() {
     let missing = run_cli(1, std::path::Path::new("/nonexistent/models"), &["check"]);
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("catalog"), "{}", String::from_utf8_lossy(&missing.stderr));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("catalog"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 
     let broken = copy_models("broken");
     std::fs::write(broken.join("din/model.pt"), b"not a torchscript file").unwrap();
