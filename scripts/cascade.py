@@ -59,6 +59,19 @@ class Cascade:
         return cand[:, :k].numpy(), cand2[:, :k].numpy(), cand2.gather(1, pos3).numpy()
 
 
-def batches(items: List, size: int):
-    for s in range(0, len(items), size):
-        yield items[s : s + size]
+def length_batches(lengths: Sequence[int], max_batch: int = 256, max_cells: int = 4096,
+                   max_history: int = MAX_HISTORY) -> List[np.ndarray]:
+    """Index batches of similar history length with batch * longest <= max_cells: DIN's cost grows
+    with the padded length, so mixing a 3-item and a 200-item history in one batch is expensive."""
+    order = np.argsort(np.minimum(np.asarray(lengths), max_history), kind="stable")
+    out, i = [], 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and j - i < max_batch:
+            longest = min(lengths[order[j]], max_history)
+            if (j - i + 1) * max(longest, 1) > max_cells:
+                break
+            j += 1
+        out.append(order[i:j])
+        i = j
+    return out

@@ -46,18 +46,11 @@ def metrics(lists, truth):
 
 def python_lists(model_dir, histories, c1, c2):
     model = cascade.Cascade(model_dir, c1, c2)
-    order = np.argsort([len(h) for h in histories], kind="stable")
     out = {stage: [None] * len(histories) for stage, _ in ROWS}
-    i = 0
-    while i < len(order):
-        # batches of similar history length, bounded in (batch x history) size
-        longest = min(len(histories[order[min(i + 255, len(order) - 1)]]), cascade.MAX_HISTORY)
-        size = max(1, min(256, 8192 // max(longest, 1)))
-        idx = order[i : i + size]
+    for idx in cascade.length_batches([len(h) for h in histories]):
         lg, din, full = model.rank([histories[j] for j in idx], 20)
         for n, j in enumerate(idx):
             out["lightgcn"][j], out["din"][j], out["ranknet"][j] = lg[n], din[n], full[n]
-        i += size
     return out
 
 

@@ -4,8 +4,9 @@
 Data: the held-out split of train.txt (data.holdout_split, same seed as the LightGCN run). Users
 with held-out items are split in two halves: half A trains DIN, half B is kept for RankNet
 (train_ranknet.py), so RankNet sees DIN scores on users DIN never trained on.
-For each user: history = the kept items; positive = a held-out item; negatives = items drawn from
-the exported LightGCN's own top candidates for that history (what DIN ranks when serving).
+For each half-A user, every epoch, up to PER_USER leave-one-out examples: positive = one of the
+user's items (kept or held out), history = the others; negatives = items drawn from the exported
+LightGCN's own top candidates for the user's kept history (what DIN ranks when serving).
 Loss: softmax cross-entropy over 1 positive + NEG negatives. DIN's item embeddings start from the
 LightGCN item vectors. Checkpoints every epoch; --resume continues.
 """
@@ -50,14 +51,13 @@ def recall_at(ranked_rows, held, users, k=20):
 
 
 @torch.inference_mode()
-def din_order(din, kept, users, cands, batch=128):
+def din_order(din, kept, users, cands):
     out = np.zeros_like(cands)
-    for s in range(0, len(users), batch):
-        bu = users[s : s + batch]
-        h, m = cascade.pad([kept[u] for u in bu])
-        c = torch.from_numpy(cands[s : s + len(bu)])
+    for idx in cascade.length_batches([len(kept[u]) for u in users], max_cells=2048):
+        h, m = cascade.pad([kept[users[i]] for i in idx])
+        c = torch.from_numpy(cands[idx])
         order = din(h, m, c).argsort(dim=1, descending=True)
-        out[s : s + len(bu)] = c.gather(1, order).numpy()
+        out[idx] = c.gather(1, order).numpy()
     return out
 
 
@@ -71,9 +71,10 @@ def main():
     p.add_argument("--holdout-seed", type=int, default=2026)
     p.add_argument("--candidates", type=int, default=cascade.LIGHTGCN_CANDIDATES)
     p.add_argument("--neg", type=int, default=31)
+    p.add_argument("--per-user", type=int, default=4, help="leave-one-out targets per user and epoch")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=128, help="most users per batch (batches hold similar history lengths)")
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-history", type=int, default=100, help="history items used per training example")
     p.add_argument("--eval-users", type=int, default=3000)
     p.add_argument("--seed", type=int, default=11)
@@ -86,6 +87,7 @@ def main():
     d = ds.load(args.data)
     kept, held = ds.holdout_split(d.train, args.holdout, args.holdout_seed)
     users_a, users_b = split_users(held, args.holdout_seed)
+    all_items = [np.union1d(k, h) for k, h in zip(kept, held)]
     lightgcn = torch.jit.load(os.path.join(args.lightgcn, "model.pt")).eval()
     cache = os.path.join(args.work, "din_candidates.npz")
     if os.path.exists(cache):
@@ -118,24 +120,31 @@ def main():
     for epoch in range(start, args.epochs):
         din.train()
         t0 = time.time()
-        order = rng.permutation(len(users_a))
+        # leave-one-out examples: a target from the user's items, the rest is the history
+        examples = []
+        for i, u in enumerate(users_a):
+            items = all_items[u]
+            for t in rng.choice(len(items), min(len(items), args.per_user), replace=False):
+                examples.append((i, t))
+        lengths = [min(len(all_items[users_a[i]]) - 1, args.train_history) for i, _ in examples]
+        batches = cascade.length_batches(lengths, args.batch, args.batch * 16, args.train_history)
         total, steps = 0.0, 0
-        for s in range(0, len(order), args.batch):
-            idx = order[s : s + args.batch]
+        for bi in rng.permutation(len(batches)):
             hist, cands = [], []
-            for i in idx:
+            for e in batches[bi]:
+                i, t = examples[e]
                 u = users_a[i]
-                h = kept[u]
+                items = all_items[u]
+                h = np.delete(items, t)
                 if len(h) > args.train_history:
                     h = np.sort(rng.choice(h, args.train_history, replace=False))
                 hist.append(h)
-                pos = rng.choice(held[u])
-                pool = cand_a[i][~np.isin(cand_a[i], held[u])]
+                pool = cand_a[i][~np.isin(cand_a[i], items)]
                 negs = rng.choice(pool, args.neg, replace=len(pool) < args.neg)
-                cands.append(np.concatenate([[pos], negs]))
+                cands.append(np.concatenate([[items[t]], negs]))
             h, m = cascade.pad(hist, args.train_history)
             logits = din(h, m, torch.from_numpy(np.stack(cands)))
-            loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(idx), dtype=torch.long))
+            loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(hist), dtype=torch.long))
             opt.zero_grad()
             loss.backward()
             opt.step()

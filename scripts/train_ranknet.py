@@ -54,19 +54,18 @@ def itemknn_neighbours(kept, num_users, num_items, k, block=1024):
 
 
 @torch.inference_mode()
-def lists_for(lightgcn, din, kept, users, c1, c2, batch=256):
+def lists_for(lightgcn, din, kept, users, c1, c2):
     """The serving lists: candidates after DIN with their stage-1 and stage-2 scores."""
-    cands, s1s, s2s = [], [], []
-    for s in range(0, len(users), batch):
-        bu = users[s : s + batch]
-        h, m = cascade.pad([kept[u] for u in bu])
+    cands = torch.zeros(len(users), c2, dtype=torch.long)
+    s1s, s2s = torch.zeros(len(users), c2), torch.zeros(len(users), c2)
+    for idx in cascade.length_batches([len(kept[u]) for u in users], max_cells=2048):
+        h, m = cascade.pad([kept[users[i]] for i in idx])
         s1, cand = cascade.lightgcn_candidates(lightgcn, h, m, c1)
         s2 = din(h, m, cand)
         s2_top, pos2 = s2.topk(c2, dim=1)
-        cands.append(cand.gather(1, pos2))
-        s1s.append(s1.gather(1, pos2))
-        s2s.append(s2_top)
-    return torch.cat(cands), torch.cat(s1s), torch.cat(s2s)
+        t = torch.from_numpy(idx)
+        cands[t], s1s[t], s2s[t] = cand.gather(1, pos2), s1.gather(1, pos2), s2_top
+    return cands, s1s, s2s
 
 
 @torch.inference_mode()

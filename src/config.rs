@@ -24,7 +24,20 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API.
-    Serve,
+    Serve {
+        /// Also run the listener (see `listen`) in this process.
+        #[arg(long, env = "LISTEN")]
+        listen: bool,
+    },
+    /// Recompute recommendations when profiles change (keyspace notifications, the request
+    /// stream, periodic catch-up); serves only /health and /metrics over HTTP.
+    Listen,
+    /// Recompute the recommendations of every profile found by SCAN, then exit (resumable).
+    Backfill {
+        /// Start from the beginning instead of resuming an interrupted backfill.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Run the pipeline once for USER_ID, write Redis like the server does, print the JSON response.
     Recommend {
         user_id: String,
@@ -103,6 +116,58 @@ pub struct Config {
     /// Deadline for one recommendation (queue wait and inference), in milliseconds.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, global = true)]
     pub request_timeout_ms: u64,
+
+    /// Channel on which the user id is published after each write of recommendations.
+    #[arg(long, env = "NOTIFY_CHANNEL", default_value = "recommendations_updated", global = true)]
+    pub notify_channel: String,
+    #[command(flatten)]
+    pub listener: ListenerArgs,
+}
+
+/// Settings of the listener (`listen`, `serve --listen`, `backfill`).
+#[derive(Debug, Clone, Args)]
+pub struct ListenerArgs {
+    /// Stream of recommendation requests (field `user_id`), consumed through a consumer group.
+    #[arg(long, env = "REQUEST_STREAM", default_value = "recommend_requests", global = true)]
+    pub request_stream: String,
+    #[arg(long, env = "CONSUMER_GROUP", default_value = "model-service", global = true)]
+    pub consumer_group: String,
+    /// This replica's consumer name (default: hostname-pid).
+    #[arg(long, env = "CONSUMER_NAME", global = true)]
+    pub consumer_name: Option<String>,
+    /// Where entries go after MAX_ATTEMPTS failures or a permanent error, with the reason.
+    #[arg(long, env = "DEAD_LETTER_STREAM", default_value = "recommend_requests:dead", global = true)]
+    pub dead_letter_stream: String,
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5, global = true)]
+    pub max_attempts: u64,
+    /// Entries pending this long (a dead or failing consumer) are claimed and retried.
+    #[arg(long, env = "CLAIM_IDLE_MS", default_value_t = 5000, global = true)]
+    pub claim_idle_ms: u64,
+    /// Interval of the catch-up scan for profiles whose recommendations are missing or stale.
+    #[arg(long, env = "CATCHUP_INTERVAL_SECS", default_value_t = 300, global = true)]
+    pub catchup_interval_secs: u64,
+    /// Recommendations computed at once by the listener.
+    #[arg(long, env = "LISTENER_CONCURRENCY", default_value_t = 16, global = true)]
+    pub listener_concurrency: usize,
+    /// Distinct users waiting in the listener's queue; beyond that, events are dropped and a
+    /// catch-up scan recovers them.
+    #[arg(long, env = "MAX_PENDING_USERS", default_value_t = 100_000, global = true)]
+    pub max_pending_users: usize,
+    /// Enable keyspace notifications with CONFIG SET when they are off.
+    #[arg(long, env = "CONFIGURE_NOTIFICATIONS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub configure_notifications: bool,
+    /// Time allowed to finish in-flight work on SIGTERM / Ctrl-C.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30, global = true)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ListenerArgs {
+    pub fn consumer(&self) -> String {
+        self.consumer_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+            format!("{}-{}", if host.is_empty() { "model-service" } else { &host }, std::process::id())
+        })
+    }
 }
 
 impl Config {
@@ -137,6 +202,8 @@ impl Config {
             ("MAX_HISTORY", self.max_history),
             ("MAX_BATCH", self.max_batch),
             ("QUEUE_CAPACITY", self.queue_capacity),
+            ("LISTENER_CONCURRENCY", self.listener.listener_concurrency),
+            ("MAX_PENDING_USERS", self.listener.max_pending_users),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -178,6 +245,7 @@ mod tests {
     #[test]
     fn defaults_match_the_python_service() {
         let cli = parse(&["model-service", "serve"]);
+        assert!(matches!(cli.command, Command::Serve { listen: false }));
         let c = cli.config;
         assert_eq!((c.redis_host.as_str(), c.redis_port, c.redis_db), ("localhost", 6379, 0));
         assert_eq!(c.listen_addr().unwrap().to_string(), "0.0.0.0:8001");

@@ -20,9 +20,18 @@ use crate::service::Service;
 /// Largest request body accepted (the API takes none; this bounds what a client can send).
 const BODY_LIMIT: usize = 16 * 1024;
 
+/// The full API.
 pub fn router(service: Arc<Service>) -> Router {
-    Router::new()
-        .route("/recommend/{user_id}", post(recommend))
+    with_common(Router::new().route("/recommend/{user_id}", post(recommend)), service)
+}
+
+/// Health and metrics only (the `listen` mode).
+pub fn ops_router(service: Arc<Service>) -> Router {
+    with_common(Router::new(), service)
+}
+
+fn with_common(routes: Router<Arc<Service>>, service: Arc<Service>) -> Router {
+    routes
         .route("/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(health))

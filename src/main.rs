@@ -1,16 +1,19 @@
 //! model-service: reads `user_profile:<id>` from Redis, ranks the catalog with
 //! LightGCN -> DIN -> RankNet (TorchScript via libtorch), writes `recommendations:<id>`.
 
+mod backfill;
 mod catalog;
 mod config;
 mod engine;
 mod error;
 mod http;
+mod listener;
 mod metrics;
 mod models;
 mod service;
 mod store;
 
+use std::future::IntoFuture;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -35,7 +38,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = cli.config.validate().map_err(anyhow::Error::from).and_then(|()| match cli.command {
         Command::Check => check(&cli.config),
-        Command::Serve => runtime()?.block_on(serve(cli.config)),
+        Command::Serve { listen } => runtime()?.block_on(serve(cli.config, Mode::Api { listen })),
+        Command::Listen => runtime()?.block_on(serve(cli.config, Mode::ListenOnly)),
+        Command::Backfill { restart } => runtime()?.block_on(run_backfill(cli.config, restart)),
         Command::Recommend { user_id, k } => runtime()?.block_on(recommend_once(cli.config, user_id, k)),
     });
     match result {
@@ -83,22 +88,62 @@ fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
     Ok(Arc::new(Service::new(store, engine, catalog, metrics, service_cfg)))
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The HTTP API, optionally with the listener in the same process.
+    Api { listen: bool },
+    /// The listener, with /health and /metrics over HTTP.
+    ListenOnly,
+}
+
+async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     let service = build_service(&cfg)?;
     let addr = cfg.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, model_dir = %cfg.model_dir.display(), "listening");
-    let app = http::router(service.clone());
-    let server =
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
-    // The server answers /health/live at once; a model directory that fails to load ends the process.
-    if let Err(e) = service.engine.ready().await {
-        server.abort();
-        return Err(e.into());
-    }
-    server.await.context("HTTP server task")?.context("HTTP server")?;
+    tracing::info!(%addr, ?mode, model_dir = %cfg.model_dir.display(), "listening");
+    let (app, listen) = match mode {
+        Mode::Api { listen } => (http::router(service.clone()), listen),
+        Mode::ListenOnly => (http::ops_router(service.clone()), true),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = on_signal.send(true);
+    });
+    let mut until_stop = stop_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = until_stop.wait_for(|s| *s).await;
+    });
+    // The server answers /health/live at once; a model directory that fails to load, or a
+    // listener that cannot start, ends the process with an error.
+    let work = async {
+        let result = async {
+            service.engine.ready().await?;
+            if listen {
+                listener::Listener::new(service.clone(), cfg.listener.clone()).run(stop_rx.clone()).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = stop_tx.send(true);
+        }
+        result
+    };
+    let (served, worked) = tokio::join!(server.into_future(), work);
+    worked?;
+    served.context("HTTP server")?;
     tracing::info!("shut down");
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_backfill(cfg: Config, restart: bool) -> anyhow::Result<ExitCode> {
+    let service = build_service(&cfg)?;
+    let summary = backfill::run(service, restart, cfg.listener.listener_concurrency).await?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,7 @@
 //! Every Prometheus metric, named once, in one registry with the `model_service_` prefix.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -19,6 +19,10 @@ pub struct Metrics {
     pub unknown_items: IntCounter,
     pub cold_starts: IntCounter,
     pub batch_size: Histogram,
+    pub listener_events: IntCounterVec,
+    pub listener_lag: HistogramVec,
+    pub listener_pending: IntGauge,
+    pub listener_queue: IntGauge,
     model_info: IntGaugeVec,
 }
 
@@ -64,6 +68,31 @@ impl Metrics {
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
         )
         .expect("metric");
+        let listener_events = IntCounterVec::new(
+            Opts::new(
+                "listener_events_total",
+                "Listener events by source (keyspace, stream, catchup) and outcome \
+                 (received, processed, skipped, failed, dead_lettered, dropped)",
+            ),
+            &["source", "outcome"],
+        )
+        .expect("metric");
+        let listener_lag = HistogramVec::new(
+            HistogramOpts::new(
+                "listener_lag_seconds",
+                "From the profile write (or stream entry) to the written recommendations",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            &["source"],
+        )
+        .expect("metric");
+        let listener_pending = IntGauge::new(
+            "listener_pending_entries",
+            "Request-stream entries delivered to the group and not acknowledged",
+        )
+        .expect("metric");
+        let listener_queue =
+            IntGauge::new("listener_queue_users", "Users waiting in the listener's coalescing queue").expect("metric");
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "Models in service (value 1)"),
             &["version", "device", "lightgcn", "din", "ranknet"],
@@ -77,6 +106,10 @@ impl Metrics {
             Box::new(unknown_items.clone()),
             Box::new(cold_starts.clone()),
             Box::new(batch_size.clone()),
+            Box::new(listener_events.clone()),
+            Box::new(listener_lag.clone()),
+            Box::new(listener_pending.clone()),
+            Box::new(listener_queue.clone()),
             Box::new(model_info.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -90,6 +123,10 @@ impl Metrics {
             unknown_items,
             cold_starts,
             batch_size,
+            listener_events,
+            listener_lag,
+            listener_pending,
+            listener_queue,
             model_info,
         }
     }

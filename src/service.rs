@@ -10,7 +10,7 @@ use crate::catalog::Catalog;
 use crate::engine::{Engine, EngineState};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{ProfileRead, Store};
 
 pub const MAX_USER_ID_BYTES: usize = 128;
 
@@ -37,6 +37,14 @@ pub struct Recommendation {
     /// Profile items left out because the profile is longer than MAX_HISTORY (oldest first).
     pub truncated_items: usize,
     pub elapsed_ms: f64,
+}
+
+/// What `Service::refresh` did.
+#[derive(Debug)]
+pub enum Refresh {
+    Written,
+    /// The stored list was computed from the same profile by the same model version.
+    Unchanged,
 }
 
 pub struct ServiceConfig {
@@ -89,6 +97,25 @@ impl Service {
 
     pub async fn recommend(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
         let started = Instant::now();
+        let (read, model_version) = self.read(user_id, k).await?;
+        self.compute_and_write(user_id, k, read, model_version, started).await
+    }
+
+    /// The listener's entry point: recomputes `recommendations:<user_id>` (default k) unless the
+    /// stored list was computed from the same profile value by the same model version.
+    pub async fn refresh(&self, user_id: &str) -> Result<Refresh, Error> {
+        let started = Instant::now();
+        let k = self.cfg.default_k;
+        let (read, model_version) = self.read(user_id, k).await?;
+        if read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == model_version) {
+            return Ok(Refresh::Unchanged);
+        }
+        self.compute_and_write(user_id, k, read, model_version, started).await?;
+        Ok(Refresh::Written)
+    }
+
+    /// Validates the request and reads the profile; returns it with the model version in service.
+    async fn read(&self, user_id: &str, k: usize) -> Result<(ProfileRead, String), Error> {
         validate_user_id(user_id)?;
         if k == 0 || k > self.cfg.max_k {
             return Err(Error::InvalidK(format!("k must be between 1 and {}, got {k}", self.cfg.max_k)));
@@ -97,12 +124,23 @@ impl Service {
             EngineState::Ready(info) => info.version.clone(),
             _ => return Err(Error::EngineStopped),
         };
-
         let t = Instant::now();
-        let profile = self.store.read_profile(user_id).await?;
+        let read = self.store.read_profile(user_id).await?;
         self.observe_stage("redis_read", t);
+        Ok((read, model_version))
+    }
 
-        let history = self.catalog.history(profile.as_deref().unwrap_or(&[]), self.cfg.max_history);
+    async fn compute_and_write(
+        &self,
+        user_id: &str,
+        k: usize,
+        read: ProfileRead,
+        model_version: String,
+        started: Instant,
+    ) -> Result<Recommendation, Error> {
+        let profile_sha = read.sha().to_string();
+        let items = read.profile.map(|p| p.items).unwrap_or_default();
+        let history = self.catalog.history(&items, self.cfg.max_history);
         self.metrics.unknown_items.inc_by(history.unknown as u64);
 
         let (recommendations, strategy) = if history.rows.is_empty() {
@@ -142,7 +180,7 @@ impl Service {
 
         let t = Instant::now();
         let ids: Vec<&str> = recommendations.iter().map(|i| i.item_id.as_str()).collect();
-        self.store.write_recommendations(user_id, &ids, self.cfg.ttl_secs).await?;
+        self.store.write_recommendations(user_id, &ids, self.cfg.ttl_secs, &profile_sha, &model_version).await?;
         self.observe_stage("redis_write", t);
 
         Ok(Recommendation {

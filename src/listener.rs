@@ -1,0 +1,383 @@
+//! The listener: recomputes recommendations when profiles change. It computes nothing itself;
+//! every recomputation is `Service::refresh`, which skips a profile whose stored list was computed
+//! from the same value by the same model version (so replays and duplicates cost one Redis read).
+//!
+//! Sources: keyspace notifications of `user_profile:*` writes; the request stream through a
+//! consumer group shared by the replicas (XACK after the write, XAUTOCLAIM of entries left pending,
+//! dead-lettering after MAX_ATTEMPTS or a permanent error); and catch-up SCANs at start, after a
+//! reconnect, after the queue overflowed, and periodically.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+use crate::config::ListenerArgs;
+use crate::error::Error;
+use crate::service::{Refresh, Service};
+use crate::store::{StreamConsumer, StreamEntry};
+
+const SCAN_PAGE: usize = 500;
+
+/// Distinct users waiting to be recomputed, oldest first. A user already waiting is not queued
+/// again (its job reads the latest profile when it runs), so a burst on one user costs one job.
+struct Coalescer {
+    state: Mutex<(VecDeque<Job>, HashSet<String>)>,
+    ready: Notify,
+    space: Notify,
+    cap: usize,
+}
+
+/// A queued user: when the event arrived and where it came from (keyspace or catchup).
+type Job = (String, Instant, &'static str);
+
+#[derive(Debug, PartialEq, Eq)]
+enum Pushed {
+    Queued,
+    Coalesced,
+    Full,
+}
+
+impl Coalescer {
+    fn new(cap: usize) -> Self {
+        Self { state: Mutex::new((VecDeque::new(), HashSet::new())), ready: Notify::new(), space: Notify::new(), cap }
+    }
+
+    fn push(&self, user: String, at: Instant, source: &'static str) -> Pushed {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.1.contains(&user) {
+            return Pushed::Coalesced;
+        }
+        if st.0.len() >= self.cap {
+            return Pushed::Full;
+        }
+        st.1.insert(user.clone());
+        st.0.push_back((user, at, source));
+        drop(st);
+        self.ready.notify_one();
+        Pushed::Queued
+    }
+
+    /// Like `push`, but waits for room instead of refusing (catch-up scans).
+    async fn push_wait(&self, user: String, at: Instant, source: &'static str) {
+        loop {
+            let space = self.space.notified();
+            if self.push(user.clone(), at, source) != Pushed::Full {
+                return;
+            }
+            space.await;
+        }
+    }
+
+    async fn pop(&self) -> Job {
+        loop {
+            let ready = self.ready.notified();
+            {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(job) = st.0.pop_front() {
+                    st.1.remove(&job.0);
+                    drop(st);
+                    self.space.notify_one();
+                    return job;
+                }
+            }
+            ready.await;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0.len()
+    }
+}
+
+/// What happened to one event, for the metrics.
+fn outcome(result: &Result<Refresh, Error>) -> &'static str {
+    match result {
+        Ok(Refresh::Written) => "processed",
+        Ok(Refresh::Unchanged) => "skipped",
+        Err(_) => "failed",
+    }
+}
+
+/// Errors that retrying cannot fix: the entry goes to the dead-letter stream at once.
+fn is_permanent(e: &Error) -> bool {
+    matches!(e, Error::InvalidUserId(_) | Error::InvalidProfile { .. } | Error::InvalidK(_))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
+}
+
+pub struct Listener {
+    service: Arc<Service>,
+    cfg: ListenerArgs,
+    consumer: String,
+    queue: Coalescer,
+    catchup: Notify,
+    overflowed: AtomicBool,
+}
+
+impl Listener {
+    pub fn new(service: Arc<Service>, cfg: ListenerArgs) -> Arc<Self> {
+        let consumer = cfg.consumer();
+        let queue = Coalescer::new(cfg.max_pending_users);
+        Arc::new(Self { service, cfg, consumer, queue, catchup: Notify::new(), overflowed: AtomicBool::new(false) })
+    }
+
+    fn count(&self, source: &str, outcome: &str) {
+        self.service.metrics.listener_events.with_label_values(&[source, outcome]).inc();
+    }
+
+    /// Runs until `shutdown` turns true, then finishes in-flight work (acknowledging it) within
+    /// the grace period. Fails at start when keyspace notifications are off and cannot be enabled.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        self.service.engine.ready().await?;
+        self.service
+            .store
+            .ensure_keyspace_notifications(self.cfg.configure_notifications)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!(consumer = %self.consumer, stream = %self.cfg.request_stream, group = %self.cfg.consumer_group, "listener started");
+
+        let mut background = JoinSet::new();
+        background.spawn(self.clone().keyspace_loop());
+        background.spawn(self.clone().catchup_loop());
+        let mut work = JoinSet::new();
+        for _ in 0..self.cfg.listener_concurrency.max(1) {
+            work.spawn(self.clone().worker(shutdown.clone()));
+        }
+        work.spawn(self.clone().stream_loop(shutdown.clone()));
+
+        let mut stop = shutdown.clone();
+        let _ = stop.wait_for(|s| *s).await;
+        tracing::info!("listener stopping: finishing in-flight work");
+        background.abort_all();
+        let grace = Duration::from_secs(self.cfg.shutdown_grace_secs);
+        if tokio::time::timeout(grace, async { while work.join_next().await.is_some() {} }).await.is_err() {
+            tracing::warn!(?grace, "in-flight work did not finish within the grace period");
+            work.abort_all();
+        }
+        tracing::info!("listener stopped");
+        Ok(())
+    }
+
+    async fn keyspace_loop(self: Arc<Self>) {
+        loop {
+            match self.service.store.profile_writes().await {
+                Ok(mut writes) => {
+                    // Events published while we were not subscribed are lost: catch up.
+                    self.catchup.notify_one();
+                    while let Some(user) = writes.next().await {
+                        self.count("keyspace", "received");
+                        if self.queue.push(user, Instant::now(), "keyspace") == Pushed::Full {
+                            self.count("keyspace", "dropped");
+                            if !self.overflowed.swap(true, Ordering::SeqCst) {
+                                tracing::warn!("listener queue full: dropping events, a catch-up scan will follow");
+                            }
+                        }
+                        self.service.metrics.listener_queue.set(self.queue.len() as i64);
+                    }
+                    tracing::warn!("keyspace subscription ended; re-subscribing");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to keyspace notifications; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn catchup_loop(self: Arc<Self>) {
+        let interval = Duration::from_secs(self.cfg.catchup_interval_secs.max(1));
+        loop {
+            // The first notification comes from keyspace_loop once it has subscribed.
+            let _ = tokio::time::timeout(interval, self.catchup.notified()).await;
+            self.overflowed.store(false, Ordering::SeqCst);
+            let started = Instant::now();
+            let mut cursor = 0;
+            let mut seen = 0u64;
+            loop {
+                match self.service.store.scan_profiles(cursor, SCAN_PAGE).await {
+                    Ok((next, users)) => {
+                        for user in users {
+                            seen += 1;
+                            self.count("catchup", "received");
+                            self.queue.push_wait(user, Instant::now(), "catchup").await;
+                        }
+                        cursor = next;
+                        if cursor == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "catch-up scan failed; retrying later");
+                        break;
+                    }
+                }
+            }
+            tracing::info!(profiles = seen, seconds = started.elapsed().as_secs_f64(), "catch-up scan queued");
+        }
+    }
+
+    async fn worker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let (user, queued_at, source) = tokio::select! {
+                job = self.queue.pop() => job,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            self.service.metrics.listener_queue.set(self.queue.len() as i64);
+            let result = self.service.refresh(&user).await;
+            self.count(source, outcome(&result));
+            match &result {
+                Ok(Refresh::Written) => self
+                    .service
+                    .metrics
+                    .listener_lag
+                    .with_label_values(&[source])
+                    .observe(queued_at.elapsed().as_secs_f64()),
+                Ok(Refresh::Unchanged) => {}
+                Err(e) if is_permanent(e) => tracing::warn!(%user, error = %e, "profile cannot be processed"),
+                Err(e) => {
+                    tracing::warn!(%user, error = %e, "recomputation failed; a catch-up scan will retry it");
+                    self.catchup_later();
+                }
+            }
+        }
+    }
+
+    /// Schedules a catch-up scan after a transient failure (at most one pending at a time).
+    fn catchup_later(&self) {
+        if !self.overflowed.swap(true, Ordering::SeqCst) {
+            self.catchup.notify_one();
+        }
+    }
+
+    async fn stream_loop(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let mut consumer: Option<StreamConsumer> = None;
+        let claim_every = Duration::from_millis((self.cfg.claim_idle_ms / 2).max(100));
+        let mut last_claim = Instant::now() - claim_every;
+        while !*shutdown.borrow() {
+            let c = match consumer.as_mut() {
+                Some(c) => c,
+                None => {
+                    let made = self
+                        .service
+                        .store
+                        .stream_consumer(&self.cfg.request_stream, &self.cfg.consumer_group, &self.consumer)
+                        .await;
+                    match made {
+                        Ok(c) => consumer.insert(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "request stream unavailable; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let batch = if last_claim.elapsed() >= claim_every {
+                last_claim = Instant::now();
+                c.claim_stale(Duration::from_millis(self.cfg.claim_idle_ms), 32).await
+            } else {
+                c.read_new(self.cfg.listener_concurrency.max(1)).await
+            };
+            match batch {
+                Ok(entries) => {
+                    if let Err(e) = self.handle_entries(c, entries).await {
+                        tracing::warn!(error = %e, "request stream connection failed; reconnecting");
+                        consumer = None;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the request stream failed; reconnecting");
+                    consumer = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Processes a batch concurrently, then acknowledges (or dead-letters) each entry. An entry
+    /// whose recomputation failed transiently stays pending and is claimed again after
+    /// CLAIM_IDLE_MS (the retry backoff), until MAX_ATTEMPTS.
+    async fn handle_entries(&self, c: &mut StreamConsumer, entries: Vec<StreamEntry>) -> Result<(), Error> {
+        if entries.is_empty() {
+            self.service.metrics.listener_pending.set(c.pending().await? as i64);
+            return Ok(());
+        }
+        let results = futures_util::future::join_all(entries.iter().map(|entry| async move {
+            match entry.fields.get("user_id") {
+                None => Err(Error::InvalidUserId("the stream entry has no user_id field".into())),
+                Some(user) => self.service.refresh(user).await,
+            }
+        }))
+        .await;
+        for (entry, result) in entries.iter().zip(results) {
+            self.count("stream", "received");
+            match result {
+                Ok(refresh) => {
+                    c.ack(&entry.id).await?;
+                    let ok = Ok(refresh);
+                    self.count("stream", outcome(&ok));
+                    if let (Ok(Refresh::Written), Some(added)) = (&ok, entry.added_ms()) {
+                        let lag = now_ms().saturating_sub(added) as f64 / 1e3;
+                        self.service.metrics.listener_lag.with_label_values(&["stream"]).observe(lag);
+                    }
+                }
+                Err(e) if is_permanent(&e) => {
+                    c.dead_letter(&self.cfg.dead_letter_stream, entry, &e.to_string()).await?;
+                    self.count("stream", "dead_lettered");
+                    tracing::warn!(id = %entry.id, reason = %e, "stream entry dead-lettered");
+                }
+                Err(e) => {
+                    let attempts = c.deliveries(&entry.id).await?;
+                    if attempts >= self.cfg.max_attempts {
+                        let reason = format!("gave up after {attempts} attempts: {e}");
+                        c.dead_letter(&self.cfg.dead_letter_stream, entry, &reason).await?;
+                        self.count("stream", "dead_lettered");
+                        tracing::warn!(id = %entry.id, %reason, "stream entry dead-lettered");
+                    } else {
+                        self.count("stream", "failed");
+                        tracing::warn!(id = %entry.id, attempts, error = %e, "stream entry failed; it will be retried");
+                    }
+                }
+            }
+        }
+        self.service.metrics.listener_pending.set(c.pending().await? as i64);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bursts_on_one_user_coalesce_and_the_queue_is_bounded() {
+        let q = Coalescer::new(2);
+        let t = Instant::now();
+        assert_eq!(q.push("a".into(), t, "keyspace"), Pushed::Queued);
+        assert_eq!(q.push("a".into(), t, "catchup"), Pushed::Coalesced);
+        assert_eq!(q.push("b".into(), t, "keyspace"), Pushed::Queued);
+        assert_eq!(q.push("c".into(), t, "keyspace"), Pushed::Full);
+        assert_eq!(q.pop().await.0, "a");
+        assert_eq!(q.push("a".into(), t, "keyspace"), Pushed::Queued, "a user taken off the queue can be queued again");
+        assert_eq!((q.pop().await.0, q.pop().await.0), ("b".to_string(), "a".to_string()));
+        assert_eq!(q.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn push_wait_waits_for_room() {
+        let q = Arc::new(Coalescer::new(1));
+        q.push("a".into(), Instant::now(), "keyspace");
+        let q2 = q.clone();
+        let waiting = tokio::spawn(async move { q2.push_wait("b".into(), Instant::now(), "catchup").await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        assert_eq!(q.pop().await.0, "a");
+        waiting.await.unwrap();
+        assert_eq!(q.pop().await.0, "b");
+    }
+}
