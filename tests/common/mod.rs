@@ -107,6 +107,10 @@ impl Redis {
         redis::cmd("TTL").arg(key).query(&mut self.conn()).unwrap()
     }
 
+    pub fn hget(&self, key: &str, field: &str) -> Option<String> {
+        redis::cmd("HGET").arg(key).arg(field).query(&mut self.conn()).unwrap()
+    }
+
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         redis::cmd("KEYS").arg(pattern).query(&mut self.conn()).unwrap()
     }
@@ -137,7 +141,8 @@ pub fn base_env(cmd: &mut Command, redis_port: u16, model_dir: &Path) {
         .env("REDIS_PORT", redis_port.to_string())
         .env("MODEL_DIR", model_dir)
         .env("DEVICE", "cpu")
-        .env("TORCH_THREADS", "1");
+        .env("TORCH_THREADS", "1")
+        .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "model_service=warn".into()));
 }
 
 pub fn run_cli(redis_port: u16, model_dir: &Path, args: &[&str]) -> Output {
@@ -157,10 +162,15 @@ impl Server {
     }
 
     pub fn start_with(redis_port: u16, model_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_mode(redis_port, model_dir, &["serve"], env)
+    }
+
+    /// Starts the binary with `args` (`serve`, `listen`, `serve --listen`) and waits for /health/live.
+    pub fn start_mode(redis_port: u16, model_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let mut cmd = bin();
         base_env(&mut cmd, redis_port, model_dir);
-        cmd.env("HOST", "127.0.0.1").env("PORT", port.to_string()).arg("serve");
+        cmd.env("HOST", "127.0.0.1").env("PORT", port.to_string()).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -202,6 +212,31 @@ impl Server {
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The value of a metric line (exact name with labels) in /metrics, 0 when absent.
+    pub fn metric(&self, name_with_labels: &str) -> f64 {
+        let (_, text) = self.get_text("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name_with_labels).and_then(|v| v.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
     }
 }
 

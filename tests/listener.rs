@@ -1,0 +1,239 @@
+//! Listener mode against a real redis-server: keyspace notifications, the request stream through
+//! a consumer group, catch-up after a crash, dead letters, shutdown, and backfill.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+fn sha(value: &str) -> String {
+    format!("{:x}", Sha256::digest(value.as_bytes()))
+}
+
+/// A deterministic profile for user `n`, version `v` (different versions, different items).
+fn profile(n: usize, v: usize) -> String {
+    let items: Vec<String> = (0..1 + (n + v) % 5).map(|i| item((n * 7 + v * 13 + i * 31) % 300)).collect();
+    serde_json::to_string(&items).unwrap()
+}
+
+/// True when recommendations:<user> exists and was computed from exactly `value`.
+fn up_to_date(redis: &Redis, user: &str, value: &str) -> bool {
+    redis.get(&format!("recommendations:{user}")).is_some()
+        && redis.hget(&format!("recommendations_meta:{user}"), "profile_sha").as_deref() == Some(&sha(value))
+}
+
+fn wait_all_up_to_date(redis: &Redis, expected: &[(String, String)], limit: Duration) {
+    wait_until(limit, || expected.iter().all(|(u, v)| up_to_date(redis, u, v)));
+}
+
+fn listen(redis: &Redis, env: &[(&str, &str)]) -> Server {
+    let server = Server::start_mode(redis.port, test_models(), &["listen"], env);
+    server.wait_healthy();
+    server
+}
+
+/// p99 of a Prometheus histogram from its cumulative buckets (upper bound of the bucket).
+fn p99(server: &Server, metric: &str, labels: &str) -> f64 {
+    let (_, text) = server.get_text("/metrics");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}_bucket{{")) && l.contains(labels))
+        .map(|l| {
+            let le = l.split("le=\"").nth(1).unwrap().split('"').next().unwrap();
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+            (le, l.rsplit(' ').next().unwrap().parse().unwrap())
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    buckets.iter().find(|b| b.1 >= 0.99 * total).map(|b| b.0).unwrap_or(f64::NAN)
+}
+
+#[test]
+fn a_thousand_profile_writes_all_get_correct_recommendations() {
+    let redis = Redis::start();
+    let listener = listen(&redis, &[]);
+    let flags: Vec<String> =
+        redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query(&mut redis.conn()).unwrap();
+    assert!(flags[1].contains('K') && flags[1].contains('$'), "listen enabled keyspace events: {flags:?}");
+
+    let mut conn = redis.conn();
+    let expected: Vec<(String, String)> = (0..1000).map(|n| (format!("burst{n}"), profile(n, 0))).collect();
+    let t = Instant::now();
+    for (user, value) in &expected {
+        redis::cmd("SET").arg(format!("user_profile:{user}")).arg(value).query::<()>(&mut conn).unwrap();
+    }
+    wait_all_up_to_date(&redis, &expected, Duration::from_secs(120));
+    eprintln!(
+        "1000 profile writes recomputed in {:.2}s; listener lag p99 <= {}s",
+        t.elapsed().as_secs_f64(),
+        p99(&listener, "model_service_listener_lag_seconds", "source=\"keyspace\"")
+    );
+    // "correct": the list the listener wrote is the list the API computes for the same profile
+    let api = Server::start(redis.port);
+    api.wait_healthy();
+    for (user, _) in expected.iter().step_by(97) {
+        let stored: Vec<String> =
+            serde_json::from_str(&redis.get(&format!("recommendations:{user}")).unwrap()).unwrap();
+        let (status, body) = api.post(&format!("/recommend/{user}"));
+        assert_eq!(status, 200);
+        assert_eq!(rec_ids(&body), stored, "{user}");
+    }
+    let processed = listener.metric("model_service_listener_events_total{outcome=\"processed\",source=\"keyspace\"}");
+    assert!(processed >= 1000.0, "processed {processed}");
+}
+
+#[test]
+fn kill_9_mid_burst_then_restart_leaves_every_profile_up_to_date() {
+    let redis = Redis::start();
+    let mut listener = listen(&redis, &[]);
+    let mut latest: Vec<(String, String)> = (0..400).map(|n| (format!("crash{n}"), profile(n, 0))).collect();
+    let mut conn = redis.conn();
+    for (i, (user, value)) in latest.iter().enumerate() {
+        redis::cmd("SET").arg(format!("user_profile:{user}")).arg(value).query::<()>(&mut conn).unwrap();
+        if i == 150 {
+            listener.kill9();
+        }
+    }
+    // while it is down: rewrite some profiles, so their stored lists (if any) are stale
+    for (n, (user, value)) in latest.iter_mut().enumerate().step_by(3) {
+        *value = profile(n, 1);
+        redis::cmd("SET").arg(format!("user_profile:{user}")).arg(&*value).query::<()>(&mut conn).unwrap();
+    }
+    let _listener = listen(&redis, &[]);
+    wait_all_up_to_date(&redis, &latest, Duration::from_secs(120));
+}
+
+#[test]
+fn two_listeners_share_the_stream_with_no_entry_processed_twice() {
+    let redis = Redis::start();
+    let a = listen(&redis, &[("CONSUMER_NAME", "a")]);
+    let b = listen(&redis, &[("CONSUMER_NAME", "b")]);
+    let mut conn = redis.conn();
+    for n in 0..1000 {
+        redis::cmd("XADD")
+            .arg("recommend_requests")
+            .arg("*")
+            .arg("user_id")
+            .arg(format!("s{n}"))
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    let received = |s: &Server| s.metric("model_service_listener_events_total{outcome=\"received\",source=\"stream\"}");
+    wait_until(Duration::from_secs(120), || received(&a) + received(&b) >= 1000.0);
+    wait_until(Duration::from_secs(10), || (0..1000).all(|n| redis.get(&format!("recommendations:s{n}")).is_some()));
+    std::thread::sleep(Duration::from_millis(500));
+    let (ra, rb) = (received(&a), received(&b));
+    assert_eq!(ra + rb, 1000.0, "every entry delivered exactly once (a {ra}, b {rb})");
+    assert!(ra > 0.0 && rb > 0.0, "both consumers took work (a {ra}, b {rb})");
+    let processed =
+        |s: &Server| s.metric("model_service_listener_events_total{outcome=\"processed\",source=\"stream\"}");
+    assert_eq!(processed(&a) + processed(&b), 1000.0);
+    let pending: Vec<redis::Value> =
+        redis::cmd("XPENDING").arg("recommend_requests").arg("model-service").query(&mut conn).unwrap();
+    assert_eq!(pending[0], redis::Value::Int(0), "everything acknowledged");
+}
+
+#[test]
+fn a_malformed_profile_is_dead_lettered_with_its_reason_and_the_listener_goes_on() {
+    let redis = Redis::start();
+    let listener = listen(&redis, &[]);
+    redis.set("user_profile:bad", "[1, 2]");
+    redis.set("user_profile:good", &profile(1, 0));
+    let mut conn = redis.conn();
+    for user in ["bad", "good", "bad id"] {
+        redis::cmd("XADD").arg("recommend_requests").arg("*").arg("user_id").arg(user).query::<()>(&mut conn).unwrap();
+    }
+    redis::cmd("XADD").arg("recommend_requests").arg("*").arg("other").arg("x").query::<()>(&mut conn).unwrap();
+    wait_until(Duration::from_secs(30), || {
+        redis::cmd("XLEN").arg("recommend_requests:dead").query::<u64>(&mut redis.conn()).unwrap() == 3
+    });
+    let dead: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg("recommend_requests:dead").arg("-").arg("+").query(&mut conn).unwrap();
+    let reasons: Vec<(Option<String>, String)> =
+        dead.ids.iter().map(|e| (e.get::<String>("user_id"), e.get::<String>("reason").unwrap())).collect();
+    assert!(reasons[0].0.as_deref() == Some("bad") && reasons[0].1.contains("element 0 is a number"), "{reasons:?}");
+    assert!(reasons[1].0.as_deref() == Some("bad id") && reasons[1].1.contains("invalid user id"), "{reasons:?}");
+    assert!(reasons[2].0.is_none() && reasons[2].1.contains("no user_id field"), "{reasons:?}");
+    assert!(up_to_date(&redis, "good", &profile(1, 0)));
+    assert!(redis.get("recommendations:bad").is_none());
+    // and it keeps going
+    redis.set("user_profile:after", &profile(2, 0));
+    wait_until(Duration::from_secs(30), || up_to_date(&redis, "after", &profile(2, 0)));
+    assert_eq!(
+        listener.metric("model_service_listener_events_total{outcome=\"dead_lettered\",source=\"stream\"}"),
+        3.0
+    );
+}
+
+#[test]
+fn listen_refuses_to_start_when_notifications_are_off_and_may_not_be_enabled() {
+    let redis = Redis::start();
+    let mut server =
+        Server::start_mode(redis.port, test_models(), &["listen"], &[("CONFIGURE_NOTIFICATIONS", "false")]);
+    wait_until(Duration::from_secs(60), || server.exited().is_some());
+    assert!(!server.exited().unwrap().success());
+    let out = run_cli(redis.port, test_models(), &["--configure-notifications", "false", "listen"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("add the line `notify-keyspace-events K$` to redis.conf"), "{err}");
+}
+
+#[test]
+fn sigterm_finishes_in_flight_work_and_exits_zero() {
+    let redis = Redis::start();
+    let mut listener = Server::start_mode(redis.port, test_models(), &["serve", "--listen"], &[]);
+    listener.wait_healthy();
+    redis.set("user_profile:t", &profile(3, 0));
+    wait_until(Duration::from_secs(30), || up_to_date(&redis, "t", &profile(3, 0)));
+    assert_eq!(listener.post("/recommend/t").0, 200, "serve --listen also serves the API");
+    let mut conn = redis.conn();
+    for n in 0..200 {
+        redis::cmd("XADD")
+            .arg("recommend_requests")
+            .arg("*")
+            .arg("user_id")
+            .arg(format!("q{n}"))
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let status = listener.terminate();
+    assert!(status.success(), "{status:?}");
+    // whatever was taken was finished and acknowledged: nothing is left pending
+    let pending: Vec<redis::Value> =
+        redis::cmd("XPENDING").arg("recommend_requests").arg("model-service").query(&mut conn).unwrap();
+    assert_eq!(pending[0], redis::Value::Int(0));
+}
+
+#[test]
+fn backfill_recomputes_every_profile_then_skips_unchanged_ones() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    let expected: Vec<(String, String)> = (0..1500).map(|n| (format!("bf{n}"), profile(n, 0))).collect();
+    let mut pipe = redis::pipe();
+    for (user, value) in &expected {
+        pipe.set(format!("user_profile:{user}"), value).ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+
+    let out = run_cli(redis.port, test_models(), &["backfill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["scanned"].as_u64(), summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(1500), Some(1500), Some(0))
+    );
+    assert!(expected.iter().all(|(u, v)| up_to_date(&redis, u, v)));
+
+    redis.set("user_profile:bf7", &profile(7, 1));
+    redis.set("user_profile:broken", "{}");
+    let out = run_cli(redis.port, test_models(), &["backfill"]);
+    assert!(!out.status.success(), "a failed profile makes the exit status non-zero");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["written"], 1, "{summary}");
+    assert_eq!(summary["unchanged"], 1499, "{summary}");
+    assert_eq!(summary["failures"]["invalid_profile"], 1, "{summary}");
+    assert!(redis.get("model_service:backfill:cursor").is_none(), "a finished backfill leaves no cursor");
+}
