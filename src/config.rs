@@ -117,11 +117,20 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, global = true)]
     pub request_timeout_ms: u64,
 
+    /// Log lines as `text` or `json` (one JSON object per line, for log shippers).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
     /// Channel on which the user id is published after each write of recommendations.
     #[arg(long, env = "NOTIFY_CHANNEL", default_value = "recommendations_updated", global = true)]
     pub notify_channel: String,
     #[command(flatten)]
     pub listener: ListenerArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Settings of the listener (`listen`, `serve --listen`, `backfill`).

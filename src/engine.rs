@@ -44,6 +44,7 @@ pub struct Scored {
 struct Job {
     history: Vec<i64>,
     k: usize,
+    queued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<Scored, Error>>,
 }
@@ -53,6 +54,7 @@ pub struct Engine {
     tx: SyncSender<Job>,
     state: watch::Receiver<EngineState>,
     cfg: Arc<EngineConfig>,
+    metrics: Metrics,
 }
 
 impl Engine {
@@ -61,12 +63,12 @@ impl Engine {
         let (tx, rx) = sync_channel(cfg.queue_capacity);
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let cfg = Arc::new(cfg);
-        let thread_cfg = cfg.clone();
+        let (thread_cfg, thread_metrics) = (cfg.clone(), metrics.clone());
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || run(thread_cfg, rx, state_tx, metrics))
+            .spawn(move || run(thread_cfg, rx, state_tx, thread_metrics))
             .expect("spawning the inference thread");
-        Self { tx, state, cfg }
+        Self { tx, state, cfg, metrics }
     }
 
     pub fn state(&self) -> EngineState {
@@ -93,10 +95,11 @@ impl Engine {
         if !matches!(self.state(), EngineState::Ready(_)) {
             return Err(Error::EngineStopped);
         }
-        let deadline = Instant::now() + self.cfg.deadline;
+        let queued = Instant::now();
+        let deadline = queued + self.cfg.deadline;
         let (reply, answer) = oneshot::channel();
-        match self.tx.try_send(Job { history, k, deadline, reply }) {
-            Ok(()) => {}
+        match self.tx.try_send(Job { history, k, queued, deadline, reply }) {
+            Ok(()) => self.metrics.queue_depth.inc(),
             Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.cfg.queue_capacity)),
             Err(TrySendError::Disconnected(_)) => return Err(Error::EngineStopped),
         }
@@ -136,6 +139,10 @@ fn run(cfg: Arc<EngineConfig>, rx: Receiver<Job>, state: watch::Sender<EngineSta
             }
         }
         let now = Instant::now();
+        metrics.queue_depth.sub(jobs.len() as i64);
+        for job in &jobs {
+            metrics.queue_wait.observe(now.duration_since(job.queued).as_secs_f64());
+        }
         let (live, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline > now);
         drop(late); // their callers have already answered 503
         if live.is_empty() {

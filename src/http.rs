@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::engine::EngineState;
 use crate::error::Error;
@@ -43,15 +44,41 @@ fn with_common(routes: Router<Arc<Service>>, service: Arc<Service>) -> Router {
         .with_state(service)
 }
 
-/// Counts every response by route template and status, and times it.
-async fn track(State(service): State<Arc<Service>>, request: Request, next: Next) -> Response {
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Gives every request an id (the client's `x-request-id` when it is a sane token, else a new
+/// UUID), logs the request in a span carrying it, returns it in the `x-request-id` response
+/// header, and counts and times the response by route template and status.
+async fn track(State(service): State<Arc<Service>>, mut request: Request, next: Next) -> Response {
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let header_value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    request.headers_mut().insert(REQUEST_ID, header_value.clone());
+    let span = tracing::info_span!("request", request_id = %id, method = %request.method(), route = %route);
     let started = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request");
+        }
+    });
+    response.headers_mut().insert(REQUEST_ID, header_value);
     let m = &service.metrics;
-    m.http_requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
-    m.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
+    m.http_requests.with_label_values(&[route.as_str(), status.as_str()]).inc();
+    m.http_duration.with_label_values(&[route.as_str()]).observe(elapsed.as_secs_f64());
     response
 }
 

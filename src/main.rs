@@ -21,7 +21,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::catalog::Catalog;
-use crate::config::{Cli, Command, Config};
+use crate::config::{Cli, Command, Config, LogFormat};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
 use crate::models::{DeviceChoice, Models};
@@ -29,13 +29,14 @@ use crate::service::{Service, ServiceConfig};
 use crate::store::Store;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "model_service=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "model_service=info,warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.config.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => logs.init(),
+    }
     let result = cli.config.validate().map_err(anyhow::Error::from).and_then(|()| match cli.command {
         Command::Check => check(&cli.config),
         Command::Serve { listen } => runtime()?.block_on(serve(cli.config, Mode::Api { listen })),

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub unknown_items: IntCounter,
     pub cold_starts: IntCounter,
     pub batch_size: Histogram,
+    pub queue_depth: IntGauge,
+    pub queue_wait: Histogram,
     pub listener_events: IntCounterVec,
     pub listener_lag: HistogramVec,
     pub listener_pending: IntGauge,
@@ -68,6 +70,13 @@ impl Metrics {
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
         )
         .expect("metric");
+        let queue_depth =
+            IntGauge::new("inference_queue_depth", "Requests waiting for the inference thread").expect("metric");
+        let queue_wait = Histogram::with_opts(
+            HistogramOpts::new("inference_queue_wait_seconds", "Time a request waited for the inference thread")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("metric");
         let listener_events = IntCounterVec::new(
             Opts::new(
                 "listener_events_total",
@@ -106,6 +115,8 @@ impl Metrics {
             Box::new(unknown_items.clone()),
             Box::new(cold_starts.clone()),
             Box::new(batch_size.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(queue_wait.clone()),
             Box::new(listener_events.clone()),
             Box::new(listener_lag.clone()),
             Box::new(listener_pending.clone()),
@@ -123,6 +134,8 @@ impl Metrics {
             unknown_items,
             cold_starts,
             batch_size,
+            queue_depth,
+            queue_wait,
             listener_events,
             listener_lag,
             listener_pending,

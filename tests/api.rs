@@ -266,3 +266,16 @@ fn last_stage_stops_the_cascade_early_for_ablations() {
     assert_ne!(lists[0], lists[1], "DIN re-orders LightGCN's candidates");
     assert_ne!(lists[1], lists[2], "RankNet re-orders DIN's candidates");
 }
+
+#[test]
+fn every_response_carries_a_request_id() {
+    let (_redis, server) = setup();
+    let client = reqwest::blocking::Client::new();
+    let r = client.post(server.url("/recommend/rid")).header("x-request-id", "abc-123").send().unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123", "a client's id is kept");
+    let r = client.get(server.url("/nope")).send().unwrap();
+    let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated.len(), 36, "a new UUID: {generated}");
+    let r = client.get(server.url("/health")).header("x-request-id", "bad id\twith junk").send().unwrap();
+    assert_ne!(r.headers()["x-request-id"], "bad id\twith junk");
+}

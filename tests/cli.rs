@@ -108,3 +108,37 @@ fn explicit_cuda_without_a_gpu_fails_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("DEVICE=cuda:0") && err.contains("DEVICE=cpu"), "{err}");
 }
+
+#[test]
+fn json_logs_carry_the_request_id() {
+    let redis = Redis::start();
+    let log = test_models().with_file_name(format!("json-log-{}.txt", std::process::id()));
+    let port = free_port();
+    let mut cmd = bin();
+    base_env(&mut cmd, redis.port, test_models());
+    let mut child = cmd
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "model_service=debug")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .arg("serve")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://127.0.0.1:{port}/health");
+    wait_until(std::time::Duration::from_secs(60), || {
+        client.get(&url).send().map(|r| r.status().as_u16() == 200).unwrap_or(false)
+    });
+    client.get(&url).header("x-request-id", "trace-me-42").send().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    assert!(
+        lines.iter().any(|l| l["span"]["request_id"] == "trace-me-42" && l["status"] == 200),
+        "no log line with the request id:\n{text}"
+    );
+}
