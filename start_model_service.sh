@@ -6,9 +6,12 @@
 #                                          starts a local redis-server if none answers at
 #                                          REDIS_HOST:REDIS_PORT, and serves on HOST:PORT (0.0.0.0:8001)
 #   ./start_model_service.sh --docker-network NAME
-#                                          run the Docker image joined to an existing Redis network
+#                                          build and run the image with model-compose.yml, joined to
+#                                          the existing Docker network NAME of your Redis (REDIS_HOST
+#                                          defaults to the container name `redis`)
 #   ./start_model_service.sh --host-network
-#                                          run the Docker image on the host network
+#                                          build and run the image with model-compose-standalone.yml
+#                                          on the host network, pointed at REDIS_HOST:REDIS_PORT
 #   ./start_model_service.sh --help
 #
 # Settings come from the environment (REDIS_HOST, REDIS_PORT, REDIS_DB, REDIS_PASSWORD, REDIS_URL,
@@ -17,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 mode=local
 network=""
@@ -33,26 +36,34 @@ while [ $# -gt 0 ]; do
 done
 
 export REDIS_HOST="${REDIS_HOST:-localhost}" REDIS_PORT="${REDIS_PORT:-6379}" REDIS_DB="${REDIS_DB:-0}"
-image="${MODEL_SERVICE_IMAGE:-model-service:latest}"
+
+compose() {
+    if docker compose version >/dev/null 2>&1; then echo "docker compose"; else echo "docker-compose"; fi
+}
 
 docker_run() {
+    echo "+ $*"
     if ! command -v docker >/dev/null 2>&1; then
         echo "Docker is not installed: this mode needs the docker CLI and a running Docker engine." >&2
         echo "Use ./start_model_service.sh --local to run natively." >&2
         exit 1
     fi
-    echo "+ $*"
+    if ! docker info >/dev/null 2>&1; then
+        echo "No Docker engine answers (docker info failed): start the Docker daemon, or use --local." >&2
+        exit 1
+    fi
     "$@"
 }
 
 case "$mode" in
     docker-network)
-        docker_run docker run -d --name model-service --restart on-failure --network "$network" \
-            -e REDIS_HOST="${REDIS_HOST/localhost/redis}" -e REDIS_PORT -e REDIS_DB -p "${PORT:-8001}:8001" "$image"
+        # shellcheck disable=SC2046
+        REDIS_NETWORK="$network" REDIS_HOST="${REDIS_HOST/localhost/redis}" \
+            docker_run $(compose) -f model-compose.yml up -d --build
         exit 0 ;;
     host-network)
-        docker_run docker run -d --name model-service --restart on-failure --network host \
-            -e REDIS_HOST -e REDIS_PORT -e REDIS_DB -e PORT="${PORT:-8001}" "$image"
+        # shellcheck disable=SC2046
+        docker_run $(compose) -f model-compose-standalone.yml up -d --build
         exit 0 ;;
 esac
 

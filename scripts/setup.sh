@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared, idempotent setup for start_model_service.sh and scripts/test.sh. Source it, then call
 # `setup_all` (or the steps). Each step skips what is already done:
-#   setup_apt    redis-server and promtool (Debian packages), when missing
+#   setup_apt    redis-server, promtool, shellcheck, docker-compose (Debian packages), when missing
 #   setup_venv   a virtualenv with requirements.txt under ~/.cache/model-service, reused while the
 #                pinned requirements are unchanged (so PyTorch is downloaded once per machine)
 #   setup_build  the release binary, linked against that venv's libtorch (rpath embedded)
@@ -22,6 +22,8 @@ setup_apt() {
     local missing=()
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v promtool >/dev/null || missing+=(prometheus)
+    command -v shellcheck >/dev/null || missing+=(shellcheck)
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
     command -v python3 >/dev/null || missing+=(python3 python3-venv)
     if [ ${#missing[@]} -eq 0 ]; then return 0; fi
     ms_log "installing Debian packages: ${missing[*]}"

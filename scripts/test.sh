@@ -13,5 +13,7 @@ echo "== cargo clippy"
 cargo clippy --release --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --release -- --test-threads 2
+echo "== deployment files"
+scripts/check_deploy.sh
 echo "== python tests"
 (cd tests/python && "$PY" -m pytest -q)
