@@ -1,27 +1,29 @@
 # syntax=docker/dockerfile:1
 # model-service image. Build: docker build -t model-service .          (CPU, default)
 #                              docker build --build-arg VARIANT=cuda -t model-service:cuda .
-# The builder installs PyTorch 2.11.0 from PyPI and links the binary against its libtorch; the
-# runtime image carries only libtorch's shared libraries, the binary and model_output/.
+# The builder installs PyTorch 2.11.0 and links the binary against its libtorch (rpath to
+# /opt/venv/.../torch/lib); the runtime image carries only libtorch's shared libraries (and, for
+# CUDA, the NVIDIA libraries they load), the binary and model_output/.
+# CPU: torch from PyTorch's CPU wheel index (PyPI's Linux wheel is CUDA-enabled, and a binary linked
+# against it needs the CUDA libraries at run time). CUDA: torch from PyPI.
 ARG VARIANT=cpu
 
 FROM rust:1-bookworm AS builder
 ARG VARIANT
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir torch==2.11.0
+RUN python3 -m venv /opt/venv \
+    && if [ "$VARIANT" = cuda ]; then /opt/venv/bin/pip install --no-cache-dir torch==2.11.0; \
+       else /opt/venv/bin/pip install --no-cache-dir torch==2.11.0 --index-url https://download.pytorch.org/whl/cpu; fi
 ENV PATH=/opt/venv/bin:$PATH LIBTORCH_USE_PYTORCH=1
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
 COPY .cargo .cargo
 COPY src src
 RUN cargo build --release --locked
-# Collect libtorch (and, for CUDA, the NVIDIA libraries it needs) at the path the rpath names.
-RUN set -eu; tl=/opt/venv/lib/python3.11/site-packages/torch/lib; mkdir -p /export$tl; \
-    cp -a $tl/libtorch.so $tl/libtorch_cpu.so $tl/libc10.so $tl/libgomp*.so* /export$tl/; \
-    if [ "$VARIANT" = cuda ]; then cp -a $tl/. /export$tl/; \
-      mkdir -p /export/opt/venv/lib/python3.11/site-packages; \
-      cp -a /opt/venv/lib/python3.11/site-packages/nvidia /export/opt/venv/lib/python3.11/site-packages/; \
-    else cp -a $tl/libtorch_cuda.so $tl/libc10_cuda.so /export$tl/ 2>/dev/null || true; fi
+# Collect the shared libraries at the paths the rpaths name.
+RUN set -eu; sp=/opt/venv/lib/python3.11/site-packages; mkdir -p /export$sp/torch; \
+    cp -a $sp/torch/lib /export$sp/torch/; \
+    if [ "$VARIANT" = cuda ]; then cp -a $sp/nvidia /export$sp/; fi
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libgomp1 \

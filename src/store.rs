@@ -101,11 +101,12 @@ impl Store {
     {
         match tokio::time::timeout(self.op_timeout, op(self.conn())).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if e.code().is_some() && !e.is_connection_refusal() => Err(Error::Redis(e.to_string())),
-            Ok(Err(e)) => {
+            Ok(Err(e)) if is_connection_error(&e) => {
                 self.reset();
                 Err(Error::RedisUnavailable(e.to_string()))
             }
+            // Redis answered, with an error (WRONGTYPE, NOAUTH, OOM, ...), possibly inside a pipeline.
+            Ok(Err(e)) => Err(Error::Redis(e.to_string())),
             Err(_) => {
                 self.reset();
                 Err(Error::RedisUnavailable(format!("no answer within {} ms", self.op_timeout.as_millis())))
@@ -351,11 +352,16 @@ pub struct StreamConsumer {
     claim_cursor: String,
 }
 
+/// The connection failed or timed out (as opposed to Redis answering with an error).
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
 fn stream_err(e: RedisError) -> Error {
-    if e.code().is_some() {
-        Error::Redis(e.to_string())
-    } else {
+    if is_connection_error(&e) {
         Error::RedisUnavailable(e.to_string())
+    } else {
+        Error::Redis(e.to_string())
     }
 }
 

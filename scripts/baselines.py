@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Reference points on the same protocol as evaluate.py (all test users, full ranking minus the
+history, Recall@20 / NDCG@20): most-popular, and cosine ItemKNN (full item-item cosine over the
+train.txt co-occurrences, score = sum of similarities to the history items).
+
+usage: baselines.py --data DIR [--json OUT]
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+import data as ds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--json")
+    args = p.parse_args()
+    d = ds.load(args.data)
+    U, N = d.num_users, d.num_items
+    users = [u for u in range(U) if len(d.test[u]) and len(d.train[u])]
+    rows = np.concatenate([np.full(len(d.train[u]), u) for u in range(U)])
+    cols = np.concatenate(d.train)
+    x = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.ones(len(rows)), (U, N)).coalesce()
+    results = {}
+
+    pop = torch.from_numpy(d.popularity()).float()
+    t = time.time()
+    rec, ndcg = [], []
+    for s in range(0, len(users), 2048):
+        b = users[s : s + 2048]
+        scores = pop.repeat(len(b), 1)
+        for j, u in enumerate(b):
+            scores[j, d.train[u]] = -np.inf
+        top = scores.topk(20, dim=1).indices.numpy()
+        for j, u in enumerate(b):
+            r, n = ds.recall_ndcg(top[j], d.test[u])
+            rec.append(r)
+            ndcg.append(n)
+    results["most_popular"] = {"recall@20": float(np.mean(rec)), "ndcg@20": float(np.mean(ndcg))}
+    print(json.dumps({"most_popular": results["most_popular"], "seconds": round(time.time() - t)}), flush=True)
+
+    t = time.time()
+    deg = torch.from_numpy(np.bincount(cols, minlength=N)).float().clamp(min=1)
+    xt = x.t().coalesce()
+    sim = torch.zeros(N, N)
+    by_item = [[] for _ in range(N)]
+    for r, c in zip(rows, cols):
+        by_item[c].append(r)
+    for j0 in range(0, N, 1024):
+        j1 = min(N, j0 + 1024)
+        xb = torch.zeros(U, j1 - j0)
+        for j in range(j0, j1):
+            xb[by_item[j], j - j0] = 1.0
+        sim[:, j0:j1] = torch.sparse.mm(xt, xb)
+    sim /= deg.sqrt().unsqueeze(1)
+    sim /= deg.sqrt().unsqueeze(0)
+    sim.fill_diagonal_(0.0)
+    rec, ndcg = [], []
+    for s in range(0, len(users), 1024):
+        b = users[s : s + 1024]
+        xb = torch.zeros(len(b), N)
+        for j, u in enumerate(b):
+            xb[j, d.train[u]] = 1.0
+        scores = xb @ sim
+        scores[xb > 0] = -np.inf
+        top = scores.topk(20, dim=1).indices.numpy()
+        for j, u in enumerate(b):
+            r, n = ds.recall_ndcg(top[j], d.test[u])
+            rec.append(r)
+            ndcg.append(n)
+    results["itemknn_cosine"] = {"recall@20": float(np.mean(rec)), "ndcg@20": float(np.mean(ndcg))}
+    print(json.dumps({"itemknn_cosine": results["itemknn_cosine"], "seconds": round(time.time() - t)}), flush=True)
+    results["users"] = len(users)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
