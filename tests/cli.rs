@@ -142,3 +142,21 @@ fn json_logs_carry_the_request_id() {
         "no log line with the request id:\n{text}"
     );
 }
+
+#[test]
+fn the_binary_finds_libtorch_by_rpath_and_keeps_torch_cuda_linked() {
+    let out = bin().env_remove("LD_LIBRARY_PATH").arg("--version").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let elf = std::process::Command::new("readelf").args(["-d", env!("CARGO_BIN_EXE_model-service")]).output().unwrap();
+    let text = String::from_utf8_lossy(&elf.stdout);
+    let runpath = text
+        .lines()
+        .find_map(|l| l.split("runpath: [").nth(1).or_else(|| l.split("rpath: [").nth(1)))
+        .and_then(|r| r.split(']').next())
+        .unwrap_or_else(|| panic!("no RUNPATH/RPATH:\n{text}"));
+    let lib = std::path::Path::new(runpath);
+    assert!(lib.join("libtorch_cpu.so").exists(), "the rpath {runpath} holds no libtorch");
+    if lib.join("libtorch_cuda.so").exists() {
+        assert!(text.contains("[libtorch_cuda.so]"), "a CUDA libtorch must stay linked (--no-as-needed):\n{text}");
+    }
+}
