@@ -41,6 +41,8 @@ pub enum Error {
     Inference(String),
     #[error("not found: {0}")]
     NotFound(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
     #[error("method not allowed")]
     MethodNotAllowed,
 }
@@ -59,6 +61,7 @@ impl Error {
             Error::EngineStopped => "engine_stopped",
             Error::Inference(_) => "inference_failed",
             Error::NotFound(_) => "not_found",
+            Error::Unauthorized(_) => "unauthorized",
             Error::MethodNotAllowed => "method_not_allowed",
         }
     }
@@ -73,6 +76,7 @@ impl Error {
             Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }

@@ -21,9 +21,33 @@ use crate::service::Service;
 /// Largest request body accepted (the API takes none; this bounds what a client can send).
 const BODY_LIMIT: usize = 16 * 1024;
 
-/// The full API.
-pub fn router(service: Arc<Service>) -> Router {
-    with_common(Router::new().route("/recommend/{user_id}", post(recommend)), service)
+/// The full API. With a token, the POST routes require `Authorization: Bearer <token>`.
+pub fn router(service: Arc<Service>, api_token: Option<String>) -> Router {
+    let api = Router::new()
+        .route("/recommend/{user_id}", post(recommend))
+        .route_layer(middleware::from_fn_with_state(api_token.map(Arc::new), require_token));
+    with_common(api, service)
+}
+
+async fn require_token(State(token): State<Option<Arc<String>>>, request: Request, next: Next) -> Response {
+    if let Some(token) = token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // constant-time comparison
+        let same =
+            given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if !same {
+            let why = if given.is_empty() { "a bearer token is required" } else { "the bearer token is not valid" };
+            let mut response = Error::Unauthorized(why.into()).into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
 }
 
 /// Health and metrics only (the `listen` mode).

@@ -103,7 +103,7 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, ?mode, model_dir = %cfg.model_dir.display(), "listening");
     let (app, listen) = match mode {
-        Mode::Api { listen } => (http::router(service.clone()), listen),
+        Mode::Api { listen } => (http::router(service.clone(), cfg.api_token.clone()), listen),
         Mode::ListenOnly => (http::ops_router(service.clone()), true),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

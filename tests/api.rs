@@ -279,3 +279,21 @@ fn every_response_carries_a_request_id() {
     let r = client.get(server.url("/health")).header("x-request-id", "bad id\twith junk").send().unwrap();
     assert_ne!(r.headers()["x-request-id"], "bad id\twith junk");
 }
+
+#[test]
+fn api_token_guards_post_routes_but_not_health_or_metrics() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", "s3cret-token")]);
+    server.wait_healthy();
+    assert_error(&server.post("/recommend/u"), 401, "unauthorized");
+    let client = reqwest::blocking::Client::new();
+    let wrong = client.post(server.url("/recommend/u")).bearer_auth("s3cret-tokem").send().unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
+    assert!(redis.get("recommendations:u").is_none(), "a refused request writes nothing");
+    let ok = client.post(server.url("/recommend/u")).bearer_auth("s3cret-token").send().unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    assert!(redis.get("recommendations:u").is_some());
+    assert_eq!(server.get("/health").0, 200);
+    assert_eq!(server.get_text("/metrics").0, 200);
+}
