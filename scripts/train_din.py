@@ -109,12 +109,12 @@ def main():
         din.emb.weight.copy_(lightgcn.item_emb * 0.5)
     opt = torch.optim.Adam(din.parameters(), lr=args.lr)
     ckpt = os.path.join(args.work, "din.ckpt")
-    start, log = 0, []
+    start, log, best = 0, [], None
     if args.resume and os.path.exists(ckpt):
         st = torch.load(ckpt)
         din.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        start, log = st["epoch"], st["log"]
+        start, log, best = st["epoch"], st["log"], st.get("best")
         print(f"resumed at epoch {start}", flush=True)
 
     for epoch in range(start, args.epochs):
@@ -155,8 +155,16 @@ def main():
         entry = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t0, 1), "din_recall20_heldout": rec}
         log.append(entry)
         print(json.dumps(entry), flush=True)
-        torch.save({"model": din.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "log": log}, ckpt + ".tmp")
+        if best is None or rec > best[0]:
+            best = (rec, epoch + 1, {k: v.clone() for k, v in din.state_dict().items()})
+        state = {"model": din.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "log": log, "best": best}
+        torch.save(state, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
+
+    # export the epoch with the best held-out recall (DIN overfits its embedding table otherwise)
+    if best is not None:
+        din.load_state_dict(best[2])
+        print(f"exporting epoch {best[1]} (held-out recall@20 {best[0]:.4f})", flush=True)
 
     hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "resume")}
     msmodels.export(
@@ -165,7 +173,7 @@ def main():
         args.out,
         d.num_items,
         {"model": "DIN", "dim": din.dim, "hyperparameters": hp, "data_sha256": d.data_hash, "training_log": log,
-         "lightgcn_recall20_heldout": base},
+         "lightgcn_recall20_heldout": base, "exported_epoch": best[1] if best else None},
     )
     print(f"exported {args.out}", flush=True)
 

@@ -105,3 +105,22 @@ def test_generated_test_models_form_a_complete_model_dir(tmp_path):
     for stage in ("lightgcn", "din", "ranknet"):
         assert (out / stage / "model.pt").is_file()
         assert manifest["models"][stage]["version"].startswith("synthetic-test-" + stage)
+
+
+def test_the_python_cascade_excludes_the_history_at_every_stage(tmp_path):
+    import numpy as np
+
+    import cascade
+
+    out = tmp_path / "models"
+    subprocess.run([sys.executable, os.path.join(SCRIPTS, "make_test_models.py"), str(out)], check=True)
+    model = cascade.Cascade(str(out), c1=40, c2=20)
+    histories = [np.array([0, 6, 12, 18]), np.array([5]), np.arange(0, 150, 3)]
+    lists = model.rank(histories, k=10)
+    for stage in lists:
+        assert stage.shape == (3, 10)
+        for h, row in zip(histories, stage):
+            assert not set(row.tolist()) & set(h.tolist()), "a history item was recommended"
+            assert len(set(row.tolist())) == 10
+    # the final order is RankNet's: a different order than DIN's for some history
+    assert any((a != b).any() for a, b in zip(lists[1], lists[2]))
