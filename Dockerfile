@@ -36,6 +36,6 @@ USER model-service
 ENV MODEL_DIR=/app/model_output HOST=0.0.0.0 PORT=8001 DEVICE=auto
 EXPOSE 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8001/health/live || exit 1
+    CMD curl -fsS http://127.0.0.1:8001/health || exit 1
 ENTRYPOINT ["model-service"]
 CMD ["serve"]

@@ -237,3 +237,21 @@ fn backfill_recomputes_every_profile_then_skips_unchanged_ones() {
     assert_eq!(summary["failures"]["invalid_profile"], 1, "{summary}");
     assert!(redis.get("model_service:backfill:cursor").is_none(), "a finished backfill leaves no cursor");
 }
+
+#[test]
+fn every_write_is_announced_on_the_notify_channel() {
+    let redis = Redis::start();
+    let server = Server::start(redis.port);
+    server.wait_healthy();
+    let mut sub = redis.conn();
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe("recommendations_updated").unwrap();
+    pubsub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    redis.set("user_profile:announced", &profile(4, 0));
+    assert_eq!(server.post("/recommend/announced").0, 200);
+    let msg = pubsub.get_message().unwrap();
+    assert_eq!(msg.get_payload::<String>().unwrap(), "announced");
+    assert_eq!(server.post("/recommend/bad%20id").0, 400);
+    pubsub.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(pubsub.get_message().is_err(), "a refused request announces nothing");
+}
