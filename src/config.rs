@@ -169,7 +169,7 @@ pub struct ListenerArgs {
     /// Enable keyspace notifications with CONFIG SET when they are off.
     #[arg(long, env = "CONFIGURE_NOTIFICATIONS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub configure_notifications: bool,
-    /// Time allowed to finish in-flight work on SIGTERM / Ctrl-C.
+    /// Time allowed to finish in-flight HTTP requests and listener work on SIGTERM / Ctrl-C.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30, global = true)]
     pub shutdown_grace_secs: u64,
 }

@@ -117,9 +117,24 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         let _ = on_signal.send(true);
     });
     let mut until_stop = stop_rx.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = until_stop.wait_for(|s| *s).await;
     });
+    // In-flight requests get SHUTDOWN_GRACE_SECS to finish after the stop signal.
+    let grace = std::time::Duration::from_secs(cfg.listener.shutdown_grace_secs);
+    let mut grace_over = stop_rx.clone();
+    let server = async move {
+        tokio::select! {
+            served = graceful.into_future() => served,
+            _ = async {
+                let _ = grace_over.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "requests still in flight after the grace period; exiting");
+                Ok(())
+            }
+        }
+    };
     // The server answers /health/live at once; a model directory that fails to load, or a
     // listener that cannot start, ends the process with an error.
     let work = async {
@@ -136,7 +151,7 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         }
         result
     };
-    let (served, worked) = tokio::join!(server.into_future(), work);
+    let (served, worked) = tokio::join!(server, work);
     worked?;
     served.context("HTTP server")?;
     tracing::info!("shut down");

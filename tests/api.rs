@@ -297,3 +297,31 @@ fn api_token_guards_post_routes_but_not_health_or_metrics() {
     assert_eq!(server.get("/health").0, 200);
     assert_eq!(server.get_text("/metrics").0, 200);
 }
+
+#[test]
+fn a_slow_redis_gives_503_by_the_deadline_not_a_pile_up() {
+    let (redis, server) = setup();
+    redis.set("user_profile:slow", &format!(r#"["{}"]"#, item(9)));
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG").arg("SLEEP").arg(3).query::<()>(&mut c).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let resp = server.post("/recommend/slow");
+    let took = t.elapsed();
+    assert_error(&resp, 503, "redis_unavailable");
+    assert!(took < Duration::from_millis(1500), "answered after {took:?}: the Redis bounds must cut it short");
+    sleeper.join().unwrap();
+    wait_until(Duration::from_secs(5), || server.post("/recommend/slow").0 == 200);
+}
+
+#[test]
+fn sigterm_stops_the_server_with_exit_status_zero() {
+    let (redis, mut server) = setup();
+    redis.set("user_profile:bye", &format!(r#"["{}"]"#, item(2)));
+    assert_eq!(server.post("/recommend/bye").0, 200);
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+}
