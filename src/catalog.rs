@@ -141,6 +141,28 @@ mod tests {
         assert_eq!(c.most_popular(10, &[]).len(), 5);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn history_rows_are_distinct_known_bounded_and_most_recent(
+            profile in proptest::collection::vec("[a-g]|zz|\\*|:|\\{|\\n", 0..60),
+            max_len in 1usize..8,
+        ) {
+            let c = catalog();
+            let h = c.history(&profile, max_len);
+            let known: Vec<&String> = profile.iter().filter(|id| c.rows.contains_key(*id)).collect();
+            proptest::prop_assert_eq!(h.unknown, profile.len() - known.len());
+            proptest::prop_assert!(h.rows.len() <= max_len);
+            let distinct: std::collections::HashSet<i64> = h.rows.iter().copied().collect();
+            proptest::prop_assert_eq!(distinct.len(), h.rows.len());
+            let all_distinct: std::collections::HashSet<&String> = known.iter().copied().collect();
+            proptest::prop_assert_eq!(h.rows.len() + h.truncated, all_distinct.len());
+            // the last known item of the profile is always kept, as the last row
+            if let Some(last) = known.last() {
+                proptest::prop_assert_eq!(h.rows.last().copied(), c.rows.get(*last).copied());
+            }
+        }
+    }
+
     #[test]
     fn duplicate_ids_are_refused() {
         let err = Catalog::from_entries(vec![("a".into(), 1), ("a".into(), 2)]).unwrap_err();

@@ -522,6 +522,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics_and_only_accepts_string_arrays(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Ok(items) = parse_profile("user_profile:p", &bytes) {
+                let reparsed: Vec<String> = serde_json::from_slice(&bytes).unwrap();
+                proptest::prop_assert_eq!(items, reparsed);
+            }
+        }
+
+        #[test]
+        fn any_list_of_strings_round_trips(items in proptest::collection::vec(".{0,40}", 0..50)) {
+            let json = serde_json::to_vec(&items).unwrap();
+            proptest::prop_assert_eq!(parse_profile("user_profile:p", &json).unwrap(), items);
+        }
+
+        #[test]
+        fn nested_or_mixed_json_is_refused_with_422(depth in 1usize..64, n in proptest::num::i64::ANY) {
+            let nested = format!("{}{}{}", "[".repeat(depth), n, "]".repeat(depth));
+            let err = parse_profile("user_profile:p", nested.as_bytes()).unwrap_err();
+            proptest::prop_assert_eq!(err.status().as_u16(), 422);
+        }
+    }
+
     #[test]
     fn stream_entry_time_comes_from_its_id() {
         let e = StreamEntry { id: "1700000000123-4".into(), fields: HashMap::new() };
