@@ -13,7 +13,7 @@ for f in model-compose.yml model-compose-standalone.yml; do
     docker-compose -f "$f" config -q || fail "$f is not a valid compose file"
 done
 echo "-- shellcheck"
-shellcheck -x start_model_service.sh scripts/*.sh .ci/run
+shellcheck -x start_model_service.sh scripts/*.sh scripts/py .ci/run
 echo "-- promtool"
 promtool check config deploy/prometheus.yml
 promtool check rules deploy/alerts.yml
