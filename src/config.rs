@@ -110,6 +110,10 @@ pub struct Config {
     /// Most requests the inference thread runs as one batch.
     #[arg(long, env = "MAX_BATCH", default_value_t = 16, global = true)]
     pub max_batch: usize,
+    /// Bound on batch size x longest history in one inference batch (queued requests are sorted by
+    /// history length and split), so padding does not multiply DIN's work.
+    #[arg(long, env = "MAX_BATCH_CELLS", default_value_t = 512, global = true)]
+    pub max_batch_cells: usize,
     /// Requests that may wait for the inference thread; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
     pub queue_capacity: usize,
@@ -214,6 +218,7 @@ impl Config {
             ("DIN_CANDIDATES", self.din_candidates),
             ("MAX_HISTORY", self.max_history),
             ("MAX_BATCH", self.max_batch),
+            ("MAX_BATCH_CELLS", self.max_batch_cells),
             ("QUEUE_CAPACITY", self.queue_capacity),
             ("LISTENER_CONCURRENCY", self.listener.listener_concurrency),
             ("MAX_PENDING_USERS", self.listener.max_pending_users),

@@ -21,6 +21,9 @@ pub struct EngineConfig {
     pub torch_threads: usize,
     pub catalog_len: usize,
     pub max_batch: usize,
+    /// Bound on batch size x longest history: DIN's work grows with the padded length, so a long
+    /// history is not batched with many short ones.
+    pub max_batch_cells: usize,
     pub queue_capacity: usize,
     pub deadline: Duration,
     pub lightgcn_candidates: usize,
@@ -148,8 +151,10 @@ fn run(cfg: Arc<EngineConfig>, rx: Receiver<Job>, state: watch::Sender<EngineSta
         if live.is_empty() {
             continue;
         }
-        metrics.batch_size.observe(live.len() as f64);
-        run_batch(&models, &cfg, live);
+        for batch in split_by_length(live, cfg.max_batch_cells) {
+            metrics.batch_size.observe(batch.len() as f64);
+            run_batch(&models, &cfg, batch);
+        }
     }
 }
 
@@ -170,6 +175,21 @@ fn load(cfg: &EngineConfig) -> Result<Models, ConfigError> {
         })?;
     }
     Ok(models)
+}
+
+/// Sorts jobs by history length and cuts them into batches whose size times longest history stays
+/// within `max_cells` (a job alone may exceed it).
+fn split_by_length(mut jobs: Vec<Job>, max_cells: usize) -> Vec<Vec<Job>> {
+    jobs.sort_by_key(|j| j.history.len());
+    let mut out: Vec<Vec<Job>> = Vec::new();
+    for job in jobs {
+        let cells = job.history.len().max(1);
+        match out.last_mut() {
+            Some(batch) if (batch.len() + 1) * cells <= max_cells => batch.push(job),
+            _ => out.push(vec![job]),
+        }
+    }
+    out
 }
 
 fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
@@ -197,5 +217,27 @@ fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
                 let _ = job.reply.send(Err(Error::Inference(reason.clone())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(len: usize) -> Job {
+        let (reply, _) = oneshot::channel();
+        let now = Instant::now();
+        Job { history: vec![0; len], k: 1, queued: now, deadline: now, reply }
+    }
+
+    #[test]
+    fn batches_group_similar_lengths_within_the_cell_budget() {
+        let jobs = [3, 200, 5, 4, 150, 2].into_iter().map(job).collect();
+        let lens: Vec<Vec<usize>> =
+            split_by_length(jobs, 64).iter().map(|b| b.iter().map(|j| j.history.len()).collect()).collect();
+        assert_eq!(lens, vec![vec![2, 3, 4, 5], vec![150], vec![200]]);
+        let all_short = (0..20).map(|_| job(3)).collect();
+        let sizes: Vec<usize> = split_by_length(all_short, 30).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![10, 10]);
     }
 }

@@ -74,6 +74,7 @@ fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
             torch_threads: cfg.torch_threads,
             catalog_len: catalog.len(),
             max_batch: cfg.max_batch,
+            max_batch_cells: cfg.max_batch_cells,
             queue_capacity: cfg.queue_capacity,
             deadline: cfg.request_timeout(),
             lightgcn_candidates: cfg.lightgcn_candidates,
