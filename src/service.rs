@@ -87,11 +87,19 @@ impl Service {
     /// Parses `k` from a request (absent: the default).
     pub fn parse_k(&self, raw: Option<&str>) -> Result<usize, Error> {
         let Some(raw) = raw else { return Ok(self.cfg.default_k) };
+        let k = raw.trim().parse::<i64>().map_err(|_| {
+            Error::InvalidK(format!("k must be an integer between 1 and {}, got {raw:?}", self.cfg.max_k))
+        })?;
+        self.check_k(k)
+    }
+
+    /// The one range check of k (HTTP query, CLI flag, listener default).
+    fn check_k(&self, k: i64) -> Result<usize, Error> {
         let max = self.cfg.max_k;
-        match raw.trim().parse::<i64>() {
-            Ok(k) if (1..=max as i64).contains(&k) => Ok(k as usize),
-            Ok(k) => Err(Error::InvalidK(format!("k must be between 1 and {max}, got {k}"))),
-            Err(_) => Err(Error::InvalidK(format!("k must be an integer between 1 and {max}, got {raw:?}"))),
+        if (1..=max as i64).contains(&k) {
+            Ok(k as usize)
+        } else {
+            Err(Error::InvalidK(format!("k must be between 1 and {max}, got {k}")))
         }
     }
 
@@ -117,9 +125,7 @@ impl Service {
     /// Validates the request and reads the profile; returns it with the model version in service.
     async fn read(&self, user_id: &str, k: usize) -> Result<(ProfileRead, String), Error> {
         validate_user_id(user_id)?;
-        if k == 0 || k > self.cfg.max_k {
-            return Err(Error::InvalidK(format!("k must be between 1 and {}, got {k}", self.cfg.max_k)));
-        }
+        self.check_k(i64::try_from(k).unwrap_or(i64::MAX))?;
         let model_version = match self.engine.state() {
             EngineState::Ready(info) => info.version.clone(),
             _ => return Err(Error::EngineStopped),

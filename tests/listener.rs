@@ -112,15 +112,7 @@ fn two_listeners_share_the_stream_with_no_entry_processed_twice() {
     let a = listen(&redis, &[("CONSUMER_NAME", "a")]);
     let b = listen(&redis, &[("CONSUMER_NAME", "b")]);
     let mut conn = redis.conn();
-    for n in 0..1000 {
-        redis::cmd("XADD")
-            .arg("recommend_requests")
-            .arg("*")
-            .arg("user_id")
-            .arg(format!("s{n}"))
-            .query::<()>(&mut conn)
-            .unwrap();
-    }
+    redis.request_recommendations("s", 0..1000);
     let received = |s: &Server| s.metric("model_service_listener_events_total{outcome=\"received\",source=\"stream\"}");
     wait_until(Duration::from_secs(120), || received(&a) + received(&b) >= 1000.0);
     wait_until(Duration::from_secs(10), || (0..1000).all(|n| redis.get(&format!("recommendations:s{n}")).is_some()));
@@ -189,15 +181,7 @@ fn sigterm_finishes_in_flight_work_and_exits_zero() {
     wait_until(Duration::from_secs(30), || up_to_date(&redis, "t", &profile(3, 0)));
     assert_eq!(listener.post("/recommend/t").0, 200, "serve --listen also serves the API");
     let mut conn = redis.conn();
-    for n in 0..200 {
-        redis::cmd("XADD")
-            .arg("recommend_requests")
-            .arg("*")
-            .arg("user_id")
-            .arg(format!("q{n}"))
-            .query::<()>(&mut conn)
-            .unwrap();
-    }
+    redis.request_recommendations("q", 0..200);
     std::thread::sleep(Duration::from_millis(100));
     let status = listener.terminate();
     assert!(status.success(), "{status:?}");

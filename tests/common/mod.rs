@@ -108,6 +108,20 @@ impl Redis {
         redis::cmd("TTL").arg(key).query(&mut self.conn()).unwrap()
     }
 
+    /// Adds one request-stream entry `user_id=<prefix><n>` for every n in `range`.
+    pub fn request_recommendations(&self, prefix: &str, range: std::ops::Range<usize>) {
+        let mut conn = self.conn();
+        for n in range {
+            redis::cmd("XADD")
+                .arg("recommend_requests")
+                .arg("*")
+                .arg("user_id")
+                .arg(format!("{prefix}{n}"))
+                .query::<()>(&mut conn)
+                .unwrap();
+        }
+    }
+
     pub fn hget(&self, key: &str, field: &str) -> Option<String> {
         redis::cmd("HGET").arg(key).arg(field).query(&mut self.conn()).unwrap()
     }
