@@ -52,7 +52,8 @@ class LastDimPReLU(nn.Module):
         self.alpha = nn.Parameter(torch.full((features,), 0.25))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x >= 0, x, x * self.alpha)
+        # torch.prelu puts the channels on dimension 1: flatten to [rows, features] (one kernel)
+        return torch.prelu(x.reshape(-1, x.shape[-1]), self.alpha).reshape(x.shape)
 
 
 class DIN(nn.Module):
@@ -63,7 +64,8 @@ class DIN(nn.Module):
     those weights (no softmax, as in the paper) and an MLP scores [pooled, c, pooled * c].
     The first attention layer is applied in its algebraically identical split form
     W [h, c, h-c, h*c] = (W1 + W3) h + (W2 - W3) c + W4 (h*c), which avoids materialising the
-    4D-wide concatenation for every pair.
+    4D-wide concatenation for every pair, and the PReLU + second layer are rewritten so that the
+    [B, C, L, A] pair tensor is built once and read once (see forward).
     """
 
     def __init__(self, num_items: int, dim: int = 64, att_hidden: int = 64, mlp_hidden: int = 128):
@@ -88,14 +90,23 @@ class DIN(nn.Module):
         c = self.emb(cands)  # [B, C, D]
         w = self.att1.weight  # [A, 4D]
         w1, w2, w3, w4 = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
+        alpha = self.att_act.alpha  # [A]
+        v = self.att2.weight[0]  # [A]
         hp = h @ (w1 + w3).t()  # [B, L, A]
         cp = c @ (w2 - w3).t() + self.att1.bias  # [B, C, A]
-        # (h*c) W4^T for every pair: [B, C, L, A]
-        hc = torch.einsum("bld,bcd,ad->bcla", h, c, w4)
-        a = self.att_act(hc + hp.unsqueeze(1) + cp.unsqueeze(2))
-        att = self.att2(a).squeeze(-1)  # [B, C, L]
+        # x = (h*c) W4^T + hp + cp for every pair, [B, C, L, A]: the one big tensor. The activation
+        # unit's output is att2(prelu(x)); with prelu(x) = (1 - alpha) relu(x) + alpha x it is
+        # relu(x) . v(1 - alpha) + x . v alpha + b2, and x . v alpha splits into small products,
+        # so x is written once, updated in place and read once.
+        va = v * alpha
+        lin = torch.bmm(c, (h * (w4.t() @ va)).transpose(1, 2))  # (h*c) W4^T va: [B, C, L]
+        lin = lin + (hp @ va).unsqueeze(1) + (cp @ va).unsqueeze(2) + self.att2.bias
+        x = (h.unsqueeze(1) * c.unsqueeze(2)) @ w4.t()
+        x += hp.unsqueeze(1)
+        x += cp.unsqueeze(2)
+        att = torch.relu_(x) @ (v * (1.0 - alpha)) + lin  # [B, C, L]
         att = att * mask.unsqueeze(1).to(att.dtype)
-        pooled = torch.einsum("bcl,bld->bcd", att, h)  # [B, C, D]
+        pooled = torch.bmm(att, h)  # [B, C, D]
         x = torch.cat([pooled, c, pooled * c], dim=-1)
         return self.mlp(x).squeeze(-1)
 

@@ -75,7 +75,13 @@ pub struct Config {
     /// auto | cpu | cuda | cuda:N (auto: CUDA when available).
     #[arg(long, env = "DEVICE", default_value = "auto", global = true)]
     pub device: String,
-    /// libtorch intra-op threads (0: libtorch's default).
+    /// Inference workers: threads that each hold a copy of the models and run batches.
+    /// Default measured on 2 cores: two workers with one libtorch thread each beat one worker with
+    /// two (README).
+    #[arg(long, env = "INFERENCE_WORKERS", default_value_t = 2, global = true)]
+    pub inference_workers: usize,
+    /// libtorch intra-op threads of each inference worker (0: the machine's cores divided among
+    /// the workers, so inference never asks for more threads than there are cores).
     #[arg(long, env = "TORCH_THREADS", default_value_t = 0, global = true)]
     pub torch_threads: usize,
 
@@ -110,6 +116,11 @@ pub struct Config {
     /// Most requests the inference thread runs as one batch.
     #[arg(long, env = "MAX_BATCH", default_value_t = 16, global = true)]
     pub max_batch: usize,
+    /// How long (microseconds) an inference worker holding fewer than MAX_BATCH requests waits
+    /// for more before it runs them, when under load (its previous batch held more than one
+    /// request); 0: run what is queued at once. Default measured on 2 cores (README).
+    #[arg(long, env = "MAX_QUEUE_DELAY_US", default_value_t = 2000, global = true)]
+    pub max_queue_delay_us: u64,
     /// Bound on batch size x longest history in one inference batch (queued requests are sorted by
     /// history length and split), so padding does not multiply DIN's work.
     #[arg(long, env = "MAX_BATCH_CELLS", default_value_t = 512, global = true)]
@@ -209,6 +220,15 @@ impl Config {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    /// TORCH_THREADS, or the cores divided among the inference workers (at least 1).
+    pub fn torch_threads_per_worker(&self) -> usize {
+        if self.torch_threads > 0 {
+            return self.torch_threads;
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / self.inference_workers.max(1)).max(1)
+    }
+
     /// Checks that do not need the models or Redis.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
@@ -218,6 +238,7 @@ impl Config {
             ("DIN_CANDIDATES", self.din_candidates),
             ("MAX_HISTORY", self.max_history),
             ("MAX_BATCH", self.max_batch),
+            ("INFERENCE_WORKERS", self.inference_workers),
             ("MAX_BATCH_CELLS", self.max_batch_cells),
             ("QUEUE_CAPACITY", self.queue_capacity),
             ("LISTENER_CONCURRENCY", self.listener.listener_concurrency),

@@ -1,12 +1,15 @@
-//! The inference thread: it owns the models, takes jobs from a bounded queue, runs the queued
-//! jobs as one batch, and answers each through a oneshot channel. Nothing here runs on a tokio
-//! worker thread.
+//! The inference workers: threads that each own a copy of the models, take jobs from one bounded
+//! queue, gather what is queued (waiting at most `max_queue_delay` for a batch to fill) into one
+//! batch, and answer each job through a oneshot channel. Nothing here runs on a tokio worker
+//! thread.
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use tokio::sync::{oneshot, watch};
 
@@ -18,9 +21,15 @@ use crate::models::{Budget, DeviceChoice, ModelInfo, Models, Ranked, Stage, Stag
 pub struct EngineConfig {
     pub model_dir: PathBuf,
     pub device: DeviceChoice,
+    /// Threads that each own a copy of the models and run batches.
+    pub workers: usize,
+    /// libtorch intra-op threads of each worker.
     pub torch_threads: usize,
     pub catalog_len: usize,
     pub max_batch: usize,
+    /// How long a worker holding fewer than `max_batch` jobs waits for more before it runs them.
+    /// Applies only under load (see `run`).
+    pub max_queue_delay: Duration,
     /// Bound on batch size x longest history: DIN's work grows with the padded length, so a long
     /// history is not batched with many short ones.
     pub max_batch_cells: usize,
@@ -54,23 +63,29 @@ struct Job {
 
 #[derive(Clone)]
 pub struct Engine {
-    tx: SyncSender<Job>,
+    tx: Sender<Job>,
     state: watch::Receiver<EngineState>,
     cfg: Arc<EngineConfig>,
     metrics: Metrics,
 }
 
 impl Engine {
-    /// Starts the inference thread, which loads the models and warms them up; `state()` follows it.
+    /// Starts the inference workers, which load the models and warm them up; `state()` is Ready
+    /// once every worker is.
     pub fn start(cfg: EngineConfig, metrics: Metrics) -> Self {
-        let (tx, rx) = sync_channel(cfg.queue_capacity);
+        let (tx, rx) = bounded(cfg.queue_capacity);
         let (state_tx, state) = watch::channel(EngineState::Loading);
+        let state_tx = Arc::new(state_tx);
         let cfg = Arc::new(cfg);
-        let (thread_cfg, thread_metrics) = (cfg.clone(), metrics.clone());
-        std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || run(thread_cfg, rx, state_tx, thread_metrics))
-            .expect("spawning the inference thread");
+        let loaded = Arc::new(AtomicUsize::new(0));
+        for n in 0..cfg.workers.max(1) {
+            let (cfg, rx, state_tx, loaded, metrics) =
+                (cfg.clone(), rx.clone(), state_tx.clone(), loaded.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name(format!("inference-{n}"))
+                .spawn(move || run(cfg, rx, state_tx, loaded, metrics))
+                .expect("spawning an inference worker");
+        }
         Self { tx, state, cfg, metrics }
     }
 
@@ -88,7 +103,7 @@ impl Engine {
                 EngineState::Loading => {}
             }
             if state.changed().await.is_err() {
-                return Err(ConfigError::Load("the inference thread stopped while loading".into()));
+                return Err(ConfigError::Load("the inference workers stopped while loading".into()));
             }
         }
     }
@@ -115,32 +130,41 @@ impl Engine {
     }
 }
 
-fn run(cfg: Arc<EngineConfig>, rx: Receiver<Job>, state: watch::Sender<EngineState>, metrics: Metrics) {
-    if cfg.torch_threads > 0 {
-        tch::set_num_threads(cfg.torch_threads as i32);
-    }
+fn run(
+    cfg: Arc<EngineConfig>,
+    rx: Receiver<Job>,
+    state: Arc<watch::Sender<EngineState>>,
+    loaded: Arc<AtomicUsize>,
+    metrics: Metrics,
+) {
+    // Sets this thread's own intra-op thread count (each worker runs its batches with it).
+    tch::set_num_threads(cfg.torch_threads.max(1) as i32);
     let models = match load(&cfg) {
         Ok(models) => models,
         Err(e) => {
             tracing::error!(error = %e, "model load failed");
-            let _ = state.send(EngineState::Failed(e.to_string()));
+            state.send_replace(EngineState::Failed(e.to_string()));
             return;
         }
     };
-    let info = Arc::new(models.info.clone());
-    metrics.set_model_info(&info);
-    tracing::info!(version = %info.version, device = %info.device, items = info.num_items, "models loaded and warmed up");
-    let _ = state.send(EngineState::Ready(info));
+    if loaded.fetch_add(1, Ordering::SeqCst) + 1 == cfg.workers.max(1) {
+        let info = Arc::new(models.info.clone());
+        metrics.set_model_info(&info);
+        tracing::info!(
+            version = %info.version, device = %info.device, items = info.num_items,
+            workers = cfg.workers, torch_threads = cfg.torch_threads, "models loaded and warmed up"
+        );
+        state.send_replace(EngineState::Ready(info));
+    }
 
-    let max_batch = cfg.max_batch.max(1);
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+    // Waiting for a batch to fill only pays under concurrent load: a worker waits (at most
+    // max_queue_delay) only when its previous batch held more than one request, so a lone request
+    // never waits for company that is not coming.
+    let mut under_load = false;
+    loop {
+        let delay = if under_load { cfg.max_queue_delay } else { Duration::ZERO };
+        let Some(jobs) = gather(&rx, cfg.max_batch.max(1), delay) else { break };
+        under_load = jobs.len() > 1;
         let now = Instant::now();
         metrics.queue_depth.sub(jobs.len() as i64);
         for job in &jobs {
@@ -148,14 +172,30 @@ fn run(cfg: Arc<EngineConfig>, rx: Receiver<Job>, state: watch::Sender<EngineSta
         }
         let (live, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline > now);
         drop(late); // their callers have already answered 503
-        if live.is_empty() {
-            continue;
-        }
         for batch in split_by_length(live, cfg.max_batch_cells) {
             metrics.batch_size.observe(batch.len() as f64);
             run_batch(&models, &cfg, batch);
         }
     }
+}
+
+/// Blocks for one job, then takes what is queued up to `max_batch`, waiting until `max_delay` after
+/// the first job's arrival for the batch to fill. `None` when the queue is closed.
+fn gather(rx: &Receiver<Job>, max_batch: usize, max_delay: Duration) -> Option<Vec<Job>> {
+    let first = rx.recv().ok()?;
+    let until = first.queued + max_delay;
+    let mut jobs = vec![first];
+    while jobs.len() < max_batch {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) if max_delay.is_zero() => break,
+            Err(_) => match rx.recv_deadline(until) {
+                Ok(job) => jobs.push(job),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            },
+        }
+    }
+    Some(jobs)
 }
 
 fn load(cfg: &EngineConfig) -> Result<Models, ConfigError> {

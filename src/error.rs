@@ -18,8 +18,9 @@ pub enum ConfigError {
     Load(String),
 }
 
-/// Errors a recommendation request can end in.
-#[derive(Debug, thiserror::Error)]
+/// Errors a recommendation request can end in (Clone: requests sharing one computation through
+/// single flight each receive its outcome).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("invalid user id: {0}")]
     InvalidUserId(String),

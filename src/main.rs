@@ -71,9 +71,11 @@ fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
         EngineConfig {
             model_dir: cfg.model_dir.clone(),
             device: DeviceChoice::parse(&cfg.device)?,
-            torch_threads: cfg.torch_threads,
+            workers: cfg.inference_workers,
+            torch_threads: cfg.torch_threads_per_worker(),
             catalog_len: catalog.len(),
             max_batch: cfg.max_batch,
+            max_queue_delay: std::time::Duration::from_micros(cfg.max_queue_delay_us),
             max_batch_cells: cfg.max_batch_cells,
             queue_capacity: cfg.queue_capacity,
             deadline: cfg.request_timeout(),

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub stage_candidates: HistogramVec,
     pub unknown_items: IntCounter,
     pub cold_starts: IntCounter,
+    pub single_flight_shared: IntCounter,
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
     pub queue_wait: Histogram,
@@ -62,6 +63,11 @@ impl Metrics {
         let unknown_items =
             IntCounter::new("unknown_items_total", "Profile entries skipped because they are not in the catalog")
                 .expect("metric");
+        let single_flight_shared = IntCounter::new(
+            "single_flight_shared_total",
+            "Requests answered with the result of a computation already in flight for the same user and k",
+        )
+        .expect("metric");
         let cold_starts =
             IntCounter::new("cold_starts_total", "Requests answered with the popular list (no usable history)")
                 .expect("metric");
@@ -114,6 +120,7 @@ impl Metrics {
             Box::new(stage_candidates.clone()),
             Box::new(unknown_items.clone()),
             Box::new(cold_starts.clone()),
+            Box::new(single_flight_shared.clone()),
             Box::new(batch_size.clone()),
             Box::new(queue_depth.clone()),
             Box::new(queue_wait.clone()),
@@ -133,6 +140,7 @@ impl Metrics {
             stage_candidates,
             unknown_items,
             cold_starts,
+            single_flight_shared,
             batch_size,
             queue_depth,
             queue_wait,

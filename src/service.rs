@@ -1,10 +1,12 @@
 //! The one function that makes a recommendation: validate -> read profile -> rank -> write.
 //! Every entry point (HTTP, the `recommend` command) calls `Service::recommend`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::catalog::Catalog;
 use crate::engine::{Engine, EngineState};
@@ -54,12 +56,29 @@ pub struct ServiceConfig {
     pub ttl_secs: u64,
 }
 
+/// The outcome of one computation, watched by the requests that share it.
+type Flight = watch::Receiver<Option<Result<Recommendation, Error>>>;
+
 pub struct Service {
     pub store: Store,
     pub engine: Engine,
     pub catalog: Arc<Catalog>,
     pub metrics: Metrics,
     cfg: ServiceConfig,
+    /// Computations in flight by (user id, k): single flight.
+    in_flight: Mutex<HashMap<(String, usize), Flight>>,
+}
+
+/// Removes a flight from the map when its leader finishes or is cancelled (client gone).
+struct Landing<'a> {
+    map: &'a Mutex<HashMap<(String, usize), Flight>>,
+    key: (String, usize),
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
 }
 
 /// A user id is 1..=128 bytes with no whitespace or control characters.
@@ -81,7 +100,7 @@ pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
 
 impl Service {
     pub fn new(store: Store, engine: Engine, catalog: Arc<Catalog>, metrics: Metrics, cfg: ServiceConfig) -> Self {
-        Self { store, engine, catalog, metrics, cfg }
+        Self { store, engine, catalog, metrics, cfg, in_flight: Mutex::new(HashMap::new()) }
     }
 
     /// Parses `k` from a request (absent: the default).
@@ -103,7 +122,40 @@ impl Service {
         }
     }
 
+    /// Reads the profile, ranks and writes `recommendations:<user_id>`. Concurrent calls for the
+    /// same user and k share one computation (single flight): the first computes, the others
+    /// receive its outcome; if the first is cancelled, a waiting one computes instead.
     pub async fn recommend(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
+        validate_user_id(user_id)?;
+        let key = (user_id.to_string(), k);
+        loop {
+            let (leader, mut flight) = {
+                let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(&key) {
+                    Some(flight) => (None, flight.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        map.insert(key.clone(), rx.clone());
+                        (Some(tx), rx)
+                    }
+                }
+            };
+            if let Some(tx) = leader {
+                let _landing = Landing { map: &self.in_flight, key };
+                let result = self.compute(user_id, k).await;
+                tx.send_replace(Some(result.clone()));
+                return result;
+            }
+            self.metrics.single_flight_shared.inc();
+            let shared = flight.wait_for(Option::is_some).await.ok().and_then(|outcome| outcome.clone());
+            if let Some(result) = shared {
+                return result;
+            }
+            // the leader was cancelled before it finished: try again (one of us leads)
+        }
+    }
+
+    async fn compute(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
         let started = Instant::now();
         let (read, model_version) = self.read(user_id, k).await?;
         self.compute_and_write(user_id, k, read, model_version, started).await
