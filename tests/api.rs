@@ -325,3 +325,38 @@ fn sigterm_stops_the_server_with_exit_status_zero() {
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn concurrent_requests_for_one_user_share_one_computation() {
+    let (redis, server) = setup();
+    redis.set("user_profile:popular_page", &format!(r#"["{}","{}"]"#, item(4), item(10)));
+    let before = server.metric("model_service_inference_batch_size_sum");
+    // Hold Redis for a moment so that every request arrives while the first is still reading.
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG").arg("SLEEP").arg(0.3).query::<()>(&mut c).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let bodies: Vec<(u16, serde_json::Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12).map(|_| s.spawn(|| server.post("/recommend/popular_page?k=7"))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    sleeper.join().unwrap();
+    for (status, body) in &bodies {
+        assert_eq!(*status, 200, "{body}");
+        // the same result object, down to the time it took
+        assert_eq!(body, &bodies[0].1);
+    }
+    assert_eq!(rec_ids(&bodies[0].1).len(), 7);
+    let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:popular_page").unwrap()).unwrap();
+    assert_eq!(stored, rec_ids(&bodies[0].1));
+    let shared = server.metric("model_service_single_flight_shared_total");
+    let ranked = server.metric("model_service_inference_batch_size_sum") - before;
+    assert!(shared >= 6.0, "only {shared} of 12 requests shared the computation");
+    assert_eq!(ranked + shared, 12.0, "{ranked} ranked, {shared} shared");
+    // a different k is a different computation
+    let (status, other) = server.post("/recommend/popular_page?k=3");
+    assert_eq!(status, 200);
+    assert_eq!(rec_ids(&other), rec_ids(&bodies[0].1)[..3]);
+}

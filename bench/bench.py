@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""The benchmark: model-service against the Python peer (bench/peer/app.py) on the same models,
+the same Redis and the same workload, and against this machine's roofline (bench/roofline.py).
+
+For each scale (the shipped Amazon-Book models; the synthetic 1M-item models from
+bench/make_synthetic.py) it loads the profiles into a redis-server of its own, then for each
+service starts it, warms it up and drives POST /recommend/<user_id> with wrk over the distinct
+users at each concurrency, recording req/s, latency percentiles, the status of every answer, and
+the CPU seconds the service's processes used per request. It prints one table per scale with the
+our/peer ratios and the roofline, and writes the results (JSON) and a latency-throughput plot.
+
+Run it through scripts/bench.sh, which installs wrk and the peer's packages and builds the binary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, HERE)
+import data as ds  # noqa: E402
+import redis  # noqa: E402
+import roofline  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of pid and its live descendants (uvicorn's workers)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / CLK_TCK
+        todo.extend(children.get(p, []))
+    return total
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the service exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url}: not healthy after {timeout}s")
+
+
+def run_wrk(port: int, users_file: str, connections: int, seconds: int) -> dict:
+    threads = max(1, min(2, connections))
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s",
+           "-s", os.path.join(HERE, "users.lua"), f"http://127.0.0.1:{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "USERS_FILE": users_file})
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"wrk printed no result: {out.stdout}\n{out.stderr}")
+
+
+class Service:
+    def __init__(self, name: str, cmd: list[str], env: dict, port: int, log: str):
+        self.name, self.port = name, port
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def measure(svc: Service, users_file: str, concurrencies: list[int], seconds: int) -> list[dict]:
+    wait_healthy(f"http://127.0.0.1:{svc.port}/health", svc.proc)
+    run_wrk(svc.port, users_file, 8, 3)  # warm-up
+    rows = []
+    for c in concurrencies:
+        cpu0 = tree_cpu_seconds(svc.proc.pid)
+        r = run_wrk(svc.port, users_file, c, seconds)
+        cpu = tree_cpu_seconds(svc.proc.pid) - cpu0
+        n = max(r["requests"], 1)
+        ok = r["status"].get("200", 0)
+        rows.append({
+            "service": svc.name, "concurrency": c, "requests": r["requests"],
+            "rps": r["requests"] / (r["duration_us"] / 1e6), "ok_rps": ok / (r["duration_us"] / 1e6),
+            "p50_ms": r["p50_us"] / 1e3, "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
+            "cpu_ms_per_request": cpu / n * 1e3, "status": r["status"], "socket_errors": r["errors"],
+        })
+        print(f"  {svc.name:24s} c={c:<4d} {rows[-1]['rps']:8.1f} req/s  p50 {rows[-1]['p50_ms']:8.1f} ms  "
+              f"p99 {rows[-1]['p99_ms']:8.1f} ms  status {r['status']}", flush=True)
+    return rows
+
+
+def load_amazon(r: redis.Redis, data_dir: str, work: str) -> tuple[str, np.ndarray]:
+    d = ds.load(data_dir)
+    pipe = r.pipeline(transaction=False)
+    for u in range(d.num_users):
+        pipe.set(f"user_profile:{d.users[u]}", json.dumps([d.asins[i] for i in d.train[u]]))
+        if u % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    order = np.random.default_rng(0).permutation(d.num_users)
+    users_file = os.path.join(work, "users-amazon-book.txt")
+    with open(users_file, "w") as f:
+        f.write("\n".join(d.users[u] for u in order) + "\n")
+    return users_file, np.array([len(set(h)) for h in d.train])
+
+
+def load_synthetic(r: redis.Redis, model_dir: str, work: str) -> tuple[str, np.ndarray]:
+    ids, lengths = [], []
+    pipe = r.pipeline(transaction=False)
+    with open(os.path.join(model_dir, "profiles.jsonl")) as f:
+        for n, line in enumerate(f):
+            p = json.loads(line)
+            pipe.set(f"user_profile:{p['user_id']}", json.dumps(p["items"]))
+            ids.append(p["user_id"])
+            lengths.append(len(set(p["items"])))
+            if n % 5000 == 4999:
+                pipe.execute()
+    pipe.execute()
+    users_file = os.path.join(work, "users-synthetic.txt")
+    with open(users_file, "w") as f:
+        f.write("\n".join(ids) + "\n")
+    return users_file, np.array(lengths)
+
+
+def print_table(scale: str, rows: list[dict], roof: dict, n_items: int) -> dict:
+    print(f"\n=== {scale} ({n_items:,} items)")
+    print(f"{'service':24s} {'conc':>4s} {'req/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
+          f"{'CPU ms/req':>10s}  non-200 answers / socket errors")
+    for r in rows:
+        bad = {s: n for s, n in r["status"].items() if s != "200"}
+        errs = {k: v for k, v in r["socket_errors"].items() if v}
+        print(f"{r['service']:24s} {r['concurrency']:4d} {r['rps']:9.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
+              f"{r['p99_ms']:8.1f} {r['cpu_ms_per_request']:10.2f}  {bad or '-'} / {errs or '-'}")
+    ours = {r["concurrency"]: r for r in rows if r["service"] == "model-service"}
+    peer = {r["concurrency"]: r for r in rows if r["service"] == "python-peer"}
+    summary = {"ratios": {}}
+    print("\nmodel-service / python-peer:")
+    for c in sorted(set(ours) & set(peer)):
+        o, p = ours[c], peer[c]
+        ratio = o["ok_rps"] / max(p["ok_rps"], 1e-9)
+        summary["ratios"][c] = {"rps": ratio, "our_p99_ms": o["p99_ms"], "peer_p50_ms": p["p50_ms"],
+                                "cpu": p["cpu_ms_per_request"] / max(o["cpu_ms_per_request"], 1e-9)}
+        print(f"  c={c:<4d} req/s x{ratio:5.2f}   our p99 {o['p99_ms']:7.1f} ms vs peer p50 {p['p50_ms']:7.1f} ms"
+              f"   peer CPU per request x{summary['ratios'][c]['cpu']:5.2f} ours")
+    best = max(ours.values(), key=lambda r: r["ok_rps"]) if ours else None
+    print(f"\nroofline ({roof['batch']} per batch, mean history {roof['mean_history']:.1f}):")
+    for stage, v in roof["stages"].items():
+        print(f"  {stage:9s} {v['mflops']:9.2f} MFLOP {v['mbytes']:9.3f} MB  {v['us']:9.1f} us at the ceiling "
+              f"({v['bound']}-bound)")
+    print(f"  ceiling {roof['ceiling_rps']:.0f} recommendations/s", end="")
+    if best:
+        frac = best["ok_rps"] / roof["ceiling_rps"]
+        summary["fraction_of_ceiling"] = frac
+        print(f"; model-service's best {best['ok_rps']:.0f}/s (c={best['concurrency']}) is {frac:.1%} of it")
+    unbatched = [r for r in rows if r["service"] == "model-service MAX_BATCH=1"]
+    if unbatched and best:
+        u = max(unbatched, key=lambda r: r["ok_rps"])
+        summary["items_scored_per_s"] = {"batched": best["ok_rps"] * n_items, "unbatched": u["ok_rps"] * n_items}
+        print(f"  items scored by LightGCN: {best['ok_rps'] * n_items / 1e6:,.0f} M/s batched vs "
+              f"{u['ok_rps'] * n_items / 1e6:,.0f} M/s with MAX_BATCH=1 (x{best['ok_rps'] / u['ok_rps']:.1f})")
+    return summary
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = list(results["scales"])
+    fig, axes = plt.subplots(1, len(scales), figsize=(6.5 * len(scales), 4.8), squeeze=False)
+    for ax, scale in zip(axes[0], scales):
+        rows = results["scales"][scale]["rows"]
+        for name, color in (("model-service", "tab:orange"), ("python-peer", "tab:blue"),
+                            ("model-service MAX_BATCH=1", "tab:gray")):
+            pts = sorted((r for r in rows if r["service"] == name), key=lambda r: r["concurrency"])
+            if not pts:
+                continue
+            x = [r["ok_rps"] for r in pts]
+            ax.plot(x, [r["p50_ms"] for r in pts], "o-", color=color, label=f"{name} p50")
+            ax.plot(x, [r["p99_ms"] for r in pts], "s--", color=color, alpha=0.7, label=f"{name} p99")
+            for r in pts:
+                ax.annotate(f"c={r['concurrency']}", (r["ok_rps"], r["p50_ms"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput (successful requests/s)")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{scale}: {results['scales'][scale]['items']:,} items")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"POST /recommend, wrk at concurrency {results['concurrency']}, {results['cpus']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="Amazon-Book directory")
+    p.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "model-service"))
+    p.add_argument("--model-dir", default=os.path.join(ROOT, "model_output"))
+    p.add_argument("--synthetic-dir", help="output of make_synthetic.py (omit to skip the 1M-item scale)")
+    p.add_argument("--concurrency", default="1,8,32,128")
+    p.add_argument("--seconds", type=int, default=15, help="per concurrency level")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--work", default="/tmp/model-service-bench")
+    args = p.parse_args()
+    conc = [int(c) for c in args.concurrency.split(",")]
+    cpus = os.cpu_count()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    py = sys.executable
+    uvicorn = os.path.join(os.path.dirname(py), "uvicorn")
+
+    print(f"measuring this machine ({cpus} cores) ...", flush=True)
+    gemm, bw = roofline.measure_gemm(cpus), roofline.measure_bandwidth(cpus)
+    print(f"libtorch GEMM {gemm / 1e9:.1f} GFLOP/s, memory bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+
+    rport = free_port()
+    redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    results = {"cpus": cpus, "concurrency": conc, "seconds": args.seconds, "gemm_flops": gemm,
+               "bandwidth_bytes": bw, "scales": {}}
+    try:
+        r = redis.Redis(port=rport)
+        for _ in range(50):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        scales = [("amazon-book", args.model_dir, lambda: load_amazon(r, args.data, args.work))]
+        if args.synthetic_dir:
+            scales.append(("synthetic-1M", args.synthetic_dir, lambda: load_synthetic(r, args.synthetic_dir, args.work)))
+        for scale, model_dir, loader in scales:
+            print(f"\n--- {scale}: loading profiles", flush=True)
+            users_file, lengths = loader()
+            roof = roofline.ceiling(model_dir, np.minimum(lengths, 200), gemm, bw, batch=16)
+            n_items = roof["sizes"]["N"]
+            base = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir}
+            plan = [
+                ("model-service", [args.bin, "serve"], {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn"}, conc),
+                ("python-peer", [uvicorn, "app:app", "--app-dir", os.path.join(HERE, "peer"), "--host",
+                                 "127.0.0.1", "--workers", str(cpus), "--no-access-log", "--log-level",
+                                 "warning"], base, conc),
+                ("model-service MAX_BATCH=1", [args.bin, "serve"],
+                 {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn", "MAX_BATCH": "1"}, [32]),
+            ]
+            rows = []
+            for name, cmd, env, levels in plan:
+                port = free_port()
+                env = {**env, "PORT": str(port)}
+                if name == "python-peer":
+                    cmd = cmd + ["--port", str(port)]
+                svc = Service(name, cmd, env, port, os.path.join(args.work, f"{scale}-{name.replace(' ', '_')}.log"))
+                try:
+                    rows += measure(svc, users_file, levels, args.seconds)
+                finally:
+                    svc.stop()
+            summary = print_table(scale, rows, roof, n_items)
+            results["scales"][scale] = {"items": n_items, "rows": rows, "roofline": roof, **summary}
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    with open(os.path.join(args.out, "latest.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    shutil.copyfile(os.path.join(args.out, "latest.json"), os.path.join(args.work, f"bench-{stamp}.json"))
+    plot(results, os.path.join(args.out, "latency_throughput.png"))
+    print(f"\nwrote {args.out}/latest.json and {args.out}/latency_throughput.png")
+
+
+if __name__ == "__main__":
+    main()

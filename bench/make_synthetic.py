@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Synthetic models for the scale benchmark: TorchScript files of the three served architectures
+(scripts/msmodels.py, the shipped dimensions) for a catalog of --items items with random weights,
+plus catalog.tsv, manifest.json and a profiles file of --users synthetic shoppers.
+
+History lengths are drawn from the Amazon-Book training histories (--data) so the per-request
+work matches the real workload; items are drawn with a Zipf-like popularity. Scores are
+meaningless, the cost is real: it is a throughput test of the same computation at 1M items.
+
+usage: make_synthetic.py --data DIR --out DIR [--items 1000000] [--users 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+import data as ds  # noqa: E402
+import msmodels  # noqa: E402
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model_output")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="Amazon-Book directory (history lengths)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--items", type=int, default=1_000_000)
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    done = os.path.join(args.out, ".complete")
+    stamp = f"{args.items} {args.users} {args.seed} {msmodels.sha256_file(msmodels.__file__)}"
+    if os.path.exists(done) and open(done).read() == stamp:
+        print(f"{args.out}: already generated")
+        return
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    n = args.items
+    shipped = {s: torch.jit.load(os.path.join(SHIPPED, s, "model.pt")).state_dict() for s in ("din", "ranknet")}
+    dim = shipped["din"]["emb.weight"].shape[1]
+    att_hidden = shipped["din"]["att1.weight"].shape[0]
+    mlp_hidden = shipped["din"]["mlp.0.weight"].shape[0]
+    rank_hidden = shipped["ranknet"]["net.0.weight"].shape[0]
+    knn = shipped["ranknet"]["nbr_idx"].shape[1]
+
+    # popularity ~ Zipf: item r has weight 1/(r+10)^0.9
+    weights = 1.0 / np.power(np.arange(n) + 10.0, 0.9)
+    weights /= weights.sum()
+    popularity = np.maximum(1, np.round(weights * 50 * n)).astype(np.int64)
+    asins = [f"S{i:09d}" for i in range(n)]
+
+    emb = torch.randn(n, dim) * 0.1
+    unit = torch.nn.functional.normalize(emb, dim=1)
+    norm = torch.from_numpy(1.0 / np.sqrt(popularity.astype(np.float32)))
+    lightgcn = msmodels.LightGCNServe(emb, unit, norm)
+    din = msmodels.DIN(n, dim=dim, att_hidden=att_hidden, mlp_hidden=mlp_hidden)
+    din.load_state_dict({k: v for k, v in shipped["din"].items() if k != "emb.weight"}, strict=False)
+    ranknet = msmodels.RankNet(
+        unit,
+        torch.log1p(torch.from_numpy(popularity).float()),
+        torch.randint(0, n, (n, knn), dtype=torch.int32),
+        torch.rand(n, knn) * 0.1,
+        shipped["ranknet"]["feat_mean"],
+        shipped["ranknet"]["feat_std"],
+        hidden=rank_hidden,
+    )
+    ranknet.net.load_state_dict({k[4:]: v for k, v in shipped["ranknet"].items() if k.startswith("net.")})
+    models = {}
+    for stage, module in (("lightgcn", lightgcn), ("din", din), ("ranknet", ranknet)):
+        meta = msmodels.export(module, stage, os.path.join(args.out, stage), n, {"dim": dim, "synthetic": True})
+        models[stage] = {"version": f"{stage}-{meta['sha256'][:12]}", "dim": dim, "sha256": meta["sha256"],
+                         "file": f"{stage}/model.pt"}
+        print(f"{stage}: exported ({time.time() - t0:.0f}s)", flush=True)
+    msmodels.write_catalog(args.out, asins, popularity.tolist())
+    msmodels.write_manifest(args.out, {
+        "version": f"synthetic-{n}-" + "-".join(models[s]["sha256"][:6] for s in ("lightgcn", "din", "ranknet")),
+        "models": models,
+        "catalog": {"file": "catalog.tsv", "num_items": n, "popularity": "synthetic Zipf"},
+    })
+
+    lengths = np.array([len(h) for h in ds.load(args.data).train])
+    cdf = np.cumsum(weights)
+    with open(os.path.join(args.out, "profiles.jsonl"), "w") as f:
+        for u in range(args.users):
+            length = int(rng.choice(lengths))
+            items = np.minimum(np.searchsorted(cdf, rng.random(length)), n - 1)
+            f.write(json.dumps({"user_id": f"synthetic-{u:07d}", "items": [asins[i] for i in items]}) + "\n")
+    with open(done, "w") as f:
+        f.write(stamp)
+    print(f"{args.out}: {n} items, {args.users} profiles in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""How fast could this machine serve one recommendation? Counts the floating-point operations and
+the memory bytes one recommendation needs, stage by stage, at the sizes of a model directory and
+a workload's history lengths; measures libtorch's GEMM FLOP/s and the memory bandwidth on this
+machine; prints the roofline ceiling in recommendations/s.
+
+A stage's time at the ceiling is max(FLOPs / GEMM FLOP/s, bytes / bandwidth): every operation at
+the speed of a large matrix multiply on all cores, every byte that must come from memory at the
+measured bandwidth. Bytes count what must be read or written at least once (embedding rows,
+weights, the catalog-wide score and ItemKNN rows), not intermediates a fused kernel could keep in
+cache; the catalog-wide tables LightGCN reads are shared by a batch, so they are divided by the
+batch size. Nothing real reaches the ceiling; the fraction says how much is left.
+
+usage: roofline.py --model-dir model_output --lengths FILE [--batch 16] [--threads N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def measure_gemm(threads: int, size: int = 2048, seconds: float = 2.0) -> float:
+    """Best FLOP/s of a float32 [size x size] @ [size x size] over repeated runs."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    c = torch.empty(size, size)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = max(best, 2.0 * size**3 / (time.perf_counter() - t))
+    return best
+
+
+def measure_bandwidth(threads: int, mib: int = 512, seconds: float = 2.0) -> float:
+    """Best bytes/s of copying a float32 buffer far larger than the caches (read + write)."""
+    torch.set_num_threads(threads)
+    n = mib * (1 << 20) // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2.0 * n * 4 / (time.perf_counter() - t))
+    return best
+
+
+def model_sizes(model_dir: str) -> dict:
+    def sd(stage):
+        return torch.jit.load(os.path.join(model_dir, stage, "model.pt")).state_dict()
+
+    lg, din, rn = sd("lightgcn"), sd("din"), sd("ranknet")
+    return {
+        "N": lg["item_emb"].shape[0],
+        "D": lg["item_emb"].shape[1],
+        "A": din["att1.weight"].shape[0],
+        "mlp": [din["mlp.0.weight"].shape[0], din["mlp.2.weight"].shape[0]],
+        "rank_hidden": [rn["net.0.weight"].shape[0], rn["net.2.weight"].shape[0]],
+        "knn": rn["nbr_idx"].shape[1],
+        "din_weight_bytes": sum(v.numel() * 4 for k, v in din.items() if k != "emb.weight"),
+    }
+
+
+def per_request(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
+    """FLOPs and bytes of one recommendation with history length L, by stage."""
+    N, D, A, (H1, H2), (R1, R2), K = s["N"], s["D"], s["A"], s["mlp"], s["rank_hidden"], s["knn"]
+    f4 = 4.0
+    lightgcn = {
+        # user vector from the history, a score for every item, top-c1 over the row
+        "flops": 2 * L * D + 2 * N * D,
+        "bytes": N * D * f4 / batch + L * (D + 1) * f4 + 2 * N * f4,
+    }
+    din = {
+        # h and c projections, the pair tensor (product, GEMM, two adds, relu, dot), pooling, MLP
+        "flops": 2 * L * D * A + 2 * c1 * D * A + c1 * L * D + 2 * c1 * L * D * A + 5 * c1 * L * A
+        + 2 * c1 * L * D + 2 * c1 * (3 * D * H1 + H1 * H2 + H2),
+        "bytes": (L + c1) * D * f4 + s["din_weight_bytes"] / batch + c1 * 8,
+    }
+    ranknet = {
+        # cosine features, ItemKNN scatter into a catalog-wide row and gather, the MLP
+        "flops": 2 * c2 * L * D + 2 * L * K + 2 * c2 * (8 * R1 + R1 * R2 + R2),
+        "bytes": (L + c2) * D * f4 + L * K * 8 + 2 * N * f4 + c2 * 8,
+    }
+    return {"lightgcn": lightgcn, "din": din, "ranknet": ranknet}
+
+
+def ceiling(model_dir: str, lengths: np.ndarray, gemm: float, bandwidth: float, batch: int,
+            c1: int = 200, c2: int = 100) -> dict:
+    """Recommendations/s at the roofline, averaged over the workload's history lengths."""
+    s = model_sizes(model_dir)
+    c1 = min(c1, s["N"])
+    c2 = min(c2, c1)
+    out = {"sizes": {k: v for k, v in s.items() if k != "din_weight_bytes"}, "batch": batch, "stages": {}}
+    total = 0.0
+    L = float(np.mean(lengths))
+    work = per_request(s, L, c1, c2, batch)  # linear in L: the mean length gives the mean work
+    for stage, w in work.items():
+        t = max(w["flops"] / gemm, w["bytes"] / bandwidth)
+        bound = "compute" if w["flops"] / gemm >= w["bytes"] / bandwidth else "memory"
+        out["stages"][stage] = {"mflops": w["flops"] / 1e6, "mbytes": w["bytes"] / 1e6, "us": t * 1e6,
+                                "bound": bound}
+        total += t
+    out["mean_history"] = L
+    out["ceiling_rps"] = 1.0 / total
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--lengths", required=True, help="file with one history length per line")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--json")
+    args = p.parse_args()
+    lengths = np.loadtxt(args.lengths)
+    gemm, bw = measure_gemm(args.threads), measure_bandwidth(args.threads)
+    print(f"GEMM {gemm / 1e9:.1f} GFLOP/s, bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads)")
+    for b in sorted({1, args.batch}):
+        r = ceiling(args.model_dir, lengths, gemm, bw, b)
+        print(f"batch {b}: ceiling {r['ceiling_rps']:.0f} rec/s")
+        for stage, v in r["stages"].items():
+            print(f"  {stage:9s} {v['mflops']:8.2f} MFLOP {v['mbytes']:8.3f} MB {v['us']:8.1f} us ({v['bound']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gemm_flops": gemm, "bandwidth": bw, "ceiling": r}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

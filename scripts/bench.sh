@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The benchmark (bench/bench.py): model-service against the Python peer and this machine's roofline,
+# on the shipped Amazon-Book models and on synthetic 1M-item models.
+#
+#   scripts/bench.sh DATA_DIR [bench.py options, e.g. --seconds 15 --concurrency 1,8,32,128]
+#
+# Installs what it needs: wrk (Debian), the peer's packages (bench/requirements.txt, into the project
+# venv), the release binary; generates the 1M-item models once under the cache
+# (MODEL_SERVICE_CACHE, default ~/.cache/model-service). SYNTHETIC_ITEMS=0 skips that scale.
+# Writes bench/results/latest.json and bench/results/latency_throughput.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 1 ] || [ ! -f "$1/train.txt" ]; then
+    echo "usage: scripts/bench.sh DATA_DIR [bench.py options]   (DATA_DIR holds train.txt)" >&2
+    exit 2
+fi
+DATA="$1"
+shift
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+setup_all
+if ! command -v wrk >/dev/null; then
+    ms_log "installing wrk (Debian package)"
+    ms_sudo apt-get install -y -qq --no-install-recommends wrk >/dev/null || {
+        ms_sudo apt-get update -qq && ms_sudo apt-get install -y -qq --no-install-recommends wrk >/dev/null
+    }
+fi
+BENCH_MARK="$VENV/.bench-$(sha256sum bench/requirements.txt | cut -c1-12)"
+if [ ! -f "$BENCH_MARK" ]; then
+    ms_log "installing the benchmark's Python packages into $VENV"
+    "$PY" -m pip install -q -r bench/requirements.txt
+    touch "$BENCH_MARK"
+fi
+ITEMS="${SYNTHETIC_ITEMS:-1000000}"
+SYNTHETIC=()
+if [ "$ITEMS" != 0 ]; then
+    SYN_DIR="$MS_CACHE/bench/synthetic-$ITEMS"
+    "$PY" bench/make_synthetic.py --data "$DATA" --out "$SYN_DIR" --items "$ITEMS"
+    SYNTHETIC=(--synthetic-dir "$SYN_DIR")
+fi
+exec "$PY" bench/bench.py --data "$DATA" --bin "$BIN" "${SYNTHETIC[@]}" "$@"
