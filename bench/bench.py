@@ -32,6 +32,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, HERE)
 import data as ds  # noqa: E402
+import load_profiles  # noqa: E402
 import redis  # noqa: E402
 import roofline  # noqa: E402
 
@@ -134,12 +135,7 @@ def measure(svc: Service, users_file: str, concurrencies: list[int], seconds: in
 
 def load_amazon(r: redis.Redis, data_dir: str, work: str) -> tuple[str, np.ndarray]:
     d = ds.load(data_dir)
-    pipe = r.pipeline(transaction=False)
-    for u in range(d.num_users):
-        pipe.set(f"user_profile:{d.users[u]}", json.dumps([d.asins[i] for i in d.train[u]]))
-        if u % 5000 == 4999:
-            pipe.execute()
-    pipe.execute()
+    load_profiles.write_profiles(r, d, range(d.num_users))
     order = np.random.default_rng(0).permutation(d.num_users)
     users_file = os.path.join(work, "users-amazon-book.txt")
     with open(users_file, "w") as f:

@@ -14,6 +14,16 @@ import redis
 import data as ds
 
 
+def write_profiles(r: redis.Redis, d: ds.Dataset, users) -> None:
+    """SET user_profile:<reviewer_id> for each user index, pipelined in chunks."""
+    pipe = r.pipeline(transaction=False)
+    for n, u in enumerate(users):
+        pipe.set(f"user_profile:{d.users[u]}", json.dumps([d.asins[i] for i in d.train[u]]))
+        if n % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
@@ -26,12 +36,7 @@ def main():
     r = redis.Redis(host=args.host, port=args.port, db=args.db)
     t = time.time()
     users = range(d.num_users if not args.users else min(args.users, d.num_users))
-    pipe = r.pipeline(transaction=False)
-    for n, u in enumerate(users):
-        pipe.set(f"user_profile:{d.users[u]}", json.dumps([d.asins[i] for i in d.train[u]]))
-        if n % 5000 == 4999:
-            pipe.execute()
-    pipe.execute()
+    write_profiles(r, d, users)
     print(f"wrote {len(users)} profiles in {time.time() - t:.1f}s")
 
 
