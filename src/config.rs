@@ -89,6 +89,16 @@ pub struct Config {
     pub host: String,
     #[arg(long, env = "PORT", default_value_t = 8001, global = true)]
     pub port: u16,
+    /// Serve the admin routes (POST /admin/reload) on this port of ADMIN_HOST only, instead of on
+    /// PORT. There they need API_TOKEN only when it is set; on PORT they always need it.
+    #[arg(long, env = "ADMIN_PORT", global = true)]
+    pub admin_port: Option<u16>,
+    /// Loopback address of the admin port (127.0.0.1, ::1, ...); other addresses are refused.
+    #[arg(long, env = "ADMIN_HOST", default_value = "127.0.0.1", global = true)]
+    pub admin_host: String,
+    /// Largest request target plus headers accepted, in bytes (431 beyond).
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 8192, global = true)]
+    pub max_header_bytes: usize,
 
     /// Lifetime of recommendations:<user_id>, in seconds.
     #[arg(long, env = "RECOMMENDATION_TTL", default_value_t = 3600, global = true)]
@@ -208,6 +218,21 @@ impl Config {
         text.parse().map_err(|_| ConfigError::Invalid(format!("HOST/PORT do not form an address: {text}")))
     }
 
+    /// The admin listener's address, when ADMIN_PORT is set; ADMIN_HOST must be a loopback address.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(port) = self.admin_port else { return Ok(None) };
+        let ip: std::net::IpAddr = self.admin_host.trim_matches(['[', ']']).parse().map_err(|_| {
+            ConfigError::Invalid(format!("ADMIN_HOST must be a loopback IP address, got {:?}", self.admin_host))
+        })?;
+        if !ip.is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "ADMIN_HOST must be a loopback address (127.0.0.1 or ::1), got {ip}: the admin routes are not \
+                 served beyond this machine"
+            )));
+        }
+        Ok(Some(SocketAddr::new(ip, port)))
+    }
+
     pub fn redis_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_connect_timeout_ms)
     }
@@ -243,6 +268,7 @@ impl Config {
             ("QUEUE_CAPACITY", self.queue_capacity),
             ("LISTENER_CONCURRENCY", self.listener.listener_concurrency),
             ("MAX_PENDING_USERS", self.listener.max_pending_users),
+            ("MAX_HEADER_BYTES", self.max_header_bytes),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -268,6 +294,7 @@ impl Config {
             return Err(ConfigError::Invalid("RECOMMENDATION_TTL must be at least 1 second".into()));
         }
         self.listen_addr()?;
+        self.admin_addr()?;
         crate::models::DeviceChoice::parse(&self.device)?;
         Ok(())
     }
@@ -297,6 +324,17 @@ mod tests {
         let cli = parse(&["model-service", "--lightgcn-candidates", "50", "--din-candidates", "100", "serve"]);
         let err = cli.config.validate().unwrap_err().to_string();
         assert!(err.contains("DIN_CANDIDATES"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_port_is_loopback_only() {
+        let ok = parse(&["model-service", "--admin-port", "9001", "serve"]).config;
+        assert_eq!(ok.admin_addr().unwrap().unwrap().to_string(), "127.0.0.1:9001");
+        let v6 = parse(&["model-service", "--admin-port", "9001", "--admin-host", "::1", "serve"]).config;
+        assert_eq!(v6.admin_addr().unwrap().unwrap().to_string(), "[::1]:9001");
+        let public = parse(&["model-service", "--admin-port", "9001", "--admin-host", "0.0.0.0", "serve"]).config;
+        assert!(public.validate().unwrap_err().to_string().contains("loopback"));
+        assert!(parse(&["model-service", "serve"]).config.admin_addr().unwrap().is_none());
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! The inference workers: threads that each own a copy of the models, take jobs from one bounded
-//! queue, gather what is queued (waiting at most `max_queue_delay` for a batch to fill) into one
-//! batch, and answer each job through a oneshot channel. Nothing here runs on a tokio worker
-//! thread.
+//! The inference workers: threads that take jobs from one bounded queue, gather what is queued
+//! (waiting at most `max_queue_delay` for a batch to fill) into one batch, run it on their own copy
+//! of the models of the job's model set, and answer each job through a oneshot channel. Also the
+//! model set in service and its reload (load beside, validate, swap). Nothing here runs on a tokio
+//! worker thread.
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{ConfigError, Error};
 use crate::metrics::Metrics;
-use crate::models::{Budget, DeviceChoice, ModelInfo, Models, Ranked, Stage, StageStats};
+use crate::model_set::{LoadSpec, ModelSet};
+use crate::models::{Budget, DeviceChoice, Ranked, Stage, StageStats};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -25,7 +26,6 @@ pub struct EngineConfig {
     pub workers: usize,
     /// libtorch intra-op threads of each worker.
     pub torch_threads: usize,
-    pub catalog_len: usize,
     pub max_batch: usize,
     /// How long a worker holding fewer than `max_batch` jobs waits for more before it runs them.
     /// Applies only under load (see `run`).
@@ -40,11 +40,28 @@ pub struct EngineConfig {
     pub last_stage: Stage,
 }
 
-/// Where the engine is: loading and warming up, serving, or failed to load.
-#[derive(Debug, Clone)]
+impl EngineConfig {
+    fn budget(&self, k: usize) -> Budget {
+        Budget { lightgcn: self.lightgcn_candidates, din: self.din_candidates, k, last_stage: self.last_stage }
+    }
+
+    /// How a model set is loaded for these workers (the device resolved against what libtorch sees).
+    pub fn load_spec(&self) -> Result<LoadSpec, ConfigError> {
+        Ok(LoadSpec {
+            device: self.device.resolve(tch::Cuda::device_count().max(0) as usize)?,
+            copies: self.workers.max(1),
+            torch_threads: self.torch_threads,
+            warm_batch: self.max_batch,
+            warm_budget: self.budget(10),
+        })
+    }
+}
+
+/// Where the engine is: loading the first model set, serving one, or failed to load at start.
+#[derive(Clone)]
 pub enum EngineState {
     Loading,
-    Ready(Arc<ModelInfo>),
+    Ready(Arc<ModelSet>),
     Failed(String),
 }
 
@@ -53,7 +70,19 @@ pub struct Scored {
     pub stats: StageStats,
 }
 
+/// What a successful reload replaced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    pub model_version: String,
+    pub model_dir: String,
+    pub previous_version: String,
+    pub previous_dir: String,
+    pub elapsed_ms: f64,
+}
+
 struct Job {
+    /// The set whose catalog mapped `history`; the batch runs on the same set.
+    set: Arc<ModelSet>,
     history: Vec<i64>,
     k: usize,
     queued: Instant,
@@ -64,59 +93,129 @@ struct Job {
 #[derive(Clone)]
 pub struct Engine {
     tx: Sender<Job>,
-    state: watch::Receiver<EngineState>,
+    state: Arc<watch::Sender<EngineState>>,
+    /// One reload at a time.
+    reloading: Arc<tokio::sync::Mutex<()>>,
     cfg: Arc<EngineConfig>,
     metrics: Metrics,
 }
 
 impl Engine {
-    /// Starts the inference workers, which load the models and warm them up; `state()` is Ready
-    /// once every worker is.
+    /// Starts the inference workers and loads the model set on a background thread; `state()` is
+    /// Ready once every worker's copy is loaded and warmed up.
     pub fn start(cfg: EngineConfig, metrics: Metrics) -> Self {
         let (tx, rx) = bounded(cfg.queue_capacity);
-        let (state_tx, state) = watch::channel(EngineState::Loading);
-        let state_tx = Arc::new(state_tx);
+        let state = Arc::new(watch::Sender::new(EngineState::Loading));
         let cfg = Arc::new(cfg);
-        let loaded = Arc::new(AtomicUsize::new(0));
         for n in 0..cfg.workers.max(1) {
-            let (cfg, rx, state_tx, loaded, metrics) =
-                (cfg.clone(), rx.clone(), state_tx.clone(), loaded.clone(), metrics.clone());
+            let (cfg, rx, metrics) = (cfg.clone(), rx.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name(format!("inference-{n}"))
-                .spawn(move || run(cfg, rx, state_tx, loaded, metrics))
+                .spawn(move || run(n, cfg, rx, metrics))
                 .expect("spawning an inference worker");
         }
-        Self { tx, state, cfg, metrics }
+        let engine = Self { tx, state, reloading: Arc::new(tokio::sync::Mutex::new(())), cfg, metrics };
+        let loader = engine.clone();
+        std::thread::Builder::new()
+            .name("model-loader".into())
+            .spawn(move || match loader.load(&loader.cfg.model_dir) {
+                Ok(set) => loader.swap_in(Arc::new(set)),
+                Err(e) => {
+                    tracing::error!(error = %e, "model load failed");
+                    loader.state.send_replace(EngineState::Failed(e.to_string()));
+                }
+            })
+            .expect("spawning the model loader");
+        engine
     }
 
     pub fn state(&self) -> EngineState {
         self.state.borrow().clone()
     }
 
-    /// Waits until the models are loaded and warmed up, or failed to load.
-    pub async fn ready(&self) -> Result<Arc<ModelInfo>, ConfigError> {
-        let mut state = self.state.clone();
+    /// The model set in service, if any.
+    pub fn current(&self) -> Option<Arc<ModelSet>> {
+        match &*self.state.borrow() {
+            EngineState::Ready(set) => Some(set.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until the first model set is loaded and warmed up, or failed to load.
+    pub async fn ready(&self) -> Result<Arc<ModelSet>, ConfigError> {
+        let mut state = self.state.subscribe();
         loop {
             match &*state.borrow_and_update() {
-                EngineState::Ready(info) => return Ok(info.clone()),
+                EngineState::Ready(set) => return Ok(set.clone()),
                 EngineState::Failed(reason) => return Err(ConfigError::Load(reason.clone())),
                 EngineState::Loading => {}
             }
             if state.changed().await.is_err() {
-                return Err(ConfigError::Load("the inference workers stopped while loading".into()));
+                return Err(ConfigError::Load("the model loader stopped".into()));
             }
         }
     }
 
-    /// Queues one history (non-empty, distinct catalog rows) and waits for its top `k`.
-    pub async fn rank(&self, history: Vec<i64>, k: usize) -> Result<Scored, Error> {
-        if !matches!(self.state(), EngineState::Ready(_)) {
-            return Err(Error::EngineStopped);
+    fn load(&self, dir: &std::path::Path) -> Result<ModelSet, ConfigError> {
+        ModelSet::load(dir, &self.cfg.load_spec()?)
+    }
+
+    fn swap_in(&self, set: Arc<ModelSet>) {
+        self.metrics.set_model_info(&set.info);
+        tracing::info!(
+            version = %set.info.version, dir = %set.dir.display(), device = %set.info.device,
+            items = set.info.num_items, workers = self.cfg.workers, torch_threads = self.cfg.torch_threads,
+            "models in service"
+        );
+        self.state.send_replace(EngineState::Ready(set));
+    }
+
+    /// Loads `dir` (default: the directory in service) on a blocking thread while the current set
+    /// keeps serving, validates it (catalog, shapes, a smoke batch and warm-up on every copy) and
+    /// swaps it in atomically: requests already holding the old set finish on it, later ones get
+    /// the new one. A directory that fails validation is refused and the old set keeps serving.
+    pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Reloaded, Error> {
+        let Ok(_one_at_a_time) = self.reloading.try_lock() else {
+            return Err(Error::ReloadInProgress);
+        };
+        let previous = self.current().ok_or(Error::EngineStopped)?;
+        let dir = dir.unwrap_or_else(|| previous.dir.clone());
+        let started = Instant::now();
+        let engine = self.clone();
+        let target = dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || engine.load(&target))
+            .await
+            .map_err(|e| Error::ReloadRefused(format!("the loading thread failed: {e}")))?;
+        match loaded {
+            Ok(set) => {
+                let set = Arc::new(set);
+                let outcome = Reloaded {
+                    model_version: set.info.version.clone(),
+                    model_dir: set.dir.display().to_string(),
+                    previous_version: previous.info.version.clone(),
+                    previous_dir: previous.dir.display().to_string(),
+                    elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                };
+                self.swap_in(set);
+                self.metrics.reloads.with_label_values(&["success"]).inc();
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["refused"]).inc();
+                tracing::error!(dir = %dir.display(), error = %e, version = %previous.info.version,
+                    "reload refused; the models in service keep serving");
+                Err(Error::ReloadRefused(e.to_string()))
+            }
         }
+    }
+
+    /// Queues one history (non-empty, distinct rows of `set`'s catalog) and waits for its top `k`,
+    /// computed by `set`'s models.
+    pub async fn rank(&self, set: Arc<ModelSet>, history: Vec<i64>, k: usize) -> Result<Scored, Error> {
         let queued = Instant::now();
         let deadline = queued + self.cfg.deadline;
         let (reply, answer) = oneshot::channel();
-        match self.tx.try_send(Job { history, k, queued, deadline, reply }) {
+        match self.tx.try_send(Job { set, history, k, queued, deadline, reply }) {
             Ok(()) => self.metrics.queue_depth.inc(),
             Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.cfg.queue_capacity)),
             Err(TrySendError::Disconnected(_)) => return Err(Error::EngineStopped),
@@ -130,33 +229,9 @@ impl Engine {
     }
 }
 
-fn run(
-    cfg: Arc<EngineConfig>,
-    rx: Receiver<Job>,
-    state: Arc<watch::Sender<EngineState>>,
-    loaded: Arc<AtomicUsize>,
-    metrics: Metrics,
-) {
+fn run(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job>, metrics: Metrics) {
     // Sets this thread's own intra-op thread count (each worker runs its batches with it).
     tch::set_num_threads(cfg.torch_threads.max(1) as i32);
-    let models = match load(&cfg) {
-        Ok(models) => models,
-        Err(e) => {
-            tracing::error!(error = %e, "model load failed");
-            state.send_replace(EngineState::Failed(e.to_string()));
-            return;
-        }
-    };
-    if loaded.fetch_add(1, Ordering::SeqCst) + 1 == cfg.workers.max(1) {
-        let info = Arc::new(models.info.clone());
-        metrics.set_model_info(&info);
-        tracing::info!(
-            version = %info.version, device = %info.device, items = info.num_items,
-            workers = cfg.workers, torch_threads = cfg.torch_threads, "models loaded and warmed up"
-        );
-        state.send_replace(EngineState::Ready(info));
-    }
-
     // Waiting for a batch to fill only pays under concurrent load: a worker waits (at most
     // max_queue_delay) only when its previous batch held more than one request, so a lone request
     // never waits for company that is not coming.
@@ -172,11 +247,25 @@ fn run(
         }
         let (live, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline > now);
         drop(late); // their callers have already answered 503
-        for batch in split_by_length(live, cfg.max_batch_cells) {
-            metrics.batch_size.observe(batch.len() as f64);
-            run_batch(&models, &cfg, batch);
+        for same_set in by_model_set(live) {
+            for batch in split_by_length(same_set, |j| j.history.len(), cfg.max_batch_cells) {
+                metrics.batch_size.observe(batch.len() as f64);
+                run_batch(worker, &cfg, batch);
+            }
         }
     }
+}
+
+/// Groups jobs by the model set they were mapped with (more than one only around a reload).
+fn by_model_set(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut groups: Vec<Vec<Job>> = Vec::new();
+    for job in jobs {
+        match groups.iter_mut().find(|g| Arc::ptr_eq(&g[0].set, &job.set)) {
+            Some(group) => group.push(job),
+            None => groups.push(vec![job]),
+        }
+    }
+    groups
 }
 
 /// Blocks for one job, then takes what is queued up to `max_batch`, waiting until `max_delay` after
@@ -198,49 +287,30 @@ fn gather(rx: &Receiver<Job>, max_batch: usize, max_delay: Duration) -> Option<V
     Some(jobs)
 }
 
-fn load(cfg: &EngineConfig) -> Result<Models, ConfigError> {
-    let device = cfg.device.resolve(tch::Cuda::device_count().max(0) as usize)?;
-    let models = Models::load(&cfg.model_dir, device, cfg.catalog_len)?;
-    // TorchScript's first calls are slow (profiling executor): warm up at the serving sizes.
-    let n = cfg.catalog_len as i64;
-    let warm: Vec<Vec<i64>> =
-        (0..cfg.max_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
-    let refs: Vec<&[i64]> = warm.iter().map(|h| h.as_slice()).collect();
-    let budget =
-        Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k: 10, last_stage: cfg.last_stage };
-    for _ in 0..3 {
-        models.rank(&refs, budget).map_err(|e| ConfigError::Model {
-            dir: cfg.model_dir.display().to_string(),
-            reason: format!("warm-up failed: {e}"),
-        })?;
-    }
-    Ok(models)
-}
-
-/// Sorts jobs by history length and cuts them into batches whose size times longest history stays
-/// within `max_cells` (a job alone may exceed it).
-fn split_by_length(mut jobs: Vec<Job>, max_cells: usize) -> Vec<Vec<Job>> {
-    jobs.sort_by_key(|j| j.history.len());
-    let mut out: Vec<Vec<Job>> = Vec::new();
-    for job in jobs {
-        let cells = job.history.len().max(1);
+/// Sorts items by history length and cuts them into batches whose size times longest history
+/// stays within `max_cells` (an item alone may exceed it).
+fn split_by_length<T>(mut items: Vec<T>, len: impl Fn(&T) -> usize, max_cells: usize) -> Vec<Vec<T>> {
+    items.sort_by_key(|i| len(i));
+    let mut out: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        let cells = len(&item).max(1);
         match out.last_mut() {
-            Some(batch) if (batch.len() + 1) * cells <= max_cells => batch.push(job),
-            _ => out.push(vec![job]),
+            Some(batch) if (batch.len() + 1) * cells <= max_cells => batch.push(item),
+            _ => out.push(vec![item]),
         }
     }
     out
 }
 
-fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
+fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
     let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
-    let budget = Budget { lightgcn: cfg.lightgcn_candidates, din: cfg.din_candidates, k, last_stage: cfg.last_stage };
+    let set = jobs[0].set.clone();
     let histories: Vec<&[i64]> = jobs.iter().map(|j| j.history.as_slice()).collect();
     let batch = histories.len();
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| models.rank(&histories, budget)));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, cfg.budget(k))));
     let result = match outcome {
         Ok(Ok(result)) => Ok(result),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(crate::models::torch_error(&e)),
         Err(_) => Err("the inference thread caught a panic".to_string()),
     };
     match result {
@@ -264,20 +334,11 @@ fn run_batch(models: &Models, cfg: &EngineConfig, jobs: Vec<Job>) {
 mod tests {
     use super::*;
 
-    fn job(len: usize) -> Job {
-        let (reply, _) = oneshot::channel();
-        let now = Instant::now();
-        Job { history: vec![0; len], k: 1, queued: now, deadline: now, reply }
-    }
-
     #[test]
     fn batches_group_similar_lengths_within_the_cell_budget() {
-        let jobs = [3, 200, 5, 4, 150, 2].into_iter().map(job).collect();
-        let lens: Vec<Vec<usize>> =
-            split_by_length(jobs, 64).iter().map(|b| b.iter().map(|j| j.history.len()).collect()).collect();
+        let lens = split_by_length(vec![3, 200, 5, 4, 150, 2], |&l| l, 64);
         assert_eq!(lens, vec![vec![2, 3, 4, 5], vec![150], vec![200]]);
-        let all_short = (0..20).map(|_| job(3)).collect();
-        let sizes: Vec<usize> = split_by_length(all_short, 30).iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = split_by_length(vec![3; 20], |&l| l, 30).iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![10, 10]);
     }
 }

@@ -46,6 +46,16 @@ pub enum Error {
     Unauthorized(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("request headers too large: {0}")]
+    HeadersTooLarge(String),
+    #[error("a reload is already in progress")]
+    ReloadInProgress,
+    #[error("reload refused, the models in service keep serving: {0}")]
+    ReloadRefused(String),
 }
 
 impl Error {
@@ -64,13 +74,18 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::Unauthorized(_) => "unauthorized",
             Error::MethodNotAllowed => "method_not_allowed",
+            Error::Forbidden(_) => "forbidden",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::HeadersTooLarge(_) => "headers_too_large",
+            Error::ReloadInProgress => "reload_in_progress",
+            Error::ReloadRefused(_) => "reload_refused",
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::InvalidUserId(_) | Error::InvalidK(_) => StatusCode::BAD_REQUEST,
-            Error::InvalidProfile { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::InvalidUserId(_) | Error::InvalidK(_) | Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidProfile { .. } | Error::ReloadRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::RedisUnavailable(_) | Error::Redis(_) | Error::EngineStopped | Error::DeadlineExceeded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -79,6 +94,9 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::ReloadInProgress => StatusCode::CONFLICT,
         }
     }
 
@@ -92,6 +110,9 @@ impl IntoResponse for Error {
         let mut response = (self.status(), Json(self.body())).into_response();
         if matches!(self, Error::Overloaded(_) | Error::RedisUnavailable(_) | Error::EngineStopped) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, Error::Unauthorized(_)) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -112,9 +133,13 @@ mod tests {
             Error::DeadlineExceeded(10),
             Error::EngineStopped,
             Error::Inference("x".into()),
+            Error::Forbidden("admin".into()),
+            Error::HeadersTooLarge("9000 bytes".into()),
+            Error::ReloadInProgress,
+            Error::ReloadRefused("bad".into()),
         ];
         let statuses: Vec<u16> = errors.iter().map(|e| e.status().as_u16()).collect();
-        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 500]);
+        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 500, 403, 431, 409, 422]);
         for e in &errors {
             let body = e.body();
             assert_eq!(body["error"], e.code());

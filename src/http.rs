@@ -21,51 +21,143 @@ use crate::service::Service;
 /// Largest request body accepted (the API takes none; this bounds what a client can send).
 const BODY_LIMIT: usize = 16 * 1024;
 
-/// The full API. With a token, the POST routes require `Authorization: Bearer <token>`.
-pub fn router(service: Arc<Service>, api_token: Option<String>) -> Router {
-    let api = Router::new()
-        .route("/recommend/{user_id}", post(recommend))
-        .route_layer(middleware::from_fn_with_state(api_token.map(Arc::new), require_token));
-    with_common(api, service)
+/// What the routers need besides the service.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// When set, POST and admin routes require `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
+    /// Largest request target plus headers, in bytes (431 beyond).
+    pub max_header_bytes: usize,
+}
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    /// POST /recommend, /health, /metrics, and the admin routes unless they have their own port.
+    Api { admin: bool },
+    /// /health and /metrics (the `listen` mode), and the admin routes unless they have their own port.
+    Ops { admin: bool },
+    /// The admin routes alone, on their loopback-only port: open without a token when none is set.
+    Admin,
+}
+
+pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router {
+    let token = access.api_token.clone().map(Arc::new);
+    let mut app = Router::new();
+    if let Routes::Api { .. } = routes {
+        app = app
+            .route("/recommend/{user_id}", post(recommend))
+            .route_layer(middleware::from_fn_with_state(token.clone(), require_token));
+    }
+    if !matches!(routes, Routes::Admin) {
+        app = app
+            .route("/health", get(health))
+            .route("/health/live", get(live))
+            .route("/health/ready", get(health))
+            .route("/metrics", get(metrics));
+    }
+    if matches!(routes, Routes::Api { admin: true } | Routes::Ops { admin: true } | Routes::Admin) {
+        let guard = AdminGuard { token, open_without_token: routes == Routes::Admin };
+        app = app.merge(
+            Router::new()
+                .route("/admin/reload", post(reload))
+                .route_layer(middleware::from_fn_with_state(guard, require_admin)),
+        );
+    }
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(service.clone(), track))
+        .layer(middleware::from_fn_with_state(access.max_header_bytes, limit_headers))
+        .with_state(service)
+}
+
+/// `Ok` when no token is configured or the request carries it (constant-time comparison).
+fn check_token(token: Option<&str>, request: &Request) -> Result<(), Error> {
+    let Some(token) = token else { return Ok(()) };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same =
+        given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    match (same, given.is_empty()) {
+        (true, _) => Ok(()),
+        (false, true) => Err(Error::Unauthorized("a bearer token is required".into())),
+        (false, false) => Err(Error::Unauthorized("the bearer token is not valid".into())),
+    }
 }
 
 async fn require_token(State(token): State<Option<Arc<String>>>, request: Request, next: Next) -> Response {
-    if let Some(token) = token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // constant-time comparison
-        let same =
-            given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if !same {
-            let why = if given.is_empty() { "a bearer token is required" } else { "the bearer token is not valid" };
-            let mut response = Error::Unauthorized(why.into()).into_response();
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
+    match check_token(token.as_deref().map(String::as_str), &request) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+#[derive(Clone)]
+struct AdminGuard {
+    token: Option<Arc<String>>,
+    /// True on the loopback-only admin port.
+    open_without_token: bool,
+}
+
+/// Admin routes need the token when one is set; without one they are served only on the
+/// loopback-only admin port (403 on the public port).
+async fn require_admin(State(guard): State<AdminGuard>, request: Request, next: Next) -> Response {
+    if guard.token.is_none() && !guard.open_without_token {
+        return Error::Forbidden(
+            "admin routes on the public port need API_TOKEN; set API_TOKEN, or ADMIN_PORT to serve them on loopback"
+                .into(),
+        )
+        .into_response();
+    }
+    match check_token(guard.token.as_deref().map(String::as_str), &request) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// 431 when the request target and headers together exceed the limit.
+async fn limit_headers(State(max): State<usize>, request: Request, next: Next) -> Response {
+    let target = request.uri().to_string().len();
+    let headers: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if target + headers > max {
+        return Error::HeadersTooLarge(format!(
+            "the request target and headers take {} bytes, at most {max} are accepted",
+            target + headers
+        ))
+        .into_response();
     }
     next.run(request).await
 }
 
-/// Health and metrics only (the `listen` mode).
-pub fn ops_router(service: Arc<Service>) -> Router {
-    with_common(Router::new(), service)
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadRequest {
+    /// Directory to load; absent: the directory in service, read again.
+    model_dir: Option<std::path::PathBuf>,
 }
 
-fn with_common(routes: Router<Arc<Service>>, service: Arc<Service>) -> Router {
-    routes
-        .route("/health", get(health))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(health))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(service.clone(), track))
-        .with_state(service)
+/// POST /admin/reload, body optional: `{"model_dir": "/path/to/new/version"}`.
+async fn reload(State(service): State<Arc<Service>>, body: axum::body::Bytes) -> Result<Response, Error> {
+    let request: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReloadRequest::default()
+    } else {
+        serde_json::from_slice::<Option<ReloadRequest>>(&body)
+            .map_err(|e| {
+                Error::InvalidRequest(format!("the body must be empty or {{\"model_dir\": \"<path>\"}}: {e}"))
+            })?
+            .unwrap_or_default()
+    };
+    let outcome = service.engine.reload(request.model_dir).await?;
+    tracing::info!(version = %outcome.model_version, previous = %outcome.previous_version,
+        dir = %outcome.model_dir, ms = outcome.elapsed_ms, "models reloaded");
+    let mut body = serde_json::to_value(&outcome).map_err(|e| Error::Inference(e.to_string()))?;
+    body["status"] = json!("reloaded");
+    Ok(Json(body).into_response())
 }
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -126,12 +218,10 @@ async fn live() -> Json<serde_json::Value> {
 /// Models loaded and warmed up, and Redis answering (`/health` and `/health/ready`).
 async fn readiness(service: &Service) -> (bool, serde_json::Value) {
     let redis = service.store.ping().await;
-    let (model_loaded, model, device, engine_problem) = match service.engine.state() {
-        EngineState::Ready(info) => (true, json!(info.version), json!(info.device), None),
-        EngineState::Loading => (false, json!(null), json!(null), Some("models are loading".to_string())),
-        EngineState::Failed(reason) => {
-            (false, json!(null), json!(null), Some(format!("models failed to load: {reason}")))
-        }
+    let (set, engine_problem) = match service.engine.state() {
+        EngineState::Ready(set) => (Some(set), None),
+        EngineState::Loading => (None, Some("models are loading".to_string())),
+        EngineState::Failed(reason) => (None, Some(format!("models failed to load: {reason}"))),
     };
     let redis_status = match &redis {
         Ok(()) => "ok".to_string(),
@@ -141,11 +231,12 @@ async fn readiness(service: &Service) -> (bool, serde_json::Value) {
     let healthy = problems.is_empty();
     let mut body = json!({
         "status": if healthy { "healthy" } else { "unhealthy" },
-        "model_loaded": model_loaded,
-        "model_version": model,
+        "model_loaded": set.is_some(),
+        "model_version": set.as_ref().map(|s| s.info.version.clone()),
+        "model_dir": set.as_ref().map(|s| s.dir.display().to_string()),
         "redis": redis_status,
-        "device": device,
-        "catalog_items": service.catalog.len(),
+        "device": set.as_ref().map(|s| s.info.device.clone()),
+        "catalog_items": set.as_ref().map(|s| s.catalog.len()),
     });
     if !healthy {
         body["error"] = json!("unhealthy");

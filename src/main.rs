@@ -9,6 +9,7 @@ mod error;
 mod http;
 mod listener;
 mod metrics;
+mod model_set;
 mod models;
 mod service;
 mod store;
@@ -20,11 +21,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::catalog::Catalog;
 use crate::config::{Cli, Command, Config, LogFormat};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
-use crate::models::{DeviceChoice, Models};
+use crate::model_set::{LoadSpec, ModelSet};
+use crate::models::DeviceChoice;
 use crate::service::{Service, ServiceConfig};
 use crate::store::Store;
 
@@ -60,31 +61,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
 }
 
-fn load_catalog(cfg: &Config) -> anyhow::Result<Arc<Catalog>> {
-    Ok(Arc::new(Catalog::load(&cfg.model_dir.join("catalog.tsv"))?))
+fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
+    Ok(EngineConfig {
+        model_dir: cfg.model_dir.clone(),
+        device: DeviceChoice::parse(&cfg.device)?,
+        workers: cfg.inference_workers,
+        torch_threads: cfg.torch_threads_per_worker(),
+        max_batch: cfg.max_batch,
+        max_queue_delay: std::time::Duration::from_micros(cfg.max_queue_delay_us),
+        max_batch_cells: cfg.max_batch_cells,
+        queue_capacity: cfg.queue_capacity,
+        deadline: cfg.request_timeout(),
+        lightgcn_candidates: cfg.lightgcn_candidates,
+        din_candidates: cfg.din_candidates,
+        last_stage: cfg.last_stage,
+    })
 }
 
 fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
-    let catalog = load_catalog(cfg)?;
     let metrics = Metrics::new();
-    let engine = Engine::start(
-        EngineConfig {
-            model_dir: cfg.model_dir.clone(),
-            device: DeviceChoice::parse(&cfg.device)?,
-            workers: cfg.inference_workers,
-            torch_threads: cfg.torch_threads_per_worker(),
-            catalog_len: catalog.len(),
-            max_batch: cfg.max_batch,
-            max_queue_delay: std::time::Duration::from_micros(cfg.max_queue_delay_us),
-            max_batch_cells: cfg.max_batch_cells,
-            queue_capacity: cfg.queue_capacity,
-            deadline: cfg.request_timeout(),
-            lightgcn_candidates: cfg.lightgcn_candidates,
-            din_candidates: cfg.din_candidates,
-            last_stage: cfg.last_stage,
-        },
-        metrics.clone(),
-    );
+    let engine = Engine::start(engine_config(cfg)?, metrics.clone());
     let store = Store::new(cfg)?;
     let service_cfg = ServiceConfig {
         default_k: cfg.default_k,
@@ -92,7 +88,7 @@ fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
         max_history: cfg.max_history,
         ttl_secs: cfg.recommendation_ttl,
     };
-    Ok(Arc::new(Service::new(store, engine, catalog, metrics, service_cfg)))
+    Ok(Arc::new(Service::new(store, engine, metrics, service_cfg)))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -108,9 +104,21 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     let addr = cfg.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, ?mode, model_dir = %cfg.model_dir.display(), "listening");
-    let (app, listen) = match mode {
-        Mode::Api { listen } => (http::router(service.clone(), cfg.api_token.clone()), listen),
-        Mode::ListenOnly => (http::ops_router(service.clone()), true),
+    let access = http::Access { api_token: cfg.api_token.clone(), max_header_bytes: cfg.max_header_bytes };
+    let admin_here = cfg.admin_port.is_none();
+    let (routes, listen) = match mode {
+        Mode::Api { listen } => (http::Routes::Api { admin: admin_here }, listen),
+        Mode::ListenOnly => (http::Routes::Ops { admin: admin_here }, true),
+    };
+    let admin = match cfg.admin_addr()? {
+        Some(admin_addr) => {
+            let l = tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .with_context(|| format!("binding the admin port {admin_addr}"))?;
+            tracing::info!(addr = %admin_addr, "admin routes listening (loopback only)");
+            Some(l)
+        }
+        None => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
@@ -119,23 +127,16 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         shutdown_signal().await;
         let _ = on_signal.send(true);
     });
-    let mut until_stop = stop_rx.clone();
-    let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = until_stop.wait_for(|s| *s).await;
-    });
-    // In-flight requests get SHUTDOWN_GRACE_SECS to finish after the stop signal.
+    tokio::spawn(reload_on_sighup(service.clone()));
     let grace = std::time::Duration::from_secs(cfg.listener.shutdown_grace_secs);
-    let mut grace_over = stop_rx.clone();
-    let server = async move {
-        tokio::select! {
-            served = graceful.into_future() => served,
-            _ = async {
-                let _ = grace_over.wait_for(|s| *s).await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!(?grace, "requests still in flight after the grace period; exiting");
-                Ok(())
+    let main_server = serve_until_stopped(listener, http::router(service.clone(), routes, &access), &stop_rx, grace);
+    let admin_server = async {
+        match admin {
+            Some(l) => {
+                serve_until_stopped(l, http::router(service.clone(), http::Routes::Admin, &access), &stop_rx, grace)
+                    .await
             }
+            None => Ok(()),
         }
     };
     // The server answers /health/live at once; a model directory that fails to load, or a
@@ -154,11 +155,57 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         }
         result
     };
-    let (served, worked) = tokio::join!(server, work);
+    let (served, admin_served, worked) = tokio::join!(main_server, admin_server, work);
     worked?;
     served.context("HTTP server")?;
+    admin_served.context("admin HTTP server")?;
     tracing::info!("shut down");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves `app` until the stop signal, then drains in-flight requests for at most `grace`.
+async fn serve_until_stopped(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> std::io::Result<()> {
+    let mut until_stop = stop.clone();
+    let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = until_stop.wait_for(|s| *s).await;
+    });
+    let mut grace_over = stop.clone();
+    tokio::select! {
+        served = graceful.into_future() => served,
+        _ = async {
+            let _ = grace_over.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(?grace, "requests still in flight after the grace period; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// SIGHUP reloads the model directory in service (validated; refused if broken, see Engine::reload).
+async fn reload_on_sighup(service: Arc<Service>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the model directory");
+            match service.engine.reload(None).await {
+                Ok(r) => tracing::info!(version = %r.model_version, previous = %r.previous_version,
+                    dir = %r.model_dir, ms = r.elapsed_ms, "models reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP reload failed"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = service;
 }
 
 async fn run_backfill(cfg: Config, restart: bool) -> anyhow::Result<ExitCode> {
@@ -200,17 +247,17 @@ async fn recommend_once(cfg: Config, user_id: String, k: Option<usize>) -> anyho
     }
 }
 
+/// Loads and validates MODEL_DIR exactly as a reload does (catalog, shapes, smoke batch, warm-up).
 fn check(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let catalog = load_catalog(cfg)?;
-    let device = DeviceChoice::parse(&cfg.device)?.resolve(tch::Cuda::device_count().max(0) as usize)?;
-    let models = Models::load(&cfg.model_dir, device, catalog.len())?;
+    let spec = LoadSpec { copies: 1, ..engine_config(cfg)?.load_spec()? };
+    let set = ModelSet::load(&cfg.model_dir, &spec)?;
     let summary = serde_json::json!({
         "status": "ok",
         "model_dir": cfg.model_dir.display().to_string(),
-        "model_version": models.info.version,
-        "device": models.info.device,
-        "catalog_items": catalog.len(),
-        "stages": models.info.stages,
+        "model_version": set.info.version,
+        "device": set.info.device,
+        "catalog_items": set.catalog.len(),
+        "stages": set.info.stages,
         "candidates": { "lightgcn": cfg.lightgcn_candidates, "din": cfg.din_candidates },
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);

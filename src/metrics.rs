@@ -26,6 +26,7 @@ pub struct Metrics {
     pub listener_lag: HistogramVec,
     pub listener_pending: IntGauge,
     pub listener_queue: IntGauge,
+    pub reloads: IntCounterVec,
     model_info: IntGaugeVec,
 }
 
@@ -108,6 +109,11 @@ impl Metrics {
         .expect("metric");
         let listener_queue =
             IntGauge::new("listener_queue_users", "Users waiting in the listener's coalescing queue").expect("metric");
+        let reloads = IntCounterVec::new(
+            Opts::new("model_reloads_total", "Model reloads by outcome (success, refused)"),
+            &["outcome"],
+        )
+        .expect("metric");
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "Models in service (value 1)"),
             &["version", "device", "lightgcn", "din", "ranknet"],
@@ -128,6 +134,7 @@ impl Metrics {
             Box::new(listener_lag.clone()),
             Box::new(listener_pending.clone()),
             Box::new(listener_queue.clone()),
+            Box::new(reloads.clone()),
             Box::new(model_info.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -148,6 +155,7 @@ impl Metrics {
             listener_lag,
             listener_pending,
             listener_queue,
+            reloads,
             model_info,
         }
     }

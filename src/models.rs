@@ -164,8 +164,9 @@ impl Models {
             if !file.is_file() {
                 return Err(err(format!("{} is missing", file.display())));
             }
-            let mut module = CModule::load_on_device(&file, device)
-                .map_err(|e| err(format!("{} is not a loadable TorchScript file: {e}", file.display())))?;
+            let mut module = CModule::load_on_device(&file, device).map_err(|e| {
+                err(format!("{} is not a loadable TorchScript file: {}", file.display(), torch_error(&e)))
+            })?;
             module.set_eval();
             modules.push(module);
             stages.push(StageInfo { stage: stage.into(), version: m.version.clone(), dim: m.dim, file });
@@ -179,27 +180,19 @@ impl Models {
         Ok(models)
     }
 
-    /// Runs a small batch through every stage and checks shapes and values against the catalog.
+    /// Runs a small batch through every stage (shapes are checked in `rank`) and checks the values
+    /// against the catalog.
     pub fn smoke_test(&self) -> Result<(), String> {
         let n = self.info.num_items as i64;
         let histories: Vec<Vec<i64>> = vec![(0..n.min(5)).collect(), vec![n - 1], (0..n.min(40)).rev().collect()];
         let refs: Vec<&[i64]> = histories.iter().map(|h| h.as_slice()).collect();
-        let (h, m) = self.history_tensors(&refs).map_err(|e| e.to_string())?;
-        let s1 = self.lightgcn.forward_ts(&[&h, &m]).map_err(|e| format!("lightgcn: {e}"))?;
-        if s1.size() != [refs.len() as i64, n] {
-            return Err(format!(
-                "lightgcn returned shape {:?}, expected [{}, {n}] (one score per catalog item)",
-                s1.size(),
-                refs.len()
-            ));
-        }
         let budget = Budget {
             lightgcn: 20.min(self.info.num_items),
             din: 10.min(self.info.num_items),
             k: 5,
             last_stage: Stage::Ranknet,
         };
-        let (ranked, _) = self.rank(&refs, budget).map_err(|e| e.to_string())?;
+        let (ranked, _) = self.rank(&refs, budget).map_err(|e| torch_error(&e))?;
         for (hist, r) in histories.iter().zip(&ranked) {
             if r.scores.iter().any(|s| !s.is_finite()) {
                 return Err("ranknet returned non-finite scores".into());
@@ -250,8 +243,10 @@ impl Models {
         }
         let (h, m) = self.history_tensors(histories)?;
 
+        let b = histories.len() as i64;
         let t = Instant::now();
         let mut scores = self.lightgcn.forward_ts(&[&h, &m])?;
+        expect_shape("lightgcn", &scores, [b, n as i64])?;
         let (rows, cols): (Vec<i64>, Vec<i64>) =
             histories.iter().enumerate().flat_map(|(i, hist)| hist.iter().map(move |&c| (i as i64, c))).unzip();
         let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
@@ -267,6 +262,7 @@ impl Models {
 
         let t = Instant::now();
         let s2 = self.din.forward_ts(&[&h, &m, &cand1])?;
+        expect_shape("din", &s2, [b, c1])?;
         let (s2_top, pos2) = s2.f_topk(c2, 1, true, true)?;
         let cand2 = cand1.f_gather(1, &pos2, false)?;
         let s1_top = s1.f_gather(1, &pos2, false)?;
@@ -278,10 +274,27 @@ impl Models {
 
         let t = Instant::now();
         let s3 = self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?;
+        expect_shape("ranknet", &s3, [b, c2])?;
         let (s3_top, pos3) = s3.f_topk(k, 1, true, true)?;
         let ranked = to_ranked(&cand2.f_gather(1, &pos3, false)?, &s3_top)?;
         times.ranknet = Some(t.elapsed());
         Ok((ranked, times))
+    }
+}
+
+/// libtorch's message without the C++ stack trace it appends (for logs and error bodies).
+pub fn torch_error(e: &TchError) -> String {
+    let text = e.to_string();
+    let end = ["\nException raised from", "\nframe #"].iter().filter_map(|m| text.find(m)).min().unwrap_or(text.len());
+    text[..end].trim_end().to_string()
+}
+
+/// A stage's scores must be [batch, candidates] (model_output/README.md).
+fn expect_shape(stage: &str, scores: &Tensor, expected: [i64; 2]) -> Result<(), TchError> {
+    if scores.size() == expected {
+        Ok(())
+    } else {
+        Err(TchError::Shape(format!("{stage} returned scores of shape {:?}, expected {expected:?}", scores.size())))
     }
 }
 

@@ -8,10 +8,10 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::catalog::Catalog;
-use crate::engine::{Engine, EngineState};
+use crate::engine::Engine;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::model_set::ModelSet;
 use crate::store::{ProfileRead, Store};
 
 pub const MAX_USER_ID_BYTES: usize = 128;
@@ -62,7 +62,6 @@ type Flight = watch::Receiver<Option<Result<Recommendation, Error>>>;
 pub struct Service {
     pub store: Store,
     pub engine: Engine,
-    pub catalog: Arc<Catalog>,
     pub metrics: Metrics,
     cfg: ServiceConfig,
     /// Computations in flight by (user id, k): single flight.
@@ -99,8 +98,8 @@ pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
 }
 
 impl Service {
-    pub fn new(store: Store, engine: Engine, catalog: Arc<Catalog>, metrics: Metrics, cfg: ServiceConfig) -> Self {
-        Self { store, engine, catalog, metrics, cfg, in_flight: Mutex::new(HashMap::new()) }
+    pub fn new(store: Store, engine: Engine, metrics: Metrics, cfg: ServiceConfig) -> Self {
+        Self { store, engine, metrics, cfg, in_flight: Mutex::new(HashMap::new()) }
     }
 
     /// Parses `k` from a request (absent: the default).
@@ -157,8 +156,8 @@ impl Service {
 
     async fn compute(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
         let started = Instant::now();
-        let (read, model_version) = self.read(user_id, k).await?;
-        self.compute_and_write(user_id, k, read, model_version, started).await
+        let (read, set) = self.read(user_id, k).await?;
+        self.compute_and_write(user_id, k, read, set, started).await
     }
 
     /// The listener's entry point: recomputes `recommendations:<user_id>` (default k) unless the
@@ -166,26 +165,24 @@ impl Service {
     pub async fn refresh(&self, user_id: &str) -> Result<Refresh, Error> {
         let started = Instant::now();
         let k = self.cfg.default_k;
-        let (read, model_version) = self.read(user_id, k).await?;
-        if read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == model_version) {
+        let (read, set) = self.read(user_id, k).await?;
+        if read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == set.info.version) {
             return Ok(Refresh::Unchanged);
         }
-        self.compute_and_write(user_id, k, read, model_version, started).await?;
+        self.compute_and_write(user_id, k, read, set, started).await?;
         Ok(Refresh::Written)
     }
 
-    /// Validates the request and reads the profile; returns it with the model version in service.
-    async fn read(&self, user_id: &str, k: usize) -> Result<(ProfileRead, String), Error> {
+    /// Validates the request and reads the profile; returns it with the model set in service,
+    /// which this request uses to the end (a reload meanwhile does not mix versions).
+    async fn read(&self, user_id: &str, k: usize) -> Result<(ProfileRead, Arc<ModelSet>), Error> {
         validate_user_id(user_id)?;
         self.check_k(i64::try_from(k).unwrap_or(i64::MAX))?;
-        let model_version = match self.engine.state() {
-            EngineState::Ready(info) => info.version.clone(),
-            _ => return Err(Error::EngineStopped),
-        };
+        let set = self.engine.current().ok_or(Error::EngineStopped)?;
         let t = Instant::now();
         let read = self.store.read_profile(user_id).await?;
         self.observe_stage("redis_read", t);
-        Ok((read, model_version))
+        Ok((read, set))
     }
 
     async fn compute_and_write(
@@ -193,28 +190,26 @@ impl Service {
         user_id: &str,
         k: usize,
         read: ProfileRead,
-        model_version: String,
+        set: Arc<ModelSet>,
         started: Instant,
     ) -> Result<Recommendation, Error> {
         let profile_sha = read.sha().to_string();
+        let model_version = set.info.version.clone();
         let items = read.profile.map(|p| p.items).unwrap_or_default();
-        let history = self.catalog.history(&items, self.cfg.max_history);
+        let catalog = &set.catalog;
+        let history = catalog.history(&items, self.cfg.max_history);
         self.metrics.unknown_items.inc_by(history.unknown as u64);
 
         let (recommendations, strategy) = if history.rows.is_empty() {
             self.metrics.cold_starts.inc();
-            let items: Vec<Item> = self
-                .catalog
+            let items: Vec<Item> = catalog
                 .most_popular(k, &[])
                 .into_iter()
-                .map(|row| Item {
-                    item_id: self.catalog.item_id(row).to_string(),
-                    score: self.catalog.popularity(row) as f32,
-                })
+                .map(|row| Item { item_id: catalog.item_id(row).to_string(), score: catalog.popularity(row) as f32 })
                 .collect();
             (items, Strategy::Popular)
         } else {
-            let scored = self.engine.rank(history.rows, k).await?;
+            let scored = self.engine.rank(set.clone(), history.rows, k).await?;
             let s = &scored.stats;
             for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
                 if let Some(d) = d {
@@ -231,7 +226,7 @@ impl Service {
                 .rows
                 .iter()
                 .zip(&scored.ranked.scores)
-                .map(|(&row, &score)| Item { item_id: self.catalog.item_id(row).to_string(), score })
+                .map(|(&row, &score)| Item { item_id: catalog.item_id(row).to_string(), score })
                 .collect();
             (items, Strategy::Personalized)
         };

@@ -42,21 +42,6 @@ fn check_summarises_a_valid_model_dir() {
     assert_eq!(body["stages"][0]["dim"], 16);
 }
 
-fn copy_models(name: &str) -> std::path::PathBuf {
-    let dst = test_models().with_file_name(format!("{}-{name}", test_models().file_name().unwrap().to_string_lossy()));
-    let _ = std::fs::remove_dir_all(&dst);
-    for stage in ["", "lightgcn", "din", "ranknet"] {
-        std::fs::create_dir_all(dst.join(stage)).unwrap();
-        for entry in std::fs::read_dir(test_models().join(stage)).unwrap() {
-            let p = entry.unwrap().path();
-            if p.is_file() {
-                std::fs::copy(&p, dst.join(stage).join(p.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    dst
-}
-
 #[test]
 fn check_fails_clearly_on_missing_or_broken_models() {
     let missing = run_cli(1, std::path::Path::new("/nonexistent/models"), &["check"]);

@@ -24,17 +24,50 @@ fn python() -> String {
 /// Generates the synthetic model directory once per test binary.
 pub fn test_models() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = repo().join("target").join(format!("test-models-{}", std::process::id()));
-        let status = Command::new(python())
-            .arg(repo().join("scripts/make_test_models.py"))
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .status()
-            .expect("running scripts/make_test_models.py (set MODEL_SERVICE_PYTHON to a Python with torch)");
-        assert!(status.success(), "make_test_models.py failed");
-        dir
-    })
+    DIR.get_or_init(|| make_models("test-models", &[]))
+}
+
+/// A fresh directory under target/ named `name` (unique per test process), emptied if present.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = repo().join("target").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A copy of the test models in a fresh directory named `name`, to break or replace.
+pub fn copy_models(name: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    copy_dir(test_models(), &dir);
+    dir
+}
+
+/// Generates a synthetic model directory with scripts/make_test_models.py and `args`
+/// (e.g. `--version v2 --seed 2`).
+pub fn make_models(name: &str, args: &[&str]) -> PathBuf {
+    let dir = scratch_dir(name);
+    let status = Command::new(python())
+        .arg(repo().join("scripts/make_test_models.py"))
+        .arg(&dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running scripts/make_test_models.py (set MODEL_SERVICE_PYTHON to a Python with torch)");
+    assert!(status.success(), "make_test_models.py failed");
+    dir
+}
+
+/// Copies a directory tree (a model directory).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
 
 /// A catalog row's item id in the synthetic catalog (see make_test_models.py).
@@ -223,6 +256,21 @@ impl Server {
     pub fn post(&self, path: &str) -> (u16, serde_json::Value) {
         let r = blocking_client().post(self.url(path)).send().unwrap();
         json_response(r)
+    }
+
+    /// POST with a JSON body and optional bearer token, to `port` (PORT or ADMIN_PORT).
+    pub fn post_json(
+        &self,
+        port: u16,
+        path: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = blocking_client().post(format!("http://127.0.0.1:{port}{path}")).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        json_response(request.send().unwrap())
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {

@@ -1,0 +1,94 @@
+//! A model directory loaded and validated as one unit: its catalog, what is in it (version, dir,
+//! device) and one copy of the models per inference worker. Requests hold the set they started
+//! with, so a reload swaps catalog and models together and never mixes two versions.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tch::Device;
+
+use crate::catalog::Catalog;
+use crate::error::ConfigError;
+use crate::models::{Budget, ModelInfo, Models, Ranked, StageStats};
+
+/// How to load a set: where, on what, how many copies, and the serving sizes to warm up at.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub device: Device,
+    /// Copies of the models: one per inference worker.
+    pub copies: usize,
+    /// libtorch intra-op threads of each loading (and serving) thread.
+    pub torch_threads: usize,
+    pub warm_batch: usize,
+    pub warm_budget: Budget,
+}
+
+pub struct ModelSet {
+    pub catalog: Catalog,
+    pub info: ModelInfo,
+    /// The directory the set was loaded from.
+    pub dir: PathBuf,
+    /// Worker `i` runs its batches on `copies[i]` (uncontended: the lock only makes the set Sync).
+    copies: Vec<Mutex<Models>>,
+}
+
+impl ModelSet {
+    /// Reads the catalog, loads `spec.copies` copies of the three stages (in parallel, each
+    /// checked by a smoke batch) and warms each up at the serving sizes. Any failure refuses the
+    /// whole directory.
+    pub fn load(dir: &Path, spec: &LoadSpec) -> Result<Self, ConfigError> {
+        let started = Instant::now();
+        let catalog = Catalog::load(&dir.join("catalog.tsv"))?;
+        let copies: Vec<Result<Models, ConfigError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..spec.copies.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        tch::set_num_threads(spec.torch_threads.max(1) as i32);
+                        let models = Models::load(dir, spec.device, catalog.len())?;
+                        warm_up(&models, spec).map_err(|reason| ConfigError::Model {
+                            dir: dir.display().to_string(),
+                            reason: format!("warm-up failed: {reason}"),
+                        })?;
+                        Ok(models)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(ConfigError::Load("a model loading thread panicked".into()))))
+                .collect()
+        });
+        let copies = copies.into_iter().map(|c| c.map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+        let info = copies[0].lock().unwrap_or_else(|e| e.into_inner()).info.clone();
+        tracing::info!(
+            version = %info.version, dir = %dir.display(), copies = copies.len(),
+            ms = started.elapsed().as_millis() as u64, "model directory loaded and warmed up"
+        );
+        Ok(Self { catalog, info, dir: dir.to_path_buf(), copies })
+    }
+
+    /// Runs a batch on worker `worker`'s copy.
+    pub fn rank(
+        &self,
+        worker: usize,
+        histories: &[&[i64]],
+        budget: Budget,
+    ) -> Result<(Vec<Ranked>, StageStats), tch::TchError> {
+        let copy = &self.copies[worker % self.copies.len()];
+        copy.lock().unwrap_or_else(|e| e.into_inner()).rank(histories, budget)
+    }
+}
+
+/// TorchScript's first calls are slow (profiling executor): run the cascade at the serving sizes
+/// (batches of growing history length) before the copy takes traffic.
+fn warm_up(models: &Models, spec: &LoadSpec) -> Result<(), String> {
+    let n = models.info.num_items as i64;
+    let warm: Vec<Vec<i64>> =
+        (0..spec.warm_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
+    let refs: Vec<&[i64]> = warm.iter().map(|h| h.as_slice()).collect();
+    for _ in 0..3 {
+        models.rank(&refs, spec.warm_budget).map_err(|e| crate::models::torch_error(&e))?;
+    }
+    Ok(())
+}

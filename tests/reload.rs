@@ -1,0 +1,213 @@
+//! Model reload without downtime (POST /admin/reload, SIGHUP), the admin port, and header limits,
+//! against a real redis-server and the real binary.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const TOKEN: &str = "admin-token-1";
+
+/// When a request began, its status, the model version that answered, the user.
+type Answer = (Instant, u16, String, String);
+
+fn seed_profiles(redis: &Redis, users: usize) {
+    for u in 0..users {
+        let history: Vec<String> = (0..4).map(|j| item((u * 7 + j * 6) % 300)).collect();
+        redis.set(&format!("user_profile:load{u}"), &serde_json::to_string(&history).unwrap());
+    }
+}
+
+#[test]
+fn a_reload_under_continuous_load_loses_no_request_and_serves_the_new_version() {
+    let v2 = make_models("models-v2", &["--version", "synthetic-v2", "--seed", "2"]);
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", TOKEN), ("INFERENCE_WORKERS", "2")]);
+    server.wait_healthy();
+    seed_profiles(&redis, 40);
+
+    // Four clients post without pause; every answer is recorded with when its request began.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (stop, answers, port) = (stop.clone(), answers.clone(), server.port);
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::new();
+                let mut n = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let user = format!("load{}", n % 40);
+                    let began = Instant::now();
+                    let r = http
+                        .post(format!("http://127.0.0.1:{port}/recommend/{user}"))
+                        .bearer_auth(TOKEN)
+                        .send()
+                        .expect("the connection must not fail");
+                    let status = r.status().as_u16();
+                    let body: serde_json::Value = r.json().unwrap();
+                    let version = body["model_version"].as_str().unwrap_or("").to_string();
+                    answers.lock().unwrap().push((began, status, version, user));
+                    n += 4;
+                }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(800));
+    let (status, body) =
+        server.post_json(server.port, "/admin/reload", &json!({ "model_dir": v2.to_str().unwrap() }), Some(TOKEN));
+    let reloaded_at = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "reloaded");
+    assert_eq!(body["model_version"], "synthetic-v2");
+    assert_eq!(body["previous_version"], "synthetic-test");
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    let answers = answers.lock().unwrap();
+    let before = answers.iter().filter(|a| a.2 == "synthetic-test").count();
+    let after = answers.iter().filter(|a| a.2 == "synthetic-v2").count();
+    assert!(before > 0 && after > 0, "served {before} before and {after} after the reload");
+    let failed: Vec<_> = answers.iter().filter(|a| a.1 != 200).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), answers.len(), &failed[..1]);
+    let stale: Vec<_> = answers.iter().filter(|a| a.0 > reloaded_at && a.2 != "synthetic-v2").collect();
+    assert!(stale.is_empty(), "requests begun after the reload answered by the old version: {}", stale.len());
+
+    let (_, health) = server.get("/health");
+    assert_eq!(health["model_version"], "synthetic-v2");
+    assert_eq!(health["model_dir"], v2.to_str().unwrap());
+    assert_eq!(server.metric(r#"model_service_model_reloads_total{outcome="success"}"#), 1.0);
+    let (_, metrics) = server.get_text("/metrics");
+    let info: Vec<&str> = metrics.lines().filter(|l| l.starts_with("model_service_model_info{")).collect();
+    assert_eq!(info.len(), 1, "{info:?}");
+    assert!(info[0].contains(r#"version="synthetic-v2""#), "{info:?}");
+
+    // A fresh request: Redis holds the list the new version computed, and says so.
+    let (status, body) = server.post_json(server.port, "/recommend/load3", &json!(null), Some(TOKEN));
+    assert_eq!(status, 200);
+    let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:load3").unwrap()).unwrap();
+    assert_eq!(stored, rec_ids(&body));
+    assert_eq!(redis.hget("recommendations_meta:load3", "model_version").as_deref(), Some("synthetic-v2"));
+}
+
+#[test]
+fn a_broken_model_directory_is_refused_and_the_old_version_keeps_serving() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", TOKEN)]);
+    server.wait_healthy();
+    seed_profiles(&redis, 1);
+
+    let junk = copy_models("reload-junk");
+    std::fs::write(junk.join("din/model.pt"), b"not a torchscript file").unwrap();
+    let short = copy_models("reload-short");
+    let catalog = std::fs::read_to_string(short.join("catalog.tsv")).unwrap();
+    let fewer: String = catalog.lines().take(299).map(|l| format!("{l}\n")).collect();
+    std::fs::write(short.join("catalog.tsv"), fewer).unwrap();
+    let cases = [
+        (junk.to_str().unwrap().to_string(), "not a loadable TorchScript file"),
+        (short.to_str().unwrap().to_string(), "300 items but catalog.tsv has 299"),
+        ("/nonexistent/models".to_string(), "cannot read catalog"),
+    ];
+    for (dir, why) in &cases {
+        let resp = server.post_json(server.port, "/admin/reload", &json!({ "model_dir": dir }), Some(TOKEN));
+        assert_error(&resp, 422, "reload_refused");
+        assert!(resp.1["detail"].as_str().unwrap().contains(why), "{}", resp.1);
+        let (status, body) = server.post_json(server.port, "/recommend/load0", &json!(null), Some(TOKEN));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["model_version"], "synthetic-test");
+    }
+    let bad_body = server.post_json(server.port, "/admin/reload", &json!({ "dir": "/x" }), Some(TOKEN));
+    assert_error(&bad_body, 400, "invalid_request");
+    let (_, health) = server.get("/health");
+    assert_eq!(health["model_version"], "synthetic-test");
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(server.metric(r#"model_service_model_reloads_total{outcome="refused"}"#), 3.0);
+}
+
+#[test]
+fn sighup_reloads_the_model_directory_in_service() {
+    let live = copy_models("sighup-live");
+    let v3 = make_models("models-v3", &["--version", "synthetic-v3", "--seed", "3"]);
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, &live, &[]);
+    server.wait_healthy();
+    assert_eq!(server.get("/health").1["model_version"], "synthetic-test");
+
+    // A deploy replaces the files in place, then signals.
+    copy_dir(&v3, &live);
+    std::process::Command::new("kill").args(["-HUP", &server.pid().to_string()]).status().unwrap();
+    wait_until(Duration::from_secs(30), || server.get("/health").1["model_version"] == "synthetic-v3");
+    seed_profiles(&redis, 1);
+    let (status, body) = server.post("/recommend/load0");
+    assert_eq!(status, 200);
+    assert_eq!(body["model_version"], "synthetic-v3");
+
+    // A broken directory on SIGHUP: refused, the process and the version in service stay.
+    std::fs::write(live.join("ranknet/model.pt"), b"junk").unwrap();
+    std::process::Command::new("kill").args(["-HUP", &server.pid().to_string()]).status().unwrap();
+    wait_until(Duration::from_secs(30), || {
+        server.metric(r#"model_service_model_reloads_total{outcome="refused"}"#) == 1.0
+    });
+    assert_eq!(server.get("/health").1["model_version"], "synthetic-v3");
+    assert_eq!(server.post("/recommend/load0").0, 200);
+}
+
+#[test]
+fn admin_routes_need_a_token_on_the_public_port_or_live_on_the_loopback_admin_port() {
+    let redis = Redis::start();
+    // No token, no admin port: the public port refuses admin routes.
+    let open = Server::start(redis.port);
+    open.wait_healthy();
+    assert_error(&open.post_json(open.port, "/admin/reload", &json!(null), None), 403, "forbidden");
+
+    // Token set: the public port wants it.
+    let guarded = Server::start_with(redis.port, test_models(), &[("API_TOKEN", TOKEN)]);
+    guarded.wait_healthy();
+    assert_error(&guarded.post_json(guarded.port, "/admin/reload", &json!(null), None), 401, "unauthorized");
+    assert_error(&guarded.post_json(guarded.port, "/admin/reload", &json!(null), Some("wrong")), 401, "unauthorized");
+    let (status, body) = guarded.post_json(guarded.port, "/admin/reload", &json!(null), Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model_version"], "synthetic-test");
+
+    // ADMIN_PORT: admin routes only there (no token needed when none is set), not on PORT.
+    let admin_port = free_port();
+    let split = Server::start_with(redis.port, test_models(), &[("ADMIN_PORT", &admin_port.to_string())]);
+    split.wait_healthy();
+    assert_error(&split.post_json(split.port, "/admin/reload", &json!(null), None), 404, "not_found");
+    let (status, body) = split.post_json(admin_port, "/admin/reload", &json!(null), None);
+    assert_eq!(status, 200, "{body}");
+    assert_error(&split.post_json(admin_port, "/recommend/u1", &json!(null), None), 404, "not_found");
+
+    // A non-loopback admin address is refused at start.
+    let mut public = Server::start_with(
+        redis.port,
+        test_models(),
+        &[("ADMIN_PORT", &free_port().to_string()), ("ADMIN_HOST", "0.0.0.0")],
+    );
+    wait_until(Duration::from_secs(30), || public.exited().is_some());
+    assert!(!public.exited().unwrap().success());
+}
+
+#[test]
+fn oversized_headers_get_431_json_and_write_nothing() {
+    let redis = Redis::start();
+    let server = Server::start(redis.port);
+    server.wait_healthy();
+    seed_profiles(&redis, 1);
+    let http = reqwest::blocking::Client::new();
+    let r = http.post(server.url("/recommend/load0")).header("x-padding", "a".repeat(10_000)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 431);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["error"], "headers_too_large");
+    assert!(body["detail"].as_str().unwrap().contains("8192"), "{body}");
+    assert!(redis.get("recommendations:load0").is_none());
+    let r = http.post(server.url("/recommend/load0")).header("x-padding", "a".repeat(1_000)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
