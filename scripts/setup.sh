@@ -21,6 +21,8 @@ ms_sudo() {
 setup_apt() {
     local missing=()
     command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-cli >/dev/null || missing+=(redis-tools)
+    command -v openssl >/dev/null || missing+=(openssl)
     command -v promtool >/dev/null || missing+=(prometheus)
     command -v shellcheck >/dev/null || missing+=(shellcheck)
     command -v docker-compose >/dev/null || missing+=(docker-compose)

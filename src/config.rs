@@ -62,6 +62,18 @@ pub struct Config {
     pub redis_db: i64,
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true, global = true)]
     pub redis_password: Option<String>,
+    /// Connect to REDIS_HOST:REDIS_PORT over TLS (as a rediss:// REDIS_URL does).
+    #[arg(long, env = "REDIS_TLS", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub redis_tls: bool,
+    /// PEM file of the CA(s) that sign the Redis server's certificate (default: the system's roots).
+    #[arg(long, env = "REDIS_TLS_CA_CERT", global = true)]
+    pub redis_tls_ca_cert: Option<PathBuf>,
+    /// PEM client certificate and key, for Redis servers that require client certificates
+    /// (tls-auth-clients yes).
+    #[arg(long, env = "REDIS_TLS_CLIENT_CERT", requires = "redis_tls_client_key", global = true)]
+    pub redis_tls_client_cert: Option<PathBuf>,
+    #[arg(long, env = "REDIS_TLS_CLIENT_KEY", requires = "redis_tls_client_cert", global = true)]
+    pub redis_tls_client_key: Option<PathBuf>,
     /// Bound on connecting to Redis, in milliseconds.
     #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 300, global = true)]
     pub redis_connect_timeout_ms: u64,

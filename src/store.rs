@@ -452,21 +452,48 @@ impl StreamConsumer {
     }
 }
 
+/// The Redis client: REDIS_URL, or REDIS_HOST/PORT/DB/PASSWORD (over TLS with REDIS_TLS); a
+/// CA file or client certificate when given (rediss:// only).
 fn client(cfg: &Config) -> Result<Client, ConfigError> {
     let bad = |e: RedisError| ConfigError::Invalid(format!("redis address: {e}"));
     let info = match &cfg.redis_url {
         Some(url) => url.as_str().into_connection_info().map_err(bad)?,
         None => {
+            let scheme = if cfg.redis_tls { "rediss" } else { "redis" };
+            let host =
+                if cfg.redis_host.contains(':') { format!("[{}]", cfg.redis_host) } else { cfg.redis_host.clone() };
             let info =
-                ConnectionAddr::Tcp(cfg.redis_host.clone(), cfg.redis_port).into_connection_info().map_err(bad)?;
-            let mut redis = info.redis_settings().clone().set_db(cfg.redis_db);
+                format!("{scheme}://{host}:{}/{}", cfg.redis_port, cfg.redis_db).into_connection_info().map_err(bad)?;
+            let mut redis = info.redis_settings().clone();
             if let Some(password) = cfg.redis_password.as_deref().filter(|p| !p.is_empty()) {
                 redis = redis.set_password(password);
             }
             info.set_redis_settings(redis)
         }
     };
-    Client::open(info).map_err(bad)
+    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", path.display())))
+    };
+    let root_cert = cfg.redis_tls_ca_cert.as_deref().map(|p| read(p, "REDIS_TLS_CA_CERT")).transpose()?;
+    let client_tls = match (&cfg.redis_tls_client_cert, &cfg.redis_tls_client_key) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert, "REDIS_TLS_CLIENT_CERT")?,
+            client_key: read(key, "REDIS_TLS_CLIENT_KEY")?,
+        }),
+        _ => None,
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Client::open(info).map_err(bad);
+    }
+    if !tls {
+        return Err(ConfigError::Invalid(
+            "REDIS_TLS_CA_CERT / REDIS_TLS_CLIENT_CERT are set but the Redis address is not TLS \
+             (use a rediss:// REDIS_URL or REDIS_TLS=true)"
+                .into(),
+        ));
+    }
+    Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert }).map_err(bad)
 }
 
 /// A profile is a JSON array of item-id strings; anything else is refused with the reason.
