@@ -52,6 +52,8 @@ pub enum Error {
     InvalidRequest(String),
     #[error("request headers too large: {0}")]
     HeadersTooLarge(String),
+    #[error("request body too large: {0}")]
+    PayloadTooLarge(String),
     #[error("a reload is already in progress")]
     ReloadInProgress,
     #[error("reload refused, the models in service keep serving: {0}")]
@@ -77,6 +79,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::InvalidRequest(_) => "invalid_request",
             Error::HeadersTooLarge(_) => "headers_too_large",
+            Error::PayloadTooLarge(_) => "payload_too_large",
             Error::ReloadInProgress => "reload_in_progress",
             Error::ReloadRefused(_) => "reload_refused",
         }
@@ -96,6 +99,7 @@ impl Error {
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::ReloadInProgress => StatusCode::CONFLICT,
         }
     }
@@ -135,11 +139,12 @@ mod tests {
             Error::Inference("x".into()),
             Error::Forbidden("admin".into()),
             Error::HeadersTooLarge("9000 bytes".into()),
+            Error::PayloadTooLarge("20000 bytes".into()),
             Error::ReloadInProgress,
             Error::ReloadRefused("bad".into()),
         ];
         let statuses: Vec<u16> = errors.iter().map(|e| e.status().as_u16()).collect();
-        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 500, 403, 431, 409, 422]);
+        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 500, 403, 431, 413, 409, 422]);
         for e in &errors {
             let body = e.body();
             assert_eq!(body["error"], e.code());

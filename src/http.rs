@@ -68,7 +68,7 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(service.clone(), track))
-        .layer(middleware::from_fn_with_state(access.max_header_bytes, limit_headers))
+        .layer(middleware::from_fn_with_state(access.max_header_bytes, limit_request))
         .with_state(service)
 }
 
@@ -120,8 +120,22 @@ async fn require_admin(State(guard): State<AdminGuard>, request: Request, next: 
     }
 }
 
-/// 431 when the request target and headers together exceed the limit.
-async fn limit_headers(State(max): State<usize>, request: Request, next: Next) -> Response {
+/// 431 when the request target and headers together exceed the limit; 413 when the declared body
+/// is larger than BODY_LIMIT (an undeclared one is cut off there by the extractors).
+async fn limit_request(State(max): State<usize>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if declared > BODY_LIMIT as u64 {
+        // The body is not read, so the connection cannot carry another request: say so.
+        let mut response =
+            Error::PayloadTooLarge(format!("{declared} bytes, at most {BODY_LIMIT} are accepted")).into_response();
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     let target = request.uri().to_string().len();
     let headers: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
     if target + headers > max {
@@ -142,7 +156,14 @@ struct ReloadRequest {
 }
 
 /// POST /admin/reload, body optional: `{"model_dir": "/path/to/new/version"}`.
-async fn reload(State(service): State<Arc<Service>>, body: axum::body::Bytes) -> Result<Response, Error> {
+async fn reload(
+    State(service): State<Arc<Service>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, Error> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(format!("at most {BODY_LIMIT} bytes are accepted")),
+        _ => Error::InvalidRequest(e.body_text()),
+    })?;
     let request: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReloadRequest::default()
     } else {

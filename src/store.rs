@@ -105,6 +105,8 @@ impl Store {
                 self.reset();
                 Err(Error::RedisUnavailable(e.to_string()))
             }
+            // Redis is up but cannot serve yet (loading its data after a restart, ...): try again soon.
+            Ok(Err(e)) if is_transient(&e) => Err(Error::RedisUnavailable(e.to_string())),
             // Redis answered, with an error (WRONGTYPE, NOAUTH, OOM, ...), possibly inside a pipeline.
             Ok(Err(e)) => Err(Error::Redis(e.to_string())),
             Err(_) => {
@@ -357,8 +359,15 @@ fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
+/// Answers of a Redis that is up but not ready: loading its dataset (after a restart), a replica
+/// without its master, a busy script. The same command succeeds later.
+fn is_transient(e: &RedisError) -> bool {
+    const CODES: [&str; 4] = ["LOADING", "MASTERDOWN", "TRYAGAIN", "BUSY"];
+    e.code().is_some_and(|c| CODES.contains(&c)) || CODES.iter().any(|c| e.to_string().contains(&format!("{c} ")))
+}
+
 fn stream_err(e: RedisError) -> Error {
-    if is_connection_error(&e) {
+    if is_connection_error(&e) || is_transient(&e) {
         Error::RedisUnavailable(e.to_string())
     } else {
         Error::Redis(e.to_string())

@@ -196,7 +196,7 @@ fn admin_routes_need_a_token_on_the_public_port_or_live_on_the_loopback_admin_po
 }
 
 #[test]
-fn oversized_headers_get_431_json_and_write_nothing() {
+fn oversized_headers_and_bodies_get_431_and_413_json_and_write_nothing() {
     let redis = Redis::start();
     let server = Server::start(redis.port);
     server.wait_healthy();
@@ -207,6 +207,11 @@ fn oversized_headers_get_431_json_and_write_nothing() {
     let body: serde_json::Value = r.json().unwrap();
     assert_eq!(body["error"], "headers_too_large");
     assert!(body["detail"].as_str().unwrap().contains("8192"), "{body}");
+    assert!(redis.get("recommendations:load0").is_none());
+    let r = http.post(server.url("/recommend/load0")).body(vec![b'x'; 20_000]).send().unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["error"], "payload_too_large");
     assert!(redis.get("recommendations:load0").is_none());
     let r = http.post(server.url("/recommend/load0")).header("x-padding", "a".repeat(1_000)).send().unwrap();
     assert_eq!(r.status().as_u16(), 200);
