@@ -69,8 +69,18 @@ impl Catalog {
         self.ids.len()
     }
 
+    /// Never true for a loaded catalog (an empty one is refused).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
     pub fn item_id(&self, row: i64) -> &str {
         &self.ids[row as usize]
+    }
+
+    /// The row of an item id, if it is in the catalog.
+    pub fn row(&self, id: &str) -> Option<i64> {
+        self.rows.get(id).copied()
     }
 
     pub fn popularity(&self, row: i64) -> u64 {
@@ -84,8 +94,8 @@ impl Catalog {
         let mut seen = std::collections::HashSet::new();
         let mut newest_first = Vec::new();
         for id in profile.iter().rev() {
-            match self.rows.get(id) {
-                Some(&row) => {
+            match self.row(id) {
+                Some(row) => {
                     if seen.insert(row) {
                         newest_first.push(row);
                     }

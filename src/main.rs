@@ -1,18 +1,5 @@
-//! model-service: reads `user_profile:<id>` from Redis, ranks the catalog with
-//! LightGCN -> DIN -> RankNet (TorchScript via libtorch), writes `recommendations:<id>`.
-
-mod backfill;
-mod catalog;
-mod config;
-mod engine;
-mod error;
-mod http;
-mod listener;
-mod metrics;
-mod model_set;
-mod models;
-mod service;
-mod store;
+//! The `model-service` command: parses the configuration and runs a mode (serve, listen, backfill,
+//! recommend, check) on the library in src/lib.rs.
 
 use std::future::IntoFuture;
 use std::process::ExitCode;
@@ -21,13 +8,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::config::{Cli, Command, Config, LogFormat};
-use crate::engine::{Engine, EngineConfig};
-use crate::metrics::Metrics;
-use crate::model_set::{LoadSpec, ModelSet};
-use crate::models::DeviceChoice;
-use crate::service::{Service, ServiceConfig};
-use crate::store::Store;
+use model_service::app::{build_service, engine_config};
+use model_service::config::{Cli, Command, Config, LogFormat};
+use model_service::model_set::{LoadSpec, ModelSet};
+use model_service::service::Service;
+use model_service::{backfill, http, listener};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -59,36 +44,6 @@ fn main() -> ExitCode {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
-}
-
-fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
-    Ok(EngineConfig {
-        model_dir: cfg.model_dir.clone(),
-        device: DeviceChoice::parse(&cfg.device)?,
-        workers: cfg.inference_workers,
-        torch_threads: cfg.torch_threads_per_worker(),
-        max_batch: cfg.max_batch,
-        max_queue_delay: std::time::Duration::from_micros(cfg.max_queue_delay_us),
-        max_batch_cells: cfg.max_batch_cells,
-        queue_capacity: cfg.queue_capacity,
-        deadline: cfg.request_timeout(),
-        lightgcn_candidates: cfg.lightgcn_candidates,
-        din_candidates: cfg.din_candidates,
-        last_stage: cfg.last_stage,
-    })
-}
-
-fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
-    let metrics = Metrics::new();
-    let engine = Engine::start(engine_config(cfg)?, metrics.clone());
-    let store = Store::new(cfg)?;
-    let service_cfg = ServiceConfig {
-        default_k: cfg.default_k,
-        max_k: cfg.max_k,
-        max_history: cfg.max_history,
-        ttl_secs: cfg.recommendation_ttl,
-    };
-    Ok(Arc::new(Service::new(store, engine, metrics, service_cfg)))
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,42 @@
+//! Wiring: the service (store, engine, metrics) built from the configuration.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineConfig};
+use crate::metrics::Metrics;
+use crate::models::DeviceChoice;
+use crate::service::{Service, ServiceConfig};
+use crate::store::Store;
+
+/// The engine's settings from the configuration.
+pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
+    Ok(EngineConfig {
+        model_dir: cfg.model_dir.clone(),
+        device: DeviceChoice::parse(&cfg.device)?,
+        workers: cfg.inference_workers,
+        torch_threads: cfg.torch_threads_per_worker(),
+        max_batch: cfg.max_batch,
+        max_queue_delay: std::time::Duration::from_micros(cfg.max_queue_delay_us),
+        max_batch_cells: cfg.max_batch_cells,
+        queue_capacity: cfg.queue_capacity,
+        deadline: cfg.request_timeout(),
+        lightgcn_candidates: cfg.lightgcn_candidates,
+        din_candidates: cfg.din_candidates,
+        last_stage: cfg.last_stage,
+    })
+}
+
+/// The service with its Redis store and inference engine (the models load in the background).
+pub fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
+    let metrics = Metrics::new();
+    let engine = Engine::start(engine_config(cfg)?, metrics.clone());
+    let store = Store::new(cfg)?;
+    let service_cfg = ServiceConfig {
+        default_k: cfg.default_k,
+        max_k: cfg.max_k,
+        max_history: cfg.max_history,
+        ttl_secs: cfg.recommendation_ttl,
+    };
+    Ok(Arc::new(Service::new(store, engine, metrics, service_cfg)))
+}
