@@ -265,4 +265,18 @@ mod tests {
         }
         assert!(validate_user_id(&"x".repeat(129)).unwrap_err().to_string().contains("129 bytes"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn only_ids_that_make_clean_single_line_keys_are_accepted(id in "(.|\\n|\\r|\\t|[*:{}?\\[\\]]){0,140}") {
+            let ok = !id.is_empty()
+                && id.len() <= MAX_USER_ID_BYTES
+                && !id.chars().any(|c| c.is_whitespace() || c.is_control());
+            proptest::prop_assert_eq!(validate_user_id(&id).is_ok(), ok);
+            if ok {
+                let key = crate::store::recommendations_key(&id);
+                proptest::prop_assert!(!key.contains('\n') && !key.contains('\r') && key.ends_with(&id));
+            }
+        }
+    }
 }
