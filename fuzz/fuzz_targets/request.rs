@@ -28,10 +28,19 @@ enum Token {
 }
 
 #[derive(Arbitrary, Debug)]
+enum Profile {
+    Raw(Vec<u8>),
+    Rows(Vec<u16>),
+    Missing,
+}
+
+#[derive(Arbitrary, Debug)]
 struct Input {
     user: Vec<u8>,
     query: Vec<u8>,
-    profile: Option<Vec<u8>>,
+    /// The stored profile: raw bytes, or catalog rows written as a JSON array of their ASINs (so
+    /// the models run), or none.
+    profile: Profile,
     body: Vec<u8>,
     token: Token,
     get_instead_of_post: bool,
@@ -40,7 +49,28 @@ struct Input {
 struct Harness {
     runtime: tokio::runtime::Runtime,
     app: axum::Router,
+    client: redis::Client,
     redis: std::sync::Mutex<redis::Connection>,
+    asins: Vec<String>,
+}
+
+impl Harness {
+    /// Runs an idempotent Redis operation of the harness itself; libFuzzer's timer signal can
+    /// interrupt a blocking read (EINTR), so a failed attempt is retried on a fresh connection.
+    fn redis<T>(&self, op: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> T {
+        let mut conn = self.redis.lock().unwrap();
+        for _ in 0..20 {
+            match op(&mut conn) {
+                Ok(v) => return v,
+                Err(_) => {
+                    if let Ok(fresh) = self.client.get_connection() {
+                        *conn = fresh;
+                    }
+                }
+            }
+        }
+        panic!("the harness cannot reach its redis-server");
+    }
 }
 
 fn harness() -> &'static Harness {
@@ -72,6 +102,11 @@ fn harness() -> &'static Harness {
         let conn = conn.expect("redis-server did not start");
         let model_dir =
             std::env::var("FUZZ_MODEL_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../model_output").into());
+        let asins = std::fs::read_to_string(format!("{model_dir}/catalog.tsv"))
+            .expect("catalog.tsv")
+            .lines()
+            .map(|l| l.split('\t').next().unwrap_or_default().to_string())
+            .collect();
         let port = port.to_string();
         let args = ["model-service", "--redis-host", "127.0.0.1", "--redis-port", &port, "--model-dir", &model_dir];
         let cli = Cli::try_parse_from(
@@ -85,7 +120,7 @@ fn harness() -> &'static Harness {
             let access = Access { api_token: Some(TOKEN.into()), max_header_bytes: 8192 };
             router(Arc::clone(&service), Routes::Api { admin: false }, &access)
         });
-        Harness { runtime, app, redis: std::sync::Mutex::new(conn) }
+        Harness { runtime, app, client, redis: std::sync::Mutex::new(conn), asins }
     })
 }
 
@@ -108,14 +143,18 @@ fuzz_target!(|input: Input| {
     let user = String::from_utf8(input.user.clone()).ok();
     let rec_key = |u: &str| format!("recommendations:{u}");
     if let Some(u) = &user {
-        let mut r = h.redis.lock().unwrap();
         let mut pipe = redis::pipe();
         pipe.del(rec_key(u)).ignore();
+        let key = format!("user_profile:{u}");
         match &input.profile {
-            Some(p) => pipe.set(format!("user_profile:{u}"), p.as_slice()).ignore(),
-            None => pipe.del(format!("user_profile:{u}")).ignore(),
+            Profile::Raw(p) => pipe.set(key, p.as_slice()).ignore(),
+            Profile::Rows(rows) => {
+                let ids: Vec<&str> = rows.iter().map(|&r| h.asins[r as usize % h.asins.len()].as_str()).collect();
+                pipe.set(key, serde_json::to_vec(&ids).unwrap()).ignore()
+            }
+            Profile::Missing => pipe.del(key).ignore(),
         };
-        let _: () = pipe.query(&mut *r).unwrap();
+        h.redis(|c| pipe.query::<()>(c));
     }
     let mut uri = format!("/recommend/{}", encode(&input.user, b""));
     if !input.query.is_empty() {
@@ -146,10 +185,8 @@ fuzz_target!(|input: Input| {
     if matches!(input.token, Token::Right) && method == Method::POST {
         assert_ne!(status, 401);
     }
-    let stored: Option<String> = user.as_ref().and_then(|u| {
-        let mut r = h.redis.lock().unwrap();
-        redis::cmd("GET").arg(rec_key(u)).query(&mut *r).unwrap()
-    });
+    let stored: Option<String> =
+        user.as_ref().and_then(|u| h.redis(|c| redis::cmd("GET").arg(rec_key(u)).query::<Option<String>>(c)));
     if status == 200 {
         let u = user.expect("a 200 answer needs a UTF-8 user id");
         assert_eq!(json["user_id"], u.as_str());
