@@ -100,8 +100,8 @@ fn harness() -> &'static Harness {
             }
         }
         let conn = conn.expect("redis-server did not start");
-        let model_dir =
-            std::env::var("FUZZ_MODEL_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../model_output").into());
+        let model_dir = std::env::var("FUZZ_MODEL_DIR")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../model_output").into());
         let asins = std::fs::read_to_string(format!("{model_dir}/catalog.tsv"))
             .expect("catalog.tsv")
             .lines()
@@ -109,9 +109,15 @@ fn harness() -> &'static Harness {
             .collect();
         let port = port.to_string();
         let args = ["model-service", "--redis-host", "127.0.0.1", "--redis-port", &port, "--model-dir", &model_dir];
-        let cli = Cli::try_parse_from(
-            args.iter().copied().chain(["--device", "cpu", "--inference-workers", "1", "--torch-threads", "1", "serve"]),
-        )
+        let cli = Cli::try_parse_from(args.iter().copied().chain([
+            "--device",
+            "cpu",
+            "--inference-workers",
+            "1",
+            "--torch-threads",
+            "1",
+            "serve",
+        ]))
         .unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let app = runtime.block_on(async {
