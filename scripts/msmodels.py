@@ -62,10 +62,17 @@ class DIN(nn.Module):
     The local activation unit scores every (history item, candidate) pair from
     [h, c, h - c, h * c] through an MLP (PReLU here, Dice in the paper); the history is pooled with
     those weights (no softmax, as in the paper) and an MLP scores [pooled, c, pooled * c].
-    The first attention layer is applied in its algebraically identical split form
-    W [h, c, h-c, h*c] = (W1 + W3) h + (W2 - W3) c + W4 (h*c), which avoids materialising the
-    4D-wide concatenation for every pair, and the PReLU + second layer are rewritten so that the
-    [B, C, L, A] pair tensor is built once and read once (see forward).
+
+    The computation is rearranged, algebraically identical, so that its cost follows the real
+    history items and not the padded batch (see forward):
+    - the first attention layer in its split form
+      W [h, c, h-c, h*c] = (W1 + W3) h + (W2 - W3) c + W4 (h*c);
+    - the PReLU + second layer as relu(x) . v(1 - alpha) + x . v alpha + b2, whose linear part
+      splits into small products;
+    - the pairs of one profile as a single GEMM c @ [W4^T diag(h_1) | ... | W4^T diag(h_L)], so
+      the [C, L, A] pair tensor of a row is written once, updated in place and read once, and only
+      the profile's real items take part (a batch padded to its longest history costs no more);
+    - the first MLP layer over [pooled, c, pooled * c] as three products, without the concatenation.
     """
 
     def __init__(self, num_items: int, dim: int = 64, att_hidden: int = 64, mlp_hidden: int = 128):
@@ -86,29 +93,45 @@ class DIN(nn.Module):
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
         d = self.dim
-        h = self.emb(history)  # [B, L, D]
-        c = self.emb(cands)  # [B, C, D]
+        b, n_c = cands.shape
         w = self.att1.weight  # [A, 4D]
         w1, w2, w3, w4 = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
         alpha = self.att_act.alpha  # [A]
         v = self.att2.weight[0]  # [A]
-        hp = h @ (w1 + w3).t()  # [B, L, A]
-        cp = c @ (w2 - w3).t() + self.att1.bias  # [B, C, A]
-        # x = (h*c) W4^T + hp + cp for every pair, [B, C, L, A]: the one big tensor. The activation
-        # unit's output is att2(prelu(x)); with prelu(x) = (1 - alpha) relu(x) + alpha x it is
-        # relu(x) . v(1 - alpha) + x . v alpha + b2, and x . v alpha splits into small products,
-        # so x is written once, updated in place and read once.
         va = v * alpha
-        lin = torch.bmm(c, (h * (w4.t() @ va)).transpose(1, 2))  # (h*c) W4^T va: [B, C, L]
-        lin = lin + (hp @ va).unsqueeze(1) + (cp @ va).unsqueeze(2) + self.att2.bias
-        x = (h.unsqueeze(1) * c.unsqueeze(2)) @ w4.t()
-        x += hp.unsqueeze(1)
-        x += cp.unsqueeze(2)
-        att = torch.relu_(x) @ (v * (1.0 - alpha)) + lin  # [B, C, L]
-        att = att * mask.unsqueeze(1).to(att.dtype)
-        pooled = torch.bmm(att, h)  # [B, C, D]
-        x = torch.cat([pooled, c, pooled * c], dim=-1)
-        return self.mlp(x).squeeze(-1)
+        vr = v * (1.0 - alpha)
+        w4t = w4.t()  # [D, A]
+        c = self.emb(cands)  # [B, C, D]
+        cp = torch.addmm(self.att1.bias, c.reshape(-1, d), (w2 - w3).t()).view(b, n_c, -1)  # [B, C, A]
+        cpa = cp @ va + self.att2.bias  # [B, C]
+        # the real history items only, row after row: [T, ...] with T = mask.sum()
+        lens: List[int] = mask.sum(dim=1).tolist()
+        h_all = self.emb(history[mask])  # [T, D]
+        hp_all = h_all @ (w1 + w3).t()  # [T, A]
+        hpa_all = hp_all @ va  # [T]
+        hu_all = h_all * (w4t @ va)  # [T, D]
+        pooled = torch.zeros_like(c)
+        start = 0
+        for i, n in enumerate(lens):
+            if n == 0:
+                continue
+            h = h_all[start : start + n]  # [L, D]
+            ci = c[i]  # [C, D]
+            # x[c, l] = (h_l * c) W4^T + hp_l + cp_c for the row's C x L pairs, [C, L, A]
+            x = (ci @ (w4t.unsqueeze(1) * h.t().unsqueeze(2)).reshape(d, -1)).view(n_c, n, -1)
+            x += hp_all[start : start + n]
+            x += cp[i].unsqueeze(1)
+            # x . v alpha + b2 = c . (h * W4^T v alpha) + hp . v alpha + cp . v alpha + b2, [C, L]
+            lin = torch.addmm(hpa_all[start : start + n].unsqueeze(0) + cpa[i].unsqueeze(1), ci, hu_all[start : start + n].t())
+            att = torch.relu_(x) @ vr + lin  # [C, L]
+            pooled[i] = att @ h
+            start += n
+        l1 = self.mlp[0].weight  # [H, 3D]: the blocks for pooled, c and pooled * c
+        y = torch.addmm(self.mlp[0].bias, pooled.view(-1, d), l1[:, :d].t())
+        y.addmm_(c.view(-1, d), l1[:, d : 2 * d].t())
+        y.addmm_((pooled * c).view(-1, d), l1[:, 2 * d :].t())
+        y = self.mlp[4](self.mlp[3](self.mlp[2](self.mlp[1](y))))
+        return y.view(b, n_c)
 
 
 class RankNet(nn.Module):
@@ -158,28 +181,33 @@ class RankNet(nn.Module):
         s2: torch.Tensor,
     ) -> torch.Tensor:
         b, c = cands.shape
-        m = mask.to(torch.float32)
-        hlen = m.sum(dim=1, keepdim=True)  # [B, 1]
-        rank = torch.argsort(torch.argsort(s1, dim=1, descending=True), dim=1).to(torch.float32)
+        lens: List[int] = mask.sum(dim=1).tolist()
+        hlen = mask.sum(dim=1, keepdim=True).to(torch.float32)  # [B, 1]
+        # rank of each candidate in s1's order (0 = best), / C
+        order = torch.argsort(s1, dim=1, descending=True)
+        rank = torch.empty_like(s1).scatter_(1, order, torch.arange(c, device=s1.device, dtype=s1.dtype).expand(b, c))
         rank = rank / float(max(c, 1))
-        hu = self.item_unit[history]  # [B, L, D]
-        cu = self.item_unit[cands]  # [B, C, D]
-        sim = torch.einsum("bcd,bld->bcl", cu, hu)
-        neg = torch.full_like(sim, -2.0)
-        valid = mask.unsqueeze(1).expand_as(sim)
-        max_sim = torch.where(valid, sim, neg).amax(dim=2)
-        max_sim = torch.where(hlen > 0, max_sim, torch.zeros_like(max_sim))
-        mean_sim = (sim * m.unsqueeze(1)).sum(dim=2) / hlen.clamp(min=1.0)
-        # ItemKNN: scatter every history item's neighbour similarities into a dense [B, N] row
-        n_items = self.log_pop.shape[0]
-        k = self.nbr_idx.shape[1]
-        idx = self.nbr_idx[history].reshape(b, -1).long()  # [B, L*K]
-        val = (self.nbr_val[history] * m.unsqueeze(2)).reshape(b, -1)
-        dense = torch.zeros(b, n_items, dtype=torch.float32, device=cands.device)
-        dense.scatter_add_(1, idx, val)
-        knn = dense.gather(1, cands)
-        if k == 0:
-            knn = torch.zeros_like(knn)
+        # per row, over the real history items only (a padded batch costs no more): cosine max and
+        # mean, and ItemKNN through one dense [N] buffer that is cleared again after each row
+        hist = history[mask]  # [T]
+        cu = self.item_unit.index_select(0, cands.reshape(-1)).view(b, c, -1)  # [B, C, D]
+        max_sim = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
+        mean_sim = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
+        knn = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
+        dense = torch.zeros(self.log_pop.shape[0], dtype=torch.float32, device=cands.device)
+        start = 0
+        for i, n in enumerate(lens):
+            if n == 0:
+                continue
+            h = hist[start : start + n]
+            start += n
+            sim = cu[i] @ self.item_unit.index_select(0, h).t()  # [C, L]
+            max_sim[i] = sim.amax(dim=1)
+            mean_sim[i] = sim.mean(dim=1)
+            idx = self.nbr_idx.index_select(0, h).reshape(-1).long()  # [L * K]
+            dense.index_add_(0, idx, self.nbr_val.index_select(0, h).reshape(-1))
+            knn[i] = dense.index_select(0, cands[i])
+            dense.index_fill_(0, idx, 0.0)
         feats = torch.stack(
             [
                 s1,

@@ -18,7 +18,6 @@ pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
         torch_threads: cfg.torch_threads_per_worker(),
         max_batch: cfg.max_batch,
         max_queue_delay: std::time::Duration::from_micros(cfg.max_queue_delay_us),
-        max_batch_cells: cfg.max_batch_cells,
         queue_capacity: cfg.queue_capacity,
         deadline: cfg.request_timeout(),
         lightgcn_candidates: cfg.lightgcn_candidates,

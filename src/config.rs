@@ -143,10 +143,6 @@ pub struct Config {
     /// request); 0: run what is queued at once. Default measured on 2 cores (README).
     #[arg(long, env = "MAX_QUEUE_DELAY_US", default_value_t = 2000, global = true)]
     pub max_queue_delay_us: u64,
-    /// Bound on batch size x longest history in one inference batch (queued requests are sorted by
-    /// history length and split), so padding does not multiply DIN's work.
-    #[arg(long, env = "MAX_BATCH_CELLS", default_value_t = 512, global = true)]
-    pub max_batch_cells: usize,
     /// Requests that may wait for the inference thread; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
     pub queue_capacity: usize,
@@ -276,7 +272,6 @@ impl Config {
             ("MAX_HISTORY", self.max_history),
             ("MAX_BATCH", self.max_batch),
             ("INFERENCE_WORKERS", self.inference_workers),
-            ("MAX_BATCH_CELLS", self.max_batch_cells),
             ("QUEUE_CAPACITY", self.queue_capacity),
             ("LISTENER_CONCURRENCY", self.listener.listener_concurrency),
             ("MAX_PENDING_USERS", self.listener.max_pending_users),

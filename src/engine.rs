@@ -30,9 +30,6 @@ pub struct EngineConfig {
     /// How long a worker holding fewer than `max_batch` jobs waits for more before it runs them.
     /// Applies only under load (see `run`).
     pub max_queue_delay: Duration,
-    /// Bound on batch size x longest history: DIN's work grows with the padded length, so a long
-    /// history is not batched with many short ones.
-    pub max_batch_cells: usize,
     pub queue_capacity: usize,
     pub deadline: Duration,
     pub lightgcn_candidates: usize,
@@ -248,10 +245,8 @@ fn run(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job>, metrics: Metric
         let (live, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline > now);
         drop(late); // their callers have already answered 503
         for same_set in by_model_set(live) {
-            for batch in split_by_length(same_set, |j| j.history.len(), cfg.max_batch_cells) {
-                metrics.batch_size.observe(batch.len() as f64);
-                run_batch(worker, &cfg, batch);
-            }
+            metrics.batch_size.observe(same_set.len() as f64);
+            run_batch(worker, &cfg, same_set);
         }
     }
 }
@@ -287,21 +282,6 @@ fn gather(rx: &Receiver<Job>, max_batch: usize, max_delay: Duration) -> Option<V
     Some(jobs)
 }
 
-/// Sorts items by history length and cuts them into batches whose size times longest history
-/// stays within `max_cells` (an item alone may exceed it).
-fn split_by_length<T>(mut items: Vec<T>, len: impl Fn(&T) -> usize, max_cells: usize) -> Vec<Vec<T>> {
-    items.sort_by_key(|i| len(i));
-    let mut out: Vec<Vec<T>> = Vec::new();
-    for item in items {
-        let cells = len(&item).max(1);
-        match out.last_mut() {
-            Some(batch) if (batch.len() + 1) * cells <= max_cells => batch.push(item),
-            _ => out.push(vec![item]),
-        }
-    }
-    out
-}
-
 fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
     let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
     let set = jobs[0].set.clone();
@@ -327,18 +307,5 @@ fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
                 let _ = job.reply.send(Err(Error::Inference(reason.clone())));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_group_similar_lengths_within_the_cell_budget() {
-        let lens = split_by_length(vec![3, 200, 5, 4, 150, 2], |&l| l, 64);
-        assert_eq!(lens, vec![vec![2, 3, 4, 5], vec![150], vec![200]]);
-        let sizes: Vec<usize> = split_by_length(vec![3; 20], |&l| l, 30).iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![10, 10]);
     }
 }

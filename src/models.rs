@@ -225,6 +225,36 @@ impl Models {
         }
     }
 
+    /// The `c` best-scored catalog rows of every history, history items excluded, best first:
+    /// ([B, c] scores, [B, c] rows). On the CPU one pass over each row of the score matrix with a
+    /// bounded heap (`select_top`); elsewhere the history is masked with -inf and `topk` runs on
+    /// the device.
+    fn top_candidates(&self, scores: Tensor, histories: &[&[i64]], c: i64) -> Result<(Tensor, Tensor), TchError> {
+        if self.device == Device::Cpu {
+            let scores = scores.f_contiguous()?;
+            let values = cpu_f32(&scores)?;
+            let n = self.info.num_items;
+            let mut rows = Vec::with_capacity(histories.len() * c as usize);
+            let mut best = Vec::with_capacity(rows.capacity());
+            for (i, hist) in histories.iter().enumerate() {
+                for (row, score) in select_top(&values[i * n..(i + 1) * n], hist, c as usize) {
+                    rows.push(row as i64);
+                    best.push(score);
+                }
+            }
+            let shape = [histories.len() as i64, c];
+            return Ok((Tensor::f_from_slice(&best)?.f_view(shape)?, Tensor::f_from_slice(&rows)?.f_view(shape)?));
+        }
+        let (rows, cols): (Vec<i64>, Vec<i64>) =
+            histories.iter().enumerate().flat_map(|(i, hist)| hist.iter().map(move |&c| (i as i64, c))).unzip();
+        let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
+        let cols = Tensor::f_from_slice(&cols)?.f_to_device(self.device)?;
+        let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (Kind::Float, self.device))?;
+        let mut scores = scores;
+        let scores = scores.f_index_put_(&[Some(rows), Some(cols)], &neg_inf, false)?;
+        scores.f_topk(c, 1, true, true)
+    }
+
     /// The cascade for a batch of non-empty histories (distinct catalog rows each):
     /// LightGCN scores the catalog, history items are excluded, the top `budget.lightgcn` go to DIN,
     /// DIN's top `budget.din` go to RankNet, RankNet's top `budget.k` are returned.
@@ -245,15 +275,9 @@ impl Models {
 
         let b = histories.len() as i64;
         let t = Instant::now();
-        let mut scores = self.lightgcn.forward_ts(&[&h, &m])?;
+        let scores = self.lightgcn.forward_ts(&[&h, &m])?;
         expect_shape("lightgcn", &scores, [b, n as i64])?;
-        let (rows, cols): (Vec<i64>, Vec<i64>) =
-            histories.iter().enumerate().flat_map(|(i, hist)| hist.iter().map(move |&c| (i as i64, c))).unzip();
-        let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
-        let cols = Tensor::f_from_slice(&cols)?.f_to_device(self.device)?;
-        let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (Kind::Float, self.device))?;
-        let scores = scores.f_index_put_(&[Some(rows), Some(cols)], &neg_inf, false)?;
-        let (s1, cand1) = scores.f_topk(c1, 1, true, true)?;
+        let (s1, cand1) = self.top_candidates(scores, histories, c1)?;
         self.sync();
         times.lightgcn = Some(t.elapsed());
         if budget.last_stage == Stage::Lightgcn {
@@ -280,6 +304,75 @@ impl Models {
         times.ranknet = Some(t.elapsed());
         Ok((ranked, times))
     }
+}
+
+/// The values of a contiguous float32 CPU tensor, borrowed for as long as the tensor.
+fn cpu_f32(t: &Tensor) -> Result<&[f32], TchError> {
+    if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
+        return Err(TchError::Kind(format!(
+            "expected a contiguous float32 CPU tensor, got {:?} on {:?}",
+            t.kind(),
+            t.device()
+        )));
+    }
+    let len = t.numel();
+    if len == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: a contiguous float32 CPU tensor holds `numel` initialised f32 values at `data_ptr`;
+    // the returned slice borrows `t`, which keeps the storage alive, and nothing writes to it
+    // meanwhile (the tensor is local to one inference call).
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, len) })
+}
+
+/// The `c` highest scores of one row with their positions, best first (ties: lower position
+/// first), leaving out the positions in `exclude`; NaN ranks below every number.
+///
+/// Two passes instead of a sort: the value of rank `r` in an evenly strided sample of the row is a
+/// threshold that about `2 (c + |exclude|)` entries reach, one pass keeps those, and only they are
+/// ordered. Should too few reach it (an unlucky sample), the sample rank grows until the whole row
+/// is taken.
+pub fn select_top(scores: &[f32], exclude: &[i64], c: usize) -> Vec<(usize, f32)> {
+    if c == 0 {
+        return Vec::new();
+    }
+    let mut excluded: Vec<usize> = exclude.iter().filter_map(|&r| usize::try_from(r).ok()).collect();
+    excluded.sort_unstable();
+    let n = scores.len();
+    let want = 2 * (c + excluded.len());
+    let mut rank = 32;
+    let mut picked: Vec<(usize, f32)> = Vec::new();
+    loop {
+        // sample m entries so that rank r of the sample stands for about `want` entries of the row
+        let m = (rank * n).div_ceil(want.max(1));
+        let take_all = m >= n;
+        picked.clear();
+        if take_all {
+            picked.extend(scores.iter().copied().enumerate());
+        } else {
+            let stride = n / m;
+            let mut sample: Vec<f32> = scores.iter().step_by(stride).copied().filter(|v| !v.is_nan()).collect();
+            if sample.len() > rank {
+                let (_, t, _) = sample.select_nth_unstable_by(rank, |x, y| y.total_cmp(x));
+                let t = *t;
+                picked.extend(scores.iter().copied().enumerate().filter(|&(_, v)| v >= t));
+            }
+        }
+        picked.retain(|(pos, _)| excluded.binary_search(pos).is_err());
+        if picked.len() >= c || take_all {
+            break;
+        }
+        rank *= 4;
+    }
+    let best_first = |a: &(usize, f32), b: &(usize, f32)| {
+        (!b.1.is_nan()).cmp(&!a.1.is_nan()).then_with(|| b.1.total_cmp(&a.1)).then_with(|| a.0.cmp(&b.0))
+    };
+    if picked.len() > c {
+        picked.select_nth_unstable_by(c, best_first);
+        picked.truncate(c);
+    }
+    picked.sort_unstable_by(best_first);
+    picked
 }
 
 /// libtorch's message without the C++ stack trace it appends (for logs and error bodies).
@@ -309,6 +402,58 @@ fn to_ranked(rows: &Tensor, scores: &Tensor) -> Result<Vec<Ranked>, TchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn select_top_matches_a_full_sort_without_the_excluded_rows() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as f32 / (1u64 << 31) as f32
+        };
+        for (n, c) in [(1000, 200), (50, 50), (30, 10), (5, 1)] {
+            // coarse values so that ties occur
+            let scores: Vec<f32> = (0..n).map(|_| (next() * 20.0).floor()).collect();
+            let exclude: Vec<i64> = (0..n as i64).filter(|i| i % 7 == 3).collect();
+            let mut want: Vec<(usize, f32)> =
+                scores.iter().copied().enumerate().filter(|(p, _)| !exclude.contains(&(*p as i64))).collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(c);
+            assert_eq!(select_top(&scores, &exclude, c), want, "n={n} c={c}");
+        }
+    }
+
+    #[test]
+    fn select_top_holds_for_rows_that_fool_the_sample() {
+        let n = 30_000usize;
+        let patterns: Vec<(&str, Vec<f32>)> = vec![
+            ("ascending", (0..n).map(|i| i as f32).collect()),
+            ("descending", (0..n).map(|i| -(i as f32)).collect()),
+            ("constant", vec![0.5; n]),
+            ("sawtooth 7", (0..n).map(|i| (i % 7) as f32).collect()),
+            ("high off the grid", (0..n).map(|i| if i % 64 == 0 { 0.0 } else { (i % 977) as f32 }).collect()),
+            ("mostly NaN", (0..n).map(|i| if i % 1000 == 0 { i as f32 } else { f32::NAN }).collect()),
+        ];
+        let exclude: Vec<i64> = (0..n as i64).step_by(101).collect();
+        for (name, scores) in patterns {
+            let mut want: Vec<(usize, f32)> =
+                scores.iter().copied().enumerate().filter(|(p, _)| !exclude.contains(&(*p as i64))).collect();
+            want.sort_by(|a, b| (!b.1.is_nan()).cmp(&!a.1.is_nan()).then(b.1.total_cmp(&a.1)).then(a.0.cmp(&b.0)));
+            want.truncate(200);
+            let got = select_top(&scores, &exclude, 200);
+            assert_eq!(got.len(), 200, "{name}");
+            let same = got.iter().zip(&want).all(|(g, w)| g.0 == w.0 && (g.1 == w.1 || (g.1.is_nan() && w.1.is_nan())));
+            assert!(same, "{name}: {:?} vs {:?}", &got[..5], &want[..5]);
+        }
+    }
+
+    #[test]
+    fn select_top_ranks_nan_last_and_returns_what_there_is() {
+        let scores = [f32::NAN, 1.0, f32::NEG_INFINITY, 3.0, f32::NAN, 2.0];
+        assert_eq!(select_top(&scores, &[3], 3), vec![(5, 2.0), (1, 1.0), (2, f32::NEG_INFINITY)]);
+        let all = select_top(&scores, &[], 10);
+        assert_eq!(all.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 5, 1, 2, 0, 4]);
+        assert!(select_top(&scores, &[], 0).is_empty());
+    }
 
     #[test]
     fn device_strings_parse() {
