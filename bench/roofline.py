@@ -7,7 +7,7 @@ machine; prints the roofline ceiling in recommendations/s.
 A stage's time at the ceiling is max(FLOPs / GEMM FLOP/s, bytes / bandwidth): every operation at
 the speed of a large matrix multiply on all cores, every byte that must come from memory at the
 measured bandwidth. Bytes count what must be read or written at least once (embedding rows,
-weights, the catalog-wide score and ItemKNN rows), not intermediates a fused kernel could keep in
+weights, the catalog-wide score row), not intermediates a fused kernel could keep in
 cache; the catalog-wide tables LightGCN reads are shared by a batch, so they are divided by the
 batch size. Nothing real reaches the ceiling; the fraction says how much is left.
 
@@ -86,9 +86,9 @@ def per_request(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
         "bytes": (L + c1) * D * f4 + s["din_weight_bytes"] / batch + c1 * 8,
     }
     ranknet = {
-        # cosine features, ItemKNN scatter into a catalog-wide row and gather, the MLP
+        # cosine features, ItemKNN (the history's neighbour lists summed at the candidates), the MLP
         "flops": 2 * c2 * L * D + 2 * L * K + 2 * c2 * (8 * R1 + R1 * R2 + R2),
-        "bytes": (L + c2) * D * f4 + L * K * 8 + 2 * N * f4 + c2 * 8,
+        "bytes": (L + c2) * D * f4 + L * K * 8 + c2 * 8,
     }
     return {"lightgcn": lightgcn, "din": din, "ranknet": ranknet}
 
