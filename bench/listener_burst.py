@@ -34,7 +34,7 @@ def lag_percentile(metrics: str, q: float) -> str:
     buckets = []
     for line in metrics.splitlines():
         le = re.search(r'le="([^"]+)"', line)
-        if line.startswith("listener_lag_seconds_bucket{") and 'source="keyspace"' in line and le:
+        if re.match(r"(\w+_)?listener_lag_seconds_bucket\{", line) and 'source="keyspace"' in line and le:
             buckets.append((float(le.group(1)), float(line.rsplit(" ", 1)[1])))
     total = buckets[-1][1] if buckets else 0
     for le, count in buckets:
