@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from typing import List
 
 import numpy as np
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable(text: str) -> str:
+    """`text` (a recorded command or result) without this machine's absolute paths: a path inside the
+    repository becomes relative to it, any other keeps only its last component, in angle brackets
+    (`<amazon-book>`), so committed manifests and reports name no machine."""
+
+    def local(m: re.Match) -> str:
+        path = m.group(0)
+        if path == _REPO or path.startswith(_REPO + os.sep):
+            return os.path.relpath(path, _REPO)
+        return f"<{os.path.basename(path.rstrip('/')) or path}>"
+
+    return re.sub(r"(?<![\w.~<:/])/(?:[\w.+@-]+/)*[\w.+@-]+/?", local, text)
 
 
 def _read_lists(path: str) -> List[np.ndarray]:

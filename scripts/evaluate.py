@@ -198,7 +198,7 @@ def main():
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
         print(f"| {name} | {fmt(rust.get('recall@20'))} | {fmt(rust.get('ndcg@20'))} | {row['python']['recall@20']:.4f} | "
               f"{row['python']['ndcg@20']:.4f} | {row.get('identical_lists', float('nan')):.1%} |")
-    result["command"] = "scripts/evaluate.py " + " ".join(sys.argv[1:])
+    result["command"] = ds.portable("scripts/evaluate.py " + " ".join(sys.argv[1:]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

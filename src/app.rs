@@ -6,8 +6,9 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
 use crate::models::DeviceChoice;
+use crate::redis::store::ProfileLimits;
+use crate::redis::Store;
 use crate::service::{Service, ServiceConfig};
-use crate::store::Store;
 
 /// The engine's settings from the configuration.
 pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
@@ -28,14 +29,17 @@ pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
 
 /// The service with its Redis store and inference engine (the models load in the background).
 pub fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
-    let metrics = Metrics::new();
-    let engine = Engine::start(engine_config(cfg)?, metrics.clone());
+    // Everything that can be refused without the models is checked before they start loading.
     let store = Store::new(cfg)?;
+    let engine_cfg = engine_config(cfg)?;
     let service_cfg = ServiceConfig {
         default_k: cfg.default_k,
         max_k: cfg.max_k,
         max_history: cfg.max_history,
         ttl_secs: cfg.recommendation_ttl,
+        profile_limits: ProfileLimits { max_bytes: cfg.max_profile_bytes, max_items: cfg.max_profile_items },
     };
+    let metrics = Metrics::new();
+    let engine = Engine::start(engine_cfg, metrics.clone());
     Ok(Arc::new(Service::new(store, engine, metrics, service_cfg)))
 }

@@ -22,6 +22,11 @@ pub struct Summary {
     pub written: u64,
     pub unchanged: u64,
     pub failed: u64,
+    /// Profiles that changed while they were computed (their new value is computed by whoever
+    /// wrote it, or by the next run).
+    pub superseded: u64,
+    /// Keys under `user_profile:` whose name is not UTF-8 (no valid user id), skipped.
+    pub skipped_keys: u64,
     /// Failures by error code.
     pub failures: BTreeMap<String, u64>,
     pub resumed: bool,
@@ -41,9 +46,9 @@ pub async fn run(service: Arc<Service>, restart: bool, concurrency: usize) -> an
     let mut total = 0u64;
     let mut cursor = 0;
     loop {
-        let (next, users) = store.scan_profiles(cursor, PAGE * 4).await?;
-        total += users.len() as u64;
-        cursor = next;
+        let page = store.scan_profiles(cursor, PAGE * 4).await?;
+        total += page.users.len() as u64;
+        cursor = page.next;
         if cursor == 0 {
             break;
         }
@@ -57,8 +62,10 @@ pub async fn run(service: Arc<Service>, restart: bool, concurrency: usize) -> an
     let mut cursor = saved.unwrap_or(0);
     let mut next_report = total / 10;
     loop {
-        let (next, users) = store.scan_profiles(cursor, PAGE).await?;
-        let results: Vec<_> = futures_util::stream::iter(users)
+        let page = store.scan_profiles(cursor, PAGE).await?;
+        summary.skipped_keys += page.skipped;
+        let next = page.next;
+        let results: Vec<_> = futures_util::stream::iter(page.users)
             .map(|user| {
                 let service = service.clone();
                 async move { service.refresh(&user).await }
@@ -71,6 +78,7 @@ pub async fn run(service: Arc<Service>, restart: bool, concurrency: usize) -> an
             match result {
                 Ok(Refresh::Written) => summary.written += 1,
                 Ok(Refresh::Unchanged) => summary.unchanged += 1,
+                Ok(Refresh::Superseded) => summary.superseded += 1,
                 Err(e) => {
                     summary.failed += 1;
                     *summary.failures.entry(e.code().to_string()).or_default() += 1;

@@ -20,6 +20,8 @@ pub struct History {
     /// Known items, oldest first, each once (its latest position kept), at most `max_len` of the
     /// most recent.
     pub rows: Vec<i64>,
+    /// Every known item of the profile, sorted: none of them may be recommended.
+    pub exclude: Vec<i64>,
     /// Profile entries that are not in the catalog.
     pub unknown: usize,
     /// Known, distinct items dropped because the profile was longer than `max_len`.
@@ -88,7 +90,8 @@ impl Catalog {
     }
 
     /// Maps a profile (oldest first) to rows: unknown ids are counted and skipped, repeated items
-    /// keep their latest position, and only the `max_len` most recent distinct items are kept.
+    /// keep their latest position, and only the `max_len` most recent distinct items are kept for
+    /// the models; every known item of the profile is in `exclude`, whatever `max_len` is.
     pub fn history(&self, profile: &[String], max_len: usize) -> History {
         let mut unknown = 0;
         let mut seen = std::collections::HashSet::new();
@@ -103,10 +106,12 @@ impl Catalog {
                 None => unknown += 1,
             }
         }
+        let mut exclude = newest_first.clone();
+        exclude.sort_unstable();
         let truncated = newest_first.len().saturating_sub(max_len);
         newest_first.truncate(max_len);
         newest_first.reverse();
-        History { rows: newest_first, unknown, truncated }
+        History { rows: newest_first, exclude, unknown, truncated }
     }
 
     /// The `k` most popular rows not in `exclude`.
@@ -141,6 +146,7 @@ mod tests {
         let h = catalog().history(&ids(&["a", "b", "c", "a", "d"]), 3);
         assert_eq!(h.rows, vec![2, 0, 3], "c, a, d are the three most recent distinct items");
         assert_eq!(h.truncated, 1);
+        assert_eq!(h.exclude, vec![0, 1, 2, 3], "b is left out of the models' input but still excluded");
     }
 
     #[test]
@@ -166,6 +172,9 @@ mod tests {
             proptest::prop_assert_eq!(distinct.len(), h.rows.len());
             let all_distinct: std::collections::HashSet<&String> = known.iter().copied().collect();
             proptest::prop_assert_eq!(h.rows.len() + h.truncated, all_distinct.len());
+            let mut every: Vec<i64> = all_distinct.iter().map(|id| c.rows[*id]).collect();
+            every.sort_unstable();
+            proptest::prop_assert_eq!(&h.exclude, &every);
             // the last known item of the profile is always kept, as the last row
             if let Some(last) = known.last() {
                 proptest::prop_assert_eq!(h.rows.last().copied(), c.rows.get(*last).copied());

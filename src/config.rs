@@ -134,8 +134,16 @@ pub struct Config {
     /// Profile items used: the most recent (last in the JSON array) are kept.
     #[arg(long, env = "MAX_HISTORY", default_value_t = 200, global = true)]
     pub max_history: usize,
+    /// Largest stored profile read, in bytes (422 `profile_too_large` beyond; the value is not
+    /// transferred).
+    #[arg(long, env = "MAX_PROFILE_BYTES", default_value_t = 256 * 1024, global = true)]
+    pub max_profile_bytes: usize,
+    /// Most item ids a profile may hold (422 `profile_too_long` beyond). Every one of them is
+    /// excluded from the recommendations, whatever MAX_HISTORY the models see.
+    #[arg(long, env = "MAX_PROFILE_ITEMS", default_value_t = 10_000, global = true)]
+    pub max_profile_items: usize,
 
-    /// Most requests the inference thread runs as one batch.
+    /// Most requests an inference worker runs as one batch.
     #[arg(long, env = "MAX_BATCH", default_value_t = 16, global = true)]
     pub max_batch: usize,
     /// How long (microseconds) an inference worker holding fewer than MAX_BATCH requests waits
@@ -143,7 +151,7 @@ pub struct Config {
     /// request); 0: run what is queued at once. Default measured on 2 cores (README).
     #[arg(long, env = "MAX_QUEUE_DELAY_US", default_value_t = 2000, global = true)]
     pub max_queue_delay_us: u64,
-    /// Requests that may wait for the inference thread; beyond that requests get 429.
+    /// Requests that may wait for the inference workers; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
     pub queue_capacity: usize,
     /// Deadline for one recommendation (queue wait and inference), in milliseconds.
@@ -186,6 +194,9 @@ pub struct ListenerArgs {
     pub dead_letter_stream: String,
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5, global = true)]
     pub max_attempts: u64,
+    /// Most entries kept in the dead-letter stream (the oldest are trimmed).
+    #[arg(long, env = "DEAD_LETTER_MAXLEN", default_value_t = 10_000, global = true)]
+    pub dead_letter_maxlen: usize,
     /// Entries pending this long (a dead or failing consumer) are claimed and retried.
     #[arg(long, env = "CLAIM_IDLE_MS", default_value_t = 5000, global = true)]
     pub claim_idle_ms: u64,
@@ -270,6 +281,9 @@ impl Config {
             ("LIGHTGCN_CANDIDATES", self.lightgcn_candidates),
             ("DIN_CANDIDATES", self.din_candidates),
             ("MAX_HISTORY", self.max_history),
+            ("MAX_PROFILE_BYTES", self.max_profile_bytes),
+            ("MAX_PROFILE_ITEMS", self.max_profile_items),
+            ("DEAD_LETTER_MAXLEN", self.listener.dead_letter_maxlen),
             ("MAX_BATCH", self.max_batch),
             ("INFERENCE_WORKERS", self.inference_workers),
             ("QUEUE_CAPACITY", self.queue_capacity),

@@ -81,6 +81,7 @@ struct Job {
     /// The set whose catalog mapped `history`; the batch runs on the same set.
     set: Arc<ModelSet>,
     history: Vec<i64>,
+    exclude: Vec<i64>,
     k: usize,
     queued: Instant,
     deadline: Instant,
@@ -175,7 +176,13 @@ impl Engine {
         let Ok(_one_at_a_time) = self.reloading.try_lock() else {
             return Err(Error::ReloadInProgress);
         };
-        let previous = self.current().ok_or(Error::EngineStopped)?;
+        let previous = match self.state() {
+            EngineState::Ready(set) => set,
+            EngineState::Loading => return Err(Error::ModelsLoading),
+            EngineState::Failed(reason) => {
+                return Err(Error::EngineStopped(format!("the models failed to load: {reason}")))
+            }
+        };
         let dir = dir.unwrap_or_else(|| previous.dir.clone());
         let started = Instant::now();
         let engine = self.clone();
@@ -206,22 +213,33 @@ impl Engine {
         }
     }
 
-    /// Queues one history (non-empty, distinct rows of `set`'s catalog) and waits for its top `k`,
-    /// computed by `set`'s models.
-    pub async fn rank(&self, set: Arc<ModelSet>, history: Vec<i64>, k: usize) -> Result<Scored, Error> {
+    /// Queues one history (non-empty, distinct rows of `set`'s catalog) with the rows it must not
+    /// be recommended (the whole profile), and waits for its top `k`, computed by `set`'s models.
+    pub async fn rank(
+        &self,
+        set: Arc<ModelSet>,
+        history: Vec<i64>,
+        exclude: Vec<i64>,
+        k: usize,
+    ) -> Result<Scored, Error> {
         let queued = Instant::now();
         let deadline = queued + self.cfg.deadline;
         let (reply, answer) = oneshot::channel();
-        match self.tx.try_send(Job { set, history, k, queued, deadline, reply }) {
+        match self.tx.try_send(Job { set, history, exclude, k, queued, deadline, reply }) {
             Ok(()) => self.metrics.queue_depth.inc(),
             Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.cfg.queue_capacity)),
-            Err(TrySendError::Disconnected(_)) => return Err(Error::EngineStopped),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Error::EngineStopped("the inference workers have exited".into()))
+            }
         }
-        let ms = self.cfg.deadline.as_millis() as u64;
+        let late = Error::DeadlineExceeded(self.cfg.deadline.as_millis() as u64);
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::EngineStopped),
-            Err(_) => Err(Error::DeadlineExceeded(ms)),
+            // A worker answers every job it takes (late ones with DeadlineExceeded); a reply
+            // dropped unanswered means the worker thread itself is gone.
+            Ok(Err(_)) if Instant::now() >= deadline => Err(late),
+            Ok(Err(_)) => Err(Error::EngineStopped("an inference worker exited while running the request".into())),
+            Err(_) => Err(late),
         }
     }
 }
@@ -243,7 +261,10 @@ fn run(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job>, metrics: Metric
             metrics.queue_wait.observe(now.duration_since(job.queued).as_secs_f64());
         }
         let (live, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline > now);
-        drop(late); // their callers have already answered 503
+        for job in late {
+            // Its caller answers 503 deadline_exceeded at the same moment, if it has not already.
+            let _ = job.reply.send(Err(Error::DeadlineExceeded(cfg.deadline.as_millis() as u64)));
+        }
         for same_set in by_model_set(live) {
             metrics.batch_size.observe(same_set.len() as f64);
             run_batch(worker, &cfg, same_set);
@@ -286,12 +307,13 @@ fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
     let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
     let set = jobs[0].set.clone();
     let histories: Vec<&[i64]> = jobs.iter().map(|j| j.history.as_slice()).collect();
+    let excludes: Vec<&[i64]> = jobs.iter().map(|j| j.exclude.as_slice()).collect();
     let batch = histories.len();
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, cfg.budget(k))));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, &excludes, cfg.budget(k))));
     let result = match outcome {
         Ok(Ok(result)) => Ok(result),
         Ok(Err(e)) => Err(crate::models::torch_error(&e)),
-        Err(_) => Err("the inference thread caught a panic".to_string()),
+        Err(_) => Err("the inference worker caught a panic".to_string()),
     };
     match result {
         Ok((ranked, times)) => {

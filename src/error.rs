@@ -28,6 +28,10 @@ pub enum Error {
     InvalidK(String),
     #[error("invalid profile at {key}: {reason}")]
     InvalidProfile { key: String, reason: String },
+    #[error("the profile at {key} is {bytes} bytes, at most {max} are accepted (MAX_PROFILE_BYTES)")]
+    ProfileTooLarge { key: String, bytes: u64, max: usize },
+    #[error("the profile at {key} holds {items} item ids, at most {max} are accepted (MAX_PROFILE_ITEMS)")]
+    ProfileTooLong { key: String, items: usize, max: usize },
     #[error("redis unavailable: {0}")]
     RedisUnavailable(String),
     #[error("redis refused the command: {0}")]
@@ -36,10 +40,14 @@ pub enum Error {
     Overloaded(usize),
     #[error("no result within the deadline of {0} ms")]
     DeadlineExceeded(u64),
-    #[error("inference engine is not running")]
-    EngineStopped,
+    #[error("the models are loading; try again shortly")]
+    ModelsLoading,
+    #[error("inference engine is not running: {0}")]
+    EngineStopped(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("unauthorized: {0}")]
@@ -67,12 +75,16 @@ impl Error {
             Error::InvalidUserId(_) => "invalid_user_id",
             Error::InvalidK(_) => "invalid_k",
             Error::InvalidProfile { .. } => "invalid_profile",
+            Error::ProfileTooLarge { .. } => "profile_too_large",
+            Error::ProfileTooLong { .. } => "profile_too_long",
             Error::RedisUnavailable(_) => "redis_unavailable",
             Error::Redis(_) => "redis_error",
             Error::Overloaded(_) => "overloaded",
             Error::DeadlineExceeded(_) => "deadline_exceeded",
-            Error::EngineStopped => "engine_stopped",
+            Error::ModelsLoading => "models_loading",
+            Error::EngineStopped(_) => "engine_stopped",
             Error::Inference(_) => "inference_failed",
+            Error::Internal(_) => "internal_error",
             Error::NotFound(_) => "not_found",
             Error::Unauthorized(_) => "unauthorized",
             Error::MethodNotAllowed => "method_not_allowed",
@@ -88,12 +100,17 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::InvalidUserId(_) | Error::InvalidK(_) | Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Error::InvalidProfile { .. } | Error::ReloadRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::RedisUnavailable(_) | Error::Redis(_) | Error::EngineStopped | Error::DeadlineExceeded(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::InvalidProfile { .. }
+            | Error::ProfileTooLarge { .. }
+            | Error::ProfileTooLong { .. }
+            | Error::ReloadRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::RedisUnavailable(_)
+            | Error::Redis(_)
+            | Error::ModelsLoading
+            | Error::EngineStopped(_)
+            | Error::DeadlineExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Inference(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -104,6 +121,12 @@ impl Error {
         }
     }
 
+    /// The stored profile itself cannot be ranked (malformed, too large, too long): retrying does
+    /// not help until the frontend rewrites it.
+    pub fn is_profile_problem(&self) -> bool {
+        matches!(self, Error::InvalidProfile { .. } | Error::ProfileTooLarge { .. } | Error::ProfileTooLong { .. })
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({ "error": self.code(), "detail": self.to_string() })
     }
@@ -112,7 +135,10 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if matches!(self, Error::Overloaded(_) | Error::RedisUnavailable(_) | Error::EngineStopped) {
+        if matches!(
+            self,
+            Error::Overloaded(_) | Error::RedisUnavailable(_) | Error::ModelsLoading | Error::EngineStopped(_)
+        ) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, Error::Unauthorized(_)) {
@@ -135,8 +161,12 @@ mod tests {
             Error::RedisUnavailable("refused".into()),
             Error::Overloaded(3),
             Error::DeadlineExceeded(10),
-            Error::EngineStopped,
+            Error::ModelsLoading,
+            Error::EngineStopped("stopped".into()),
             Error::Inference("x".into()),
+            Error::Internal("x".into()),
+            Error::ProfileTooLarge { key: "user_profile:a".into(), bytes: 9, max: 8 },
+            Error::ProfileTooLong { key: "user_profile:a".into(), items: 9, max: 8 },
             Error::Forbidden("admin".into()),
             Error::HeadersTooLarge("9000 bytes".into()),
             Error::PayloadTooLarge("20000 bytes".into()),
@@ -144,7 +174,7 @@ mod tests {
             Error::ReloadRefused("bad".into()),
         ];
         let statuses: Vec<u16> = errors.iter().map(|e| e.status().as_u16()).collect();
-        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 500, 403, 431, 413, 409, 422]);
+        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 503, 500, 500, 422, 422, 403, 431, 413, 409, 422]);
         for e in &errors {
             let body = e.body();
             assert_eq!(body["error"], e.code());

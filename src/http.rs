@@ -236,9 +236,9 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "alive" }))
 }
 
-/// Models loaded and warmed up, and Redis answering (`/health` and `/health/ready`).
+/// Models loaded and warmed up, and Redis accepting writes (`/health` and `/health/ready`).
 async fn readiness(service: &Service) -> (bool, serde_json::Value) {
-    let redis = service.store.ping().await;
+    let redis = service.store.check_writable().await;
     let (set, engine_problem) = match service.engine.state() {
         EngineState::Ready(set) => (Some(set), None),
         EngineState::Loading => (None, Some("models are loading".to_string())),

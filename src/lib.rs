@@ -13,5 +13,5 @@ pub mod listener;
 pub mod metrics;
 pub mod model_set;
 pub mod models;
+pub mod redis;
 pub mod service;
-pub mod store;

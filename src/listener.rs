@@ -2,10 +2,12 @@
 //! every recomputation is `Service::refresh`, which skips a profile whose stored list was computed
 //! from the same value by the same model version (so replays and duplicates cost one Redis read).
 //!
-//! Sources: keyspace notifications of `user_profile:*` writes; the request stream through a
+//! Sources: keyspace notifications of `user_profile:*` writes, deletions and expiries (checked and
+//! re-enabled on every subscription: a restarted Redis forgets them); the request stream through a
 //! consumer group shared by the replicas (XACK after the write, XAUTOCLAIM of entries left pending,
-//! dead-lettering after MAX_ATTEMPTS or a permanent error); and catch-up SCANs at start, after a
-//! reconnect, after the queue overflowed, and periodically.
+//! dead-lettering after MAX_ATTEMPTS or a permanent error, trimming of what every group is done
+//! with); and catch-up SCANs at start, after every (re-)subscription, as soon as the queue
+//! overflowed or a recomputation failed transiently, and periodically.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +20,12 @@ use tokio::task::JoinSet;
 
 use crate::config::ListenerArgs;
 use crate::error::Error;
+use crate::redis::stream::{StreamConsumer, StreamEntry};
 use crate::service::{Refresh, Service};
-use crate::store::{StreamConsumer, StreamEntry};
 
 const SCAN_PAGE: usize = 500;
+/// How often the request stream is trimmed of what every consumer group is done with.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Distinct users waiting to be recomputed, oldest first. A user already waiting is not queued
 /// again (its job reads the latest profile when it runs), so a burst on one user costs one job.
@@ -99,13 +103,14 @@ fn outcome(result: &Result<Refresh, Error>) -> &'static str {
     match result {
         Ok(Refresh::Written) => "processed",
         Ok(Refresh::Unchanged) => "skipped",
+        Ok(Refresh::Superseded) => "superseded",
         Err(_) => "failed",
     }
 }
 
 /// Errors that retrying cannot fix: the entry goes to the dead-letter stream at once.
 fn is_permanent(e: &Error) -> bool {
-    matches!(e, Error::InvalidUserId(_) | Error::InvalidProfile { .. } | Error::InvalidK(_))
+    e.is_profile_problem() || matches!(e, Error::InvalidUserId(_) | Error::InvalidK(_))
 }
 
 fn now_ms() -> u64 {
@@ -117,7 +122,10 @@ pub struct Listener {
     cfg: ListenerArgs,
     consumer: String,
     queue: Coalescer,
+    /// Wakes the catch-up scan. A wake-up while a scan runs is kept (one permit), so the users
+    /// dropped during a scan are found by the next one.
     catchup: Notify,
+    /// Set from the first dropped event until the next scan starts (logs once per overflow).
     overflowed: AtomicBool,
 }
 
@@ -166,18 +174,24 @@ impl Listener {
     }
 
     async fn keyspace_loop(self: Arc<Self>) {
+        let store = &self.service.store;
         loop {
-            match self.service.store.profile_writes().await {
-                Ok(mut writes) => {
+            // A Redis restarted since the last subscription has forgotten a CONFIG SET.
+            if let Err(e) = store.ensure_keyspace_notifications(self.cfg.configure_notifications).await {
+                tracing::error!(error = %e, "keyspace notifications are off; profile changes are found only by catch-up scans");
+            }
+            match store.profile_changes().await {
+                Ok(mut changes) => {
                     // Events published while we were not subscribed are lost: catch up.
                     self.catchup.notify_one();
-                    while let Some(user) = writes.next().await {
+                    while let Some(user) = changes.next().await {
                         self.count("keyspace", "received");
                         if self.queue.push(user, Instant::now(), "keyspace") == Pushed::Full {
                             self.count("keyspace", "dropped");
                             if !self.overflowed.swap(true, Ordering::SeqCst) {
-                                tracing::warn!("listener queue full: dropping events, a catch-up scan will follow");
+                                tracing::warn!("listener queue full: dropping events, a catch-up scan follows");
                             }
+                            self.catchup.notify_one();
                         }
                         self.service.metrics.listener_queue.set(self.queue.len() as i64);
                     }
@@ -200,13 +214,14 @@ impl Listener {
             let mut seen = 0u64;
             loop {
                 match self.service.store.scan_profiles(cursor, SCAN_PAGE).await {
-                    Ok((next, users)) => {
-                        for user in users {
+                    Ok(page) => {
+                        self.service.metrics.scan_skipped_keys.inc_by(page.skipped);
+                        for user in page.users {
                             seen += 1;
                             self.count("catchup", "received");
                             self.queue.push_wait(user, Instant::now(), "catchup").await;
                         }
-                        cursor = next;
+                        cursor = page.next;
                         if cursor == 0 {
                             break;
                         }
@@ -237,20 +252,13 @@ impl Listener {
                     .listener_lag
                     .with_label_values(&[source])
                     .observe(queued_at.elapsed().as_secs_f64()),
-                Ok(Refresh::Unchanged) => {}
+                Ok(Refresh::Unchanged | Refresh::Superseded) => {}
                 Err(e) if is_permanent(e) => tracing::warn!(%user, error = %e, "profile cannot be processed"),
                 Err(e) => {
                     tracing::warn!(%user, error = %e, "recomputation failed; a catch-up scan will retry it");
-                    self.catchup_later();
+                    self.catchup.notify_one();
                 }
             }
-        }
-    }
-
-    /// Schedules a catch-up scan after a transient failure (at most one pending at a time).
-    fn catchup_later(&self) {
-        if !self.overflowed.swap(true, Ordering::SeqCst) {
-            self.catchup.notify_one();
         }
     }
 
@@ -258,6 +266,7 @@ impl Listener {
         let mut consumer: Option<StreamConsumer> = None;
         let claim_every = Duration::from_millis((self.cfg.claim_idle_ms / 2).max(100));
         let mut last_claim = Instant::now() - claim_every;
+        let mut last_trim = Instant::now();
         while !*shutdown.borrow() {
             let c = match consumer.as_mut() {
                 Some(c) => c,
@@ -283,6 +292,14 @@ impl Listener {
             } else {
                 c.read_new(self.cfg.listener_concurrency.max(1)).await
             };
+            if last_trim.elapsed() >= TRIM_EVERY {
+                last_trim = Instant::now();
+                match c.trim_acknowledged().await {
+                    Ok(removed) if removed > 0 => tracing::debug!(removed, "request stream trimmed"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "trimming the request stream failed"),
+                }
+            }
             match batch {
                 Ok(entries) => {
                     if let Err(e) = self.handle_entries(c, entries).await {
@@ -327,7 +344,8 @@ impl Listener {
                     }
                 }
                 Err(e) if is_permanent(&e) => {
-                    c.dead_letter(&self.cfg.dead_letter_stream, entry, &e.to_string()).await?;
+                    c.dead_letter(&self.cfg.dead_letter_stream, self.cfg.dead_letter_maxlen, entry, &e.to_string())
+                        .await?;
                     self.count("stream", "dead_lettered");
                     tracing::warn!(id = %entry.id, reason = %e, "stream entry dead-lettered");
                 }
@@ -335,7 +353,8 @@ impl Listener {
                     let attempts = c.deliveries(&entry.id).await?;
                     if attempts >= self.cfg.max_attempts {
                         let reason = format!("gave up after {attempts} attempts: {e}");
-                        c.dead_letter(&self.cfg.dead_letter_stream, entry, &reason).await?;
+                        c.dead_letter(&self.cfg.dead_letter_stream, self.cfg.dead_letter_maxlen, entry, &reason)
+                            .await?;
                         self.count("stream", "dead_lettered");
                         tracing::warn!(id = %entry.id, %reason, "stream entry dead-lettered");
                     } else {

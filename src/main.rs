@@ -55,10 +55,9 @@ enum Mode {
 }
 
 async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
-    let service = build_service(&cfg)?;
+    // Bind first: a taken port fails in milliseconds, before any model starts loading.
     let addr = cfg.listen_addr()?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, ?mode, model_dir = %cfg.model_dir.display(), "listening");
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let access = http::Access { api_token: cfg.api_token.clone(), max_header_bytes: cfg.max_header_bytes };
     let admin_here = cfg.admin_port.is_none();
     let (routes, listen) = match mode {
@@ -69,12 +68,14 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         Some(admin_addr) => {
             let l = tokio::net::TcpListener::bind(admin_addr)
                 .await
-                .with_context(|| format!("binding the admin port {admin_addr}"))?;
+                .with_context(|| format!("cannot listen on the admin address {admin_addr}"))?;
             tracing::info!(addr = %admin_addr, "admin routes listening (loopback only)");
             Some(l)
         }
         None => None,
     };
+    let service = build_service(&cfg)?;
+    tracing::info!(%addr, ?mode, model_dir = %cfg.model_dir.display(), "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
     let on_signal = stop_tx.clone();

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub unknown_items: IntCounter,
     pub cold_starts: IntCounter,
     pub single_flight_shared: IntCounter,
+    pub writes_superseded: IntCounter,
+    pub scan_skipped_keys: IntCounter,
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
     pub queue_wait: Histogram,
@@ -66,7 +68,17 @@ impl Metrics {
                 .expect("metric");
         let single_flight_shared = IntCounter::new(
             "single_flight_shared_total",
-            "Requests answered with the result of a computation already in flight for the same user and k",
+            "Requests answered with the result of a computation already in flight for the same profile value, k and model version",
+        )
+        .expect("metric");
+        let writes_superseded = IntCounter::new(
+            "writes_superseded_total",
+            "Computed lists not written because the profile changed while they were computed",
+        )
+        .expect("metric");
+        let scan_skipped_keys = IntCounter::new(
+            "scan_skipped_keys_total",
+            "Profile keys skipped by catch-up and backfill scans because their name is not UTF-8",
         )
         .expect("metric");
         let cold_starts =
@@ -78,9 +90,9 @@ impl Metrics {
         )
         .expect("metric");
         let queue_depth =
-            IntGauge::new("inference_queue_depth", "Requests waiting for the inference thread").expect("metric");
+            IntGauge::new("inference_queue_depth", "Requests waiting for an inference worker").expect("metric");
         let queue_wait = Histogram::with_opts(
-            HistogramOpts::new("inference_queue_wait_seconds", "Time a request waited for the inference thread")
+            HistogramOpts::new("inference_queue_wait_seconds", "Time a request waited for an inference worker")
                 .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("metric");
@@ -127,6 +139,8 @@ impl Metrics {
             Box::new(unknown_items.clone()),
             Box::new(cold_starts.clone()),
             Box::new(single_flight_shared.clone()),
+            Box::new(writes_superseded.clone()),
+            Box::new(scan_skipped_keys.clone()),
             Box::new(batch_size.clone()),
             Box::new(queue_depth.clone()),
             Box::new(queue_wait.clone()),
@@ -148,6 +162,8 @@ impl Metrics {
             unknown_items,
             cold_starts,
             single_flight_shared,
+            writes_superseded,
+            scan_skipped_keys,
             batch_size,
             queue_depth,
             queue_wait,

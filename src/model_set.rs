@@ -73,10 +73,11 @@ impl ModelSet {
         &self,
         worker: usize,
         histories: &[&[i64]],
+        excludes: &[&[i64]],
         budget: Budget,
     ) -> Result<(Vec<Ranked>, StageStats), tch::TchError> {
         let copy = &self.copies[worker % self.copies.len()];
-        copy.lock().unwrap_or_else(|e| e.into_inner()).rank(histories, budget)
+        copy.lock().unwrap_or_else(|e| e.into_inner()).rank(histories, excludes, budget)
     }
 }
 
@@ -88,7 +89,7 @@ fn warm_up(models: &Models, spec: &LoadSpec) -> Result<(), String> {
         (0..spec.warm_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
     let refs: Vec<&[i64]> = warm.iter().map(|h| h.as_slice()).collect();
     for _ in 0..3 {
-        models.rank(&refs, spec.warm_budget).map_err(|e| crate::models::torch_error(&e))?;
+        models.rank(&refs, &refs, spec.warm_budget).map_err(|e| crate::models::torch_error(&e))?;
     }
     Ok(())
 }

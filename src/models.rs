@@ -1,7 +1,7 @@
 //! The three TorchScript stages, their tensor contracts (model_output/README.md), and the cascade.
 //!
 //! Every tensor call uses tch's fallible `f_*` API: a model error becomes a `TchError`, never a
-//! panic on the inference thread.
+//! panic on an inference worker.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -192,7 +192,7 @@ impl Models {
             k: 5,
             last_stage: Stage::Ranknet,
         };
-        let (ranked, _) = self.rank(&refs, budget).map_err(|e| torch_error(&e))?;
+        let (ranked, _) = self.rank(&refs, &refs, budget).map_err(|e| torch_error(&e))?;
         for (hist, r) in histories.iter().zip(&ranked) {
             if r.scores.iter().any(|s| !s.is_finite()) {
                 return Err("ranknet returned non-finite scores".into());
@@ -225,28 +225,27 @@ impl Models {
         }
     }
 
-    /// The `c` best-scored catalog rows of every history, history items excluded, best first:
-    /// ([B, c] scores, [B, c] rows). On the CPU one pass over each row of the score matrix with a
-    /// bounded heap (`select_top`); elsewhere the history is masked with -inf and `topk` runs on
-    /// the device.
-    fn top_candidates(&self, scores: Tensor, histories: &[&[i64]], c: i64) -> Result<(Tensor, Tensor), TchError> {
+    /// The `c` best-scored catalog rows of every profile, the rows in its `exclude` left out, best
+    /// first: ([B, c] scores, [B, c] rows). On the CPU `select_top` over each row of the score
+    /// matrix; elsewhere the excluded rows are masked with -inf and `topk` runs on the device.
+    fn top_candidates(&self, scores: Tensor, excludes: &[&[i64]], c: i64) -> Result<(Tensor, Tensor), TchError> {
         if self.device == Device::Cpu {
             let scores = scores.f_contiguous()?;
             let values = cpu_f32(&scores)?;
             let n = self.info.num_items;
-            let mut rows = Vec::with_capacity(histories.len() * c as usize);
+            let mut rows = Vec::with_capacity(excludes.len() * c as usize);
             let mut best = Vec::with_capacity(rows.capacity());
-            for (i, hist) in histories.iter().enumerate() {
-                for (row, score) in select_top(&values[i * n..(i + 1) * n], hist, c as usize) {
+            for (i, exclude) in excludes.iter().enumerate() {
+                for (row, score) in select_top(&values[i * n..(i + 1) * n], exclude, c as usize) {
                     rows.push(row as i64);
                     best.push(score);
                 }
             }
-            let shape = [histories.len() as i64, c];
+            let shape = [excludes.len() as i64, c];
             return Ok((Tensor::f_from_slice(&best)?.f_view(shape)?, Tensor::f_from_slice(&rows)?.f_view(shape)?));
         }
         let (rows, cols): (Vec<i64>, Vec<i64>) =
-            histories.iter().enumerate().flat_map(|(i, hist)| hist.iter().map(move |&c| (i as i64, c))).unzip();
+            excludes.iter().enumerate().flat_map(|(i, ex)| ex.iter().map(move |&c| (i as i64, c))).unzip();
         let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
         let cols = Tensor::f_from_slice(&cols)?.f_to_device(self.device)?;
         let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (Kind::Float, self.device))?;
@@ -255,14 +254,21 @@ impl Models {
         scores.f_topk(c, 1, true, true)
     }
 
-    /// The cascade for a batch of non-empty histories (distinct catalog rows each):
-    /// LightGCN scores the catalog, history items are excluded, the top `budget.lightgcn` go to DIN,
-    /// DIN's top `budget.din` go to RankNet, RankNet's top `budget.k` are returned.
-    pub fn rank(&self, histories: &[&[i64]], budget: Budget) -> Result<(Vec<Ranked>, StageStats), TchError> {
+    /// The cascade for a batch of profiles: `histories` (non-empty, distinct catalog rows each) are
+    /// what the models see, `excludes` (distinct rows each, a superset of the history) what may
+    /// not be recommended. LightGCN scores the catalog, excluded rows are left out, the top
+    /// `budget.lightgcn` go to DIN, DIN's top `budget.din` go to RankNet, RankNet's top `budget.k`
+    /// are returned.
+    pub fn rank(
+        &self,
+        histories: &[&[i64]],
+        excludes: &[&[i64]],
+        budget: Budget,
+    ) -> Result<(Vec<Ranked>, StageStats), TchError> {
         let _guard = tch::no_grad_guard();
         let n = self.info.num_items;
-        let longest = histories.iter().map(|h| h.len()).max().unwrap_or(0);
-        // Every row excludes at most `longest` items, so this many non-history items always exist.
+        let longest = excludes.iter().map(|h| h.len()).max().unwrap_or(0);
+        // Every row excludes at most `longest` items, so this many other items always exist.
         let c1 = budget.lightgcn.min(n.saturating_sub(longest)) as i64;
         let c2 = budget.din.min(c1 as usize) as i64;
         let k = budget.k.min(c2 as usize) as i64;
@@ -277,7 +283,7 @@ impl Models {
         let t = Instant::now();
         let scores = self.lightgcn.forward_ts(&[&h, &m])?;
         expect_shape("lightgcn", &scores, [b, n as i64])?;
-        let (s1, cand1) = self.top_candidates(scores, histories, c1)?;
+        let (s1, cand1) = self.top_candidates(scores, excludes, c1)?;
         self.sync();
         times.lightgcn = Some(t.elapsed());
         if budget.last_stage == Stage::Lightgcn {

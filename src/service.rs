@@ -1,5 +1,5 @@
-//! The one function that makes a recommendation: validate -> read profile -> rank -> write.
-//! Every entry point (HTTP, the `recommend` command) calls `Service::recommend`.
+//! Making a recommendation: validate -> read profile -> rank -> write. HTTP and the `recommend`
+//! command call `Service::recommend`; the listener and backfill call `Service::refresh`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,10 +9,13 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::engine::Engine;
+use crate::engine::EngineState;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::model_set::ModelSet;
-use crate::store::{ProfileRead, Store};
+use crate::redis::profile::ProfileRead;
+use crate::redis::store::{ProfileLimits, Written};
+use crate::redis::Store;
 
 pub const MAX_USER_ID_BYTES: usize = 128;
 
@@ -47,6 +50,8 @@ pub enum Refresh {
     Written,
     /// The stored list was computed from the same profile by the same model version.
     Unchanged,
+    /// The profile changed while this computation ran; the change's own event recomputes it.
+    Superseded,
 }
 
 pub struct ServiceConfig {
@@ -54,24 +59,29 @@ pub struct ServiceConfig {
     pub max_k: usize,
     pub max_history: usize,
     pub ttl_secs: u64,
+    pub profile_limits: ProfileLimits,
 }
 
 /// The outcome of one computation, watched by the requests that share it.
 type Flight = watch::Receiver<Option<Result<Recommendation, Error>>>;
+
+/// Requests share a computation only when they read the same profile value and would rank it
+/// with the same models for the same k: (user id, k, profile hash, model version).
+type FlightKey = (String, usize, String, String);
 
 pub struct Service {
     pub store: Store,
     pub engine: Engine,
     pub metrics: Metrics,
     cfg: ServiceConfig,
-    /// Computations in flight by (user id, k): single flight.
-    in_flight: Mutex<HashMap<(String, usize), Flight>>,
+    /// Computations in flight: single flight.
+    in_flight: Mutex<HashMap<FlightKey, Flight>>,
 }
 
 /// Removes a flight from the map when its leader finishes or is cancelled (client gone).
 struct Landing<'a> {
-    map: &'a Mutex<HashMap<(String, usize), Flight>>,
-    key: (String, usize),
+    map: &'a Mutex<HashMap<FlightKey, Flight>>,
+    key: FlightKey,
 }
 
 impl Drop for Landing<'_> {
@@ -121,12 +131,17 @@ impl Service {
         }
     }
 
-    /// Reads the profile, ranks and writes `recommendations:<user_id>`. Concurrent calls for the
-    /// same user and k share one computation (single flight): the first computes, the others
-    /// receive its outcome; if the first is cancelled, a waiting one computes instead.
+    /// Reads the profile, ranks it and writes `recommendations:<user_id>`. The answer reflects the
+    /// profile as it was when this request read it, never an older value: concurrent requests
+    /// share one computation (single flight) only when they read the same profile value for the
+    /// same k and model version; if the computing one is cancelled, a waiting one computes instead.
     pub async fn recommend(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
+        let started = Instant::now();
         validate_user_id(user_id)?;
-        let key = (user_id.to_string(), k);
+        self.check_k(i64::try_from(k).unwrap_or(i64::MAX))?;
+        let set = self.model_set()?;
+        let read = self.read(user_id).await?;
+        let key = (user_id.to_string(), k, read.sha().to_string(), set.info.version.clone());
         loop {
             let (leader, mut flight) = {
                 let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,7 +156,7 @@ impl Service {
             };
             if let Some(tx) = leader {
                 let _landing = Landing { map: &self.in_flight, key };
-                let result = self.compute(user_id, k).await;
+                let result = self.compute_and_write(user_id, k, &read, set.clone(), started).await.map(|(rec, _)| rec);
                 tx.send_replace(Some(result.clone()));
                 return result;
             }
@@ -154,50 +169,64 @@ impl Service {
         }
     }
 
-    async fn compute(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
-        let started = Instant::now();
-        let (read, set) = self.read(user_id, k).await?;
-        self.compute_and_write(user_id, k, read, set, started).await
-    }
-
-    /// The listener's entry point: recomputes `recommendations:<user_id>` (default k) unless the
-    /// stored list was computed from the same profile value by the same model version.
+    /// The listener's and backfill's entry point: recomputes `recommendations:<user_id>` (default
+    /// k) unless the stored list was computed from the same profile value by the same model
+    /// version. A profile that cannot be ranked removes the stored list (see `read`).
     pub async fn refresh(&self, user_id: &str) -> Result<Refresh, Error> {
         let started = Instant::now();
-        let k = self.cfg.default_k;
-        let (read, set) = self.read(user_id, k).await?;
+        validate_user_id(user_id)?;
+        let set = self.model_set()?;
+        let read = self.read(user_id).await?;
         if read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == set.info.version) {
             return Ok(Refresh::Unchanged);
         }
-        self.compute_and_write(user_id, k, read, set, started).await?;
-        Ok(Refresh::Written)
+        match self.compute_and_write(user_id, self.cfg.default_k, &read, set, started).await?.1 {
+            Written::Stored => Ok(Refresh::Written),
+            Written::Superseded => Ok(Refresh::Superseded),
+        }
     }
 
-    /// Validates the request and reads the profile; returns it with the model set in service,
-    /// which this request uses to the end (a reload meanwhile does not mix versions).
-    async fn read(&self, user_id: &str, k: usize) -> Result<(ProfileRead, Arc<ModelSet>), Error> {
-        validate_user_id(user_id)?;
-        self.check_k(i64::try_from(k).unwrap_or(i64::MAX))?;
-        let set = self.engine.current().ok_or(Error::EngineStopped)?;
+    /// The model set in service; each request uses the one it started with to the end (a reload
+    /// meanwhile does not mix versions).
+    fn model_set(&self) -> Result<Arc<ModelSet>, Error> {
+        match self.engine.state() {
+            EngineState::Ready(set) => Ok(set),
+            EngineState::Loading => Err(Error::ModelsLoading),
+            EngineState::Failed(reason) => Err(Error::EngineStopped(format!("the models failed to load: {reason}"))),
+        }
+    }
+
+    /// Reads the profile. One that cannot be ranked (malformed, too large, too long) also removes
+    /// a stored list that was not computed from it, so Redis never keeps a list the API would not
+    /// give now.
+    async fn read(&self, user_id: &str) -> Result<ProfileRead, Error> {
         let t = Instant::now();
-        let read = self.store.read_profile(user_id).await?;
+        let read = self.store.read_profile(user_id, self.cfg.profile_limits).await;
         self.observe_stage("redis_read", t);
-        Ok((read, set))
+        if let Err(e) = &read {
+            if e.is_profile_problem() {
+                match self.store.drop_stale_recommendations(user_id).await {
+                    Ok(true) => tracing::info!(%user_id, "removed the stored list of a profile that cannot be ranked"),
+                    Ok(false) => {}
+                    Err(drop) => tracing::warn!(%user_id, error = %drop, "could not remove a stale list"),
+                }
+            }
+        }
+        read
     }
 
     async fn compute_and_write(
         &self,
         user_id: &str,
         k: usize,
-        read: ProfileRead,
+        read: &ProfileRead,
         set: Arc<ModelSet>,
         started: Instant,
-    ) -> Result<Recommendation, Error> {
-        let profile_sha = read.sha().to_string();
+    ) -> Result<(Recommendation, Written), Error> {
         let model_version = set.info.version.clone();
-        let items = read.profile.map(|p| p.items).unwrap_or_default();
+        let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
         let catalog = &set.catalog;
-        let history = catalog.history(&items, self.cfg.max_history);
+        let history = catalog.history(items, self.cfg.max_history);
         self.metrics.unknown_items.inc_by(history.unknown as u64);
 
         let (recommendations, strategy) = if history.rows.is_empty() {
@@ -209,7 +238,7 @@ impl Service {
                 .collect();
             (items, Strategy::Popular)
         } else {
-            let scored = self.engine.rank(set.clone(), history.rows, k).await?;
+            let scored = self.engine.rank(set.clone(), history.rows, history.exclude, k).await?;
             let s = &scored.stats;
             for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
                 if let Some(d) = d {
@@ -233,10 +262,13 @@ impl Service {
 
         let t = Instant::now();
         let ids: Vec<&str> = recommendations.iter().map(|i| i.item_id.as_str()).collect();
-        self.store.write_recommendations(user_id, &ids, self.cfg.ttl_secs, &profile_sha, &model_version).await?;
+        let written = self.store.write_recommendations(user_id, &ids, self.cfg.ttl_secs, read, &model_version).await?;
         self.observe_stage("redis_write", t);
+        if written == Written::Superseded {
+            self.metrics.writes_superseded.inc();
+        }
 
-        Ok(Recommendation {
+        let rec = Recommendation {
             user_id: user_id.to_string(),
             recommendations,
             strategy,
@@ -244,7 +276,8 @@ impl Service {
             unknown_items: history.unknown,
             truncated_items: history.truncated,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-        })
+        };
+        Ok((rec, written))
     }
 
     fn observe_stage(&self, stage: &str, since: Instant) {
@@ -274,7 +307,7 @@ mod tests {
                 && !id.chars().any(|c| c.is_whitespace() || c.is_control());
             proptest::prop_assert_eq!(validate_user_id(&id).is_ok(), ok);
             if ok {
-                let key = crate::store::recommendations_key(&id);
+                let key = crate::redis::keys::recommendations_key(&id);
                 proptest::prop_assert!(!key.contains('\n') && !key.contains('\r') && key.ends_with(&id));
             }
         }

@@ -1,5 +1,6 @@
 //! Deployment artifacts that a test can check here: the Grafana dashboard and the alert rules
-//! reference only metric names the server exports (with every metric family populated).
+//! reference only metric names the server exports (with every metric family populated), and the
+//! committed manifests and results name no path of the machine that produced them.
 
 mod common;
 
@@ -101,4 +102,23 @@ fn dashboard_has_the_shape_grafana_imports() {
     ] {
         assert!(titles.contains(&want), "missing panel {want}");
     }
+}
+
+#[test]
+fn committed_manifests_and_results_carry_no_machine_paths() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for dir in ["model_output", "bench/results"] {
+        for entry in std::fs::read_dir(repo.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for marker in ["/work/", "/tmp/", "/root/", "/home/", "/shared/data"] {
+                    assert!(!text.contains(marker), "{} names a machine path ({marker})", path.display());
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2, "model_output/manifest.json and bench/results/*.json are checked");
 }

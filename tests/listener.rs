@@ -6,10 +6,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sha2::{Digest, Sha256};
+use sha1::{Digest, Sha1};
 
 fn sha(value: &str) -> String {
-    format!("{:x}", Sha256::digest(value.as_bytes()))
+    format!("{:x}", Sha1::digest(value.as_bytes()))
 }
 
 /// A deterministic profile for user `n`, version `v` (different versions, different items).
@@ -167,9 +167,11 @@ fn listen_refuses_to_start_when_notifications_are_off_and_may_not_be_enabled() {
         Server::start_mode(redis.port, test_models(), &["listen"], &[("CONFIGURE_NOTIFICATIONS", "false")]);
     wait_until(Duration::from_secs(60), || server.exited().is_some());
     assert!(!server.exited().unwrap().success());
+    // Hold the default port (if nothing else does): the CLI run must not depend on it being free.
+    let _default_port = std::net::TcpListener::bind(("0.0.0.0", 8001)).ok();
     let out = run_cli(redis.port, test_models(), &["--configure-notifications", "false", "listen"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("add the line `notify-keyspace-events K$` to redis.conf"), "{err}");
+    assert!(err.contains("add the line `notify-keyspace-events K$gx` to redis.conf"), "{err}");
 }
 
 #[test]
@@ -238,4 +240,105 @@ fn every_write_is_announced_on_the_notify_channel() {
     assert_eq!(server.post("/recommend/bad%20id").0, 400);
     pubsub.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     assert!(pubsub.get_message().is_err(), "a refused request announces nothing");
+}
+
+#[test]
+fn a_burst_larger_than_the_queue_is_recomputed_within_seconds_by_the_catch_up_it_triggers() {
+    let redis = Redis::start();
+    let _listener = listen(&redis, &[("MAX_PENDING_USERS", "5"), ("CATCHUP_INTERVAL_SECS", "3600")]);
+    std::thread::sleep(Duration::from_millis(300)); // the start-up catch-up of an empty Redis is over
+    let expected: Vec<(String, String)> = (0..400).map(|n| (format!("over{n}"), profile(n, 0))).collect();
+    let mut pipe = redis::pipe();
+    for (user, value) in &expected {
+        pipe.set(format!("user_profile:{user}"), value).ignore();
+    }
+    pipe.query::<()>(&mut redis.conn()).unwrap();
+    wait_all_up_to_date(&redis, &expected, Duration::from_secs(30));
+}
+
+#[test]
+fn deleted_or_broken_profiles_leave_what_the_api_would_answer() {
+    let redis = Redis::start();
+    let listener = Server::start_mode(redis.port, test_models(), &["serve", "--listen"], &[]);
+    listener.wait_healthy();
+    redis.set("user_profile:gone", &profile(1, 0));
+    redis.set("user_profile:broken", &profile(2, 0));
+    wait_until(Duration::from_secs(20), || {
+        up_to_date(&redis, "gone", &profile(1, 0)) && up_to_date(&redis, "broken", &profile(2, 0))
+    });
+    let personal = redis.get("recommendations:gone").unwrap();
+
+    redis.cmd(&["DEL", "user_profile:gone"]);
+    redis.set("user_profile:broken", "[1, 2");
+    wait_until(Duration::from_secs(10), || {
+        redis.get("recommendations:gone").is_some_and(|v| v != personal)
+            && redis.get("recommendations:broken").is_none()
+    });
+    // what is stored is what the API answers now: the popular list, and nothing (422)
+    let (status, body) = listener.post("/recommend/gone");
+    assert_eq!((status, body["strategy"].as_str()), (200, Some("popular")), "{body}");
+    let stored: Vec<String> = serde_json::from_str(&redis.get("recommendations:gone").unwrap()).unwrap();
+    assert_eq!(stored, rec_ids(&body));
+    assert_eq!(listener.post("/recommend/broken").0, 422);
+    assert!(redis.get("recommendations_meta:broken").is_none());
+}
+
+#[test]
+fn keyspace_notifications_are_re_enabled_after_a_redis_restart() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let _listener = listen(&redis, &[("CATCHUP_INTERVAL_SECS", "3600")]);
+    redis.stop();
+    let redis = Redis::start_on(port);
+    // the listener re-subscribes (PUBSUB NUMPAT counts its pattern) ...
+    wait_until(Duration::from_secs(20), || redis.cmd(&["PUBSUB", "NUMPAT"]) == redis::Value::Int(1));
+    std::thread::sleep(Duration::from_millis(300)); // ... and its catch-up of the empty Redis is over
+    let expected: Vec<(String, String)> = (0..50).map(|n| (format!("again{n}"), profile(n, 1))).collect();
+    for (user, value) in &expected {
+        redis.set(&format!("user_profile:{user}"), value);
+    }
+    wait_all_up_to_date(&redis, &expected, Duration::from_secs(15));
+}
+
+#[test]
+fn a_profile_key_whose_name_is_not_utf8_is_skipped_not_fatal() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    redis::cmd("SET").arg(b"user_profile:\xff\xfe".as_slice()).arg(profile(0, 0)).query::<()>(&mut conn).unwrap();
+    let expected: Vec<(String, String)> = (0..10).map(|n| (format!("stale{n}"), profile(n, 2))).collect();
+    for (user, value) in &expected {
+        redis.set(&format!("user_profile:{user}"), value);
+    }
+    // the listener's start-up catch-up finds every valid profile
+    let _listener = listen(&redis, &[("CATCHUP_INTERVAL_SECS", "3600")]);
+    wait_all_up_to_date(&redis, &expected, Duration::from_secs(15));
+    drop(_listener);
+    // backfill counts the key, skips it and finishes with a summary
+    redis.set("user_profile:stale3", &profile(3, 3));
+    let out = run_cli(redis.port, test_models(), &["backfill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((summary["written"].as_u64(), summary["skipped_keys"].as_u64()), (Some(1), Some(1)), "{summary}");
+}
+
+#[test]
+fn the_request_stream_and_its_dead_letters_are_trimmed() {
+    let redis = Redis::start();
+    let _listener = listen(&redis, &[("DEAD_LETTER_MAXLEN", "10")]);
+    let mut pipe = redis::pipe();
+    for n in 0..600 {
+        redis.set(&format!("user_profile:s{n}"), &profile(n, 0));
+        pipe.cmd("XADD").arg("recommend_requests").arg("*").arg("user_id").arg(format!("s{n}")).ignore();
+    }
+    for n in 0..30 {
+        pipe.cmd("XADD").arg("recommend_requests").arg("*").arg("junk").arg(n).ignore();
+    }
+    pipe.query::<()>(&mut redis.conn()).unwrap();
+    let len = |key: &str| match redis.cmd(&["XLEN", key]) {
+        redis::Value::Int(n) => n,
+        other => panic!("{other:?}"),
+    };
+    wait_until(Duration::from_secs(30), || len("recommend_requests") < 150);
+    assert_eq!(len("recommend_requests:dead"), 10, "the newest DEAD_LETTER_MAXLEN dead letters are kept");
+    assert!((0..600).all(|n| redis.get(&format!("recommendations:s{n}")).is_some()), "trimming lost no request");
 }

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use model_service::catalog::Catalog;
-use model_service::store::parse_profile;
+use model_service::redis::profile::parse_profile;
 
 fn catalog() -> &'static Catalog {
     static CATALOG: OnceLock<Catalog> = OnceLock::new();
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         Some((&m, rest)) => (usize::from(m % 16) + 1, rest),
         None => (1, data),
     };
-    match parse_profile("user_profile:fuzz", bytes) {
+    match parse_profile("user_profile:fuzz", bytes, 10_000) {
         Ok(items) => {
             let c = catalog();
             let h = c.history(&items, max_len);

@@ -193,9 +193,12 @@ pub fn base_env(cmd: &mut Command, redis_port: u16, model_dir: &Path) {
         .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "model_service=warn".into()));
 }
 
+/// Runs the binary to completion. Modes that serve HTTP (`listen`) get a free loopback port: no
+/// test may depend on a default port (8001) being free.
 pub fn run_cli(redis_port: u16, model_dir: &Path, args: &[&str]) -> Output {
     let mut cmd = bin();
     base_env(&mut cmd, redis_port, model_dir);
+    cmd.env("HOST", "127.0.0.1").env("PORT", free_port().to_string());
     cmd.args(args).output().unwrap()
 }
 

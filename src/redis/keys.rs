@@ -1,0 +1,19 @@
+//! Every Redis key name and prefix the service reads or writes: the frontend's contract.
+
+pub fn profile_key(user_id: &str) -> String {
+    format!("user_profile:{user_id}")
+}
+
+pub fn recommendations_key(user_id: &str) -> String {
+    format!("recommendations:{user_id}")
+}
+
+/// What a stored list was computed from (a hash key beside the list, same TTL).
+pub fn meta_key(user_id: &str) -> String {
+    format!("recommendations_meta:{user_id}")
+}
+
+pub const PROFILE_PREFIX: &str = "user_profile:";
+
+/// A short-lived key the readiness check writes (proof that Redis accepts writes).
+pub const HEALTH_KEY: &str = "model_service:health";

@@ -1,0 +1,120 @@
+//! Profiles as stored by the frontend: a JSON array of item-id strings, parsed with bounds.
+
+use crate::error::Error;
+
+/// A profile as read: its items (oldest first) and the hash of the stored value (`profile_sha`).
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub items: Vec<String>,
+    pub sha: String,
+}
+
+/// The hash recorded for a missing profile.
+pub const MISSING_PROFILE_SHA: &str = "missing";
+
+/// A profile read together with what the stored recommendations were computed from, and when.
+#[derive(Debug, Clone)]
+pub struct ProfileRead {
+    pub profile: Option<Profile>,
+    /// `(profile_sha, model_version)` of the stored list, if any.
+    pub computed_from: Option<(String, String)>,
+    /// Redis's clock at the read, in ms (a write's deadline is expressed in it).
+    pub redis_ms: u64,
+    /// This process's clock at the read.
+    pub read_at: std::time::Instant,
+}
+
+impl ProfileRead {
+    pub fn sha(&self) -> &str {
+        self.profile.as_ref().map(|p| p.sha.as_str()).unwrap_or(MISSING_PROFILE_SHA)
+    }
+}
+
+/// A profile is a JSON array of at most `max_items` item-id strings; anything else is refused with
+/// the reason.
+pub fn parse_profile(key: &str, bytes: &[u8], max_items: usize) -> Result<Vec<String>, Error> {
+    let invalid = |reason: String| Error::InvalidProfile { key: key.to_string(), reason };
+    let text = std::str::from_utf8(bytes).map_err(|_| invalid("the value is not UTF-8 text".into()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| invalid(format!("the value is not JSON ({e})")))?;
+    let serde_json::Value::Array(items) = value else {
+        return Err(invalid(format!("expected a JSON array of item ids, got {}", json_kind(&value))));
+    };
+    if items.len() > max_items {
+        return Err(Error::ProfileTooLong { key: key.to_string(), items: items.len(), max: max_items });
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            serde_json::Value::String(s) => Ok(s),
+            other => Err(invalid(format!("element {i} is {}, expected a string item id", json_kind(&other)))),
+        })
+        .collect()
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_parse_only_as_arrays_of_strings() {
+        assert_eq!(parse_profile("k", br#"["a","b"]"#, 10).unwrap(), vec!["a", "b"]);
+        assert_eq!(parse_profile("k", b"[]", 10).unwrap(), Vec::<String>::new());
+        let cases: [(&[u8], &str); 5] = [
+            (b"not json", "not JSON"),
+            (br#"{"a":1}"#, "got an object"),
+            (br#"["a", 5]"#, "element 1 is a number"),
+            (br#"[["a"]]"#, "element 0 is an array"),
+            (b"\xff\xfe", "not UTF-8"),
+        ];
+        for (input, want) in cases {
+            let err = parse_profile("user_profile:x", input, 10).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(want) && text.contains("user_profile:x"), "{text}");
+            assert_eq!(err.status().as_u16(), 422);
+        }
+    }
+
+    #[test]
+    fn a_profile_longer_than_the_cap_is_refused_with_its_length() {
+        let err = parse_profile("user_profile:x", br#"["a","b","c"]"#, 2).unwrap_err();
+        assert_eq!((err.code(), err.status().as_u16()), ("profile_too_long", 422));
+        assert!(err.to_string().contains("holds 3 item ids, at most 2"), "{err}");
+        assert_eq!(parse_profile("user_profile:x", br#"["a","b"]"#, 2).unwrap().len(), 2);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics_and_only_accepts_string_arrays(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Ok(items) = parse_profile("user_profile:p", &bytes, usize::MAX) {
+                let reparsed: Vec<String> = serde_json::from_slice(&bytes).unwrap();
+                proptest::prop_assert_eq!(items, reparsed);
+            }
+        }
+
+        #[test]
+        fn any_list_of_strings_round_trips(items in proptest::collection::vec(".{0,40}", 0..50)) {
+            let json = serde_json::to_vec(&items).unwrap();
+            proptest::prop_assert_eq!(parse_profile("user_profile:p", &json, 50).unwrap(), items);
+        }
+
+        #[test]
+        fn nested_or_mixed_json_is_refused_with_422(depth in 1usize..64, n in proptest::num::i64::ANY) {
+            let nested = format!("{}{}{}", "[".repeat(depth), n, "]".repeat(depth));
+            let err = parse_profile("user_profile:p", nested.as_bytes(), 10).unwrap_err();
+            proptest::prop_assert_eq!(err.status().as_u16(), 422);
+        }
+    }
+}
