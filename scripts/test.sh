@@ -13,6 +13,8 @@ echo "== cargo clippy"
 cargo clippy --release --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --release -- --test-threads 2
+echo "== HTTP contract (openapi-spec-validator, schemathesis)"
+scripts/contract_test.sh
 echo "== deployment files"
 scripts/check_deploy.sh
 echo "== python tests"

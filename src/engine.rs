@@ -38,8 +38,8 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    fn budget(&self, k: usize) -> Budget {
-        Budget { lightgcn: self.lightgcn_candidates, din: self.din_candidates, k, last_stage: self.last_stage }
+    fn budget(&self, k: usize, explain: bool) -> Budget {
+        Budget { lightgcn: self.lightgcn_candidates, din: self.din_candidates, k, last_stage: self.last_stage, explain }
     }
 
     /// How a model set is loaded for these workers (the device resolved against what libtorch sees).
@@ -49,7 +49,7 @@ impl EngineConfig {
             copies: self.workers.max(1),
             torch_threads: self.torch_threads,
             warm_batch: self.max_batch,
-            warm_budget: self.budget(10),
+            warm_budget: self.budget(10, false),
         })
     }
 }
@@ -68,7 +68,7 @@ pub struct Scored {
 }
 
 /// What a successful reload replaced.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Reloaded {
     pub model_version: String,
     pub model_dir: String,
@@ -83,6 +83,7 @@ struct Job {
     history: Vec<i64>,
     exclude: Vec<i64>,
     k: usize,
+    explain: bool,
     queued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<Scored, Error>>,
@@ -214,18 +215,20 @@ impl Engine {
     }
 
     /// Queues one history (non-empty, distinct rows of `set`'s catalog) with the rows it must not
-    /// be recommended (the whole profile), and waits for its top `k`, computed by `set`'s models.
+    /// be recommended (the whole profile), and waits for its top `k`, computed by `set`'s models
+    /// (with each item's per-stage trace when `explain`).
     pub async fn rank(
         &self,
         set: Arc<ModelSet>,
         history: Vec<i64>,
         exclude: Vec<i64>,
         k: usize,
+        explain: bool,
     ) -> Result<Scored, Error> {
         let queued = Instant::now();
         let deadline = queued + self.cfg.deadline;
         let (reply, answer) = oneshot::channel();
-        match self.tx.try_send(Job { set, history, exclude, k, queued, deadline, reply }) {
+        match self.tx.try_send(Job { set, history, exclude, k, explain, queued, deadline, reply }) {
             Ok(()) => self.metrics.queue_depth.inc(),
             Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.cfg.queue_capacity)),
             Err(TrySendError::Disconnected(_)) => {
@@ -305,11 +308,14 @@ fn gather(rx: &Receiver<Job>, max_batch: usize, max_delay: Duration) -> Option<V
 
 fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
     let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
+    // Tracing the stages costs a few copies per batch; only batches that hold a request asking pay.
+    let explain = jobs.iter().any(|j| j.explain);
     let set = jobs[0].set.clone();
     let histories: Vec<&[i64]> = jobs.iter().map(|j| j.history.as_slice()).collect();
     let excludes: Vec<&[i64]> = jobs.iter().map(|j| j.exclude.as_slice()).collect();
     let batch = histories.len();
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, &excludes, cfg.budget(k))));
+    let outcome =
+        std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, &excludes, cfg.budget(k, explain))));
     let result = match outcome {
         Ok(Ok(result)) => Ok(result),
         Ok(Err(e)) => Err(crate::models::torch_error(&e)),
@@ -320,6 +326,10 @@ fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
             for (job, mut r) in jobs.into_iter().zip(ranked) {
                 r.rows.truncate(job.k);
                 r.scores.truncate(job.k);
+                match &mut r.trace {
+                    Some(trace) if job.explain => trace.truncate(job.k),
+                    _ => r.trace = None,
+                }
                 let _ = job.reply.send(Ok(Scored { ranked: r, stats: times.clone() }));
             }
         }

@@ -58,6 +58,8 @@ pub enum Error {
     Forbidden(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("invalid request body: {0}")]
+    InvalidBody(String),
     #[error("request headers too large: {0}")]
     HeadersTooLarge(String),
     #[error("request body too large: {0}")]
@@ -66,6 +68,15 @@ pub enum Error {
     ReloadInProgress,
     #[error("reload refused, the models in service keep serving: {0}")]
     ReloadRefused(String),
+}
+
+/// Every error the server sends: `{"error": "<code>", "detail": "<what and why>"}`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable code (README lists them).
+    pub error: String,
+    /// What went wrong and why, for a human.
+    pub detail: String,
 }
 
 impl Error {
@@ -90,6 +101,7 @@ impl Error {
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Forbidden(_) => "forbidden",
             Error::InvalidRequest(_) => "invalid_request",
+            Error::InvalidBody(_) => "invalid_body",
             Error::HeadersTooLarge(_) => "headers_too_large",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::ReloadInProgress => "reload_in_progress",
@@ -103,6 +115,7 @@ impl Error {
             Error::InvalidProfile { .. }
             | Error::ProfileTooLarge { .. }
             | Error::ProfileTooLong { .. }
+            | Error::InvalidBody(_)
             | Error::ReloadRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::RedisUnavailable(_)
             | Error::Redis(_)

@@ -1,6 +1,5 @@
 //! Routes, extractors and response shapes. No business logic: handlers call `Service`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,12 +10,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 use tracing::Instrument;
 
-use crate::engine::EngineState;
-use crate::error::Error;
-use crate::service::Service;
+use crate::engine::{EngineState, Reloaded};
+use crate::error::{Error, ErrorBody};
+use crate::service::{Ask, Recommendation, Service};
 
 /// Largest request body accepted (the API takes none; this bounds what a client can send).
 const BODY_LIMIT: usize = 16 * 1024;
@@ -24,6 +22,9 @@ const BODY_LIMIT: usize = 16 * 1024;
 /// What the routers need besides the service.
 #[derive(Debug, Clone)]
 pub struct Access {
+    /// Largest body of `POST /recommend` (a history sent in the request): MAX_PROFILE_BYTES plus
+    /// room for the JSON around it.
+    pub history_body_limit: usize,
     /// When set, POST and admin routes require `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
     /// Largest request target plus headers, in bytes (431 beyond).
@@ -47,14 +48,20 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
     if let Routes::Api { .. } = routes {
         app = app
             .route("/recommend/{user_id}", post(recommend))
+            .route("/recommendations/{user_id}", get(recommendations))
+            .route(
+                "/recommend",
+                post(recommend_history).layer(axum::extract::DefaultBodyLimit::max(access.history_body_limit)),
+            )
             .route_layer(middleware::from_fn_with_state(token.clone(), require_token));
     }
     if !matches!(routes, Routes::Admin) {
         app = app
             .route("/health", get(health))
             .route("/health/live", get(live))
-            .route("/health/ready", get(health))
-            .route("/metrics", get(metrics));
+            .route("/health/ready", get(ready))
+            .route("/metrics", get(metrics))
+            .route("/openapi.json", get(openapi_json));
     }
     if matches!(routes, Routes::Api { admin: true } | Routes::Ops { admin: true } | Routes::Admin) {
         let guard = AdminGuard { token, open_without_token: routes == Routes::Admin };
@@ -68,7 +75,7 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(service.clone(), track))
-        .layer(middleware::from_fn_with_state(access.max_header_bytes, limit_request))
+        .layer(middleware::from_fn_with_state(Limits::from(access), limit_request))
         .with_state(service)
 }
 
@@ -120,19 +127,34 @@ async fn require_admin(State(guard): State<AdminGuard>, request: Request, next: 
     }
 }
 
+#[derive(Clone, Copy)]
+struct Limits {
+    max_header_bytes: usize,
+    history_body: usize,
+}
+
+impl From<&Access> for Limits {
+    fn from(a: &Access) -> Self {
+        Self { max_header_bytes: a.max_header_bytes, history_body: a.history_body_limit }
+    }
+}
+
 /// 431 when the request target and headers together exceed the limit; 413 when the declared body
-/// is larger than BODY_LIMIT (an undeclared one is cut off there by the extractors).
-async fn limit_request(State(max): State<usize>, request: Request, next: Next) -> Response {
+/// is larger than the route accepts (BODY_LIMIT; `POST /recommend` takes a history up to
+/// MAX_PROFILE_BYTES); an undeclared one is cut off there by the extractors.
+async fn limit_request(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    let max = limits.max_header_bytes;
+    let body_limit = if request.uri().path() == "/recommend" { limits.history_body } else { BODY_LIMIT };
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    if declared > BODY_LIMIT as u64 {
+    if declared > body_limit as u64 {
         // The body is not read, so the connection cannot carry another request: say so.
         let mut response =
-            Error::PayloadTooLarge(format!("{declared} bytes, at most {BODY_LIMIT} are accepted")).into_response();
+            Error::PayloadTooLarge(format!("{declared} bytes, at most {body_limit} are accepted")).into_response();
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return response;
     }
@@ -148,14 +170,41 @@ async fn limit_request(State(max): State<usize>, request: Request, next: Next) -
     next.run(request).await
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReloadRequest {
+pub struct ReloadRequest {
     /// Directory to load; absent: the directory in service, read again.
+    #[schema(value_type = Option<String>)]
     model_dir: Option<std::path::PathBuf>,
 }
 
-/// POST /admin/reload, body optional: `{"model_dir": "/path/to/new/version"}`.
+/// A successful reload.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ReloadAnswer {
+    /// Always `reloaded`.
+    pub status: String,
+    #[serde(flatten)]
+    pub reloaded: Reloaded,
+}
+
+/// Loads a model directory beside the one in service, validates it and swaps it in.
+#[utoipa::path(
+    post,
+    path = "/admin/reload",
+    tag = "admin",
+    request_body(content = Option<ReloadRequest>, description = "Optional: the directory to load (default: the one in service, read again)"),
+    responses(
+        (status = 200, description = "The new model set is in service", body = ReloadAnswer),
+        (status = 400, description = "invalid_request: the body is not {\"model_dir\": ...}", body = ErrorBody),
+        (status = 401, description = "unauthorized: API_TOKEN is set and the bearer token is missing or wrong", body = ErrorBody),
+        (status = 403, description = "forbidden: admin routes on the public port need API_TOKEN", body = ErrorBody),
+        (status = 409, description = "reload_in_progress", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 422, description = "reload_refused: the directory failed validation; the old one keeps serving", body = ErrorBody),
+        (status = 503, description = "models_loading / engine_stopped", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn reload(
     State(service): State<Arc<Service>>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
@@ -176,9 +225,7 @@ async fn reload(
     let outcome = service.engine.reload(request.model_dir).await?;
     tracing::info!(version = %outcome.model_version, previous = %outcome.previous_version,
         dir = %outcome.model_dir, ms = outcome.elapsed_ms, "models reloaded");
-    let mut body = serde_json::to_value(&outcome).map_err(|e| Error::Inference(e.to_string()))?;
-    body["status"] = json!("reloaded");
-    Ok(Json(body).into_response())
+    Ok(Json(ReloadAnswer { status: "reloaded".into(), reloaded: outcome }).into_response())
 }
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -219,25 +266,187 @@ async fn track(State(service): State<Arc<Service>>, mut request: Request, next: 
     response
 }
 
+/// The query of the ranking routes: `k` (list length) and `explain` (per-stage trace).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RankQuery {
+    /// Items to return, 1..=MAX_K (default DEFAULT_K, 10).
+    #[param(minimum = 1, maximum = 100)]
+    pub k: Option<i64>,
+    /// Add each item's score and rank after every stage, and the candidate counts and time per
+    /// stage (costs nothing when off).
+    pub explain: Option<bool>,
+}
+
+/// The ask from the query string: `k` and `explain`, each at most once.
+fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Ask, Error> {
+    let Query(pairs) =
+        query.map_err(|e| Error::InvalidK(format!("the query string is not valid: {}", e.body_text())))?;
+    let one = |name: &str| -> Result<Option<&str>, Error> {
+        let mut values = pairs.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        match (values.next(), values.next()) {
+            (_, Some(_)) => Err(Error::InvalidRequest(format!("the query parameter {name} is given more than once"))),
+            (v, None) => Ok(v),
+        }
+    };
+    let k = one("k").map_err(|e| Error::InvalidK(e.to_string()))?;
+    let k = service.parse_k(k)?;
+    let explain = match one("explain")? {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Error::InvalidRequest(format!("explain must be true or false, got {other:?}")));
+        }
+    };
+    Ok(Ask { k, explain })
+}
+
+fn user(user_id: Result<Path<String>, PathRejection>) -> Result<String, Error> {
+    user_id.map(|Path(id)| id).map_err(|e| Error::InvalidUserId(e.body_text()))
+}
+
+/// Ranks the stored profile `user_profile:{user_id}` and writes `recommendations:{user_id}`.
+#[utoipa::path(
+    post,
+    path = "/recommend/{user_id}",
+    tag = "recommendations",
+    params(("user_id" = String, Path, description = "1..128 bytes, no whitespace or control characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
+    responses(
+        (status = 200, description = "Computed now and written to Redis", body = Recommendation),
+        (status = 400, description = "invalid_user_id / invalid_k / invalid_request", body = ErrorBody),
+        (status = 401, description = "unauthorized (API_TOKEN set)", body = ErrorBody),
+        (status = 422, description = "invalid_profile / profile_too_large / profile_too_long", body = ErrorBody),
+        (status = 429, description = "overloaded (Retry-After)", body = ErrorBody),
+        (status = 500, description = "inference_failed / internal_error", body = ErrorBody),
+        (status = 503, description = "redis_unavailable / redis_error / deadline_exceeded / models_loading / engine_stopped", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn recommend(
     State(service): State<Arc<Service>>,
     user_id: Result<Path<String>, PathRejection>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Response, Error> {
-    let Path(user_id) = user_id.map_err(|e| Error::InvalidUserId(e.body_text()))?;
-    let Query(query) =
-        query.map_err(|e| Error::InvalidK(format!("the query string is not valid: {}", e.body_text())))?;
-    let k = service.parse_k(query.get("k").map(String::as_str))?;
-    let rec = service.recommend(&user_id, k).await?;
-    Ok(Json(rec).into_response())
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Recommendation>, Error> {
+    let user_id = user(user_id)?;
+    let ask = ask(&service, query)?;
+    Ok(Json(service.recommend(&user_id, ask).await?))
 }
 
-async fn live() -> Json<serde_json::Value> {
-    Json(json!({ "status": "alive" }))
+/// Cache-first read: the stored list when it was computed from the profile as it is now by the
+/// model version in service and holds at least `k` items (`source: cache`); otherwise computed
+/// and written as `POST /recommend/{user_id}` (`source: computed`).
+#[utoipa::path(
+    get,
+    path = "/recommendations/{user_id}",
+    tag = "recommendations",
+    params(("user_id" = String, Path, description = "1..128 bytes, no whitespace or control characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
+    responses(
+        (status = 200, description = "From Redis or computed now (see `source`)", body = Recommendation),
+        (status = 400, description = "invalid_user_id / invalid_k / invalid_request", body = ErrorBody),
+        (status = 401, description = "unauthorized (API_TOKEN set)", body = ErrorBody),
+        (status = 422, description = "invalid_profile / profile_too_large / profile_too_long", body = ErrorBody),
+        (status = 429, description = "overloaded (Retry-After)", body = ErrorBody),
+        (status = 500, description = "inference_failed / internal_error", body = ErrorBody),
+        (status = 503, description = "redis_unavailable / redis_error / deadline_exceeded / models_loading / engine_stopped", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+async fn recommendations(
+    State(service): State<Arc<Service>>,
+    user_id: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Recommendation>, Error> {
+    let user_id = user(user_id)?;
+    let ask = ask(&service, query)?;
+    Ok(Json(service.recommendations(&user_id, ask).await?))
+}
+
+/// A history that is not in Redis (an anonymous session).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRequest {
+    /// Item ids, oldest first, as in `user_profile:<id>` (at most MAX_PROFILE_ITEMS).
+    pub history: Vec<String>,
+    /// Items to return, 1..=MAX_K (default DEFAULT_K).
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 100)]
+    pub k: Option<serde_json::Number>,
+}
+
+/// Ranks a history sent in the body (a shopper who is not logged in); writes nothing.
+#[utoipa::path(
+    post,
+    path = "/recommend",
+    tag = "recommendations",
+    params(("explain" = Option<bool>, Query, description = "Add the per-stage trace")),
+    request_body = HistoryRequest,
+    responses(
+        (status = 200, description = "Computed now; nothing is written", body = Recommendation),
+        (status = 400, description = "invalid_k / invalid_request", body = ErrorBody),
+        (status = 401, description = "unauthorized (API_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "payload_too_large: over MAX_PROFILE_BYTES", body = ErrorBody),
+        (status = 422, description = "invalid_body / profile_too_long", body = ErrorBody),
+        (status = 429, description = "overloaded (Retry-After)", body = ErrorBody),
+        (status = 500, description = "inference_failed / internal_error", body = ErrorBody),
+        (status = 503, description = "deadline_exceeded / models_loading / engine_stopped", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+async fn recommend_history(
+    State(service): State<Arc<Service>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Recommendation>, Error> {
+    let Ask { explain, .. } = ask(&service, query)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(e.body_text()),
+        _ => Error::InvalidBody(e.body_text()),
+    })?;
+    let request: HistoryRequest = serde_json::from_slice(&body).map_err(|e| {
+        Error::InvalidBody(format!("expected {{\"history\": [\"<item id>\", ...], \"k\": <1..>}}: {e}"))
+    })?;
+    // JSON Schema's integers include 30.0.
+    let k = match request.k.map(|n| n.as_i64().or(n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))) {
+        None => service.parse_k(None)?,
+        Some(Some(k)) => service.parse_k(Some(&k.to_string()))?,
+        Some(None) => return Err(Error::InvalidK("k must be an integer".into())),
+    };
+    Ok(Json(service.rank_history(&request.history, Ask { k, explain }).await?))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health/live", tag = "ops", responses((status = 200, description = "Alive", body = Live)))]
+async fn live() -> Json<Live> {
+    Json(Live { status: "alive".into() })
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Live {
+    /// Always `alive`.
+    pub status: String,
+}
+
+/// Readiness: the models are loaded and warmed up, and Redis accepts writes.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `healthy` or `unhealthy`.
+    pub status: String,
+    pub model_loaded: bool,
+    pub model_version: Option<String>,
+    pub model_dir: Option<String>,
+    /// `ok`, or `error: <why>`.
+    pub redis: String,
+    pub device: Option<String>,
+    pub catalog_items: Option<usize>,
+    /// `unhealthy`, when unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why it is unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Models loaded and warmed up, and Redis accepting writes (`/health` and `/health/ready`).
-async fn readiness(service: &Service) -> (bool, serde_json::Value) {
+async fn readiness(service: &Service) -> Health {
     let redis = service.store.check_writable().await;
     let (set, engine_problem) = match service.engine.state() {
         EngineState::Ready(set) => (Some(set), None),
@@ -250,28 +459,56 @@ async fn readiness(service: &Service) -> (bool, serde_json::Value) {
     };
     let problems: Vec<String> = engine_problem.into_iter().chain(redis.err().map(|e| format!("redis: {e}"))).collect();
     let healthy = problems.is_empty();
-    let mut body = json!({
-        "status": if healthy { "healthy" } else { "unhealthy" },
-        "model_loaded": set.is_some(),
-        "model_version": set.as_ref().map(|s| s.info.version.clone()),
-        "model_dir": set.as_ref().map(|s| s.dir.display().to_string()),
-        "redis": redis_status,
-        "device": set.as_ref().map(|s| s.info.device.clone()),
-        "catalog_items": set.as_ref().map(|s| s.catalog.len()),
-    });
-    if !healthy {
-        body["error"] = json!("unhealthy");
-        body["detail"] = json!(problems.join("; "));
+    Health {
+        status: if healthy { "healthy" } else { "unhealthy" }.into(),
+        model_loaded: set.is_some(),
+        model_version: set.as_ref().map(|s| s.info.version.clone()),
+        model_dir: set.as_ref().map(|s| s.dir.display().to_string()),
+        redis: redis_status,
+        device: set.as_ref().map(|s| s.info.device.clone()),
+        catalog_items: set.as_ref().map(|s| s.catalog.len()),
+        error: (!healthy).then(|| "unhealthy".into()),
+        detail: (!healthy).then(|| problems.join("; ")),
     }
-    (healthy, body)
 }
 
+/// Readiness (the same as `/health/ready`).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready: the reason is in `detail`", body = Health),
+    ),
+)]
 async fn health(State(service): State<Arc<Service>>) -> Response {
-    let (healthy, body) = readiness(&service).await;
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = readiness(&service).await;
+    let status = if body.error.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
+/// Readiness, for orchestrators that probe it by this name.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready: the reason is in `detail`", body = Health),
+    ),
+)]
+async fn ready(state: State<Arc<Service>>) -> Response {
+    health(state).await
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")),
+)]
 async fn metrics(State(service): State<Arc<Service>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], service.metrics.render()).into_response()
 }
@@ -282,4 +519,48 @@ async fn not_found(request: Request) -> Error {
 
 async fn method_not_allowed() -> Error {
     Error::MethodNotAllowed
+}
+
+/// This document: OpenAPI 3.1, generated from the route and type definitions.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "ops",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json")),
+)]
+async fn openapi_json() -> Response {
+    static DOC: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| <ApiDoc as utoipa::OpenApi>::openapi().to_json().unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], DOC.as_str()).into_response()
+}
+
+/// The API's OpenAPI document (served at `/openapi.json`).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "model-service",
+        description = "Recommendations: LightGCN -> DIN -> RankNet between Redis and HTTP. Every error is JSON {\"error\", \"detail\"}."
+    ),
+    paths(recommend, recommendations, recommend_history, health, ready, live, metrics, openapi_json, reload),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "recommendations", description = "Ranking and cache-first reads"),
+        (name = "ops", description = "Health, metrics, this document"),
+        (name = "admin", description = "Model reload (API_TOKEN, or the loopback ADMIN_PORT)"),
+    ),
+)]
+pub struct ApiDoc;
+
+/// The `bearer` security scheme (`Authorization: Bearer <API_TOKEN>`), required when API_TOKEN is set.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
 }

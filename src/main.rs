@@ -58,7 +58,11 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     // Bind first: a taken port fails in milliseconds, before any model starts loading.
     let addr = cfg.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-    let access = http::Access { api_token: cfg.api_token.clone(), max_header_bytes: cfg.max_header_bytes };
+    let access = http::Access {
+        api_token: cfg.api_token.clone(),
+        max_header_bytes: cfg.max_header_bytes,
+        history_body_limit: cfg.max_profile_bytes + 4096,
+    };
     let admin_here = cfg.admin_port.is_none();
     let (routes, listen) = match mode {
         Mode::Api { listen } => (http::Routes::Api { admin: admin_here }, listen),
@@ -191,7 +195,7 @@ async fn recommend_once(cfg: Config, user_id: String, k: Option<usize>) -> anyho
     let service = build_service(&cfg)?;
     service.engine.ready().await?;
     let k = k.unwrap_or(cfg.default_k);
-    match service.recommend(&user_id, k).await {
+    match service.recommend(&user_id, model_service::service::Ask { k, explain: false }).await {
         Ok(rec) => {
             println!("{}", serde_json::to_string_pretty(&rec)?);
             Ok(ExitCode::SUCCESS)

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub cold_starts: IntCounter,
     pub single_flight_shared: IntCounter,
     pub writes_superseded: IntCounter,
+    pub cache_answers: IntCounterVec,
     pub scan_skipped_keys: IntCounter,
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
@@ -74,6 +75,11 @@ impl Metrics {
         let writes_superseded = IntCounter::new(
             "writes_superseded_total",
             "Computed lists not written because the profile changed while they were computed",
+        )
+        .expect("metric");
+        let cache_answers = IntCounterVec::new(
+            Opts::new("cache_answers_total", "Cache-first reads (GET /recommendations) by outcome: hit or miss"),
+            &["outcome"],
         )
         .expect("metric");
         let scan_skipped_keys = IntCounter::new(
@@ -140,6 +146,7 @@ impl Metrics {
             Box::new(cold_starts.clone()),
             Box::new(single_flight_shared.clone()),
             Box::new(writes_superseded.clone()),
+            Box::new(cache_answers.clone()),
             Box::new(scan_skipped_keys.clone()),
             Box::new(batch_size.clone()),
             Box::new(queue_depth.clone()),
@@ -163,6 +170,7 @@ impl Metrics {
             cold_starts,
             single_flight_shared,
             writes_superseded,
+            cache_answers,
             scan_skipped_keys,
             batch_size,
             queue_depth,

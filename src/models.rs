@@ -112,6 +112,8 @@ pub struct Budget {
     pub din: usize,
     pub k: usize,
     pub last_stage: Stage,
+    /// Also report where each returned item stood after every stage (`Ranked::trace`).
+    pub explain: bool,
 }
 
 /// Time spent in each stage of one batch, and the candidates each of the first two handed on.
@@ -130,6 +132,9 @@ pub struct StageStats {
 pub struct Ranked {
     pub rows: Vec<i64>,
     pub scores: Vec<f32>,
+    /// With `Budget::explain`: for each row, its (score, 0-based rank) after each stage that ran,
+    /// LightGCN first.
+    pub trace: Option<Vec<Vec<(f32, usize)>>>,
 }
 
 pub struct Models {
@@ -191,6 +196,7 @@ impl Models {
             din: 10.min(self.info.num_items),
             k: 5,
             last_stage: Stage::Ranknet,
+            explain: true,
         };
         let (ranked, _) = self.rank(&refs, &refs, budget).map_err(|e| torch_error(&e))?;
         for (hist, r) in histories.iter().zip(&ranked) {
@@ -199,6 +205,12 @@ impl Models {
             }
             if r.rows.iter().any(|row| hist.contains(row)) {
                 return Err("a history item came back as a recommendation".into());
+            }
+            let trace = r.trace.as_deref().unwrap_or_default();
+            let consistent = trace.len() == r.rows.len()
+                && trace.iter().zip(&r.scores).enumerate().all(|(i, (t, s))| t.len() == 3 && t[2] == (*s, i));
+            if !consistent {
+                return Err("the per-stage trace does not match the final list".into());
             }
         }
         Ok(())
@@ -275,7 +287,10 @@ impl Models {
         let mut times =
             StageStats { lightgcn_candidates: c1 as usize, din_candidates: c2 as usize, ..Default::default() };
         if histories.is_empty() || k == 0 {
-            return Ok((histories.iter().map(|_| Ranked { rows: vec![], scores: vec![] }).collect(), times));
+            return Ok((
+                histories.iter().map(|_| Ranked { rows: vec![], scores: vec![], trace: None }).collect(),
+                times,
+            ));
         }
         let (h, m) = self.history_tensors(histories)?;
 
@@ -287,7 +302,11 @@ impl Models {
         self.sync();
         times.lightgcn = Some(t.elapsed());
         if budget.last_stage == Stage::Lightgcn {
-            return Ok((to_ranked(&cand1.f_narrow(1, 0, k)?, &s1.f_narrow(1, 0, k)?)?, times));
+            let mut ranked = to_ranked(&cand1.f_narrow(1, 0, k)?, &s1.f_narrow(1, 0, k)?)?;
+            if budget.explain {
+                add_traces(&mut ranked, &s1, None, None)?;
+            }
+            return Ok((ranked, times));
         }
 
         let t = Instant::now();
@@ -299,15 +318,22 @@ impl Models {
         self.sync();
         times.din = Some(t.elapsed());
         if budget.last_stage == Stage::Din {
-            return Ok((to_ranked(&cand2.f_narrow(1, 0, k)?, &s2_top.f_narrow(1, 0, k)?)?, times));
+            let mut ranked = to_ranked(&cand2.f_narrow(1, 0, k)?, &s2_top.f_narrow(1, 0, k)?)?;
+            if budget.explain {
+                add_traces(&mut ranked, &s1, Some((&pos2, &s2_top)), None)?;
+            }
+            return Ok((ranked, times));
         }
 
         let t = Instant::now();
         let s3 = self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?;
         expect_shape("ranknet", &s3, [b, c2])?;
         let (s3_top, pos3) = s3.f_topk(k, 1, true, true)?;
-        let ranked = to_ranked(&cand2.f_gather(1, &pos3, false)?, &s3_top)?;
+        let mut ranked = to_ranked(&cand2.f_gather(1, &pos3, false)?, &s3_top)?;
         times.ranknet = Some(t.elapsed());
+        if budget.explain {
+            add_traces(&mut ranked, &s1, Some((&pos2, &s2_top)), Some((&pos3, &s3_top)))?;
+        }
         Ok((ranked, times))
     }
 }
@@ -401,13 +427,78 @@ fn expect_shape(stage: &str, scores: &Tensor, expected: [i64; 2]) -> Result<(), 
 fn to_ranked(rows: &Tensor, scores: &Tensor) -> Result<Vec<Ranked>, TchError> {
     let k = rows.size().get(1).copied().unwrap_or(0).max(1) as usize;
     let rows: Vec<i64> = Vec::try_from(rows.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-    let scores: Vec<f32> = Vec::try_from(scores.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
-    Ok(rows.chunks(k).zip(scores.chunks(k)).map(|(r, s)| Ranked { rows: r.to_vec(), scores: s.to_vec() }).collect())
+    let scores = host_f32(scores)?;
+    Ok(rows
+        .chunks(k)
+        .zip(scores.chunks(k))
+        .map(|(r, s)| Ranked { rows: r.to_vec(), scores: s.to_vec(), trace: None })
+        .collect())
+}
+
+/// The rows of a [B, n] tensor on the host, as f32 or i64.
+fn host_f32(t: &Tensor) -> Result<Vec<f32>, TchError> {
+    Vec::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)
+}
+
+fn host_i64(t: &Tensor) -> Result<Vec<i64>, TchError> {
+    Vec::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?)
+}
+
+/// Fills `Ranked::trace`: where each returned item stood after each stage. `s1` holds LightGCN's
+/// scores in its own order; `din` DIN's order of LightGCN's candidates (positions into them) with
+/// its scores; `ranknet` RankNet's order of DIN's candidates with its scores. The final item `i`
+/// stood at `j = ranknet.pos[i]` after DIN (else `i`) and at `din.pos[j]` after LightGCN (else `j`).
+fn add_traces(
+    ranked: &mut [Ranked],
+    s1: &Tensor,
+    din: Option<(&Tensor, &Tensor)>,
+    ranknet: Option<(&Tensor, &Tensor)>,
+) -> Result<(), TchError> {
+    let b = ranked.len().max(1);
+    let width = |t: &Tensor| t.size().get(1).copied().unwrap_or(0) as usize;
+    let (w1, s1) = (width(s1), host_f32(s1)?);
+    let din = din.map(|(p, s)| Ok::<_, TchError>((width(p), host_i64(p)?, host_f32(s)?))).transpose()?;
+    let ranknet = ranknet.map(|(p, s)| Ok::<_, TchError>((width(p), host_i64(p)?, host_f32(s)?))).transpose()?;
+    for (row, r) in ranked.iter_mut().enumerate().take(b) {
+        let trace = (0..r.rows.len())
+            .map(|i| {
+                let mut stages = Vec::with_capacity(3);
+                let j = ranknet.as_ref().map_or(i, |(w, pos, _)| pos[row * w + i] as usize);
+                let first = din.as_ref().map_or(j, |(w, pos, _)| pos[row * w + j] as usize);
+                stages.push((s1[row * w1 + first], first));
+                if let Some((w, _, s2)) = &din {
+                    stages.push((s2[row * w + j], j));
+                }
+                if let Some((w, _, s3)) = &ranknet {
+                    stages.push((s3[row * w + i], i));
+                }
+                stages
+            })
+            .collect();
+        r.trace = Some(trace);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traces_follow_each_item_back_through_the_stages() {
+        // LightGCN order: scores 9, 8, 7, 6 (rows of its candidates 0..4); DIN keeps positions
+        // [2, 0, 3] with scores [.9, .8, .7]; RankNet reorders DIN's to [1, 2] with scores [5, 4].
+        let s1 = Tensor::from_slice(&[9f32, 8., 7., 6.]).view([1, 4]);
+        let (pos2, s2) =
+            (Tensor::from_slice(&[2i64, 0, 3]).view([1, 3]), Tensor::from_slice(&[0.9f32, 0.8, 0.7]).view([1, 3]));
+        let (pos3, s3) = (Tensor::from_slice(&[1i64, 2]).view([1, 2]), Tensor::from_slice(&[5f32, 4.]).view([1, 2]));
+        let mut ranked = vec![Ranked { rows: vec![10, 30], scores: vec![5., 4.], trace: None }];
+        add_traces(&mut ranked, &s1, Some((&pos2, &s2)), Some((&pos3, &s3))).unwrap();
+        let want = vec![vec![(9., 0), (0.8, 1), (5., 0)], vec![(6., 3), (0.7, 2), (4., 1)]];
+        assert_eq!(ranked[0].trace.as_ref().unwrap(), &want);
+        add_traces(&mut ranked, &s1, Some((&pos2, &s2)), None).unwrap();
+        assert_eq!(ranked[0].trace.as_ref().unwrap(), &vec![vec![(7., 2), (0.9, 0)], vec![(9., 0), (0.8, 1)]]);
+    }
 
     #[test]
     fn select_top_matches_a_full_sort_without_the_excluded_rows() {

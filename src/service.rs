@@ -14,34 +14,126 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::model_set::ModelSet;
 use crate::redis::profile::ProfileRead;
-use crate::redis::store::{ProfileLimits, Written};
+use crate::redis::store::{ProfileLimits, StoredList, Written};
 use crate::redis::Store;
 
 pub const MAX_USER_ID_BYTES: usize = 128;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How the list was made: the cascade on the profile, or the catalog's popularity order (no item of
+/// the profile is in the catalog).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     Personalized,
     Popular,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Item {
-    pub item_id: String,
-    pub score: f32,
+impl Strategy {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "personalized" => Some(Self::Personalized),
+            "popular" => Some(Self::Popular),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Personalized => "personalized",
+            Self::Popular => "popular",
+        }
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Where the answer came from: computed for this request, or read from Redis (cache-first reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Computed,
+    Cache,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Item {
+    pub item_id: String,
+    /// The last stage's score (RankNet; with the popular strategy, the item's popularity).
+    pub score: f32,
+    /// With `explain=true`: the item's score and rank after each stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<ItemStages>,
+}
+
+/// Where one returned item stood after each stage that ran.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ItemStages {
+    pub lightgcn: StagePlace,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub din: Option<StagePlace>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranknet: Option<StagePlace>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct StagePlace {
+    pub score: f32,
+    /// 1 = the stage's best.
+    pub rank: usize,
+}
+
+/// With `explain=true`: candidates handed on and time spent per stage.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct Explanation {
+    /// Items each stage handed on (absent for the popular strategy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<StageCandidates>,
+    /// Milliseconds per step; the model stages are the batch's times.
+    pub stage_ms: StageTimes,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct StageCandidates {
+    pub lightgcn: usize,
+    pub din: usize,
+    pub ranknet: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
+pub struct StageTimes {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_read: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lightgcn: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub din: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranknet: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_write: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Recommendation {
-    pub user_id: String,
+    /// The user whose stored profile was ranked; null for a history sent in the request.
+    pub user_id: Option<String>,
     pub recommendations: Vec<Item>,
     pub strategy: Strategy,
+    pub source: Source,
     pub model_version: String,
+    /// Profile entries that are not in the catalog (skipped).
     pub unknown_items: usize,
-    /// Profile items left out because the profile is longer than MAX_HISTORY (oldest first).
+    /// Profile items the models did not see because the profile is longer than MAX_HISTORY
+    /// (oldest first); they are still excluded from the list.
     pub truncated_items: usize,
     pub elapsed_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Explanation>,
+}
+
+/// What a request asks for besides whose profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ask {
+    pub k: usize,
+    pub explain: bool,
 }
 
 /// What `Service::refresh` did.
@@ -66,8 +158,8 @@ pub struct ServiceConfig {
 type Flight = watch::Receiver<Option<Result<Recommendation, Error>>>;
 
 /// Requests share a computation only when they read the same profile value and would rank it
-/// with the same models for the same k: (user id, k, profile hash, model version).
-type FlightKey = (String, usize, String, String);
+/// with the same models for the same question: (user id, ask, profile hash, model version).
+type FlightKey = (String, Ask, String, String);
 
 pub struct Service {
     pub store: Store,
@@ -131,17 +223,52 @@ impl Service {
         }
     }
 
-    /// Reads the profile, ranks it and writes `recommendations:<user_id>`. The answer reflects the
-    /// profile as it was when this request read it, never an older value: concurrent requests
-    /// share one computation (single flight) only when they read the same profile value for the
-    /// same k and model version; if the computing one is cancelled, a waiting one computes instead.
-    pub async fn recommend(&self, user_id: &str, k: usize) -> Result<Recommendation, Error> {
+    /// `POST /recommend/{user_id}`: reads the profile, ranks it and writes
+    /// `recommendations:<user_id>`. The answer reflects the profile as it was when this request
+    /// read it, never an older value: concurrent requests share one computation (single flight)
+    /// only when they read the same profile value for the same ask and model version; if the
+    /// computing one is cancelled, a waiting one computes instead.
+    pub async fn recommend(&self, user_id: &str, ask: Ask) -> Result<Recommendation, Error> {
+        self.answer(user_id, ask, false).await
+    }
+
+    /// `GET /recommendations/{user_id}`: cache-first. The stored list answers when it was computed
+    /// from the profile as it is now by the model version in service and holds at least `k` items
+    /// (`"source": "cache"`, no model runs); otherwise as `recommend`, sharing its single flight.
+    /// `explain` always computes (the trace is not stored).
+    pub async fn recommendations(&self, user_id: &str, ask: Ask) -> Result<Recommendation, Error> {
+        self.answer(user_id, ask, !ask.explain).await
+    }
+
+    /// `POST /recommend` with a history in the body (an anonymous session): ranks it with the same
+    /// validation and caps as a stored profile, writes nothing.
+    pub async fn rank_history(&self, history: &[String], ask: Ask) -> Result<Recommendation, Error> {
+        let started = Instant::now();
+        self.check_k(i64::try_from(ask.k).unwrap_or(i64::MAX))?;
+        let max = self.cfg.profile_limits.max_items;
+        if history.len() > max {
+            return Err(Error::ProfileTooLong { key: "the request body".into(), items: history.len(), max });
+        }
+        let set = self.model_set()?;
+        let mut explain = ask.explain.then(Explanation::default);
+        let ranking = self.rank_items(history, ask, &set, explain.as_mut()).await?;
+        Ok(ranking.into_answer(None, Source::Computed, &set, started, explain))
+    }
+
+    async fn answer(&self, user_id: &str, ask: Ask, cache_first: bool) -> Result<Recommendation, Error> {
         let started = Instant::now();
         validate_user_id(user_id)?;
-        self.check_k(i64::try_from(k).unwrap_or(i64::MAX))?;
+        self.check_k(i64::try_from(ask.k).unwrap_or(i64::MAX))?;
         let set = self.model_set()?;
-        let read = self.read(user_id).await?;
-        let key = (user_id.to_string(), k, read.sha().to_string(), set.info.version.clone());
+        let read = self.read(user_id, cache_first).await?;
+        if cache_first {
+            if let Some(hit) = self.cached_answer(user_id, ask.k, &read, &set, started) {
+                self.metrics.cache_answers.with_label_values(&["hit"]).inc();
+                return Ok(hit);
+            }
+            self.metrics.cache_answers.with_label_values(&["miss"]).inc();
+        }
+        let key = (user_id.to_string(), ask, read.sha().to_string(), set.info.version.clone());
         loop {
             let (leader, mut flight) = {
                 let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,7 +283,8 @@ impl Service {
             };
             if let Some(tx) = leader {
                 let _landing = Landing { map: &self.in_flight, key };
-                let result = self.compute_and_write(user_id, k, &read, set.clone(), started).await.map(|(rec, _)| rec);
+                let result =
+                    self.compute_and_write(user_id, ask, &read, set.clone(), started).await.map(|(rec, _)| rec);
                 tx.send_replace(Some(result.clone()));
                 return result;
             }
@@ -169,6 +297,44 @@ impl Service {
         }
     }
 
+    /// The stored list as an answer, when it is fresh: computed from this profile value by the
+    /// model version in service, at least `k` items long, with its scores.
+    fn cached_answer(
+        &self,
+        user_id: &str,
+        k: usize,
+        read: &ProfileRead,
+        set: &ModelSet,
+        started: Instant,
+    ) -> Option<Recommendation> {
+        let (sha, version) = read.computed_from.as_ref()?;
+        let stored = read.stored.as_ref()?;
+        let strategy = Strategy::parse(&stored.strategy)?;
+        if sha != read.sha() || *version != set.info.version || stored.items.len() < k {
+            return None;
+        }
+        let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
+        let history = set.catalog.history(items, self.cfg.max_history);
+        let recommendations = stored
+            .items
+            .iter()
+            .zip(&stored.scores)
+            .take(k)
+            .map(|(id, &score)| Item { item_id: id.clone(), score, stages: None })
+            .collect::<Vec<_>>();
+        (recommendations.len() == k).then(|| Recommendation {
+            user_id: Some(user_id.to_string()),
+            recommendations,
+            strategy,
+            source: Source::Cache,
+            model_version: version.clone(),
+            unknown_items: history.unknown,
+            truncated_items: history.truncated,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            explain: None,
+        })
+    }
+
     /// The listener's and backfill's entry point: recomputes `recommendations:<user_id>` (default
     /// k) unless the stored list was computed from the same profile value by the same model
     /// version. A profile that cannot be ranked removes the stored list (see `read`).
@@ -176,11 +342,12 @@ impl Service {
         let started = Instant::now();
         validate_user_id(user_id)?;
         let set = self.model_set()?;
-        let read = self.read(user_id).await?;
+        let read = self.read(user_id, false).await?;
         if read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == set.info.version) {
             return Ok(Refresh::Unchanged);
         }
-        match self.compute_and_write(user_id, self.cfg.default_k, &read, set, started).await?.1 {
+        let ask = Ask { k: self.cfg.default_k, explain: false };
+        match self.compute_and_write(user_id, ask, &read, set, started).await?.1 {
             Written::Stored => Ok(Refresh::Written),
             Written::Superseded => Ok(Refresh::Superseded),
         }
@@ -199,9 +366,9 @@ impl Service {
     /// Reads the profile. One that cannot be ranked (malformed, too large, too long) also removes
     /// a stored list that was not computed from it, so Redis never keeps a list the API would not
     /// give now.
-    async fn read(&self, user_id: &str) -> Result<ProfileRead, Error> {
+    async fn read(&self, user_id: &str, with_stored_list: bool) -> Result<ProfileRead, Error> {
         let t = Instant::now();
-        let read = self.store.read_profile(user_id, self.cfg.profile_limits).await;
+        let read = self.store.read_profile(user_id, self.cfg.profile_limits, with_stored_list).await;
         self.observe_stage("redis_read", t);
         if let Err(e) = &read {
             if e.is_profile_problem() {
@@ -218,71 +385,140 @@ impl Service {
     async fn compute_and_write(
         &self,
         user_id: &str,
-        k: usize,
+        ask: Ask,
         read: &ProfileRead,
         set: Arc<ModelSet>,
         started: Instant,
     ) -> Result<(Recommendation, Written), Error> {
-        let model_version = set.info.version.clone();
+        let mut explain = ask.explain.then(|| Explanation {
+            stage_ms: StageTimes { redis_read: Some(ms(read.took)), ..Default::default() },
+            ..Default::default()
+        });
         let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
-        let catalog = &set.catalog;
-        let history = catalog.history(items, self.cfg.max_history);
-        self.metrics.unknown_items.inc_by(history.unknown as u64);
-
-        let (recommendations, strategy) = if history.rows.is_empty() {
-            self.metrics.cold_starts.inc();
-            let items: Vec<Item> = catalog
-                .most_popular(k, &[])
-                .into_iter()
-                .map(|row| Item { item_id: catalog.item_id(row).to_string(), score: catalog.popularity(row) as f32 })
-                .collect();
-            (items, Strategy::Popular)
-        } else {
-            let scored = self.engine.rank(set.clone(), history.rows, history.exclude, k).await?;
-            let s = &scored.stats;
-            for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
-                if let Some(d) = d {
-                    self.metrics.stage_duration.with_label_values(&[stage]).observe(d.as_secs_f64());
-                }
-            }
-            for (stage, n) in
-                [("lightgcn", s.lightgcn_candidates), ("din", s.din_candidates), ("ranknet", scored.ranked.rows.len())]
-            {
-                self.metrics.stage_candidates.with_label_values(&[stage]).observe(n as f64);
-            }
-            let items: Vec<Item> = scored
-                .ranked
-                .rows
-                .iter()
-                .zip(&scored.ranked.scores)
-                .map(|(&row, &score)| Item { item_id: catalog.item_id(row).to_string(), score })
-                .collect();
-            (items, Strategy::Personalized)
-        };
-
+        let ranking = self.rank_items(items, ask, &set, explain.as_mut()).await?;
         let t = Instant::now();
-        let ids: Vec<&str> = recommendations.iter().map(|i| i.item_id.as_str()).collect();
-        let written = self.store.write_recommendations(user_id, &ids, self.cfg.ttl_secs, read, &model_version).await?;
+        let ids: Vec<&str> = ranking.items.iter().map(|i| i.item_id.as_str()).collect();
+        let scores: Vec<f32> = ranking.items.iter().map(|i| i.score).collect();
+        let list = StoredList { ids: &ids, scores: &scores, strategy: ranking.strategy.as_str() };
+        let written =
+            self.store.write_recommendations(user_id, &list, self.cfg.ttl_secs, read, &set.info.version).await?;
         self.observe_stage("redis_write", t);
+        if let Some(e) = explain.as_mut() {
+            e.stage_ms.redis_write = Some(ms(t.elapsed()));
+        }
         if written == Written::Superseded {
             self.metrics.writes_superseded.inc();
         }
+        Ok((ranking.into_answer(Some(user_id), Source::Computed, &set, started, explain), written))
+    }
 
-        let rec = Recommendation {
-            user_id: user_id.to_string(),
-            recommendations,
-            strategy,
-            model_version,
-            unknown_items: history.unknown,
-            truncated_items: history.truncated,
-            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-        };
-        Ok((rec, written))
+    /// Ranks a profile's items (oldest first) with `set`: the cascade, or the popular list when no
+    /// item is in the catalog. Every item of the profile is excluded.
+    async fn rank_items(
+        &self,
+        items: &[String],
+        ask: Ask,
+        set: &Arc<ModelSet>,
+        explain: Option<&mut Explanation>,
+    ) -> Result<Ranking, Error> {
+        let catalog = &set.catalog;
+        let history = catalog.history(items, self.cfg.max_history);
+        self.metrics.unknown_items.inc_by(history.unknown as u64);
+        let (unknown, truncated) = (history.unknown, history.truncated);
+        if history.rows.is_empty() {
+            self.metrics.cold_starts.inc();
+            let items = catalog
+                .most_popular(ask.k, &[])
+                .into_iter()
+                .map(|row| Item {
+                    item_id: catalog.item_id(row).to_string(),
+                    score: catalog.popularity(row) as f32,
+                    stages: None,
+                })
+                .collect();
+            return Ok(Ranking { items, strategy: Strategy::Popular, unknown, truncated });
+        }
+        let scored = self.engine.rank(set.clone(), history.rows, history.exclude, ask.k, ask.explain).await?;
+        let s = &scored.stats;
+        for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
+            if let Some(d) = d {
+                self.metrics.stage_duration.with_label_values(&[stage]).observe(d.as_secs_f64());
+            }
+        }
+        let ranked = &scored.ranked;
+        let counts = [("lightgcn", s.lightgcn_candidates), ("din", s.din_candidates), ("ranknet", ranked.rows.len())];
+        for (stage, n) in counts {
+            self.metrics.stage_candidates.with_label_values(&[stage]).observe(n as f64);
+        }
+        if let Some(e) = explain {
+            e.candidates = Some(StageCandidates {
+                lightgcn: s.lightgcn_candidates,
+                din: s.din_candidates,
+                ranknet: ranked.rows.len(),
+            });
+            e.stage_ms.lightgcn = s.lightgcn.map(ms);
+            e.stage_ms.din = s.din.map(ms);
+            e.stage_ms.ranknet = s.ranknet.map(ms);
+        }
+        let place = |&(score, rank): &(f32, usize)| StagePlace { score, rank: rank + 1 };
+        let items = ranked
+            .rows
+            .iter()
+            .zip(&ranked.scores)
+            .enumerate()
+            .map(|(i, (&row, &score))| Item {
+                item_id: catalog.item_id(row).to_string(),
+                score,
+                stages: ranked.trace.as_ref().and_then(|t| t.get(i)).and_then(|stages| {
+                    Some(ItemStages {
+                        lightgcn: place(stages.first()?),
+                        din: stages.get(1).map(place),
+                        ranknet: stages.get(2).map(place),
+                    })
+                }),
+            })
+            .collect();
+        Ok(Ranking { items, strategy: Strategy::Personalized, unknown, truncated })
     }
 
     fn observe_stage(&self, stage: &str, since: Instant) {
         self.metrics.stage_duration.with_label_values(&[stage]).observe(since.elapsed().as_secs_f64());
     }
+}
+
+/// A ranked list before it becomes an answer.
+struct Ranking {
+    items: Vec<Item>,
+    strategy: Strategy,
+    unknown: usize,
+    truncated: usize,
+}
+
+impl Ranking {
+    fn into_answer(
+        self,
+        user_id: Option<&str>,
+        source: Source,
+        set: &ModelSet,
+        started: Instant,
+        explain: Option<Explanation>,
+    ) -> Recommendation {
+        Recommendation {
+            user_id: user_id.map(str::to_string),
+            recommendations: self.items,
+            strategy: self.strategy,
+            source,
+            model_version: set.info.version.clone(),
+            unknown_items: self.unknown,
+            truncated_items: self.truncated,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            explain,
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 #[cfg(test)]

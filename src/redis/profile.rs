@@ -22,6 +22,19 @@ pub struct ProfileRead {
     pub redis_ms: u64,
     /// This process's clock at the read.
     pub read_at: std::time::Instant,
+    /// How long the read took.
+    pub took: std::time::Duration,
+    /// The stored list with its scores and strategy, when asked for (cache-first reads) and
+    /// present and well-formed.
+    pub stored: Option<StoredRead>,
+}
+
+/// `recommendations:<id>` as read back, with the scores and strategy kept in its meta.
+#[derive(Debug, Clone)]
+pub struct StoredRead {
+    pub items: Vec<String>,
+    pub scores: Vec<f32>,
+    pub strategy: String,
 }
 
 impl ProfileRead {

@@ -11,7 +11,7 @@ use ::redis::{
 use sha1::{Digest, Sha1};
 
 use super::keys::{meta_key, profile_key, recommendations_key, HEALTH_KEY};
-use super::profile::{parse_profile, Profile, ProfileRead};
+use super::profile::{parse_profile, Profile, ProfileRead, StoredRead};
 use crate::config::Config;
 use crate::error::{ConfigError, Error};
 
@@ -117,9 +117,15 @@ impl Store {
     }
 
     /// Reads `user_profile:<user_id>` (at most `max_bytes` of it: a larger value is refused
-    /// without being transferred), what the stored recommendations were computed from, and
-    /// Redis's clock, in one MULTI. The profile is parsed here, with its item cap.
-    pub async fn read_profile(&self, user_id: &str, limits: ProfileLimits) -> Result<ProfileRead, Error> {
+    /// without being transferred), what the stored recommendations were computed from, Redis's
+    /// clock and, with `with_stored_list`, the stored list with its scores, in one MULTI. The
+    /// profile is parsed here, with its item cap.
+    pub async fn read_profile(
+        &self,
+        user_id: &str,
+        limits: ProfileLimits,
+        with_stored_list: bool,
+    ) -> Result<ProfileRead, Error> {
         let (key, meta) = (profile_key(user_id), meta_key(user_id));
         let mut pipe = ::redis::pipe();
         pipe.atomic()
@@ -136,7 +142,12 @@ impl Store {
             .arg(&meta)
             .arg("profile_sha")
             .arg("model_version")
+            .arg("scores")
+            .arg("strategy")
             .cmd("TIME");
+        if with_stored_list {
+            pipe.cmd("GET").arg(recommendations_key(user_id));
+        }
         let read_at = Instant::now();
         let replies: Vec<RedisResult<Value>> = self
             .run(|mut c| {
@@ -150,15 +161,26 @@ impl Store {
         // A key of another type fails these two; `kind` names it below.
         let len: Option<u64> = next().ok().and_then(from_or_none);
         let head: Option<Vec<u8>> = next().ok().and_then(from_or_none);
-        let computed_from = match next() {
-            Ok(v) => from::<(Option<String>, Option<String>)>(v).ok().and_then(|(s, v)| s.zip(v)),
+        type Meta = (Option<String>, Option<String>, Option<String>, Option<String>);
+        let (sha, version, scores, strategy): Meta = match next() {
+            Ok(v) => from(v).unwrap_or_default(),
             // Not a hash (written by something else): treated as absent; the next write replaces it.
             Err(e) => {
                 tracing::warn!(key = %meta, error = %e, "the recommendations' meta key is not a hash; it will be replaced");
-                None
+                Default::default()
             }
         };
         let (secs, micros): (u64, u64) = from(next()?)?;
+        // Read back as written by `write_recommendations`; anything else is no stored list.
+        let list: Option<String> = if with_stored_list { next().ok().and_then(from_or_none) } else { None };
+        let stored = (|| {
+            Some(StoredRead {
+                items: serde_json::from_str(&list?).ok()?,
+                scores: serde_json::from_str(scores.as_deref()?).ok()?,
+                strategy: strategy?,
+            })
+        })();
+        let computed_from = sha.zip(version);
         let redis_ms = secs * 1000 + micros / 1000;
         let profile = match (kind.as_str(), len, head) {
             ("none", ..) => None,
@@ -175,7 +197,7 @@ impl Store {
                 })
             }
         };
-        Ok(ProfileRead { profile, computed_from, redis_ms, read_at })
+        Ok(ProfileRead { profile, computed_from, redis_ms, read_at, took: read_at.elapsed(), stored })
     }
 
     /// Writes `recommendations:<user_id>` (a JSON array of item ids, with the TTL) and what it was
@@ -187,23 +209,25 @@ impl Store {
     pub async fn write_recommendations(
         &self,
         user_id: &str,
-        item_ids: &[&str],
+        list: &StoredList<'_>,
         ttl_secs: u64,
         from: &ProfileRead,
         model_version: &str,
     ) -> Result<Written, Error> {
-        let value = serde_json::to_string(item_ids).map_err(|e| Error::Internal(format!("encoding the list: {e}")))?;
+        let encode = |e: serde_json::Error| Error::Internal(format!("encoding the list: {e}"));
+        let value = serde_json::to_string(list.ids).map_err(encode)?;
+        let scores = serde_json::to_string(list.scores).map_err(encode)?;
         let margin = WRITE_MARGIN.min(self.op_timeout / 4);
         let deadline_ms =
             from.redis_ms + (from.read_at.elapsed() + self.op_timeout).saturating_sub(margin).as_millis() as u64;
-        let (key, list, meta) = (profile_key(user_id), recommendations_key(user_id), meta_key(user_id));
+        let (key, list_key, meta) = (profile_key(user_id), recommendations_key(user_id), meta_key(user_id));
         let (sha, now) = (from.sha().to_string(), now_ms().to_string());
         let outcome: i64 = self
             .run(|mut c| {
                 let mut call = WRITE_SCRIPT.prepare_invoke();
-                call.key(&key).key(&list).key(&meta);
+                call.key(&key).key(&list_key).key(&meta);
                 call.arg(&sha).arg(deadline_ms).arg(&value).arg(ttl_secs).arg(model_version).arg(&now);
-                call.arg(&self.notify_channel).arg(user_id);
+                call.arg(&self.notify_channel).arg(user_id).arg(&scores).arg(list.strategy);
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
@@ -244,6 +268,14 @@ impl Store {
     }
 }
 
+/// A computed list as written: `recommendations:<id>` holds the ids; the meta keeps the scores and
+/// the strategy, so a cache-first read can answer in full.
+pub struct StoredList<'a> {
+    pub ids: &'a [&'a str],
+    pub scores: &'a [f32],
+    pub strategy: &'a str,
+}
+
 /// Bounds on reading one profile.
 #[derive(Debug, Clone, Copy)]
 pub struct ProfileLimits {
@@ -264,8 +296,8 @@ pub enum Written {
 const WRITE_MARGIN: Duration = Duration::from_millis(100);
 
 /// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
-/// model version, computed-at ms, notify channel, user id. Returns 1 written, 0 profile changed,
-/// -1 past the deadline.
+/// model version, computed-at ms, notify channel, user id, scores JSON, strategy. Returns 1
+/// written, 0 profile changed, -1 past the deadline.
 static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -277,7 +309,8 @@ if v then sha = redis.sha1hex(v) end
 if sha ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'profile_sha', ARGV[1], 'model_version', ARGV[5], 'computed_at_ms', ARGV[6])
+redis.call('HSET', KEYS[3], 'profile_sha', ARGV[1], 'model_version', ARGV[5], 'computed_at_ms', ARGV[6],
+  'scores', ARGV[9], 'strategy', ARGV[10])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return 1
