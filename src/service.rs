@@ -117,7 +117,9 @@ pub struct Recommendation {
     pub user_id: Option<String>,
     pub recommendations: Vec<Item>,
     pub strategy: Strategy,
-    pub source: Source,
+    /// Cache-first reads only (`GET /recommendations`): `cache` or `computed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
     pub model_version: String,
     /// Profile entries that are not in the catalog (skipped).
     pub unknown_items: usize,
@@ -229,7 +231,9 @@ impl Service {
     /// only when they read the same profile value for the same ask and model version; if the
     /// computing one is cancelled, a waiting one computes instead.
     pub async fn recommend(&self, user_id: &str, ask: Ask) -> Result<Recommendation, Error> {
-        self.answer(user_id, ask, false).await
+        let mut rec = self.answer(user_id, ask, false).await?;
+        rec.source = None;
+        Ok(rec)
     }
 
     /// `GET /recommendations/{user_id}`: cache-first. The stored list answers when it was computed
@@ -237,7 +241,9 @@ impl Service {
     /// (`"source": "cache"`, no model runs); otherwise as `recommend`, sharing its single flight.
     /// `explain` always computes (the trace is not stored).
     pub async fn recommendations(&self, user_id: &str, ask: Ask) -> Result<Recommendation, Error> {
-        self.answer(user_id, ask, !ask.explain).await
+        let mut rec = self.answer(user_id, ask, !ask.explain).await?;
+        rec.source.get_or_insert(Source::Computed);
+        Ok(rec)
     }
 
     /// `POST /recommend` with a history in the body (an anonymous session): ranks it with the same
@@ -252,7 +258,7 @@ impl Service {
         let set = self.model_set()?;
         let mut explain = ask.explain.then(Explanation::default);
         let ranking = self.rank_items(history, ask, &set, explain.as_mut()).await?;
-        Ok(ranking.into_answer(None, Source::Computed, &set, started, explain))
+        Ok(ranking.into_answer(None, &set, started, explain))
     }
 
     async fn answer(&self, user_id: &str, ask: Ask, cache_first: bool) -> Result<Recommendation, Error> {
@@ -326,7 +332,7 @@ impl Service {
             user_id: Some(user_id.to_string()),
             recommendations,
             strategy,
-            source: Source::Cache,
+            source: Some(Source::Cache),
             model_version: version.clone(),
             unknown_items: history.unknown,
             truncated_items: history.truncated,
@@ -409,7 +415,7 @@ impl Service {
         if written == Written::Superseded {
             self.metrics.writes_superseded.inc();
         }
-        Ok((ranking.into_answer(Some(user_id), Source::Computed, &set, started, explain), written))
+        Ok((ranking.into_answer(Some(user_id), &set, started, explain), written))
     }
 
     /// Ranks a profile's items (oldest first) with `set`: the cascade, or the popular list when no
@@ -498,7 +504,6 @@ impl Ranking {
     fn into_answer(
         self,
         user_id: Option<&str>,
-        source: Source,
         set: &ModelSet,
         started: Instant,
         explain: Option<Explanation>,
@@ -507,7 +512,7 @@ impl Ranking {
             user_id: user_id.map(str::to_string),
             recommendations: self.items,
             strategy: self.strategy,
-            source,
+            source: None,
             model_version: set.info.version.clone(),
             unknown_items: self.unknown,
             truncated_items: self.truncated,

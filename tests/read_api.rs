@@ -33,12 +33,14 @@ fn get_answers_from_redis_when_the_stored_list_is_fresh_and_computes_otherwise()
 
     // fresh: answered from Redis, same items and scores, no model run
     let batches = server.metric("model_service_inference_batch_size_count");
+    let lightgcn_runs = server.metric("model_service_stage_duration_seconds_count{stage=\"lightgcn\"}");
     let (status, cached) = server.get("/recommendations/reader?k=3");
     assert_eq!((status, cached["source"].as_str()), (200, Some("cache")), "{cached}");
     assert_eq!(rec_ids(&cached), rec_ids(&first)[..3]);
     assert_eq!(scores(&cached), scores(&first)[..3]);
     assert_eq!(cached["strategy"], "personalized");
     assert_eq!(server.metric("model_service_inference_batch_size_count"), batches, "a cache answer runs no model");
+    assert_eq!(server.metric("model_service_stage_duration_seconds_count{stage=\"lightgcn\"}"), lightgcn_runs);
     assert_eq!(server.metric("model_service_cache_answers_total{outcome=\"hit\"}"), 1.0);
 
     // a stored list shorter than k is a miss
@@ -69,13 +71,69 @@ fn get_answers_from_redis_when_the_stored_list_is_fresh_and_computes_otherwise()
 }
 
 #[test]
+fn after_a_reload_the_stored_list_is_stale_and_get_recomputes() {
+    let v2 = make_models("read-api-v2", &["--version", "v2", "--seed", "2"]);
+    let (redis, server) = setup(&[("API_TOKEN", "t0ken")]);
+    redis.set("user_profile:loyal", &profile_of(&[1, 7]));
+    let get = |path: &str| {
+        let r = reqwest::blocking::Client::new().get(server.url(path)).bearer_auth("t0ken").send().unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    assert_eq!(get("/recommendations/loyal").1["source"], "computed");
+    assert_eq!(get("/recommendations/loyal").1["source"], "cache");
+    let body = serde_json::json!({ "model_dir": v2 });
+    let (status, reloaded) = server.post_json(server.port, "/admin/reload", &body, Some("t0ken"));
+    assert_eq!(status, 200, "{reloaded}");
+    let (_, after) = get("/recommendations/loyal");
+    assert_eq!((after["source"].as_str(), after["model_version"].as_str()), (Some("computed"), Some("v2")), "{after}");
+    assert_eq!(get("/recommendations/loyal").1["source"], "cache");
+}
+
+#[test]
+fn get_and_post_racing_for_one_user_compute_once() {
+    let (redis, server) = setup(&[]);
+    redis.set("user_profile:raced", &profile_of(&[6, 12]));
+    let before = server.metric("model_service_inference_batch_size_sum");
+    // Hold Redis so that every request is waiting on its read when it returns.
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG").arg("SLEEP").arg(0.3).query::<()>(&mut c).unwrap();
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let answers: Vec<(u16, serde_json::Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..12)
+                .map(|n| {
+                    let server = &server;
+                    s.spawn(move || {
+                        if n % 2 == 0 {
+                            server.get("/recommendations/raced")
+                        } else {
+                            server.post("/recommend/raced")
+                        }
+                    })
+                })
+                .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    sleeper.join().unwrap();
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(rec_ids(body), rec_ids(&answers[0].1));
+    }
+    let ranked = server.metric("model_service_inference_batch_size_sum") - before;
+    assert_eq!(ranked, 1.0, "6 GETs and 6 POSTs for one user ran the models {ranked} times");
+}
+
+#[test]
 fn an_anonymous_history_is_ranked_like_a_stored_profile_and_writes_nothing() {
     let (redis, server) = setup(&[("MAX_PROFILE_ITEMS", "50"), ("MAX_PROFILE_BYTES", "4000")]);
     let history: Vec<String> = [5, 11, 17, 23].iter().map(|&r| item(r)).collect();
     let body = serde_json::json!({"history": history, "k": 6});
     let (status, anon) = server.post_json(server.port, "/recommend", &body, None);
     assert_eq!(status, 200, "{anon}");
-    assert_eq!((anon["user_id"].is_null(), anon["source"].as_str()), (true, Some("computed")));
+    assert!(anon["user_id"].is_null() && anon.get("source").is_none(), "{anon}");
     let ids = rec_ids(&anon);
     assert_eq!(ids.len(), 6);
     let owned: HashSet<&String> = history.iter().collect();
@@ -101,7 +159,11 @@ fn an_anonymous_history_is_ranked_like_a_stored_profile_and_writes_nothing() {
     // an empty history is a newcomer: the popular list
     let (_, cold) = server.post_json(server.port, "/recommend", &serde_json::json!({"history": []}), None);
     assert_eq!(cold["strategy"], "popular");
-    assert_eq!(redis.keys("recommendations:*"), vec!["recommendations:twin"], "only the stored profile's list is in Redis");
+    assert_eq!(
+        redis.keys("recommendations:*"),
+        vec!["recommendations:twin"],
+        "only the stored profile's list is in Redis"
+    );
 }
 
 #[test]
@@ -110,7 +172,13 @@ fn explain_shows_each_items_place_after_every_stage_and_is_absent_by_default() {
     redis.set("user_profile:curious", &profile_of(&[2, 8, 14, 20]));
     let (status, plain) = server.post("/recommend/curious?k=5");
     assert_eq!(status, 200);
-    assert!(plain.get("explain").is_none() && plain["recommendations"][0].get("stages").is_none(), "{plain}");
+    // without explain, the answer has exactly the fields it always had
+    let fields: Vec<&String> = plain.as_object().unwrap().keys().collect();
+    let want =
+        ["elapsed_ms", "model_version", "recommendations", "strategy", "truncated_items", "unknown_items", "user_id"];
+    assert_eq!(fields, want, "{plain}");
+    let item_fields: Vec<&String> = plain["recommendations"][0].as_object().unwrap().keys().collect();
+    assert_eq!(item_fields, ["item_id", "score"]);
 
     let (status, explained) = server.post("/recommend/curious?k=5&explain=true");
     assert_eq!(status, 200, "{explained}");
