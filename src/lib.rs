@@ -13,5 +13,6 @@ pub mod listener;
 pub mod metrics;
 pub mod model_set;
 pub mod models;
+pub mod server;
 pub mod service;
 pub mod store;

@@ -123,7 +123,11 @@ fn harness() -> &'static Harness {
         let app = runtime.block_on(async {
             let service = model_service::app::build_service(&cli.config).unwrap();
             service.engine.ready().await.expect("the models load");
-            let access = Access { api_token: Some(TOKEN.into()), max_header_bytes: 8192 };
+            let access = Access {
+                api_token: Some(TOKEN.into()),
+                max_header_bytes: 8192,
+                body_read_timeout: std::time::Duration::from_secs(10),
+            };
             router(Arc::clone(&service), Routes::Api { admin: false }, &access)
         });
         Harness { runtime, app, client, redis: std::sync::Mutex::new(conn), asins }
