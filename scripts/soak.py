@@ -12,6 +12,13 @@ deliberately malformed ones, and drives POST /recommend from --clients threads f
   bad ids, bad k                   -> 400 invalid_user_id / invalid_k
   no token / oversized body        -> 401 unauthorized / 413 payload_too_large
   oversized headers / unknown path -> 431 headers_too_large / 404 not_found
+  profiles over MAX_PROFILE_BYTES  -> 422 profile_too_large
+
+Attack phase: before the service starts, a start with an empty API_TOKEN must be refused (exit
+status 1, one line). From 30% to 45% of the run --attack-sockets sockets (more than the
+service's MAX_CONNECTIONS) are held open, half idle and half sending a request head one byte a
+second (slowloris), re-opened as the service closes them; meanwhile /health/live is probed twice
+a second and must answer within 2 s every time.
 
 At 50% of the run Redis is killed (SIGKILL) and restarted on the same port after --redis-down
 seconds; at 70% the models are reloaded through the admin port. Memory (VmRSS) of the service is
@@ -22,9 +29,11 @@ sampled every 5 s. The verdict, printed and written as JSON (--out):
     that answer (profiles do not change during the run, so every answer for a user is the same);
     a user whose answers differed is counted too. Users that only got errors must have no list;
   * errors: counts by (status, error code); any answer that is not one of the deliberate ones
-    above (e.g. a 500, a 503 while Redis was up, a broken connection) is unexpected.
+    above (e.g. a 500, a 503 while Redis was up, a broken connection, a /health/live probe that
+    failed during the attack) is unexpected;
+  * attack: the empty-token start was refused, and the service closed attack sockets.
 
-Exit status 0 when all three hold. Run it through scripts/soak.sh.
+Exit status 0 when all hold. Run it through scripts/soak.sh.
 """
 
 from __future__ import annotations
@@ -100,8 +109,10 @@ def profiles(args, catalog: list[str]) -> dict[str, list[str]]:
 class Load:
     """The request mix; every answer is classified and recorded."""
 
-    def __init__(self, port: int, users: list[str], malformed: list[str], long_users: list[str]):
+    def __init__(self, port: int, users: list[str], malformed: list[str], long_users: list[str],
+                 huge_users: list[str]):
         self.port, self.users, self.malformed, self.long_users = port, users, malformed, long_users
+        self.huge_users = huge_users
         self.lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
         self.unexpected: list[dict] = []
@@ -126,8 +137,10 @@ class Load:
             return "no_token", f"/recommend/{rng.choice(self.users)}", {"Authorization": ""}, None
         if r < 0.96:
             return "big_body", f"/recommend/{rng.choice(self.users)}", {}, b"x" * 40_000
-        if r < 0.98:
+        if r < 0.975:
             return "big_headers", f"/recommend/{rng.choice(self.users)}", {"X-Padding": "p" * 9000}, None
+        if r < 0.985:
+            return "oversized_profile", f"/recommend/{rng.choice(self.huge_users)}", {}, None
         return "no_route", "/recommend", {}, None
 
     EXPECTED = {
@@ -138,6 +151,7 @@ class Load:
         "no_token": {(401, "unauthorized")},
         "big_body": {(413, "payload_too_large")},
         "big_headers": {(431, "headers_too_large")},
+        "oversized_profile": {(422, "profile_too_large")},
         "no_route": {(404, "not_found"), (405, "method_not_allowed")},
     }
 
@@ -190,6 +204,79 @@ class Load:
                 self.unexpected.append(unexpected)
 
 
+def empty_token_refused(binary: str, env: dict) -> dict:
+    """A start with API_TOKEN set but empty must fail at once: exit status 1, one line."""
+    out = {}
+    for token in ("", "  "):
+        proc = subprocess.run([binary, "serve"], env={**env, "API_TOKEN": token, "PORT": str(free_port())},
+                              capture_output=True, text=True, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        out[repr(token)] = {"exit": proc.returncode, "stderr": lines,
+                            "refused": proc.returncode == 1 and len(lines) == 1 and "API_TOKEN" in lines[0]}
+    return out
+
+
+class Attack:
+    """Idle and slowloris sockets held open against the service, and /health/live probes."""
+
+    def __init__(self, port: int, sockets: int):
+        self.port, self.sockets = port, sockets
+        self.stop = threading.Event()
+        self.opened = self.closed_by_server = self.probes = 0
+        self.probe_failures: list[str] = []
+
+    def hold(self) -> None:
+        held: list[tuple[socket.socket, bool]] = []
+        while not self.stop.is_set():
+            while len(held) < self.sockets and not self.stop.is_set():
+                try:
+                    s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+                except OSError:
+                    break
+                s.setblocking(False)
+                slow = len(held) % 2 == 1
+                if slow:
+                    s.send(b"POST /recommend/slowloris HTTP/1.1\r\nHost: soak\r\nX-Slow: ")
+                held.append((s, slow))
+                self.opened += 1
+            alive = []
+            for s, slow in held:
+                try:
+                    if s.recv(4096) == b"":
+                        raise ConnectionResetError
+                    alive.append((s, slow))  # (never answered: the head is never complete)
+                except BlockingIOError:
+                    try:
+                        if slow:
+                            s.send(b"x")
+                        alive.append((s, slow))
+                    except OSError:
+                        self.closed_by_server += 1
+                        s.close()
+                except OSError:
+                    self.closed_by_server += 1
+                    s.close()
+            held = alive
+            time.sleep(1.0)
+        for s, _ in held:
+            s.close()
+
+    def probe(self) -> None:
+        while not self.stop.is_set():
+            self.probes += 1
+            t = time.time()
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                c.request("GET", "/health/live")
+                status = c.getresponse().status
+                c.close()
+                if status != 200:
+                    self.probe_failures.append(f"status {status}")
+            except (OSError, http.client.HTTPException) as e:
+                self.probe_failures.append(f"{e!r} after {time.time() - t:.1f}s")
+            time.sleep(0.5)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", required=True)
@@ -200,6 +287,8 @@ def main():
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--users", type=int, default=5000)
     p.add_argument("--redis-down", type=float, default=3.0, help="seconds Redis stays down")
+    p.add_argument("--max-connections", type=int, default=256, help="the service's MAX_CONNECTIONS")
+    p.add_argument("--attack-sockets", type=int, default=400, help="idle and slowloris sockets held")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "soak.json"))
     args = p.parse_args()
 
@@ -217,6 +306,9 @@ def main():
     long_users = [f"soak-long{i}" for i in range(20)]
     for u in long_users:  # 5,000-item profiles: capped at MAX_HISTORY, most recent kept
         pipe.set(f"user_profile:{u}", json.dumps(random.Random(u).choices(catalog, k=5000)))
+    huge_users = [f"soak-huge{i}" for i in range(3)]
+    for u in huge_users:  # over MAX_PROFILE_BYTES (256 KiB by default): refused, not transferred
+        pipe.set(f"user_profile:{u}", json.dumps(random.Random(u).choices(catalog, k=120_000)))
     malformed = {"soak-bad-json": b"[\"0553092626\",", "soak-bad-numbers": b"[1, 2, 3]",
                  "soak-bad-nested": b"[[\"0553092626\"]]", "soak-bad-bytes": b"\xff\xfe[\"a\"]"}
     for u, raw in malformed.items():
@@ -229,7 +321,10 @@ def main():
 
     env = {**os.environ, "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "PORT": str(port),
            "HOST": "127.0.0.1", "ADMIN_PORT": str(aport), "API_TOKEN": TOKEN, "MODEL_DIR": args.model_dir,
-           "DEVICE": "cpu", "LOG_FORMAT": "json", "RUST_LOG": "model_service=warn"}
+           "DEVICE": "cpu", "LOG_FORMAT": "json", "RUST_LOG": "model_service=warn",
+           "MAX_CONNECTIONS": str(args.max_connections), "HEADER_READ_TIMEOUT_SECS": "5"}
+    refused = empty_token_refused(args.bin, env)
+    print(f"soak: empty API_TOKEN start: {refused}", flush=True)
     log = open(os.path.join(work, "service.log"), "w")
     svc = subprocess.Popen([args.bin, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
@@ -244,7 +339,11 @@ def main():
             raise SystemExit("model-service exited at start; see " + log.name)
         time.sleep(0.2)
 
-    load = Load(port, list(profs), malformed_users, long_users)
+    load = Load(port, list(profs), malformed_users, long_users, huge_users)
+    attack = Attack(port, args.attack_sockets)
+    attack_threads = [threading.Thread(target=attack.hold, daemon=True),
+                      threading.Thread(target=attack.probe, daemon=True)]
+    attacking = attacked = False
     threads = [threading.Thread(target=load.client, args=(i,), daemon=True) for i in range(args.clients)]
     start = time.time()
     for t in threads:
@@ -255,6 +354,17 @@ def main():
     while (elapsed := time.time() - start) < args.seconds:
         if not rss or elapsed - rss[-1][0] >= 5:
             rss.append((round(elapsed, 1), rss_kib(svc.pid)))
+        if not attacking and elapsed >= args.seconds * 0.3:
+            attacking = True
+            for t in attack_threads:
+                t.start()
+            events.append({"at_s": round(elapsed, 1), "event": f"attack: {args.attack_sockets} idle/slow sockets"})
+        if attacking and not attacked and elapsed >= args.seconds * 0.45:
+            attacked = True
+            attack.stop.set()
+            for t in attack_threads:
+                t.join(timeout=30)
+            events.append({"at_s": round(elapsed, 1), "event": "attack over"})
         if not restarted and elapsed >= args.seconds * 0.5:
             restarted = True
             load.redis_down.set()
@@ -287,7 +397,10 @@ def main():
         stored = r.get(f"recommendations:{user}")
         if stored is None or tuple(json.loads(stored)) not in lists:
             lost.append(user)
-    half_written = [u for u in malformed_users if r.exists(f"recommendations:{u}")]
+    half_written = [u for u in malformed_users + huge_users if r.exists(f"recommendations:{u}")]
+    for failure in attack.probe_failures:
+        load.unexpected.append({"kind": "health_live_probe", "error": failure})
+    attack_ok = all(v["refused"] for v in refused.values()) and attack.closed_by_server > 0
 
     baseline = next((kib for t, kib in rss if t >= args.warmup), rss[0][1])
     end_rss = rss[-1][1]
@@ -298,7 +411,8 @@ def main():
         counts[f"{status} {code or ''}".strip()] += n
         by_kind[kind] += n
     total = sum(counts.values())
-    ok = alive and not lost and not differing and not half_written and not load.unexpected and abs(growth) <= 0.10
+    ok = (alive and not lost and not differing and not half_written and not load.unexpected and abs(growth) <= 0.10
+          and attack_ok)
     report = {
         "seconds": args.seconds, "clients": args.clients, "requests": total,
         "requests_per_second": round(total / args.seconds, 1),
@@ -308,6 +422,9 @@ def main():
         "users_with_differing_answers": len(differing), "half_written": half_written,
         "rss_kib": {"after_warmup": baseline, "end": end_rss, "growth": round(growth, 4),
                     "warmup_s": args.warmup, "samples": rss},
+        "attack": {"empty_token_start": refused, "sockets_opened": attack.opened,
+                   "sockets_closed_by_server": attack.closed_by_server, "health_live_probes": attack.probes,
+                   "health_live_failures": len(attack.probe_failures), "max_connections": args.max_connections},
         "events": events, "service_alive_at_end": alive, "verdict": "pass" if ok else "fail",
         "command": " ".join(sys.argv),
     }

@@ -24,6 +24,8 @@ pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
         lightgcn_candidates: cfg.lightgcn_candidates,
         din_candidates: cfg.din_candidates,
         last_stage: cfg.last_stage,
+        reload_timeout: cfg.reload_timeout(),
+        max_file_bytes: cfg.max_model_file_bytes,
     })
 }
 

@@ -111,6 +111,26 @@ pub struct Config {
     /// Largest request target plus headers accepted, in bytes (431 beyond).
     #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 8192, global = true)]
     pub max_header_bytes: usize,
+    /// Seconds allowed to receive a request head (request line and headers), counted from when the
+    /// connection starts waiting for it; so also how long an idle keep-alive connection stays open.
+    /// The connection is closed beyond.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 10.0, global = true)]
+    pub header_read_timeout_secs: f64,
+    /// Seconds allowed to receive a request body once its head has arrived (408 beyond).
+    #[arg(long, env = "BODY_READ_TIMEOUT_SECS", default_value_t = 10.0, global = true)]
+    pub body_read_timeout_secs: f64,
+    /// Connections open at once on each listener. At the cap a new connection closes the oldest
+    /// one without a request in flight; when every one has a request in flight it is refused.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 512, global = true)]
+    pub max_connections: usize,
+    /// Seconds a reload (POST /admin/reload, SIGHUP) may take; beyond, the request gets 503
+    /// `reload_timeout`, the load's result is discarded, and reloads get 409 until it has ended.
+    #[arg(long, env = "RELOAD_TIMEOUT_SECS", default_value_t = 120.0, global = true)]
+    pub reload_timeout_secs: f64,
+    /// Largest file of a model directory (catalog.tsv, manifest.json, */model.pt) that is read;
+    /// each must also be a regular file (symlinks are followed).
+    #[arg(long, env = "MAX_MODEL_FILE_BYTES", default_value_t = 4 << 30, global = true)]
+    pub max_model_file_bytes: u64,
 
     /// Lifetime of recommendations:<user_id>, in seconds.
     #[arg(long, env = "RECOMMENDATION_TTL", default_value_t = 3600, global = true)]
@@ -264,6 +284,18 @@ impl Config {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.header_read_timeout_secs)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.body_read_timeout_secs)
+    }
+
+    pub fn reload_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.reload_timeout_secs)
+    }
+
     /// TORCH_THREADS, or the cores divided among the inference workers (at least 1).
     pub fn torch_threads_per_worker(&self) -> usize {
         if self.torch_threads > 0 {
@@ -290,6 +322,8 @@ impl Config {
             ("LISTENER_CONCURRENCY", self.listener.listener_concurrency),
             ("MAX_PENDING_USERS", self.listener.max_pending_users),
             ("MAX_HEADER_BYTES", self.max_header_bytes),
+            ("MAX_CONNECTIONS", self.max_connections),
+            ("MAX_MODEL_FILE_BYTES", usize::try_from(self.max_model_file_bytes).unwrap_or(usize::MAX)),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -311,8 +345,36 @@ impl Config {
                 self.max_k, self.din_candidates
             )));
         }
+        let timeouts = [
+            ("HEADER_READ_TIMEOUT_SECS", self.header_read_timeout_secs),
+            ("BODY_READ_TIMEOUT_SECS", self.body_read_timeout_secs),
+            ("RELOAD_TIMEOUT_SECS", self.reload_timeout_secs),
+        ];
+        for (name, secs) in timeouts {
+            if !(secs > 0.0 && secs <= 86_400.0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be above 0 and at most 86400 seconds, got {secs}"
+                )));
+            }
+        }
         if self.recommendation_ttl == 0 {
             return Err(ConfigError::Invalid("RECOMMENDATION_TTL must be at least 1 second".into()));
+        }
+        if let Some(token) = &self.api_token {
+            if token.trim().is_empty() {
+                return Err(ConfigError::Invalid(
+                    "API_TOKEN is set but empty: an empty token would switch authentication off; set a token, \
+                     or unset API_TOKEN"
+                        .into(),
+                ));
+            }
+            if token.trim() != token || token.chars().any(|c| c.is_control()) {
+                return Err(ConfigError::Invalid(
+                    "API_TOKEN has leading or trailing whitespace or control characters: a client cannot send it \
+                     in an Authorization header"
+                        .into(),
+                ));
+            }
         }
         self.listen_addr()?;
         self.admin_addr()?;
@@ -356,6 +418,35 @@ mod tests {
         let public = parse(&["model-service", "--admin-port", "9001", "--admin-host", "0.0.0.0", "serve"]).config;
         assert!(public.validate().unwrap_err().to_string().contains("loopback"));
         assert!(parse(&["model-service", "serve"]).config.admin_addr().unwrap().is_none());
+    }
+
+    #[test]
+    fn an_empty_or_blank_api_token_is_refused() {
+        for token in ["", " ", "\t  "] {
+            let cli = parse(&["model-service", "--api-token", token, "serve"]);
+            let err = cli.config.validate().unwrap_err().to_string();
+            assert!(err.contains("API_TOKEN is set but empty") && !err.contains('\n'), "{err}");
+        }
+        let padded = parse(&["model-service", "--api-token", " secret", "serve"]).config;
+        assert!(padded.validate().unwrap_err().to_string().contains("whitespace"));
+        assert!(parse(&["model-service", "--api-token", "s3cret", "serve"]).config.validate().is_ok());
+    }
+
+    #[test]
+    fn timeouts_must_be_positive() {
+        for (flag, name) in [
+            ("--header-read-timeout-secs", "HEADER_READ_TIMEOUT_SECS"),
+            ("--body-read-timeout-secs", "BODY_READ_TIMEOUT_SECS"),
+            ("--reload-timeout-secs", "RELOAD_TIMEOUT_SECS"),
+        ] {
+            for value in ["0", "NaN", "1e9"] {
+                let err = parse(&["model-service", flag, value, "serve"]).config.validate().unwrap_err().to_string();
+                assert!(err.contains(name), "{err}");
+            }
+        }
+        let c = parse(&["model-service", "--reload-timeout-secs", "0.05", "serve"]).config;
+        assert_eq!(c.reload_timeout(), Duration::from_millis(50));
+        assert!(parse(&["model-service", "--max-connections", "0", "serve"]).config.validate().is_err());
     }
 
     #[test]

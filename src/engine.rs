@@ -6,6 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,10 @@ pub struct EngineConfig {
     pub lightgcn_candidates: usize,
     pub din_candidates: usize,
     pub last_stage: Stage,
+    /// Bound on one reload (RELOAD_TIMEOUT_SECS).
+    pub reload_timeout: Duration,
+    /// Largest model-directory file read (MAX_MODEL_FILE_BYTES).
+    pub max_file_bytes: u64,
 }
 
 impl EngineConfig {
@@ -50,6 +55,7 @@ impl EngineConfig {
             torch_threads: self.torch_threads,
             warm_batch: self.max_batch,
             warm_budget: self.budget(10, false),
+            max_file_bytes: self.max_file_bytes,
         })
     }
 }
@@ -60,6 +66,15 @@ pub enum EngineState {
     Loading,
     Ready(Arc<ModelSet>),
     Failed(String),
+}
+
+/// Clears the reload flag when the loading thread ends (or the reload could not start).
+struct ReloadRunning(Arc<AtomicBool>);
+
+impl Drop for ReloadRunning {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 pub struct Scored {
@@ -93,8 +108,8 @@ struct Job {
 pub struct Engine {
     tx: Sender<Job>,
     state: Arc<watch::Sender<EngineState>>,
-    /// One reload at a time.
-    reloading: Arc<tokio::sync::Mutex<()>>,
+    /// One reload at a time: set while a reload's loading thread runs (it clears it when it ends).
+    reloading: Arc<AtomicBool>,
     cfg: Arc<EngineConfig>,
     metrics: Metrics,
 }
@@ -113,7 +128,7 @@ impl Engine {
                 .spawn(move || run(n, cfg, rx, metrics))
                 .expect("spawning an inference worker");
         }
-        let engine = Self { tx, state, reloading: Arc::new(tokio::sync::Mutex::new(())), cfg, metrics };
+        let engine = Self { tx, state, reloading: Arc::new(AtomicBool::new(false)), cfg, metrics };
         let loader = engine.clone();
         std::thread::Builder::new()
             .name("model-loader".into())
@@ -169,14 +184,20 @@ impl Engine {
         self.state.send_replace(EngineState::Ready(set));
     }
 
-    /// Loads `dir` (default: the directory in service) on a blocking thread while the current set
+    /// Loads `dir` (default: the directory in service) on a thread of its own while the current set
     /// keeps serving, validates it (catalog, shapes, a smoke batch and warm-up on every copy) and
     /// swaps it in atomically: requests already holding the old set finish on it, later ones get
     /// the new one. A directory that fails validation is refused and the old set keeps serving.
+    ///
+    /// The loading thread, not this future, holds the one-reload-at-a-time flag: a client that
+    /// gives up, or the timeout, does not end the load, so further reloads get 409 until it has
+    /// really ended. Past `reload_timeout` the caller gets `ReloadTimeout` and the load's result
+    /// is discarded. The thread is not joined: SIGTERM ends the process during a reload.
     pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Reloaded, Error> {
-        let Ok(_one_at_a_time) = self.reloading.try_lock() else {
+        if self.reloading.swap(true, Ordering::SeqCst) {
             return Err(Error::ReloadInProgress);
-        };
+        }
+        let running = ReloadRunning(self.reloading.clone());
         let previous = match self.state() {
             EngineState::Ready(set) => set,
             EngineState::Loading => return Err(Error::ModelsLoading),
@@ -185,14 +206,49 @@ impl Engine {
             }
         };
         let dir = dir.unwrap_or_else(|| previous.dir.clone());
+        // Who decides the outcome: the loading thread (it swaps in) or the timeout (discarded).
+        const UNDECIDED: u8 = 0;
+        let decided = Arc::new(AtomicU8::new(UNDECIDED));
+        let (reply, outcome) = oneshot::channel();
+        let (engine, decider) = (self.clone(), decided.clone());
         let started = Instant::now();
-        let engine = self.clone();
-        let target = dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || engine.load(&target))
-            .await
-            .map_err(|e| Error::ReloadRefused(format!("the loading thread failed: {e}")))?;
+        std::thread::Builder::new()
+            .name("model-reload".into())
+            .spawn(move || {
+                let _running = running;
+                let loaded = engine.load(&dir);
+                let _ = reply.send(engine.finish_reload(loaded, &dir, &previous, started, &decider));
+            })
+            .map_err(|e| Error::ReloadRefused(format!("cannot start the loading thread: {e}")))?;
+        let timeout = self.cfg.reload_timeout;
+        match tokio::time::timeout(timeout, outcome).await {
+            Ok(outcome) => outcome.unwrap_or_else(|_| Err(Error::ReloadRefused("the loading thread failed".into()))),
+            Err(_) if decided.compare_exchange(UNDECIDED, 2, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
+                self.metrics.reloads.with_label_values(&["timeout"]).inc();
+                tracing::error!(
+                    timeout_s = timeout.as_secs_f64(),
+                    "reload timed out; the models in service keep \
+                    serving, and reloads are refused until the load has ended"
+                );
+                Err(Error::ReloadTimeout(timeout.as_secs_f64()))
+            }
+            // The thread decided just in time: its answer is on the way.
+            Err(_) => Err(Error::ReloadTimeout(timeout.as_secs_f64())),
+        }
+    }
+
+    /// On the loading thread: swaps a loaded set in unless the reload timed out.
+    fn finish_reload(
+        &self,
+        loaded: Result<ModelSet, ConfigError>,
+        dir: &std::path::Path,
+        previous: &ModelSet,
+        started: Instant,
+        decided: &AtomicU8,
+    ) -> Result<Reloaded, Error> {
+        let in_time = decided.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok();
         match loaded {
-            Ok(set) => {
+            Ok(set) if in_time => {
                 let set = Arc::new(set);
                 let outcome = Reloaded {
                     model_version: set.info.version.clone(),
@@ -205,8 +261,15 @@ impl Engine {
                 self.metrics.reloads.with_label_values(&["success"]).inc();
                 Ok(outcome)
             }
+            Ok(set) => {
+                tracing::warn!(dir = %dir.display(), version = %set.info.version,
+                    "a timed-out reload finished loading; discarded");
+                Err(Error::ReloadTimeout(self.cfg.reload_timeout.as_secs_f64()))
+            }
             Err(e) => {
-                self.metrics.reloads.with_label_values(&["refused"]).inc();
+                if in_time {
+                    self.metrics.reloads.with_label_values(&["refused"]).inc();
+                }
                 tracing::error!(dir = %dir.display(), error = %e, version = %previous.info.version,
                     "reload refused; the models in service keep serving");
                 Err(Error::ReloadRefused(e.to_string()))

@@ -64,6 +64,18 @@ pub enum Error {
     HeadersTooLarge(String),
     #[error("request body too large: {0}")]
     PayloadTooLarge(String),
+    #[error("request target too long: {0}")]
+    UriTooLong(String),
+    #[error("malformed HTTP request: {0}")]
+    MalformedRequest(String),
+    #[error("HTTP version not supported: {0}")]
+    HttpVersionNotSupported(String),
+    #[error("transfer coding not supported: {0}")]
+    UnsupportedTransferEncoding(String),
+    #[error("request body not received in time: {0}")]
+    RequestTimeout(String),
+    #[error("the reload did not finish within {0} s; the models in service keep serving")]
+    ReloadTimeout(f64),
     #[error("a reload is already in progress")]
     ReloadInProgress,
     #[error("reload refused, the models in service keep serving: {0}")]
@@ -104,6 +116,12 @@ impl Error {
             Error::InvalidBody(_) => "invalid_body",
             Error::HeadersTooLarge(_) => "headers_too_large",
             Error::PayloadTooLarge(_) => "payload_too_large",
+            Error::UriTooLong(_) => "uri_too_long",
+            Error::MalformedRequest(_) => "malformed_request",
+            Error::HttpVersionNotSupported(_) => "http_version_not_supported",
+            Error::UnsupportedTransferEncoding(_) => "unsupported_transfer_encoding",
+            Error::RequestTimeout(_) => "request_timeout",
+            Error::ReloadTimeout(_) => "reload_timeout",
             Error::ReloadInProgress => "reload_in_progress",
             Error::ReloadRefused(_) => "reload_refused",
         }
@@ -111,7 +129,9 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::InvalidUserId(_) | Error::InvalidK(_) | Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidUserId(_) | Error::InvalidK(_) | Error::InvalidRequest(_) | Error::MalformedRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Error::InvalidProfile { .. }
             | Error::ProfileTooLarge { .. }
             | Error::ProfileTooLong { .. }
@@ -121,7 +141,8 @@ impl Error {
             | Error::Redis(_)
             | Error::ModelsLoading
             | Error::EngineStopped(_)
-            | Error::DeadlineExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | Error::DeadlineExceeded(_)
+            | Error::ReloadTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Inference(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
@@ -130,6 +151,10 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            Error::HttpVersionNotSupported(_) => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            Error::UnsupportedTransferEncoding(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::ReloadInProgress => StatusCode::CONFLICT,
         }
     }
@@ -143,6 +168,19 @@ impl Error {
     pub fn body(&self) -> serde_json::Value {
         json!({ "error": self.code(), "detail": self.to_string() })
     }
+
+    /// Errors after which the connection cannot carry another request (its body was not read, or
+    /// the request could not be parsed): the response says `Connection: close`.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Error::PayloadTooLarge(_)
+                | Error::MalformedRequest(_)
+                | Error::HttpVersionNotSupported(_)
+                | Error::UnsupportedTransferEncoding(_)
+                | Error::RequestTimeout(_)
+        )
+    }
 }
 
 impl IntoResponse for Error {
@@ -153,6 +191,9 @@ impl IntoResponse for Error {
             Error::Overloaded(_) | Error::RedisUnavailable(_) | Error::ModelsLoading | Error::EngineStopped(_)
         ) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.closes_connection() {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if matches!(self, Error::Unauthorized(_)) {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -185,9 +226,18 @@ mod tests {
             Error::PayloadTooLarge("20000 bytes".into()),
             Error::ReloadInProgress,
             Error::ReloadRefused("bad".into()),
+            Error::UriTooLong("70000 bytes".into()),
+            Error::MalformedRequest("bad Content-Length".into()),
+            Error::HttpVersionNotSupported("HTTP/1.2".into()),
+            Error::UnsupportedTransferEncoding("gzip".into()),
+            Error::RequestTimeout("10 s".into()),
+            Error::ReloadTimeout(1.5),
         ];
         let statuses: Vec<u16> = errors.iter().map(|e| e.status().as_u16()).collect();
-        assert_eq!(statuses, vec![400, 400, 422, 503, 429, 503, 503, 503, 500, 500, 422, 422, 403, 431, 413, 409, 422]);
+        assert_eq!(
+            statuses,
+            vec![400, 400, 422, 503, 429, 503, 503, 503, 500, 500, 422, 422, 403, 431, 413, 409, 422, 414, 400, 505, 501, 408, 503]
+        );
         for e in &errors {
             let body = e.body();
             assert_eq!(body["error"], e.code());

@@ -27,8 +27,21 @@ pub struct Access {
     pub history_body_limit: usize,
     /// When set, POST and admin routes require `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
-    /// Largest request target plus headers, in bytes (431 beyond).
+    /// Largest request target plus headers, in bytes (431 beyond; 414 for the target alone).
     pub max_header_bytes: usize,
+    /// Time allowed to receive a request body once its head has arrived (408 beyond).
+    pub body_read_timeout: std::time::Duration,
+}
+
+impl Access {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            api_token: cfg.api_token.clone(),
+            max_header_bytes: cfg.max_header_bytes,
+            body_read_timeout: cfg.body_read_timeout(),
+            history_body_limit: cfg.max_profile_bytes + 4096,
+        }
+    }
 }
 
 /// Which routes a listener serves.
@@ -75,7 +88,7 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(service.clone(), track))
-        .layer(middleware::from_fn_with_state(Limits::from(access), limit_request))
+        .layer(middleware::from_fn_with_state(access.clone(), limit_request))
         .with_state(service)
 }
 
@@ -86,7 +99,7 @@ fn check_token(token: Option<&str>, request: &Request) -> Result<(), Error> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_credentials)
         .unwrap_or("");
     let same =
         given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
@@ -95,6 +108,13 @@ fn check_token(token: Option<&str>, request: &Request) -> Result<(), Error> {
         (false, true) => Err(Error::Unauthorized("a bearer token is required".into())),
         (false, false) => Err(Error::Unauthorized("the bearer token is not valid".into())),
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value; the scheme name is
+/// case-insensitive (RFC 7235 section 2.1), the token is not.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim_start_matches(' '))
 }
 
 async fn require_token(State(token): State<Option<Arc<String>>>, request: Request, next: Next) -> Response {
@@ -127,24 +147,42 @@ async fn require_admin(State(guard): State<AdminGuard>, request: Request, next: 
     }
 }
 
-#[derive(Clone, Copy)]
-struct Limits {
-    max_header_bytes: usize,
-    history_body: usize,
-}
-
-impl From<&Access> for Limits {
-    fn from(a: &Access) -> Self {
-        Self { max_header_bytes: a.max_header_bytes, history_body: a.history_body_limit }
+/// Bounds on the request before any route runs: 414 for a target over MAX_HEADER_BYTES, 431 when
+/// target and headers together exceed it, 501 for a transfer coding other than chunked, 413 for a
+/// body (declared or received) over what the route accepts (BODY_LIMIT; `POST /recommend` takes a
+/// history up to MAX_PROFILE_BYTES), 408 when the body does not arrive within the body read
+/// timeout. A body is read here, whole, so every route sees it already received.
+async fn limit_request(State(access): State<Access>, request: Request, next: Next) -> Response {
+    match checked(&access, request).await {
+        Ok(request) => next.run(request).await,
+        Err(refused) => refused.into_response(),
     }
 }
 
-/// 431 when the request target and headers together exceed the limit; 413 when the declared body
-/// is larger than the route accepts (BODY_LIMIT; `POST /recommend` takes a history up to
-/// MAX_PROFILE_BYTES); an undeclared one is cut off there by the extractors.
-async fn limit_request(State(limits): State<Limits>, request: Request, next: Next) -> Response {
-    let max = limits.max_header_bytes;
-    let body_limit = if request.uri().path() == "/recommend" { limits.history_body } else { BODY_LIMIT };
+async fn checked(access: &Access, request: Request) -> Result<Request, Error> {
+    let max = access.max_header_bytes;
+    let body_limit = if request.uri().path() == "/recommend" { access.history_body_limit } else { BODY_LIMIT };
+    let target = request.uri().to_string().len();
+    if target > max {
+        return Err(Error::UriTooLong(format!("the request target takes {target} bytes, at most {max} are accepted")));
+    }
+    let headers: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if target + headers > max {
+        return Err(Error::HeadersTooLarge(format!(
+            "the request target and headers take {} bytes, at most {max} are accepted",
+            target + headers
+        )));
+    }
+    let chunked = match request.headers().get(header::TRANSFER_ENCODING) {
+        None => false,
+        Some(codings) => {
+            let codings = codings.to_str().unwrap_or("?");
+            if !codings.split(',').all(|c| c.trim().eq_ignore_ascii_case("chunked")) {
+                return Err(Error::UnsupportedTransferEncoding(format!("{codings:?}: only chunked is understood")));
+            }
+            true
+        }
+    };
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -152,22 +190,32 @@ async fn limit_request(State(limits): State<Limits>, request: Request, next: Nex
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     if declared > body_limit as u64 {
-        // The body is not read, so the connection cannot carry another request: say so.
-        let mut response =
-            Error::PayloadTooLarge(format!("{declared} bytes, at most {body_limit} are accepted")).into_response();
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
+        return Err(Error::PayloadTooLarge(format!("{declared} bytes, at most {body_limit} are accepted")));
     }
-    let target = request.uri().to_string().len();
-    let headers: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-    if target + headers > max {
-        return Error::HeadersTooLarge(format!(
-            "the request target and headers take {} bytes, at most {max} are accepted",
-            target + headers
-        ))
-        .into_response();
+    if declared == 0 && !chunked {
+        return Ok(request);
     }
-    next.run(request).await
+    let (parts, body) = request.into_parts();
+    let timeout = access.body_read_timeout;
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, body_limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_large =
+                std::error::Error::source(&e).is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                Error::PayloadTooLarge(format!("the body is over {body_limit} bytes"))
+            } else {
+                Error::MalformedRequest(format!("the body could not be read: {e}"))
+            });
+        }
+        Err(_) => {
+            return Err(Error::RequestTimeout(format!(
+                "the body did not arrive within {} s (BODY_READ_TIMEOUT_SECS)",
+                timeout.as_secs_f64()
+            )))
+        }
+    };
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 #[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
@@ -289,8 +337,7 @@ fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejec
             (v, None) => Ok(v),
         }
     };
-    let k = one("k").map_err(|e| Error::InvalidK(e.to_string()))?;
-    let k = service.parse_k(k)?;
+    let k = service.parse_k(k_param(&pairs)?)?;
     let explain = match one("explain")? {
         None | Some("false") => false,
         Some("true") => true,
@@ -359,6 +406,24 @@ async fn recommendations(
     let user_id = user(user_id)?;
     let ask = ask(&service, query)?;
     Ok(Json(service.recommendations(&user_id, ask).await?))
+
+/// The one `k` of a query: given at most once, and only ASCII digits (no sign, no spaces, no
+/// `+` or `%20`); its range is checked by `Service::parse_k`.
+fn k_param(query: &[(String, String)]) -> Result<Option<&str>, Error> {
+    let mut ks = query.iter().filter(|(name, _)| name == "k").map(|(_, value)| value.as_str());
+    let k = ks.next();
+    let more = ks.count();
+    if more > 0 {
+        return Err(Error::InvalidK(format!("k is given {} times, give it once", more + 1)));
+    }
+    match k {
+        Some(raw) if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(Error::InvalidK(format!("k must be an integer written in digits only, got {raw:?}")))
+        }
+        k => Ok(k),
+    }
+}
+
 }
 
 /// A history that is not in Redis (an anonymous session).

@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod model_set;
 pub mod models;
 pub mod redis;
+pub mod server;
 pub mod service;

@@ -1,7 +1,6 @@
 //! The `model-service` command: parses the configuration and runs a mode (serve, listen, backfill,
 //! recommend, check) on the library in src/lib.rs.
 
-use std::future::IntoFuture;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -12,7 +11,7 @@ use model_service::app::{build_service, engine_config};
 use model_service::config::{Cli, Command, Config, LogFormat};
 use model_service::model_set::{LoadSpec, ModelSet};
 use model_service::service::Service;
-use model_service::{backfill, http, listener};
+use model_service::{backfill, http, listener, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,11 +57,8 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     // Bind first: a taken port fails in milliseconds, before any model starts loading.
     let addr = cfg.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-    let access = http::Access {
-        api_token: cfg.api_token.clone(),
-        max_header_bytes: cfg.max_header_bytes,
-        history_body_limit: cfg.max_profile_bytes + 4096,
-    };
+    let access = http::Access::from_config(&cfg);
+    let limits = server::Limits::from_config(&cfg);
     let admin_here = cfg.admin_port.is_none();
     let (routes, listen) = match mode {
         Mode::Api { listen } => (http::Routes::Api { admin: admin_here }, listen),
@@ -89,12 +85,13 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     });
     tokio::spawn(reload_on_sighup(service.clone()));
     let grace = std::time::Duration::from_secs(cfg.listener.shutdown_grace_secs);
-    let main_server = serve_until_stopped(listener, http::router(service.clone(), routes, &access), &stop_rx, grace);
+    let main_server =
+        server::serve(listener, http::router(service.clone(), routes, &access), limits, stop_rx.clone(), grace);
     let admin_server = async {
         match admin {
             Some(l) => {
-                serve_until_stopped(l, http::router(service.clone(), http::Routes::Admin, &access), &stop_rx, grace)
-                    .await
+                let app = http::router(service.clone(), http::Routes::Admin, &access);
+                server::serve(l, app, limits, stop_rx.clone(), grace).await
             }
             None => Ok(()),
         }
@@ -121,30 +118,6 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     admin_served.context("admin HTTP server")?;
     tracing::info!("shut down");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Serves `app` until the stop signal, then drains in-flight requests for at most `grace`.
-async fn serve_until_stopped(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    stop: &tokio::sync::watch::Receiver<bool>,
-    grace: std::time::Duration,
-) -> std::io::Result<()> {
-    let mut until_stop = stop.clone();
-    let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = until_stop.wait_for(|s| *s).await;
-    });
-    let mut grace_over = stop.clone();
-    tokio::select! {
-        served = graceful.into_future() => served,
-        _ = async {
-            let _ = grace_over.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!(?grace, "requests still in flight after the grace period; exiting");
-            Ok(())
-        }
-    }
 }
 
 /// SIGHUP reloads the model directory in service (validated; refused if broken, see Engine::reload).

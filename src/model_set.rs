@@ -22,6 +22,27 @@ pub struct LoadSpec {
     pub torch_threads: usize,
     pub warm_batch: usize,
     pub warm_budget: Budget,
+    /// Largest file of the directory that is read (MAX_MODEL_FILE_BYTES).
+    pub max_file_bytes: u64,
+}
+
+/// Opens a file of a model directory for reading, only if it is (after symlinks) a regular file
+/// of at most `max_bytes`: a FIFO would hang the reader, a device such as /dev/zero would never
+/// end. The type is checked before opening (opening a FIFO blocks) and again on the open file.
+pub fn open_model_file(path: &Path, max_bytes: u64) -> Result<std::fs::File, String> {
+    let check = |meta: std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(format!("{} is not a regular file ({:?})", path.display(), meta.file_type()));
+        }
+        if meta.len() > max_bytes {
+            return Err(format!("{} is {} bytes, over MAX_MODEL_FILE_BYTES ({max_bytes})", path.display(), meta.len()));
+        }
+        Ok(())
+    };
+    check(std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?)?;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    check(file.metadata().map_err(|e| format!("{}: {e}", path.display()))?)?;
+    Ok(file)
 }
 
 pub struct ModelSet {
@@ -39,7 +60,14 @@ impl ModelSet {
     /// whole directory.
     pub fn load(dir: &Path, spec: &LoadSpec) -> Result<Self, ConfigError> {
         let started = Instant::now();
-        let catalog = Catalog::load(&dir.join("catalog.tsv"))?;
+        let catalog = Catalog::load(&dir.join("catalog.tsv"), spec.max_file_bytes)?;
+        // What Models::load reads, checked the same way before libtorch opens it.
+        let read_by_models = std::iter::once(dir.join("manifest.json"))
+            .chain(crate::models::STAGES.iter().map(|stage| dir.join(stage).join("model.pt")));
+        for file in read_by_models.filter(|f| f.exists()) {
+            open_model_file(&file, spec.max_file_bytes)
+                .map_err(|reason| ConfigError::Model { dir: dir.display().to_string(), reason })?;
+        }
         let copies: Vec<Result<Models, ConfigError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..spec.copies.max(1))
                 .map(|_| {

@@ -184,8 +184,13 @@ impl Drop for Landing<'_> {
     }
 }
 
-/// A user id is 1..=128 bytes with no whitespace or control characters.
+/// A user id is 1..=128 bytes of printable characters: no whitespace (Unicode White_Space), and
+/// nothing of the Unicode general category Other (control, format such as zero-width and
+/// bidirectional overrides, surrogate, private use, unassigned). `*`, `:`, `{` and other
+/// punctuation are allowed: keys are built by concatenation and used in plain GET/SET, never as a
+/// pattern.
 pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
+    use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
     if user_id.is_empty() {
         return Err(Error::InvalidUserId("the user id is empty".into()));
     }
@@ -195,8 +200,14 @@ pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
             user_id.len()
         )));
     }
-    if let Some(c) = user_id.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::InvalidUserId(format!("the user id contains the character {c:?}")));
+    let unprintable = |c: &char| c.is_whitespace() || c.general_category_group() == GeneralCategoryGroup::Other;
+    if let Some(c) = user_id.chars().find(unprintable) {
+        return Err(Error::InvalidUserId(format!(
+            "the user id contains the character {c:?} (U+{:04X}, {:?}): whitespace, control, format (zero-width, \
+             bidirectional) and unassigned characters are not allowed",
+            c as u32,
+            c.general_category()
+        )));
     }
     Ok(())
 }
@@ -534,18 +545,28 @@ mod tests {
     fn user_ids_are_validated() {
         assert!(validate_user_id("A3RTKL9KB8KLID").is_ok());
         assert!(validate_user_id(&"x".repeat(128)).is_ok());
-        for bad in ["", " a", "a b", "a\nb", "a\u{7}", "tab\t"] {
+        for good in ["a*b", "a:b", "{a}", "ü-ß", "用户"] {
+            assert!(validate_user_id(good).is_ok(), "{good:?}");
+        }
+        let format = ["a\u{200B}b", "\u{202E}abc", "\u{FEFF}a", "a\u{2066}", "soft\u{AD}hyphen", "a\u{E0041}"];
+        for bad in
+            ["", " a", "a b", "a\nb", "a\u{7}", "tab\t", "a\u{A0}b", "a\u{2028}", "a\u{E000}"].iter().chain(&format)
+        {
             assert_eq!(validate_user_id(bad).unwrap_err().status().as_u16(), 400, "{bad:?}");
         }
         assert!(validate_user_id(&"x".repeat(129)).unwrap_err().to_string().contains("129 bytes"));
     }
+
+    use unicode_properties::UnicodeGeneralCategory;
 
     proptest::proptest! {
         #[test]
         fn only_ids_that_make_clean_single_line_keys_are_accepted(id in "(.|\\n|\\r|\\t|[*:{}?\\[\\]]){0,140}") {
             let ok = !id.is_empty()
                 && id.len() <= MAX_USER_ID_BYTES
-                && !id.chars().any(|c| c.is_whitespace() || c.is_control());
+                && !id.chars().any(|c| {
+                    c.is_whitespace() || c.general_category_group() == unicode_properties::GeneralCategoryGroup::Other
+                });
             proptest::prop_assert_eq!(validate_user_id(&id).is_ok(), ok);
             if ok {
                 let key = crate::redis::keys::recommendations_key(&id);

@@ -360,3 +360,66 @@ fn concurrent_requests_for_one_user_share_one_computation() {
     assert_eq!(status, 200);
     assert_eq!(rec_ids(&other), rec_ids(&bodies[0].1)[..3]);
 }
+
+#[test]
+fn an_empty_or_blank_api_token_refuses_to_start() {
+    for token in ["", "   ", "\t"] {
+        let mut cmd = bin();
+        base_env(&mut cmd, free_port(), test_models());
+        let t = Instant::now();
+        let out = cmd.env("API_TOKEN", token).env("PORT", free_port().to_string()).arg("serve").output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "API_TOKEN={token:?} must refuse to start");
+        assert!(t.elapsed() < Duration::from_secs(10), "refused after {:?}", t.elapsed());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains("API_TOKEN is set but empty"), "{stderr}");
+    }
+}
+
+#[test]
+fn the_bearer_scheme_name_is_case_insensitive() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", "s3cret-token")]);
+    server.wait_healthy();
+    let client = reqwest::blocking::Client::new();
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = client
+            .post(server.url("/recommend/case"))
+            .header("authorization", format!("{scheme} s3cret-token"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{scheme}");
+    }
+    assert!(redis.get("recommendations:case").is_some());
+    for wrong in ["Basic s3cret-token", "bearer S3CRET-TOKEN", "bearers3cret-token", "s3cret-token"] {
+        let r = client.post(server.url("/recommend/case2")).header("authorization", wrong).send().unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{wrong}");
+    }
+    assert!(redis.get("recommendations:case2").is_none());
+    let r = client.post(server.url("/admin/reload")).header("authorization", "BEARER s3cret-token").send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[test]
+fn user_id_and_k_rules_are_what_the_readme_says() {
+    let (redis, server) = setup();
+    redis.set("user_profile:u", &format!(r#"["{}"]"#, item(2)));
+    // zero-width space, bidirectional overrides and isolates, byte order mark, soft hyphen,
+    // no-break space, private use
+    for id in ["a%E2%80%8Bb", "%E2%80%AEabc", "a%E2%81%A6b", "%EF%BB%BFa", "soft%C2%ADhyphen", "a%C2%A0b", "a%EE%80%80"]
+    {
+        assert_error(&server.post(&format!("/recommend/{id}")), 400, "invalid_user_id");
+    }
+    for query in ["k=1&k=2", "k=5&k=5", "k=%205", "k=5%20", "k=+5", "k=%2B5", "k=05x"] {
+        assert_error(&server.post(&format!("/recommend/u?{query}")), 400, "invalid_k");
+    }
+    assert!(redis.keys("recommendations:*").is_empty(), "nothing may be written on a bad request");
+    // punctuation, including Redis glob and hash-tag characters, is allowed: keys are never patterns
+    for (path_id, id) in [("a*b", "a*b"), ("a:b", "a:b"), ("%7Bx%7D", "{x}"), ("caf%C3%A9", "café")] {
+        let (status, body) = server.post(&format!("/recommend/{path_id}?k=05"));
+        assert_eq!(status, 200, "{id}: {body}");
+        assert_eq!(body["user_id"], id);
+        assert_eq!(rec_ids(&body).len(), 5);
+        assert!(redis.get(&format!("recommendations:{id}")).is_some(), "{id}");
+    }
+}

@@ -216,3 +216,97 @@ fn oversized_headers_and_bodies_get_431_and_413_json_and_write_nothing() {
     let r = http.post(server.url("/recommend/load0")).header("x-padding", "a".repeat(1_000)).send().unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn reload_with_deadline(server: &Server, dir: &std::path::Path) -> (u16, serde_json::Value, Duration) {
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let t = Instant::now();
+    let r = client
+        .post(server.url("/admin/reload"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "model_dir": dir.to_str().unwrap() }))
+        .send()
+        .unwrap_or_else(|e| panic!("{}: no answer within 10 s: {e}", dir.display()));
+    let status = r.status().as_u16();
+    (status, r.json().unwrap(), t.elapsed())
+}
+
+#[test]
+fn a_reload_refuses_fifos_devices_and_oversized_files_at_once() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", TOKEN)]);
+    server.wait_healthy();
+    seed_profiles(&redis, 1);
+    let rss_before = rss_kb(server.pid());
+
+    let fifo = copy_models("reload-fifo");
+    std::fs::remove_file(fifo.join("catalog.tsv")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(fifo.join("catalog.tsv")).status().unwrap().success());
+    let fifo_model = copy_models("reload-fifo-model");
+    std::fs::remove_file(fifo_model.join("din/model.pt")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(fifo_model.join("din/model.pt")).status().unwrap().success());
+    let zero = copy_models("reload-zero");
+    std::fs::remove_file(zero.join("catalog.tsv")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", zero.join("catalog.tsv")).unwrap();
+    let huge = copy_models("reload-huge");
+    // sparse: 5 GiB by its size, no disk
+    std::fs::OpenOptions::new().write(true).open(huge.join("catalog.tsv")).unwrap().set_len(5 << 30).unwrap();
+    let cases = [
+        (&fifo, "not a regular file"),
+        (&fifo_model, "not a regular file"),
+        (&zero, "not a regular file"),
+        (&huge, "over MAX_MODEL_FILE_BYTES"),
+    ];
+    for (dir, why) in cases {
+        let (status, body, took) = reload_with_deadline(&server, dir);
+        assert_eq!((status, body["error"].as_str()), (422, Some("reload_refused")), "{}: {body}", dir.display());
+        assert!(body["detail"].as_str().unwrap().contains(why), "{body}");
+        assert!(took < Duration::from_secs(5), "{}: refused after {took:?}", dir.display());
+        let (status, body) = server.post_json(server.port, "/recommend/load0", &json!(null), Some(TOKEN));
+        assert_eq!((status, body["model_version"].as_str()), (200, Some("synthetic-test")), "{body}");
+    }
+    let grown = rss_kb(server.pid()).saturating_sub(rss_before);
+    assert!(grown < 200_000, "memory grew by {grown} kB");
+    // the next reload is not blocked by any of them
+    let (status, body) = server.post_json(server.port, "/admin/reload", &json!(null), Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn a_timed_out_reload_holds_409_until_its_load_ends_and_sigterm_still_exits() {
+    let v2 = make_models("models-v2-timeout", &["--version", "synthetic-v2", "--seed", "2"]);
+    let redis = Redis::start();
+    let mut server = Server::start_with(
+        redis.port,
+        test_models(),
+        &[("API_TOKEN", TOKEN), ("RELOAD_TIMEOUT_SECS", "0.02"), ("INFERENCE_WORKERS", "4")],
+    );
+    server.wait_healthy();
+    let body = json!({ "model_dir": v2.to_str().unwrap() });
+    let first = server.post_json(server.port, "/admin/reload", &body, Some(TOKEN));
+    assert_error(&first, 503, "reload_timeout");
+    // the load goes on after its client got the answer: another reload is refused meanwhile
+    let second = server.post_json(server.port, "/admin/reload", &body, Some(TOKEN));
+    assert_error(&second, 409, "reload_in_progress");
+    // once the load has ended a reload is accepted again (and times out again, at 20 ms)
+    wait_until(Duration::from_secs(30), || server.post_json(server.port, "/admin/reload", &body, Some(TOKEN)).0 != 409);
+    // the timed-out loads were discarded: the old version keeps serving
+    wait_until(Duration::from_secs(30), || {
+        server.post_json(server.port, "/admin/reload", &json!({"model_dir": "/nonexistent"}), Some(TOKEN)).0 == 422
+    });
+    assert_eq!(server.get("/health").1["model_version"], "synthetic-test");
+    assert!(server.metric(r#"model_service_model_reloads_total{outcome="timeout"}"#) >= 2.0);
+    assert_eq!(server.metric(r#"model_service_model_reloads_total{outcome="success"}"#), 0.0);
+
+    // SIGTERM while a load runs ends the process
+    assert_error(&server.post_json(server.port, "/admin/reload", &body, Some(TOKEN)), 503, "reload_timeout");
+    let t = Instant::now();
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "exit took {:?}", t.elapsed());
+}

@@ -123,7 +123,12 @@ fn harness() -> &'static Harness {
         let app = runtime.block_on(async {
             let service = model_service::app::build_service(&cli.config).unwrap();
             service.engine.ready().await.expect("the models load");
-            let access = Access { api_token: Some(TOKEN.into()), max_header_bytes: 8192, history_body_limit: 16 * 1024 };
+            let access = Access {
+                api_token: Some(TOKEN.into()),
+                max_header_bytes: 8192,
+                body_read_timeout: std::time::Duration::from_secs(10),
+                history_body_limit: 16 * 1024,
+            };
             router(Arc::clone(&service), Routes::Api { admin: false }, &access)
         });
         Harness { runtime, app, client, redis: std::sync::Mutex::new(conn), asins }

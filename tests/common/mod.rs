@@ -176,8 +176,16 @@ impl Drop for Redis {
     }
 }
 
+/// The binary under test: MODEL_SERVICE_BIN when set (to run these tests against another build,
+/// e.g. to see a new test fail on the previous version), else this package's.
+pub fn bin_path() -> PathBuf {
+    std::env::var_os("MODEL_SERVICE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_model-service").into())
+}
+
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_model-service"))
+    Command::new(bin_path())
 }
 
 /// Environment for the binary: the given Redis port and model dir, everything else default.
@@ -218,8 +226,18 @@ impl Server {
 
     /// Starts the binary with `args` (`serve`, `listen`, `serve --listen`) and waits for /health/live.
     pub fn start_mode(redis_port: u16, model_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(bin(), redis_port, model_dir, args, env)
+    }
+
+    /// `serve` with at most `nofile` open file descriptors (`ulimit -n`).
+    pub fn start_with_fd_limit(redis_port: u16, nofile: u32, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")]).arg(bin_path());
+        Self::spawn(cmd, redis_port, test_models(), &["serve"], env)
+    }
+
+    fn spawn(mut cmd: Command, redis_port: u16, model_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
-        let mut cmd = bin();
         base_env(&mut cmd, redis_port, model_dir);
         cmd.env("HOST", "127.0.0.1").env("PORT", port.to_string()).args(args);
         for (k, v) in env {
@@ -338,6 +356,47 @@ pub fn assert_error(resp: &(u16, serde_json::Value), status: u16, code: &str) {
     assert_eq!(resp.0, status, "{}", resp.1);
     assert_eq!(resp.1["error"], code, "{}", resp.1);
     assert!(resp.1["detail"].as_str().is_some_and(|d| !d.is_empty()), "{}", resp.1);
+}
+
+/// An HTTP answer read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Status line and header fields, as sent.
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Sends `request` as raw bytes on a new connection and reads until the server closes it (at
+/// most 10 s); `None` when nothing came back.
+pub fn raw_exchange(port: u16, request: &[u8]) -> Option<RawResponse> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // A server that answers before reading everything may reset the rest of a large request.
+    let _ = stream.write_all(request);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some(RawResponse { status, head: head.to_string(), body: body.to_string() })
+}
+
+/// Asserts a raw answer is the JSON error `code` with `status`.
+pub fn assert_raw_error(answer: &Option<RawResponse>, status: u16, code: &str) {
+    let answer = answer.as_ref().expect("an answer");
+    assert_eq!(answer.status, status, "{answer:?}");
+    assert!(answer.head.to_ascii_lowercase().contains("content-type: application/json"), "{answer:?}");
+    let body = answer.json();
+    assert_eq!(body["error"], code, "{answer:?}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{answer:?}");
 }
 
 pub fn rec_ids(body: &serde_json::Value) -> Vec<String> {
