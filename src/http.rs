@@ -357,7 +357,7 @@ fn user(user_id: Result<Path<String>, PathRejection>) -> Result<String, Error> {
     post,
     path = "/recommend/{user_id}",
     tag = "recommendations",
-    params(("user_id" = String, Path, description = "1..128 bytes, no whitespace or control characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
+    params(("user_id" = String, Path, description = "1..128 bytes; no whitespace, control, format (zero-width, bidi) or unassigned characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
     responses(
         (status = 200, description = "Computed now and written to Redis", body = Recommendation),
         (status = 400, description = "invalid_user_id / invalid_k / invalid_request", body = ErrorBody),
@@ -386,7 +386,7 @@ async fn recommend(
     get,
     path = "/recommendations/{user_id}",
     tag = "recommendations",
-    params(("user_id" = String, Path, description = "1..128 bytes, no whitespace or control characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
+    params(("user_id" = String, Path, description = "1..128 bytes; no whitespace, control, format (zero-width, bidi) or unassigned characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
     responses(
         (status = 200, description = "From Redis or computed now (see `source`)", body = Recommendation),
         (status = 400, description = "invalid_user_id / invalid_k / invalid_request", body = ErrorBody),
