@@ -406,6 +406,7 @@ async fn recommendations(
     let user_id = user(user_id)?;
     let ask = ask(&service, query)?;
     Ok(Json(service.recommendations(&user_id, ask).await?))
+}
 
 /// The one `k` of a query: given at most once, and only ASCII digits (no sign, no spaces, no
 /// `+` or `%20`); its range is checked by `Service::parse_k`.
@@ -422,8 +423,6 @@ fn k_param(query: &[(String, String)]) -> Result<Option<&str>, Error> {
         }
         k => Ok(k),
     }
-}
-
 }
 
 /// A history that is not in Redis (an anonymous session).

@@ -85,24 +85,32 @@ fn profiles_over_the_caps_get_422_and_leave_no_list_behind() {
 fn a_request_after_a_profile_rewrite_never_gets_the_list_of_the_old_profile() {
     let redis = Redis::start();
     // One worker, one request per batch: a queue of long profiles keeps request A in flight.
-    let server = serve(&redis, &[("INFERENCE_WORKERS", "1"), ("MAX_BATCH", "1"), ("QUEUE_CAPACITY", "1000")]);
+    let env =
+        [("INFERENCE_WORKERS", "1"), ("MAX_BATCH", "1"), ("QUEUE_CAPACITY", "1000"), ("REQUEST_TIMEOUT_MS", "120000")];
+    let server = serve(&redis, &env);
     let old = profile_of([0, 6, 12]); // one cluster of the synthetic catalog
     let new = profile_of([3, 9, 15, 21]); // another
     redis.set("user_profile:shopper", &old);
+    let fillers = 400;
     let mut pipe = redis::pipe();
-    for n in 0..150 {
+    for n in 0..fillers {
         pipe.set(format!("user_profile:filler{n}"), profile_of((0..200).map(|i| (i * 3 + n) % 300))).ignore();
     }
     pipe.query::<()>(&mut redis.conn()).unwrap();
+    let reads = || server.metric("model_service_stage_duration_seconds_count{stage=\"redis_read\"}");
+    let before = reads();
     let server = &server;
     let (a, b, gap) = std::thread::scope(|s| {
         let fillers: Vec<_> =
-            (0..150).map(|n| s.spawn(move || server.post(&format!("/recommend/filler{n}")).0)).collect();
-        std::thread::sleep(Duration::from_millis(30));
+            (0..fillers).map(|n| s.spawn(move || server.post(&format!("/recommend/filler{n}")).0)).collect();
+        // every filler has read its profile and waits for the one worker
+        wait_until(Duration::from_secs(60), || reads() >= before + fillers as f64);
         let a_sent = Instant::now();
         let a = s.spawn(move || server.post("/recommend/shopper"));
-        std::thread::sleep(Duration::from_millis(10));
-        redis.set("user_profile:shopper", &new); // acknowledged before B is sent
+        // A has read the old profile (and waits behind the fillers) ...
+        wait_until(Duration::from_secs(60), || reads() >= before + fillers as f64 + 1.0);
+        // ... when the frontend's rewrite is acknowledged, and then B is sent.
+        redis.set("user_profile:shopper", &new);
         let gap = a_sent.elapsed();
         let b = server.post("/recommend/shopper");
         for f in fillers {
@@ -129,7 +137,7 @@ fn a_request_after_a_profile_rewrite_never_gets_the_list_of_the_old_profile() {
 fn a_request_that_answers_503_has_written_nothing_and_never_will() {
     let redis = Redis::start();
     let server = serve(&redis, &[]);
-    let users: Vec<String> = (0..240).map(|n| format!("u{n}")).collect();
+    let users: Vec<String> = (0..1200).map(|n| format!("u{n}")).collect();
     let mut pipe = redis::pipe();
     for (n, u) in users.iter().enumerate() {
         pipe.set(format!("user_profile:{u}"), profile_of([n % 300, (n * 11) % 300])).ignore();
@@ -140,7 +148,7 @@ fn a_request_that_answers_503_has_written_nothing_and_never_will() {
     // some requests read before the sleep and write during it.
     let results: Vec<(String, u16, serde_json::Value)> = std::thread::scope(|s| {
         s.spawn(move || {
-            std::thread::sleep(Duration::from_millis(150));
+            std::thread::sleep(Duration::from_millis(100));
             let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
             redis::cmd("DEBUG").arg("SLEEP").arg(2).query::<()>(&mut c).unwrap();
         });
