@@ -101,7 +101,7 @@ fn a_request_after_a_profile_rewrite_never_gets_the_list_of_the_old_profile() {
     let before = reads();
     let server = &server;
     let (a, b, gap) = std::thread::scope(|s| {
-        let fillers: Vec<_> =
+        let queued: Vec<_> =
             (0..fillers).map(|n| s.spawn(move || server.post(&format!("/recommend/filler{n}")).0)).collect();
         // every filler has read its profile and waits for the one worker
         wait_until(Duration::from_secs(60), || reads() >= before + fillers as f64);
@@ -113,7 +113,7 @@ fn a_request_after_a_profile_rewrite_never_gets_the_list_of_the_old_profile() {
         redis.set("user_profile:shopper", &new);
         let gap = a_sent.elapsed();
         let b = server.post("/recommend/shopper");
-        for f in fillers {
+        for f in queued {
             assert_eq!(f.join().unwrap(), 200);
         }
         (a.join().unwrap(), b, gap)
