@@ -141,7 +141,7 @@ class Load:
             return "big_headers", f"/recommend/{rng.choice(self.users)}", {"X-Padding": "p" * 9000}, None
         if r < 0.985:
             return "oversized_profile", f"/recommend/{rng.choice(self.huge_users)}", {}, None
-        return "no_route", "/recommend", {}, None
+        return "no_route", "/recommendz", {}, None
 
     EXPECTED = {
         "valid": {(200, None)},

@@ -279,6 +279,40 @@ fn the_first_request_after_a_redis_restart_succeeds() {
 }
 
 #[test]
+fn requests_while_redis_loads_its_data_get_503_redis_unavailable_and_then_succeed() {
+    let dir = scratch_dir("redis-loading");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = dir.to_str().unwrap().to_string();
+    let redis = Redis::spawn(free_port(), &["--dir", &dir]);
+    wait_until(Duration::from_secs(10), || redis.client().get_connection().is_ok());
+    let port = redis.port;
+    redis.cmd(&["DEBUG", "POPULATE", "20000"]);
+    redis.set("user_profile:patient", &profile_of([3, 4]));
+    redis.cmd(&["SAVE"]);
+    let server = serve(&redis, &[]);
+    assert_eq!(server.post("/recommend/patient").0, 200);
+    redis.stop();
+    // Loading 20,000 keys at 100 us each, answering LOADING meanwhile: about 2 s.
+    let _redis = Redis::spawn(
+        port,
+        &["--dir", &dir, "--key-load-delay", "100", "--loading-process-events-interval-bytes", "1024"],
+    );
+    let started = Instant::now();
+    let mut loading = 0;
+    loop {
+        let resp = server.post("/recommend/patient");
+        if resp.0 == 200 {
+            break;
+        }
+        assert_error(&resp, 503, "redis_unavailable");
+        loading += 1;
+        assert!(started.elapsed() < Duration::from_secs(30), "Redis never finished loading: {}", resp.1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(loading > 0, "some requests must arrive while Redis loads for this test to mean anything");
+}
+
+#[test]
 fn health_is_unready_while_redis_refuses_writes_and_says_why() {
     let redis = Redis::start();
     let server = serve(&redis, &[]);

@@ -365,9 +365,11 @@ pub(super) fn is_connection_error(e: &RedisError) -> bool {
 }
 
 /// Answers of a Redis that is up but not ready: loading its dataset (after a restart), a replica
-/// without its master, a busy script. The same command succeeds later.
+/// without its master, a busy script. The same command succeeds later. `EXECABORT` is how a
+/// MULTI of reads (the profile read) ends when Redis refused to queue them for one of these
+/// reasons (its reads cannot be refused otherwise).
 pub(super) fn is_transient(e: &RedisError) -> bool {
-    const CODES: [&str; 4] = ["LOADING", "MASTERDOWN", "TRYAGAIN", "BUSY"];
+    const CODES: [&str; 5] = ["LOADING", "MASTERDOWN", "TRYAGAIN", "BUSY", "EXECABORT"];
     e.code().is_some_and(|c| CODES.contains(&c)) || CODES.iter().any(|c| e.to_string().contains(&format!("{c} ")))
 }
 

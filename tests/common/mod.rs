@@ -102,14 +102,23 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Self {
+        let redis = Self::spawn(port, &[]);
+        wait_until(Duration::from_secs(10), || redis.client().get_connection().is_ok());
+        redis
+    }
+
+    /// A redis-server with extra arguments (e.g. `--dir` to load a dump), returned as soon as it
+    /// accepts TCP connections: it may still be loading its data.
+    pub fn spawn(port: u16, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "local"])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         let redis = Self { port, child };
-        wait_until(Duration::from_secs(10), || redis.client().get_connection().is_ok());
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
         redis
     }
 
