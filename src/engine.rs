@@ -68,6 +68,12 @@ pub enum EngineState {
     Failed(String),
 }
 
+/// Who decided a reload's outcome: nobody yet, the loading thread (it swapped the set in or
+/// refused it), or the timeout (the load's result is discarded).
+const UNDECIDED: u8 = 0;
+const DECIDED_BY_LOAD: u8 = 1;
+const TIMED_OUT: u8 = 2;
+
 /// Clears the reload flag when the loading thread ends (or the reload could not start).
 struct ReloadRunning(Arc<AtomicBool>);
 
@@ -198,8 +204,6 @@ impl Engine {
         let running = ReloadRunning(self.reloading.clone());
         let previous = self.current().ok_or(Error::EngineStopped)?;
         let dir = dir.unwrap_or_else(|| previous.dir.clone());
-        // Who decides the outcome: the loading thread (it swaps in) or the timeout (discarded).
-        const UNDECIDED: u8 = 0;
         let decided = Arc::new(AtomicU8::new(UNDECIDED));
         let (reply, outcome) = oneshot::channel();
         let (engine, decider) = (self.clone(), decided.clone());
@@ -215,7 +219,7 @@ impl Engine {
         let timeout = self.cfg.reload_timeout;
         match tokio::time::timeout(timeout, outcome).await {
             Ok(outcome) => outcome.unwrap_or_else(|_| Err(Error::ReloadRefused("the loading thread failed".into()))),
-            Err(_) if decided.compare_exchange(UNDECIDED, 2, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
+            Err(_) if decided.compare_exchange(UNDECIDED, TIMED_OUT, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
                 self.metrics.reloads.with_label_values(&["timeout"]).inc();
                 tracing::error!(
                     timeout_s = timeout.as_secs_f64(),
@@ -238,7 +242,7 @@ impl Engine {
         started: Instant,
         decided: &AtomicU8,
     ) -> Result<Reloaded, Error> {
-        let in_time = decided.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        let in_time = decided.compare_exchange(UNDECIDED, DECIDED_BY_LOAD, Ordering::SeqCst, Ordering::SeqCst).is_ok();
         match loaded {
             Ok(set) if in_time => {
                 let set = Arc::new(set);
