@@ -6,7 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,12 +74,29 @@ const UNDECIDED: u8 = 0;
 const DECIDED_BY_LOAD: u8 = 1;
 const TIMED_OUT: u8 = 2;
 
+/// Reload threads still loading, in the whole process (see `reload_running`).
+static RELOADS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// True while a reload's loading thread runs: the process must then leave without running
+/// libtorch's static destructors under it (src/main.rs).
+pub fn reload_running() -> bool {
+    RELOADS_RUNNING.load(Ordering::SeqCst) > 0
+}
+
 /// Clears the reload flag when the loading thread ends (or the reload could not start).
 struct ReloadRunning(Arc<AtomicBool>);
+
+impl ReloadRunning {
+    fn new(flag: Arc<AtomicBool>) -> Self {
+        RELOADS_RUNNING.fetch_add(1, Ordering::SeqCst);
+        Self(flag)
+    }
+}
 
 impl Drop for ReloadRunning {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
+        RELOADS_RUNNING.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -201,7 +218,7 @@ impl Engine {
         if self.reloading.swap(true, Ordering::SeqCst) {
             return Err(Error::ReloadInProgress);
         }
-        let running = ReloadRunning(self.reloading.clone());
+        let running = ReloadRunning::new(self.reloading.clone());
         let previous = self.current().ok_or(Error::EngineStopped)?;
         let dir = dir.unwrap_or_else(|| previous.dir.clone());
         let decided = Arc::new(AtomicU8::new(UNDECIDED));
