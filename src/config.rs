@@ -111,11 +111,14 @@ pub struct Config {
     /// Largest request target plus headers accepted, in bytes (431 beyond).
     #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 8192, global = true)]
     pub max_header_bytes: usize,
-    /// Seconds allowed to receive a request head (request line and headers), counted from when the
-    /// connection starts waiting for it; so also how long an idle keep-alive connection stays open.
-    /// The connection is closed beyond.
+    /// Seconds allowed to receive a request head (request line and headers), from its first byte
+    /// (from the opening for a new connection). The connection is closed beyond.
     #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 10.0, global = true)]
     pub header_read_timeout_secs: f64,
+    /// Seconds a keep-alive connection may stay idle after a response before the first byte of
+    /// its next request; closed beyond. Above a load balancer's idle timeout (60 s for most).
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 75.0, global = true)]
+    pub idle_timeout_secs: f64,
     /// Seconds allowed to receive a request body once its head has arrived (408 beyond).
     #[arg(long, env = "BODY_READ_TIMEOUT_SECS", default_value_t = 10.0, global = true)]
     pub body_read_timeout_secs: f64,
@@ -288,6 +291,10 @@ impl Config {
         Duration::from_secs_f64(self.header_read_timeout_secs)
     }
 
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout_secs)
+    }
+
     pub fn body_read_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.body_read_timeout_secs)
     }
@@ -348,6 +355,7 @@ impl Config {
         let timeouts = [
             ("HEADER_READ_TIMEOUT_SECS", self.header_read_timeout_secs),
             ("BODY_READ_TIMEOUT_SECS", self.body_read_timeout_secs),
+            ("IDLE_TIMEOUT_SECS", self.idle_timeout_secs),
             ("RELOAD_TIMEOUT_SECS", self.reload_timeout_secs),
         ];
         for (name, secs) in timeouts {
@@ -437,6 +445,7 @@ mod tests {
         for (flag, name) in [
             ("--header-read-timeout-secs", "HEADER_READ_TIMEOUT_SECS"),
             ("--body-read-timeout-secs", "BODY_READ_TIMEOUT_SECS"),
+            ("--idle-timeout-secs", "IDLE_TIMEOUT_SECS"),
             ("--reload-timeout-secs", "RELOAD_TIMEOUT_SECS"),
         ] {
             for value in ["0", "NaN", "1e9"] {

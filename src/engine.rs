@@ -6,7 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,12 +68,35 @@ pub enum EngineState {
     Failed(String),
 }
 
+/// Who decided a reload's outcome: nobody yet, the loading thread (it swapped the set in or
+/// refused it), or the timeout (the load's result is discarded).
+const UNDECIDED: u8 = 0;
+const DECIDED_BY_LOAD: u8 = 1;
+const TIMED_OUT: u8 = 2;
+
+/// Reload threads still loading, in the whole process (see `reload_running`).
+static RELOADS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// True while a reload's loading thread runs: the process must then leave without running
+/// libtorch's static destructors under it (src/main.rs).
+pub fn reload_running() -> bool {
+    RELOADS_RUNNING.load(Ordering::SeqCst) > 0
+}
+
 /// Clears the reload flag when the loading thread ends (or the reload could not start).
 struct ReloadRunning(Arc<AtomicBool>);
+
+impl ReloadRunning {
+    fn new(flag: Arc<AtomicBool>) -> Self {
+        RELOADS_RUNNING.fetch_add(1, Ordering::SeqCst);
+        Self(flag)
+    }
+}
 
 impl Drop for ReloadRunning {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
+        RELOADS_RUNNING.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -197,7 +220,7 @@ impl Engine {
         if self.reloading.swap(true, Ordering::SeqCst) {
             return Err(Error::ReloadInProgress);
         }
-        let running = ReloadRunning(self.reloading.clone());
+        let running = ReloadRunning::new(self.reloading.clone());
         let previous = match self.state() {
             EngineState::Ready(set) => set,
             EngineState::Loading => return Err(Error::ModelsLoading),
@@ -206,8 +229,6 @@ impl Engine {
             }
         };
         let dir = dir.unwrap_or_else(|| previous.dir.clone());
-        // Who decides the outcome: the loading thread (it swaps in) or the timeout (discarded).
-        const UNDECIDED: u8 = 0;
         let decided = Arc::new(AtomicU8::new(UNDECIDED));
         let (reply, outcome) = oneshot::channel();
         let (engine, decider) = (self.clone(), decided.clone());
@@ -223,7 +244,7 @@ impl Engine {
         let timeout = self.cfg.reload_timeout;
         match tokio::time::timeout(timeout, outcome).await {
             Ok(outcome) => outcome.unwrap_or_else(|_| Err(Error::ReloadRefused("the loading thread failed".into()))),
-            Err(_) if decided.compare_exchange(UNDECIDED, 2, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
+            Err(_) if decided.compare_exchange(UNDECIDED, TIMED_OUT, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
                 self.metrics.reloads.with_label_values(&["timeout"]).inc();
                 tracing::error!(
                     timeout_s = timeout.as_secs_f64(),
@@ -246,7 +267,7 @@ impl Engine {
         started: Instant,
         decided: &AtomicU8,
     ) -> Result<Reloaded, Error> {
-        let in_time = decided.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        let in_time = decided.compare_exchange(UNDECIDED, DECIDED_BY_LOAD, Ordering::SeqCst, Ordering::SeqCst).is_ok();
         match loaded {
             Ok(set) if in_time => {
                 let set = Arc::new(set);

@@ -32,13 +32,21 @@ fn main() -> ExitCode {
         Command::Backfill { restart } => runtime()?.block_on(run_backfill(cli.config, restart)),
         Command::Recommend { user_id, k } => runtime()?.block_on(recommend_once(cli.config, user_id, k)),
     });
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("model-service: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    if model_service::engine::reload_running() {
+        // SIGTERM during a reload: the loading thread is still inside libtorch, and the normal
+        // exit path would run libtorch's static destructors under it (a crash). Leave at once.
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        // SAFETY: _exit ends the process; no Rust code runs after it.
+        unsafe { libc::_exit(if code == ExitCode::SUCCESS { 0 } else { 1 }) }
     }
+    code
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1,10 +1,12 @@
 //! The HTTP/1 serving loop of the public and the admin listener (`axum::serve` has no timeouts, no
 //! connection cap, and no way to close idle connections at shutdown):
 //!
-//! - every connection is served by hyper's HTTP/1 connection with a header read timeout: a request
-//!   head (request line and headers) must arrive within it, counted from when the connection
-//!   starts waiting for one, so it also closes idle keep-alive connections and slowloris heads.
-//!   The body read timeout is in `http::limit_request`;
+//! - every connection is served by hyper's HTTP/1 connection, watched by its task: with no request
+//!   in flight it is closed when a request head (request line and headers) has not arrived within
+//!   the header read timeout of its first byte (slowloris, a partial request line), when a new
+//!   connection sends no complete head within the header read timeout, and when a keep-alive
+//!   connection stays idle (not a byte of a next request) for the idle timeout after its last
+//!   response. The body read timeout is in `http::limit_request`;
 //! - at most `max_connections` are open. At the cap a new connection makes the connection idle
 //!   the longest close: no request in flight, and no response finished for the longest time (so
 //!   a socket that never completed a request, idle or dribbling a head, goes before a keep-alive
@@ -48,15 +50,22 @@ const HEAD_SNIFF: usize = 1024;
 /// Bounds on connections, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Time allowed for a request head, from when the connection waits for one.
+    /// Time allowed for a request head, from its first byte (from the opening for a new
+    /// connection).
     pub header_read_timeout: Duration,
+    /// Time a keep-alive connection may wait for the first byte of its next request.
+    pub idle_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
 }
 
 impl Limits {
     pub fn from_config(cfg: &crate::config::Config) -> Self {
-        Self { header_read_timeout: cfg.header_read_timeout(), max_connections: cfg.max_connections }
+        Self {
+            header_read_timeout: cfg.header_read_timeout(),
+            idle_timeout: cfg.idle_timeout(),
+            max_connections: cfg.max_connections,
+        }
     }
 }
 
@@ -122,18 +131,28 @@ async fn serve_connection(stream: TcpStream, app: axum::Router, limits: Limits, 
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper counts from when it starts waiting for a head; the watch below is the real bound.
+        .header_read_timeout(limits.header_read_timeout + limits.idle_timeout)
         .max_buf_size(MAX_HEAD_BUFFER)
-        .serve_connection(TokioIo::new(JsonParseErrors::new(stream)), service);
+        .serve_connection(TokioIo::new(JsonParseErrors::new(stream, conn.state.clone())), service);
     tokio::pin!(connection);
-    tokio::select! {
-        ended = connection.as_mut() => {
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "connection closed");
+    loop {
+        // With a request in flight there is no deadline here: look again a little later.
+        let wake = conn.state.deadline(&limits).unwrap_or_else(|| Instant::now() + limits.header_read_timeout);
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection closed");
+                }
+                return;
             }
-            return;
+            _ = conn.state.close.notified() => break,
+            _ = tokio::time::sleep_until(wake.into()) => {
+                if conn.state.deadline(&limits).is_some_and(|deadline| deadline <= Instant::now()) {
+                    return; // head or idle timeout: close
+                }
+            }
         }
-        _ = conn.state.close.notified() => {}
     }
     if conn.state.in_flight.load(Ordering::SeqCst) == 0 {
         return; // nothing in flight: close now
@@ -157,6 +176,10 @@ struct ConnState {
     in_flight: AtomicUsize,
     /// When the connection opened or its last response ended.
     idle_since: Mutex<Instant>,
+    /// When the first byte of the request being received arrived (none since the last response).
+    head_started: Mutex<Option<Instant>>,
+    /// A response was written on this connection: it is a keep-alive connection between requests.
+    served: AtomicBool,
     /// Asked to close (at the cap, or at shutdown).
     closing: AtomicBool,
     close: Notify,
@@ -167,6 +190,8 @@ impl ConnState {
         Self {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            head_started: Mutex::new(None),
+            served: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             close: Notify::new(),
         }
@@ -174,6 +199,23 @@ impl ConnState {
 
     fn idle_since(&self) -> Instant {
         *self.idle_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn head_started(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.head_started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the connection is to be closed, unless something happens first; none while a request
+    /// is in flight (its body and handling have their own bounds).
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(match *self.head_started() {
+            Some(first_byte) => first_byte + limits.header_read_timeout,
+            None if self.served.load(Ordering::SeqCst) => self.idle_since() + limits.idle_timeout,
+            None => self.idle_since() + limits.header_read_timeout,
+        })
     }
 
     fn ask_to_close(&self) -> bool {
@@ -254,10 +296,12 @@ impl Drop for Busy {
 
 /// The connection's IO, which recognises hyper's own answer to a request it could not parse (a
 /// 4xx/5xx head whose only fields are `content-length: 0`, `date` and `connection: close`: every
-/// error response of the application has a JSON body and a content type) and writes the JSON error in its place. It keeps the first bytes
-/// of each request to tell why the request was refused.
+/// error response of the application has a JSON body and a content type) and writes the JSON
+/// error in its place. It keeps the first bytes of each request to tell why the request was
+/// refused, and notes when each request's first byte arrives (for the header read timeout).
 struct JsonParseErrors<T> {
     inner: T,
+    state: Arc<ConnState>,
     /// The start of the current request (at most HEAD_SNIFF bytes).
     head: Vec<u8>,
     /// A response was written since the last read: the next bytes read start a new request.
@@ -268,8 +312,8 @@ struct JsonParseErrors<T> {
 }
 
 impl<T> JsonParseErrors<T> {
-    fn new(inner: T) -> Self {
-        Self { inner, head: Vec::new(), responded: false, pending: Vec::new(), sent: 0 }
+    fn new(inner: T, state: Arc<ConnState>) -> Self {
+        Self { inner, state, head: Vec::new(), responded: false, pending: Vec::new(), sent: 0 }
     }
 }
 
@@ -298,6 +342,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for JsonParseErrors<T> {
             if std::mem::take(&mut this.responded) {
                 this.head.clear();
             }
+            this.state.head_started().get_or_insert_with(Instant::now);
             let room = HEAD_SNIFF.saturating_sub(this.head.len());
             this.head.extend_from_slice(&new[..new.len().min(room)]);
         }
@@ -315,6 +360,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
             return Poll::Ready(Ok(buf.len()));
         }
         this.responded = true;
+        *this.state.head_started() = None;
+        this.state.served.store(true, Ordering::SeqCst);
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 

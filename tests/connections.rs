@@ -46,7 +46,7 @@ fn idle_slow_and_partial_connections_are_closed_within_the_timeouts() {
     let server = Server::start_with(
         redis.port,
         test_models(),
-        &[("HEADER_READ_TIMEOUT_SECS", "1"), ("BODY_READ_TIMEOUT_SECS", "1")],
+        &[("HEADER_READ_TIMEOUT_SECS", "1"), ("BODY_READ_TIMEOUT_SECS", "1"), ("IDLE_TIMEOUT_SECS", "3")],
     );
     server.wait_healthy();
     let limit = Duration::from_millis(2500);
@@ -59,8 +59,6 @@ fn idle_slow_and_partial_connections_are_closed_within_the_timeouts() {
     partial_head.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n").unwrap();
     let mut short_body = connect(server.port);
     short_body.write_all(b"POST /recommend/u1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789").unwrap();
-    let mut keep_alive = connect(server.port);
-    keep_alive.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
 
     // slowloris: a header byte every 200 ms, never finishing, is cut off all the same
     let mut slow = connect(server.port);
@@ -82,12 +80,24 @@ fn idle_slow_and_partial_connections_are_closed_within_the_timeouts() {
     let answer = assert_closed_within("short body", &mut short_body, t, limit);
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains(r#""error":"request_timeout""#), "{answer}");
-    let answer = assert_closed_within("keep-alive after a response", &mut keep_alive, t, limit);
-    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert_closed_within("slowloris", &mut slow, t, limit);
     assert!(dribble.join().unwrap(), "the slow writer was never cut off");
 
     assert!(redis.get("recommendations:u1").is_none(), "a request without its body writes nothing");
+
+    // A keep-alive connection may wait IDLE_TIMEOUT_SECS (3 s), longer than the header timeout,
+    // for its next request; then it is closed.
+    let mut keep_alive = connect(server.port);
+    let mut buf = [0u8; 1024];
+    for pause in [Duration::ZERO, Duration::from_millis(1800)] {
+        std::thread::sleep(pause);
+        keep_alive.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let n = keep_alive.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "after {pause:?}: {:?}", String::from_utf8_lossy(&buf[..n]));
+    }
+    let t = Instant::now();
+    assert_closed_within("idle keep-alive", &mut keep_alive, t, Duration::from_millis(4500));
+    assert!(t.elapsed() >= Duration::from_secs(2), "idle keep-alive closed after {:?}", t.elapsed());
     assert_eq!(server.get("/health/live").0, 200);
 }
 
