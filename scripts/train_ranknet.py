@@ -115,8 +115,14 @@ def main():
         users_b = users_b[: args.limit_users]
     lightgcn = torch.jit.load(os.path.join(args.lightgcn, "model.pt")).eval()
     din = torch.jit.load(os.path.join(args.din, "model.pt")).eval()
-
     nbr_idx, nbr_val, ease_info = torch.load(args.ease_train)
+    if hasattr(din, "nbr_idx"):
+        # the exported DIN carries the serving EASE table, fitted on all of train.txt and so on the
+        # held-out items too: the training lists use the kept-interaction table, as DIN's training did
+        with torch.no_grad():
+            din.nbr_idx.copy_(nbr_idx)
+            din.nbr_val.copy_(nbr_val)
+
     pop = np.bincount(np.concatenate(kept), minlength=d.num_items)
     item_unit = torch.nn.functional.normalize(lightgcn.item_emb.clone(), dim=1)
     model = msmodels.RankNet(
