@@ -95,7 +95,9 @@ fn check_inputs(stage: &str, declared: Option<&[String]>) -> Result<bool, String
         "ranknet" => is(&RANKNET_INPUTS).then_some(false),
         _ => None,
     };
-    ok.ok_or_else(|| format!("manifest.json: models.{stage}.inputs {declared:?} is not an interface this server can call"))
+    ok.ok_or_else(|| {
+        format!("manifest.json: models.{stage}.inputs {declared:?} is not an interface this server can call")
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
