@@ -137,3 +137,14 @@ def test_the_python_cascade_excludes_the_history_at_every_stage(tmp_path):
     assert cascade.din_takes_s1(model.din), "the test models use interface v2"
     # the final order is RankNet's: a different order than DIN's for some history
     assert any((a != b).any() for a, b in zip(lists[1], lists[2]))
+
+
+def test_din2_fast_forward_is_the_trained_form():
+    module = din2()
+    with torch.no_grad():
+        module.mlp[0].bias.normal_()
+        module.feat_mean.normal_()
+        module.feat_std.uniform_(0.5, 2.0)
+        for pad in (0, 42):
+            h, m, c, s1, _ = batch(pad_value=pad)
+            torch.testing.assert_close(module(h, m, c, s1), module.reference(h, m, c, s1), rtol=1e-5, atol=1e-5)
