@@ -233,12 +233,30 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def compare(previous: list[dict], new: list[dict]) -> dict:
+    """model-service on the new models against the previous models (same binary), per concurrency."""
+    prev = {r["concurrency"]: r for r in previous if r["service"] == "model-service"}
+    cur = {r["concurrency"]: r for r in new if r["service"] == "model-service"}
+    out = {}
+    print("\nmodel-service, new models / previous models (same binary):")
+    for c in sorted(set(prev) & set(cur)):
+        p, n = prev[c], cur[c]
+        bad = lambda r: sum(v for k, v in r["status"].items() if k != "200") + sum(r["socket_errors"].values())  # noqa: E731
+        out[c] = {"rps_ratio": n["ok_rps"] / max(p["ok_rps"], 1e-9), "previous_rps": p["ok_rps"], "new_rps": n["ok_rps"],
+                  "previous_p99_ms": p["p99_ms"], "new_p99_ms": n["p99_ms"], "previous_errors": bad(p), "new_errors": bad(n)}
+        print(f"  c={c:<4d} req/s {p['ok_rps']:8.1f} -> {n['ok_rps']:8.1f} (x{out[c]['rps_ratio']:.2f})   "
+              f"p99 {p['p99_ms']:7.1f} -> {n['p99_ms']:7.1f} ms   errors {out[c]['previous_errors']} -> {out[c]['new_errors']}")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="Amazon-Book directory")
     p.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "model-service"))
     p.add_argument("--model-dir", default=os.path.join(ROOT, "model_output"))
     p.add_argument("--synthetic-dir", help="output of make_synthetic.py (omit to skip the 1M-item scale)")
+    p.add_argument("--previous-dir", help="a previous Amazon-Book model directory, measured side by side with --model-dir "
+                   "by the same binary (each with its own candidate counts, roofline.candidates)")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--seconds", type=int, default=15, help="per concurrency level")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -269,6 +287,8 @@ def main():
             except redis.ConnectionError:
                 time.sleep(0.1)
         scales = [("amazon-book", args.model_dir, lambda: load_amazon(r, args.data, args.work))]
+        if args.previous_dir:
+            scales.insert(0, ("amazon-book-previous", args.previous_dir, lambda: load_amazon(r, args.data, args.work)))
         if args.synthetic_dir:
             scales.append(("synthetic-1M", args.synthetic_dir, lambda: load_synthetic(r, args.synthetic_dir, args.work)))
         for scale, model_dir, loader in scales:
@@ -277,6 +297,9 @@ def main():
             roof = roofline.ceiling(model_dir, np.minimum(lengths, 200), gemm, bw, batch=16)
             n_items = roof["sizes"]["N"]
             base = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir}
+            if scale.startswith("amazon-book"):
+                c1, c2 = roofline.candidates(model_dir)
+                base.update(LIGHTGCN_CANDIDATES=str(c1), DIN_CANDIDATES=str(c2))
             plan = [
                 ("model-service", [args.bin, "serve"], {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn"}, conc),
                 ("python-peer", [uvicorn, "app:app", "--app-dir", os.path.join(HERE, "peer"), "--host",
@@ -298,6 +321,9 @@ def main():
                     svc.stop()
             summary = print_table(scale, rows, roof, n_items)
             results["scales"][scale] = {"items": n_items, "rows": rows, "roofline": roof, **summary}
+        if args.previous_dir:
+            results["new_vs_previous"] = compare(results["scales"]["amazon-book-previous"]["rows"],
+                                                 results["scales"]["amazon-book"]["rows"])
     finally:
         redis_proc.terminate()
         redis_proc.wait()

@@ -54,11 +54,33 @@ def measure_bandwidth(threads: int, mib: int = 512, seconds: float = 2.0) -> flo
     return best
 
 
+def candidates(model_dir: str) -> tuple[int, int]:
+    """The candidate counts a model directory is served with: manifest.json `candidates` (cascade
+    v2), else those of its recorded evaluation, else the v1 defaults 200 / 100."""
+    with open(os.path.join(model_dir, "manifest.json")) as f:
+        m = json.load(f)
+    c = m.get("candidates") or m.get("evaluation", {}).get("candidates") or {}
+    return int(c.get("lightgcn", 200)), int(c.get("din", 100))
+
+
 def model_sizes(model_dir: str) -> dict:
     def sd(stage):
         return torch.jit.load(os.path.join(model_dir, stage, "model.pt")).state_dict()
 
     lg, din, rn = sd("lightgcn"), sd("din"), sd("ranknet")
+    if "att_w" in din:  # cascade v2's DIN2: bilinear attention over the last max_att items, sparse EASE, MLP
+        return {
+            "din2": True,
+            "N": lg["item_emb"].shape[0],
+            "D": lg["item_emb"].shape[1],
+            "D2": din["emb.weight"].shape[1],
+            "max_att": int(torch.jit.load(os.path.join(model_dir, "din", "model.pt")).max_att),
+            "F2": din["mlp.0.weight"].shape[1],
+            "H2": din["mlp.0.weight"].shape[0],
+            "ease_k": din["nbr_idx"].shape[1],
+            "rank_hidden": [rn["net.0.weight"].shape[0], rn["net.2.weight"].shape[0]],
+            "knn": rn["nbr_idx"].shape[1],
+        }
     return {
         "N": lg["item_emb"].shape[0],
         "D": lg["item_emb"].shape[1],
@@ -72,6 +94,8 @@ def model_sizes(model_dir: str) -> dict:
 
 def per_request(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
     """FLOPs and bytes of one recommendation with history length L, by stage."""
+    if s.get("din2"):
+        return per_request_v2(s, L, c1, c2, batch)
     N, D, A, (H1, H2), (R1, R2), K = s["N"], s["D"], s["A"], s["mlp"], s["rank_hidden"], s["knn"]
     f4 = 4.0
     lightgcn = {
@@ -93,13 +117,39 @@ def per_request(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
     return {"lightgcn": lightgcn, "din": din, "ranknet": ranknet}
 
 
+def per_request_v2(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
+    """Cascade v2: LightGCN as in v1; DIN2 (bilinear attention over La = min(L, max_att) items of a
+    D2-wide table, softmax, pooling, sparse-EASE sum over the whole history, row z-scores, MLP
+    F2 -> H2 -> 1); RankNet as in v1 with the sparse-EASE table as feature 7."""
+    N, D, D2, K2, (R1, R2), K = s["N"], s["D"], s["D2"], s["ease_k"], s["rank_hidden"], s["knn"]
+    La = min(L, s["max_att"])
+    F2, H2 = s["F2"], s["H2"]
+    f4 = 4.0
+    lightgcn = {"flops": 2 * L * D + 2 * N * D, "bytes": N * D * f4 / batch + L * (D + 1) * f4 + 2 * N * f4}
+    din = {
+        # W e_h, the C x La logits, softmax, pooling, pooled * c and its sum, EASE, z-scores, standardise, MLP
+        "flops": 2 * La * D2 * D2 + 2 * c1 * La * D2 + 5 * c1 * La + 2 * c1 * La * D2 + 2 * c1 * D2
+        + 2 * L * K2 + 12 * c1 + 2 * c1 * F2 + 2 * c1 * (F2 * H2 + H2) + c1 * H2,
+        "bytes": (La + c1) * D2 * f4 + L * K2 * 8 + c1 * 16,
+    }
+    ranknet = {
+        "flops": 2 * c2 * L * D + 2 * L * K + 2 * c2 * (8 * R1 + R1 * R2 + R2),
+        "bytes": (L + c2) * D * f4 + L * K * 8 + c2 * 8,
+    }
+    return {"lightgcn": lightgcn, "din": din, "ranknet": ranknet}
+
+
 def ceiling(model_dir: str, lengths: np.ndarray, gemm: float, bandwidth: float, batch: int,
-            c1: int = 200, c2: int = 100) -> dict:
-    """Recommendations/s at the roofline, averaged over the workload's history lengths."""
+            c1: int = 0, c2: int = 0) -> dict:
+    """Recommendations/s at the roofline, averaged over the workload's history lengths (candidate
+    counts: as given, else those of the model directory, see candidates())."""
     s = model_sizes(model_dir)
+    d1, d2 = candidates(model_dir)
+    c1, c2 = c1 or d1, c2 or d2
     c1 = min(c1, s["N"])
     c2 = min(c2, c1)
-    out = {"sizes": {k: v for k, v in s.items() if k != "din_weight_bytes"}, "batch": batch, "stages": {}}
+    out = {"sizes": {k: v for k, v in s.items() if k != "din_weight_bytes"}, "batch": batch, "stages": {},
+           "candidates": {"lightgcn": c1, "din": c2}}
     total = 0.0
     L = float(np.mean(lengths))
     work = per_request(s, L, c1, c2, batch)  # linear in L: the mean length gives the mean work
@@ -127,7 +177,9 @@ def main():
     print(f"GEMM {gemm / 1e9:.1f} GFLOP/s, bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads)")
     for b in sorted({1, args.batch}):
         r = ceiling(args.model_dir, lengths, gemm, bw, b)
-        print(f"batch {b}: ceiling {r['ceiling_rps']:.0f} rec/s")
+        total = sum(v["mflops"] for v in r["stages"].values())
+        print(f"batch {b}: ceiling {r['ceiling_rps']:.0f} rec/s; candidates {r['candidates']}; "
+              f"mean history {r['mean_history']:.1f}; {total:.2f} MFLOP per recommendation")
         for stage, v in r["stages"].items():
             print(f"  {stage:9s} {v['mflops']:8.2f} MFLOP {v['mbytes']:8.3f} MB {v['us']:8.1f} us ({v['bound']})")
     if args.json:

@@ -25,6 +25,9 @@ def main():
     p.add_argument("--din", required=True)
     p.add_argument("--ranknet", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--c1", type=int, default=1000, help="LightGCN candidates the stages were trained for")
+    p.add_argument("--c2", type=int, default=100, help="DIN candidates the stages were trained for")
+    p.add_argument("--timings", help="directory of <step> files holding each training step's seconds (train_all.sh)")
     args = p.parse_args()
     d = ds.load(args.data)
     os.makedirs(args.out, exist_ok=True)
@@ -48,7 +51,14 @@ def main():
             "sha256": meta["sha256"],
             "hyperparameters": meta.get("hyperparameters", {}),
         }
+        if "inputs" in meta or stage != "din":
+            models[stage]["inputs"] = meta.get("inputs", msmodels.STAGE_INPUTS[stage])
     msmodels.write_catalog(args.out, d.asins, d.popularity().tolist())
+    timings = {}
+    if args.timings and os.path.isdir(args.timings):
+        for name in sorted(os.listdir(args.timings)):
+            with open(os.path.join(args.timings, name)) as f:
+                timings[name] = int(f.read().strip() or 0)
     combined = "-".join(models[s]["sha256"][:6] for s in ("lightgcn", "din", "ranknet"))
     msmodels.write_manifest(
         args.out,
@@ -58,6 +68,8 @@ def main():
             "models": models,
             "catalog": {"file": "catalog.tsv", "num_items": d.num_items, "popularity": "train.txt interactions"},
             "data": {"name": "amazon-book (KGAT split)", "sha256": d.data_hash, "users": d.num_users},
+            "candidates": {"lightgcn": args.c1, "din": args.c2},
+            "timings_seconds": timings,
         },
     )
     print(f"assembled {args.out}: version amazon-book-{combined}")

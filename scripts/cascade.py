@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 MAX_HISTORY = 200  # the server's MAX_HISTORY default
-LIGHTGCN_CANDIDATES = 200  # LIGHTGCN_CANDIDATES default
+LIGHTGCN_CANDIDATES = 1000  # LIGHTGCN_CANDIDATES default
 DIN_CANDIDATES = 100  # DIN_CANDIDATES default
 
 
@@ -38,6 +38,15 @@ def lightgcn_candidates(lightgcn, history, mask, c1: int = LIGHTGCN_CANDIDATES):
     return s1, cand
 
 
+def din_takes_s1(din) -> bool:
+    """Interface v2: DIN's forward is (history, mask, cands, s1); v1 was (history, mask, cands)."""
+    return len(din.forward.schema.arguments) == 5  # self + 4
+
+
+def din_scores(din, history, mask, cand, s1):
+    return din(history, mask, cand, s1) if din_takes_s1(din) else din(history, mask, cand)
+
+
 class Cascade:
     def __init__(self, model_dir: str, c1: int = LIGHTGCN_CANDIDATES, c2: int = DIN_CANDIDATES):
         self.lightgcn = torch.jit.load(f"{model_dir}/lightgcn/model.pt").eval()
@@ -50,7 +59,7 @@ class Cascade:
         """Top-k rows per history after each stage: (lightgcn, lightgcn->din, full cascade)."""
         h, m = pad(histories)
         s1, cand = lightgcn_candidates(self.lightgcn, h, m, self.c1)
-        s2 = self.din(h, m, cand)
+        s2 = din_scores(self.din, h, m, cand, s1)
         s2_top, pos2 = s2.topk(self.c2, dim=1)
         cand2 = cand.gather(1, pos2)
         s1_top = s1.gather(1, pos2)

@@ -14,17 +14,23 @@ import numpy as np
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def portable(text: str) -> str:
-    """`text` (a recorded command or result) without this machine's absolute paths: a path inside the
-    repository becomes relative to it, any other keeps only its last component, in angle brackets
-    (`<amazon-book>`), so committed manifests and reports name no machine."""
+def portable(text: str, data_dir: str | None = None) -> str:
+    """`text` (a recorded command or result) without this machine's absolute paths: the data
+    directory becomes `DATA`, a path inside the repository becomes relative to it, any other keeps
+    only its last component, in angle brackets (`<eval.json>`), so committed manifests and reports
+    name no machine."""
+    data = os.path.abspath(data_dir).rstrip("/") if data_dir else None
 
     def local(m: re.Match) -> str:
         path = m.group(0)
+        if data and path.rstrip("/") == data:
+            return "DATA"
         if path == _REPO or path.startswith(_REPO + os.sep):
             return os.path.relpath(path, _REPO)
         return f"<{os.path.basename(path.rstrip('/')) or path}>"
 
+    if data_dir:
+        text = text.replace(data_dir, "DATA")
     return re.sub(r"(?<![\w.~<:/])/(?:[\w.+@-]+/)*[\w.+@-]+/?", local, text)
 
 

@@ -159,6 +159,7 @@ def main():
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--skip-rust", action="store_true")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--baselines", help="baselines.py --json output on the same users: printed as rows of the same table")
     p.add_argument("--manifest", action="store_true", help="record the results in MODELS/manifest.json")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -198,7 +199,15 @@ def main():
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
         print(f"| {name} | {fmt(rust.get('recall@20'))} | {fmt(rust.get('ndcg@20'))} | {row['python']['recall@20']:.4f} | "
               f"{row['python']['ndcg@20']:.4f} | {row.get('identical_lists', float('nan')):.1%} |")
-    result["command"] = ds.portable("scripts/evaluate.py " + " ".join(sys.argv[1:]))
+    if args.baselines:
+        with open(args.baselines) as f:
+            base = json.load(f)
+        if base.get("users") != len(users):
+            raise SystemExit(f"{args.baselines} covers {base.get('users')} users, this run {len(users)}")
+        result["baselines"] = {k: v for k, v in base.items() if isinstance(v, dict)}
+        for name, v in result["baselines"].items():
+            print(f"| {name} (scripts/baselines.py) | {v['recall@20']:.4f} | {v['ndcg@20']:.4f} | - | - | - |")
+    result["command"] = ds.portable("scripts/evaluate.py " + " ".join(sys.argv[1:]), data_dir=args.data)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -39,20 +39,22 @@ def main():
     msmodels.write_catalog(args.out, asins, pop.tolist())
 
     lightgcn = msmodels.LightGCNServe(item, item, torch.ones(n))
-    din = msmodels.DIN(n, dim=d, att_hidden=16, mlp_hidden=32)
-    with torch.no_grad():
-        din.emb.weight.copy_(item)
     k = min(10, n - 1)
     sim = item @ item.t()
     sim.fill_diagonal_(-1.0)
     nbr_val, nbr_idx = sim.topk(k, dim=1)
+    # stage 2, interface v2 (takes s1): a narrow DIN whose MLP adds the s1 and neighbour features
+    din = msmodels.DIN2(n, nbr_idx, nbr_val.clamp(min=0), torch.log1p(pop.float()), dim=d, hidden=16)
+    with torch.no_grad():
+        din.emb.weight.copy_(item)
     ranknet = msmodels.RankNet(
         item, torch.log1p(pop.float()), nbr_idx, nbr_val.clamp(min=0), torch.zeros(8), torch.ones(8), hidden=16
     )
     versions = {}
     for kind, module in (("lightgcn", lightgcn), ("din", din), ("ranknet", ranknet)):
         meta = msmodels.export(module, kind, os.path.join(args.out, kind), n, {"dim": d, "synthetic": True})
-        versions[kind] = {"version": f"{args.version}-{kind}-{meta['sha256'][:8]}", "dim": d}
+        versions[kind] = {"version": f"{args.version}-{kind}-{meta['sha256'][:8]}", "dim": d,
+                          "inputs": msmodels.STAGE_INPUTS[kind]}
     msmodels.write_manifest(
         args.out,
         {"version": args.version, "models": versions, "catalog": {"file": "catalog.tsv", "num_items": n}, "synthetic": True},

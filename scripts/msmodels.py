@@ -18,7 +18,15 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# The forward arguments of each stage (interface v2), recorded as models.<stage>.inputs in
+# manifest.json and checked by the server at load (src/models.rs); v1's DIN took no s1.
+STAGE_INPUTS = {
+    "lightgcn": ["history", "mask"],
+    "din": ["history", "mask", "cands", "s1"],
+    "ranknet": ["history", "mask", "cands", "s1", "s2"],
+}
 
 
 class LightGCNServe(nn.Module):
@@ -132,6 +140,124 @@ class DIN(nn.Module):
         y.addmm_((pooled * c).view(-1, d), l1[:, 2 * d :].t())
         y = self.mlp[4](self.mlp[3](self.mlp[2](self.mlp[1](y))))
         return y.view(b, n_c)
+
+
+def ease_scores(history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, nbr_idx: torch.Tensor,
+                nbr_val: torch.Tensor) -> torch.Tensor:
+    """Sparse-EASE score [B, C]: sum over the profile's real history items h of nbr_val[h, k] where
+    nbr_idx[h, k] is the candidate. Row by row through one dense [N] buffer cleared after each row
+    (the cost follows the real items: L * K adds and C reads per profile)."""
+    b, c = cands.shape
+    lens: List[int] = mask.sum(dim=1).tolist()
+    hist = history[mask]
+    out = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
+    dense = torch.zeros(nbr_idx.shape[0], dtype=torch.float32, device=cands.device)
+    start = 0
+    for i, n in enumerate(lens):
+        if n == 0:
+            continue
+        h = hist[start : start + n]
+        start += n
+        idx = nbr_idx.index_select(0, h).reshape(-1).long()
+        dense.index_add_(0, idx, nbr_val.index_select(0, h).reshape(-1))
+        out[i] = dense.index_select(0, cands[i])
+        dense.index_fill_(0, idx, 0.0)
+    return out
+
+
+def row_zscore(x: torch.Tensor) -> torch.Tensor:
+    """Standardise each row over its candidates (rows of one column come out 0)."""
+    mu = x.mean(dim=1, keepdim=True)
+    sd = (x - mu).pow(2).mean(dim=1, keepdim=True).sqrt().clamp(min=1e-6)
+    return (x - mu) / sd
+
+
+class DIN2(nn.Module):
+    """Stage 2, interface v2: a narrow Deep Interest Network that re-ranks LightGCN's wide
+    candidate list and takes LightGCN's score as an input: forward(history, mask, cands, s1).
+
+    - local activation unit in bilinear form over the profile's most recent MAX_ATT items:
+      a[c, l] = e_c^T W e_{h_l} (own DIM-wide item embeddings), softmax over the real items,
+      pooled[c] = sum_l a[c, l] e_{h_l};
+    - sparse-EASE score of the candidate over the whole history (ease_scores, buffers
+      nbr_idx [N, K] / nbr_val [N, K]);
+    - an MLP (F -> HIDDEN -> 1) over [pooled * e_c, pooled . e_c, s1, row-z(s1), ease,
+      row-z(ease), log(1 + popularity), log(1 + |H|)].
+    The cost per profile is ~C * (4 * min(L, MAX_ATT) * DIM + 2 * F * HIDDEN) + 2 * L * K.
+    """
+
+    def __init__(self, num_items: int, nbr_idx: torch.Tensor, nbr_val: torch.Tensor, log_pop: torch.Tensor,
+                 dim: int = 16, hidden: int = 32, max_att: int = 50):
+        super().__init__()
+        self.emb = nn.Embedding(num_items, dim)
+        self.att_w = nn.Parameter(torch.eye(dim))
+        self.register_buffer("nbr_idx", nbr_idx.to(torch.int32).contiguous())
+        self.register_buffer("nbr_val", nbr_val.float().contiguous())
+        self.register_buffer("log_pop", log_pop.float().contiguous())
+        self.register_buffer("feat_mean", torch.zeros(dim + 7))
+        self.register_buffer("feat_std", torch.ones(dim + 7))
+        self.mlp = nn.Sequential(nn.Linear(dim + 7, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.dim = dim
+        self.max_att = max_att
+
+    def features(self, history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, s1: torch.Tensor,
+                 ease: torch.Tensor) -> torch.Tensor:
+        b, c = cands.shape
+        L = history.shape[1]
+        la = min(self.max_att, L)
+        lens = mask.sum(dim=1)
+        ar = torch.arange(la, device=history.device).unsqueeze(0)
+        pos = ((lens - la).clamp(min=0).unsqueeze(1) + ar).clamp(max=L - 1)
+        valid = ar < lens.unsqueeze(1)  # [B, La]: the last min(n, La) real items
+        eh = self.emb(history.gather(1, pos)) * valid.unsqueeze(2).to(torch.float32)  # [B, La, D]
+        ec = self.emb(cands)  # [B, C, D]
+        logits = ec @ (eh @ self.att_w).transpose(1, 2)  # [B, C, La]
+        logits = logits.masked_fill(~valid.unsqueeze(1), -1e9)
+        att = torch.softmax(logits, dim=2) * valid.unsqueeze(1).to(torch.float32)
+        pooled = att @ eh  # [B, C, D]
+        inter = pooled * ec
+        hlen = torch.log1p(lens.to(torch.float32)).unsqueeze(1).expand(b, c)
+        extra = torch.stack(
+            [inter.sum(dim=2), s1, row_zscore(s1), ease, row_zscore(ease), self.log_pop[cands], hlen], dim=2
+        )
+        return (torch.cat([inter, extra], dim=2) - self.feat_mean) / self.feat_std
+
+    def reference(self, history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """forward in the form it is trained in (features, then the MLP)."""
+        ease = ease_scores(history, mask, cands, self.nbr_idx, self.nbr_val)
+        return self.mlp(self.features(history, mask, cands, s1, ease)).squeeze(-1)
+
+    def forward(self, history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        """reference() rearranged, algebraically identical, for speed: the logits as [B, La, C] so
+        the softmax runs over a strided dimension with the long candidate axis contiguous (a
+        softmax over a last dimension of a few history items does not vectorise), and the feature
+        standardisation folded into the first MLP layer (no [B, C, F] concatenation)."""
+        ease = ease_scores(history, mask, cands, self.nbr_idx, self.nbr_val)
+        b, c = cands.shape
+        d = self.dim
+        L = history.shape[1]
+        la = min(self.max_att, L)
+        lens = mask.sum(dim=1)
+        ar = torch.arange(la, device=history.device).unsqueeze(0)
+        pos = ((lens - la).clamp(min=0).unsqueeze(1) + ar).clamp(max=L - 1)
+        valid = ar < lens.unsqueeze(1)  # [B, La]
+        vf = valid.to(torch.float32).unsqueeze(2)  # [B, La, 1]
+        eh = self.emb(history.gather(1, pos)) * vf  # [B, La, D]
+        ec = self.emb(cands)  # [B, C, D]
+        logits = (eh @ self.att_w) @ ec.transpose(1, 2)  # [B, La, C]
+        logits = logits.masked_fill(~valid.unsqueeze(2), -1e9)
+        att = torch.softmax(logits, dim=1) * vf
+        pooled = att.transpose(1, 2) @ eh  # [B, C, D]
+        inter = pooled * ec
+        w = self.mlp[0].weight / self.feat_std  # [H, F]
+        bias = self.mlp[0].bias - w @ self.feat_mean
+        hlen = torch.log1p(lens.to(torch.float32)).unsqueeze(1).expand(b, c)
+        extra = torch.stack(
+            [inter.sum(dim=2), s1, row_zscore(s1), ease, row_zscore(ease), self.log_pop[cands], hlen], dim=2
+        )
+        y = torch.addmm(bias, inter.reshape(-1, d), w[:, :d].t())
+        y.addmm_(extra.reshape(-1, extra.shape[2]), w[:, d:].t())
+        return self.mlp[2](torch.relu_(y)).view(b, c)
 
 
 class RankNet(nn.Module):
@@ -257,6 +383,8 @@ def _inputs(kind: str, batch):
         return (history, mask)
     if kind == "din":
         return (history, mask, cand)
+    if kind == "din2":
+        return (history, mask, cand, s1)
     return (history, mask, cand, s1, s2)
 
 
@@ -276,8 +404,9 @@ def export(module: nn.Module, kind: str, out_dir: str, num_items: int, meta: Dic
             b = random_batch(num_items, seed=seed)
             if seed == 2:
                 b = (b[0] * 0, b[1] & False) + b[2:]
-            want = module(*_inputs(kind, b))
-            got = loaded(*_inputs(kind, b))
+            inputs = _inputs("din2" if isinstance(module, DIN2) else kind, b)
+            want = module(*inputs)
+            got = loaded(*inputs)
             if got.shape != want.shape:
                 raise RuntimeError(f"{kind}: TorchScript shape {tuple(got.shape)} != {tuple(want.shape)}")
             diff = (got - want).abs().max().item()

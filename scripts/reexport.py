@@ -24,6 +24,10 @@ def rebuild(stage: str, old: torch.jit.ScriptModule) -> torch.nn.Module:
     sd = old.state_dict()
     if stage == "lightgcn":
         module = msmodels.LightGCNServe(sd["fold_in"], sd["item_emb"], sd["item_norm"])
+    elif stage == "din" and "att_w" in sd:
+        n, dim = sd["emb.weight"].shape
+        module = msmodels.DIN2(n, sd["nbr_idx"], sd["nbr_val"], sd["log_pop"], dim=dim, hidden=sd["mlp.0.weight"].shape[0],
+                               max_att=int(old.max_att))
     elif stage == "din":
         n, dim = sd["emb.weight"].shape
         module = msmodels.DIN(n, dim=dim, att_hidden=sd["att1.weight"].shape[0], mlp_hidden=sd["mlp.0.weight"].shape[0])
@@ -60,7 +64,8 @@ def main():
             with torch.inference_mode():
                 for seed in range(5):
                     batch = msmodels.random_batch(n_items, batch=8, max_len=40, cands=200, seed=100 + seed)
-                    a, b = old(*msmodels._inputs(stage, batch)), new(*msmodels._inputs(stage, batch))
+                    kind = "din2" if isinstance(module, msmodels.DIN2) else stage
+                    a, b = old(*msmodels._inputs(kind, batch)), new(*msmodels._inputs(kind, batch))
                     worst = max(worst, (a - b).abs().max().item())
             if worst > 1e-4:
                 raise SystemExit(f"{stage}: the re-export differs from the served file by {worst}")

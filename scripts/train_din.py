@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Train DIN (Zhou et al., KDD 2018) to re-rank LightGCN's candidates, and export it.
+"""Train stage 2 (msmodels.DIN2, a narrow DIN with LightGCN's score and the sparse-EASE score as
+inputs) to re-rank LightGCN's wide candidate list, and export it.
 
 Data: the held-out split of train.txt (data.holdout_split, same seed as the LightGCN run). Users
 with held-out items are split in two halves: half A trains DIN, half B is kept for RankNet
 (train_ranknet.py), so RankNet sees DIN scores on users DIN never trained on.
-For each half-A user, every epoch, up to PER_USER leave-one-out examples: positive = one of the
-user's items (kept or held out), history = the others; negatives = items drawn from the exported
-LightGCN's own top candidates for the user's kept history (what DIN ranks when serving).
-Loss: softmax cross-entropy over 1 positive + NEG negatives. DIN's item embeddings start from the
-LightGCN item vectors. Checkpoints every epoch; --resume continues.
+Lists are produced the way serving produces them: for each half-A user the exported LightGCN
+scores the catalog from the kept history, history rows excluded, top C1 candidates with their s1;
+the held-out items in the list are the positives. Loss: listwise softmax cross-entropy over the
+whole list, averaged over its positives. The sparse-EASE table used in training is fitted on the
+kept interactions (--ease-train); the export carries the serving table (--ease-serve, fitted on
+all of train.txt) when given. Checkpoints every epoch; --resume continues.
 """
 
 from __future__ import annotations
@@ -34,30 +36,50 @@ def split_users(held, seed):
 
 
 @torch.inference_mode()
-def candidates_for(lightgcn, kept, users, c1):
-    out = np.zeros((len(users), c1), dtype=np.int64)
-    scores = np.zeros((len(users), c1), dtype=np.float32)
-    for s in range(0, len(users), 1024):
-        bu = users[s : s + 1024]
+def candidates_for(lightgcn, kept, users, c1, batch=512):
+    out = torch.zeros((len(users), c1), dtype=torch.int32)
+    scores = torch.zeros((len(users), c1))
+    for s in range(0, len(users), batch):
+        bu = users[s : s + batch]
         h, m = cascade.pad([kept[u] for u in bu])
         s1, cand = cascade.lightgcn_candidates(lightgcn, h, m, c1)
-        out[s : s + len(bu)] = cand.numpy()
-        scores[s : s + len(bu)] = s1.numpy()
+        out[s : s + len(bu)] = cand.to(torch.int32)
+        scores[s : s + len(bu)] = s1
     return out, scores
+
+
+@torch.inference_mode()
+def ease_for(kept, users, cands, nbr_idx, nbr_val, batch=512):
+    out = torch.zeros(cands.shape)
+    for s in range(0, len(users), batch):
+        h, m = cascade.pad([kept[u] for u in users[s : s + batch]])
+        out[s : s + batch] = msmodels.ease_scores(h, m, cands[s : s + batch].long(), nbr_idx, nbr_val)
+    return out
 
 
 def recall_at(ranked_rows, held, users, k=20):
     return float(np.mean([np.isin(ranked_rows[i, :k], held[u]).sum() / len(held[u]) for i, u in enumerate(users)]))
 
 
+def lists_cached(path, lightgcn, kept, users, c1, nbr_idx, nbr_val):
+    if os.path.exists(path):
+        return torch.load(path)
+    t = time.time()
+    cand, s1 = candidates_for(lightgcn, kept, users, c1)
+    ease = ease_for(kept, users, cand, nbr_idx, nbr_val)
+    torch.save((cand, s1, ease), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"lists for {len(users)} users in {time.time() - t:.0f}s", flush=True)
+    return cand, s1, ease
+
+
 @torch.inference_mode()
-def din_order(din, kept, users, cands):
-    out = np.zeros_like(cands)
-    for idx in cascade.length_batches([len(kept[u]) for u in users], max_cells=2048):
-        h, m = cascade.pad([kept[users[i]] for i in idx])
-        c = torch.from_numpy(cands[idx])
-        order = din(h, m, c).argsort(dim=1, descending=True)
-        out[idx] = c.gather(1, order).numpy()
+def score_lists(din, kept, users, cand, s1, ease, batch=256):
+    out = torch.zeros(cand.shape)
+    for s in range(0, len(users), batch):
+        h, m = cascade.pad([kept[u] for u in users[s : s + batch]])
+        sl = slice(s, s + batch)
+        out[sl] = din.mlp(din.features(h, m, cand[sl].long(), s1[sl], ease[sl])).squeeze(-1)
     return out
 
 
@@ -65,19 +87,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--lightgcn", required=True, help="exported LightGCN directory (model.pt) trained without the held-out items")
+    p.add_argument("--ease-train", required=True, help="EASE neighbour table fitted on the kept interactions (ease.py --holdout)")
+    p.add_argument("--ease-serve", help="EASE neighbour table fitted on all of train.txt, exported with the model")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True, help="export directory for DIN")
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--holdout-seed", type=int, default=2026)
-    p.add_argument("--candidates", type=int, default=cascade.LIGHTGCN_CANDIDATES)
-    p.add_argument("--neg", type=int, default=31)
-    p.add_argument("--per-user", type=int, default=4, help="leave-one-out targets per user and epoch")
+    p.add_argument("--c1", type=int, default=cascade.LIGHTGCN_CANDIDATES)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--max-att", type=int, default=50)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=128, help="most users per batch (batches hold similar history lengths)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-history", type=int, default=100, help="history items used per training example")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-users", type=int, default=3000)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--limit-users", type=int, default=0, help="train on the first N half-A users only (smoke tests)")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -87,28 +112,40 @@ def main():
     d = ds.load(args.data)
     kept, held = ds.holdout_split(d.train, args.holdout, args.holdout_seed)
     users_a, users_b = split_users(held, args.holdout_seed)
-    all_items = [np.union1d(k, h) for k, h in zip(kept, held)]
+    if args.limit_users:
+        users_a = users_a[: args.limit_users]
     lightgcn = torch.jit.load(os.path.join(args.lightgcn, "model.pt")).eval()
-    cache = os.path.join(args.work, "din_candidates.npz")
-    if os.path.exists(cache):
-        z = np.load(cache)
-        cand_a = z["cand_a"]
-    else:
-        t = time.time()
-        cand_a, _ = candidates_for(lightgcn, kept, users_a, args.candidates)
-        np.savez(cache, cand_a=cand_a)
-        print(f"candidates for {len(users_a)} users in {time.time() - t:.0f}s", flush=True)
-    eval_users = users_b[np.random.default_rng(1).permutation(len(users_b))[: args.eval_users]]
-    eval_users = np.sort(eval_users)
-    cand_eval, _ = candidates_for(lightgcn, kept, eval_users, args.candidates)
-    base = recall_at(cand_eval, held, eval_users)
-    print(json.dumps({"eval_users": len(eval_users), "lightgcn_recall20_heldout": base}), flush=True)
+    nbr_idx, nbr_val, ease_info = torch.load(args.ease_train)
+    pop = np.bincount(np.concatenate(kept), minlength=d.num_items)
+    eval_users = np.sort(users_b[np.random.default_rng(1).permutation(len(users_b))[: args.eval_users]])
 
-    din = msmodels.DIN(d.num_items, dim=int(lightgcn.item_emb.shape[1]))
+    cand_a, s1_a, ease_a = lists_cached(os.path.join(args.work, f"lists_a_{args.c1}.pt"), lightgcn, kept, users_a, args.c1, nbr_idx, nbr_val)
+    cand_e, s1_e, ease_e = lists_cached(os.path.join(args.work, f"lists_eval_{args.c1}.pt"), lightgcn, kept, eval_users, args.c1, nbr_idx, nbr_val)
+    labels_a = torch.from_numpy(np.stack([np.isin(cand_a[i].numpy(), held[u]) for i, u in enumerate(users_a)]))
+    base = {
+        "lightgcn_recall20_heldout": recall_at(cand_e.numpy(), held, eval_users),
+        "lightgcn_recall_c1_heldout": recall_at(cand_e.numpy(), held, eval_users, args.c1),
+        "ease_recall20_heldout": recall_at(cand_e.gather(1, ease_e.argsort(1, descending=True)).numpy(), held, eval_users),
+        "positives_per_list": float(labels_a.sum(1).float().mean()),
+    }
+    print(json.dumps({"eval_users": len(eval_users), **base}), flush=True)
+
+    din = msmodels.DIN2(d.num_items, nbr_idx, nbr_val, torch.log1p(torch.from_numpy(pop).float()),
+                        dim=args.dim, hidden=args.hidden, max_att=args.max_att)
     with torch.no_grad():
-        din.emb.weight.copy_(lightgcn.item_emb * 0.5)
+        # start the item embeddings from the top principal directions of LightGCN's item vectors
+        x = lightgcn.item_emb.clone()
+        _, _, v = torch.pca_lowrank(x, q=args.dim, center=True)
+        e = x @ v
+        din.emb.weight.copy_(e / e.norm(dim=1).mean())
+        # standardise the features on a sample of training lists
+        samp = np.sort(rng.choice(len(users_a), min(2000, len(users_a)), replace=False))
+        h, m = cascade.pad([kept[users_a[i]] for i in samp])
+        f = din.features(h, m, cand_a[samp].long(), s1_a[samp], ease_a[samp]).reshape(-1, din.feat_mean.shape[0])
+        din.feat_mean.copy_(f.mean(0))
+        din.feat_std.copy_(f.std(0).clamp(min=1e-6))
     opt = torch.optim.Adam(din.parameters(), lr=args.lr)
-    ckpt = os.path.join(args.work, "din.ckpt")
+    ckpt = os.path.join(args.work, "din2.ckpt")
     start, log, best = 0, [], None
     if args.resume and os.path.exists(ckpt):
         st = torch.load(ckpt)
@@ -117,42 +154,34 @@ def main():
         start, log, best = st["epoch"], st["log"], st.get("best")
         print(f"resumed at epoch {start}", flush=True)
 
+    train_rows = np.nonzero(labels_a.sum(1).numpy() > 0)[0]
     for epoch in range(start, args.epochs):
         din.train()
         t0 = time.time()
-        # leave-one-out examples: a target from the user's items, the rest is the history
-        examples = []
-        for i, u in enumerate(users_a):
-            items = all_items[u]
-            for t in rng.choice(len(items), min(len(items), args.per_user), replace=False):
-                examples.append((i, t))
-        lengths = [min(len(all_items[users_a[i]]) - 1, args.train_history) for i, _ in examples]
-        batches = cascade.length_batches(lengths, args.batch, args.batch * 16, args.train_history)
         total, steps = 0.0, 0
-        for bi in rng.permutation(len(batches)):
-            hist, cands = [], []
-            for e in batches[bi]:
-                i, t = examples[e]
-                u = users_a[i]
-                items = all_items[u]
-                h = np.delete(items, t)
-                if len(h) > args.train_history:
-                    h = np.sort(rng.choice(h, args.train_history, replace=False))
-                hist.append(h)
-                pool = cand_a[i][~np.isin(cand_a[i], items)]
-                negs = rng.choice(pool, args.neg, replace=len(pool) < args.neg)
-                cands.append(np.concatenate([[items[t]], negs]))
-            h, m = cascade.pad(hist, args.train_history)
-            logits = din(h, m, torch.from_numpy(np.stack(cands)))
-            loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(hist), dtype=torch.long))
+        order = rng.permutation(train_rows)
+        for s in range(0, len(order), args.batch):
+            rows = np.sort(order[s : s + args.batch])
+            h, m = cascade.pad([kept[users_a[i]] for i in rows])
+            t = torch.from_numpy(rows)
+            logits = din.mlp(din.features(h, m, cand_a[t].long(), s1_a[t], ease_a[t])).squeeze(-1)
+            y = labels_a[t].float()
+            logp = torch.log_softmax(logits, dim=1)
+            loss = -((logp * y).sum(1) / y.sum(1)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item()
             steps += 1
+            if steps % 100 == 0:
+                print(json.dumps({"epoch": epoch + 1, "step": steps, "loss": total / steps, "seconds": round(time.time() - t0)}), flush=True)
         din.eval()
-        rec = recall_at(din_order(din, kept, eval_users, cand_eval), held, eval_users)
-        entry = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t0, 1), "din_recall20_heldout": rec}
+        sc = score_lists(din, kept, eval_users, cand_e, s1_e, ease_e)
+        ranked = cand_e.gather(1, sc.argsort(1, descending=True)).numpy()
+        rec = recall_at(ranked, held, eval_users)
+        entry = {"epoch": epoch + 1, "loss": total / max(steps, 1), "seconds": round(time.time() - t0, 1),
+                 "din_recall20_heldout": rec, "din_recall100_heldout": recall_at(ranked, held, eval_users, 100),
+                 "din_recall200_heldout": recall_at(ranked, held, eval_users, 200)}
         log.append(entry)
         print(json.dumps(entry), flush=True)
         if best is None or rec > best[0]:
@@ -161,19 +190,24 @@ def main():
         torch.save(state, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
 
-    # export the epoch with the best held-out recall (DIN overfits its embedding table otherwise)
     if best is not None:
         din.load_state_dict(best[2])
         print(f"exporting epoch {best[1]} (held-out recall@20 {best[0]:.4f})", flush=True)
-
-    hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "resume")}
+    serve_info = ease_info
+    if args.ease_serve:
+        si, sv, serve_info = torch.load(args.ease_serve)
+        din.nbr_idx.copy_(si.to(torch.int32))
+        din.nbr_val.copy_(sv)
+    hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "resume", "ease_train", "ease_serve")}
+    hp["ease"] = {k: v for k, v in serve_info.items() if k != "data_sha256"}
     msmodels.export(
         din.eval(),
         "din",
         args.out,
         d.num_items,
-        {"model": "DIN", "dim": din.dim, "hyperparameters": hp, "data_sha256": d.data_hash, "training_log": log,
-         "lightgcn_recall20_heldout": base, "exported_epoch": best[1] if best else None},
+        {"model": "DIN2", "dim": din.dim, "inputs": ["history", "mask", "cands", "s1"], "hyperparameters": hp,
+         "data_sha256": d.data_hash, "training_log": log, "validation_baselines": base,
+         "exported_epoch": best[1] if best else None},
     )
     print(f"exported {args.out}", flush=True)
 

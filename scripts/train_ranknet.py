@@ -4,8 +4,10 @@
 Data: half B of the held-out split (see train_din.py), users DIN did not train on. For each user
 the exported LightGCN and DIN run exactly as when serving (cascade.py); the DIN_CANDIDATES best
 are the list, held-out items in it are relevant. Features (msmodels.RankNet): the two upstream
-scores, LightGCN rank, popularity, history length, max/mean embedding cosine to the history, and an
-ItemKNN score from a sparse co-occurrence-cosine neighbour table built on the kept interactions.
+scores, LightGCN rank, popularity, history length, max/mean embedding cosine to the history, and the
+sparse-EASE score (feature 7; the table fitted on the kept interactions, --ease-train; the export
+carries the serving table fitted on all of train.txt, --ease-serve). (Until cascade v2 feature 7
+was an ItemKNN cosine score; itemknn_neighbours below still builds that table.)
 Loss: the pairwise logistic loss over every (relevant, irrelevant) pair of a list.
 """
 
@@ -61,7 +63,7 @@ def lists_for(lightgcn, din, kept, users, c1, c2):
     for idx in cascade.length_batches([len(kept[u]) for u in users], max_cells=2048):
         h, m = cascade.pad([kept[users[i]] for i in idx])
         s1, cand = cascade.lightgcn_candidates(lightgcn, h, m, c1)
-        s2 = din(h, m, cand)
+        s2 = cascade.din_scores(din, h, m, cand, s1)
         s2_top, pos2 = s2.topk(c2, dim=1)
         t = torch.from_numpy(idx)
         cands[t], s1s[t], s2s[t] = cand.gather(1, pos2), s1.gather(1, pos2), s2_top
@@ -88,6 +90,8 @@ def main():
     p.add_argument("--din", required=True, help="exported DIN directory")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--ease-train", required=True, help="EASE neighbour table fitted on the kept interactions")
+    p.add_argument("--ease-serve", help="EASE neighbour table fitted on all of train.txt, exported with the model")
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--holdout-seed", type=int, default=2026)
     p.add_argument("--c1", type=int, default=cascade.LIGHTGCN_CANDIDATES)
@@ -99,6 +103,7 @@ def main():
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--valid-frac", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--limit-users", type=int, default=0, help="use the first N half-B users only (smoke tests)")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     os.makedirs(args.work, exist_ok=True)
@@ -106,17 +111,18 @@ def main():
     d = ds.load(args.data)
     kept, held = ds.holdout_split(d.train, args.holdout, args.holdout_seed)
     _, users_b = split_users(held, args.holdout_seed)
+    if args.limit_users:
+        users_b = users_b[: args.limit_users]
     lightgcn = torch.jit.load(os.path.join(args.lightgcn, "model.pt")).eval()
     din = torch.jit.load(os.path.join(args.din, "model.pt")).eval()
+    nbr_idx, nbr_val, ease_info = torch.load(args.ease_train)
+    if hasattr(din, "nbr_idx"):
+        # the exported DIN carries the serving EASE table, fitted on all of train.txt and so on the
+        # held-out items too: the training lists use the kept-interaction table, as DIN's training did
+        with torch.no_grad():
+            din.nbr_idx.copy_(nbr_idx)
+            din.nbr_val.copy_(nbr_val)
 
-    t = time.time()
-    knn_cache = os.path.join(args.work, f"itemknn_{args.neighbours}.pt")
-    if os.path.exists(knn_cache):
-        nbr_idx, nbr_val = torch.load(knn_cache)
-    else:
-        nbr_idx, nbr_val = itemknn_neighbours(kept, d.num_users, d.num_items, args.neighbours)
-        torch.save((nbr_idx, nbr_val), knn_cache)
-    print(f"itemknn table {tuple(nbr_idx.shape)} in {time.time() - t:.0f}s", flush=True)
     pop = np.bincount(np.concatenate(kept), minlength=d.num_items)
     item_unit = torch.nn.functional.normalize(lightgcn.item_emb.clone(), dim=1)
     model = msmodels.RankNet(
@@ -125,7 +131,12 @@ def main():
     )
 
     t = time.time()
-    cands, s1, s2 = lists_for(lightgcn, din, kept, users_b, args.c1, args.c2)
+    lists_cache = os.path.join(args.work, f"lists_b_{args.c1}_{args.c2}.pt")
+    if os.path.exists(lists_cache):
+        cands, s1, s2 = torch.load(lists_cache)
+    else:
+        cands, s1, s2 = lists_for(lightgcn, din, kept, users_b, args.c1, args.c2)
+        torch.save((cands, s1, s2), lists_cache)
     feats = features_for(model, kept, users_b, cands, s1, s2)
     labels = torch.from_numpy(np.stack([np.isin(cands[i].numpy(), held[u]) for i, u in enumerate(users_b)])).float()
     print(f"lists for {len(users_b)} users in {time.time() - t:.0f}s; relevant per list {labels.sum(1).mean():.3f}", flush=True)
@@ -146,6 +157,7 @@ def main():
     }
     print(json.dumps({"valid_users": len(valid), **base}), flush=True)
     log = []
+    best = None
     rng = np.random.default_rng(args.seed)
     for epoch in range(args.epochs):
         model.train()
@@ -169,14 +181,25 @@ def main():
         entry = {"epoch": epoch + 1, "loss": total / len(order), "ranknet_recall20": rec}
         log.append(entry)
         print(json.dumps(entry), flush=True)
+        if best is None or rec > best[0]:
+            best = (rec, epoch + 1, {k: v.clone() for k, v in model.net.state_dict().items()})
+    if best is not None:
+        model.net.load_state_dict(best[2])
+        print(f"exporting epoch {best[1]} (validation recall@20 {best[0]:.4f})", flush=True)
 
-    hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "din")}
+    serve_info = ease_info
+    if args.ease_serve:
+        si, sv, serve_info = torch.load(args.ease_serve)
+        model.nbr_idx.copy_(si.to(torch.int32))
+        model.nbr_val.copy_(sv)
+    hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "din", "ease_train", "ease_serve")}
+    hp["ease"] = {k: v for k, v in serve_info.items() if k != "data_sha256"}
     msmodels.export(
         model.eval(),
         "ranknet",
         args.out,
         d.num_items,
-        {"model": "RankNet", "dim": int(item_unit.shape[1]), "features": 8, "hyperparameters": hp,
+        {"model": "RankNet", "dim": int(item_unit.shape[1]), "features": 8, "feature_7": "sparse EASE", "hyperparameters": hp,
          "data_sha256": d.data_hash, "training_log": log, "validation_baselines": base},
     )
     print(f"exported {args.out}", flush=True)

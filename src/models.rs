@@ -72,6 +72,32 @@ struct Manifest {
 struct StageManifest {
     version: String,
     dim: Option<u64>,
+    /// The stage's forward arguments (model_output/README.md); absent means interface v1.
+    inputs: Option<Vec<String>>,
+}
+
+/// The forward arguments each stage may declare in manifest.json: v1 (the default when a stage
+/// declares none) and, for DIN, v2, which also takes LightGCN's scores of the candidates.
+const LIGHTGCN_INPUTS: [&str; 2] = ["history", "mask"];
+const DIN_INPUTS_V1: [&str; 3] = ["history", "mask", "cands"];
+const DIN_INPUTS_V2: [&str; 4] = ["history", "mask", "cands", "s1"];
+const RANKNET_INPUTS: [&str; 5] = ["history", "mask", "cands", "s1", "s2"];
+
+/// Whether `declared` (absent: v1) is an interface this server can call for `stage`; for DIN,
+/// whether it takes s1.
+fn check_inputs(stage: &str, declared: Option<&[String]>) -> Result<bool, String> {
+    let Some(declared) = declared else { return Ok(false) };
+    let is = |want: &[&str]| declared.len() == want.len() && declared.iter().zip(want).all(|(a, b)| a == b);
+    let ok = match stage {
+        "lightgcn" => is(&LIGHTGCN_INPUTS).then_some(false),
+        "din" if is(&DIN_INPUTS_V2) => Some(true),
+        "din" => is(&DIN_INPUTS_V1).then_some(false),
+        "ranknet" => is(&RANKNET_INPUTS).then_some(false),
+        _ => None,
+    };
+    ok.ok_or_else(|| {
+        format!("manifest.json: models.{stage}.inputs {declared:?} is not an interface this server can call")
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +167,8 @@ pub struct Models {
     lightgcn: CModule,
     din: CModule,
     ranknet: CModule,
+    /// DIN interface v2: forward(history, mask, cands, s1).
+    din_takes_s1: bool,
     device: Device,
     pub info: ModelInfo,
 }
@@ -163,8 +191,11 @@ impl Models {
         }
         let mut modules = Vec::new();
         let mut stages = Vec::new();
+        let mut din_takes_s1 = false;
         for stage in STAGES {
             let m = manifest.models.get(stage).ok_or_else(|| err(format!("manifest.json has no models.{stage}")))?;
+            let takes_s1 = check_inputs(stage, m.inputs.as_deref()).map_err(err)?;
+            din_takes_s1 |= stage == "din" && takes_s1;
             let file = dir.join(stage).join("model.pt");
             if !file.is_file() {
                 return Err(err(format!("{} is missing", file.display())));
@@ -180,7 +211,7 @@ impl Models {
         let din = modules.pop().expect("three modules");
         let lightgcn = modules.pop().expect("three modules");
         let info = ModelInfo { version: manifest.version, stages, num_items: catalog_len, device: device_name(device) };
-        let models = Self { lightgcn, din, ranknet, device, info };
+        let models = Self { lightgcn, din, ranknet, din_takes_s1, device, info };
         models.smoke_test().map_err(|reason| err(format!("smoke batch failed: {reason}")))?;
         Ok(models)
     }
@@ -310,7 +341,11 @@ impl Models {
         }
 
         let t = Instant::now();
-        let s2 = self.din.forward_ts(&[&h, &m, &cand1])?;
+        let s2 = if self.din_takes_s1 {
+            self.din.forward_ts(&[&h, &m, &cand1, &s1])?
+        } else {
+            self.din.forward_ts(&[&h, &m, &cand1])?
+        };
         expect_shape("din", &s2, [b, c1])?;
         let (s2_top, pos2) = s2.f_topk(c2, 1, true, true)?;
         let cand2 = cand1.f_gather(1, &pos2, false)?;
@@ -498,6 +533,19 @@ mod tests {
         assert_eq!(ranked[0].trace.as_ref().unwrap(), &want);
         add_traces(&mut ranked, &s1, Some((&pos2, &s2)), None).unwrap();
         assert_eq!(ranked[0].trace.as_ref().unwrap(), &vec![vec![(7., 2), (0.9, 0)], vec![(9., 0), (0.8, 1)]]);
+    }
+
+    #[test]
+    fn stage_inputs_are_checked() {
+        let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(check_inputs("din", None), Ok(false));
+        assert_eq!(check_inputs("din", Some(&v(&DIN_INPUTS_V1))), Ok(false));
+        assert_eq!(check_inputs("din", Some(&v(&DIN_INPUTS_V2))), Ok(true));
+        assert_eq!(check_inputs("ranknet", Some(&v(&RANKNET_INPUTS))), Ok(false));
+        assert_eq!(check_inputs("lightgcn", Some(&v(&LIGHTGCN_INPUTS))), Ok(false));
+        assert!(check_inputs("din", Some(&v(&["history", "mask", "cands", "s2"]))).is_err());
+        assert!(check_inputs("ranknet", Some(&v(&DIN_INPUTS_V2))).is_err());
+        assert!(check_inputs("lightgcn", Some(&v(&["history"]))).is_err());
     }
 
     #[test]

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 MODEL_DIR = os.environ.get("MODEL_DIR", "model_output")
 MAX_HISTORY = int(os.environ.get("MAX_HISTORY", "200"))
-LIGHTGCN_CANDIDATES = int(os.environ.get("LIGHTGCN_CANDIDATES", "200"))
+LIGHTGCN_CANDIDATES = int(os.environ.get("LIGHTGCN_CANDIDATES", "1000"))
 DIN_CANDIDATES = int(os.environ.get("DIN_CANDIDATES", "100"))
 MAX_K = int(os.environ.get("MAX_K", "100"))
 TTL = int(os.environ.get("RECOMMENDATION_TTL", "3600"))
@@ -47,6 +47,7 @@ BY_POPULARITY = sorted(range(len(ITEM_IDS)), key=lambda r: (-POPULARITY[r], r))
 
 LIGHTGCN = torch.jit.load(os.path.join(MODEL_DIR, "lightgcn", "model.pt")).eval()
 DIN = torch.jit.load(os.path.join(MODEL_DIR, "din", "model.pt")).eval()
+DIN_TAKES_S1 = len(DIN.forward.schema.arguments) == 5  # interface v2: (history, mask, cands, s1)
 RANKNET = torch.jit.load(os.path.join(MODEL_DIR, "ranknet", "model.pt")).eval()
 
 redis = aioredis.Redis(
@@ -80,7 +81,7 @@ def rank(rows: list[int], k: int) -> tuple[list[int], list[float]]:
     scores[0, history[0]] = float("-inf")
     c1 = min(LIGHTGCN_CANDIDATES, len(ITEM_IDS) - len(rows))
     s1, cand1 = scores.topk(c1, dim=1)
-    s2 = DIN(history, mask, cand1)
+    s2 = DIN(history, mask, cand1, s1) if DIN_TAKES_S1 else DIN(history, mask, cand1)
     s2_top, pos2 = s2.topk(min(DIN_CANDIDATES, c1), dim=1)
     cand2 = cand1.gather(1, pos2)
     s3 = RANKNET(history, mask, cand2, s1.gather(1, pos2), s2_top)

@@ -207,6 +207,10 @@ pub fn base_env(cmd: &mut Command, redis_port: u16, model_dir: &Path) {
         .env("MODEL_DIR", model_dir)
         .env("DEVICE", "cpu")
         .env("TORCH_THREADS", "1")
+        // The synthetic catalog has 300 items: with the default 1000 LightGCN candidates a batch
+        // would keep N minus its longest history, a count that depends on the batch, and with it
+        // DIN's per-row standardised features; 200 keeps it fixed, as 1000 is on Amazon-Book.
+        .env("LIGHTGCN_CANDIDATES", "200")
         .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "model_service=warn".into()));
 }
 
