@@ -348,6 +348,38 @@ fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejec
     Ok(Ask { k, explain })
 }
 
+/// The user id in the path of the ranking routes (documentation: the handlers take it as a string
+/// and `service::validate_user_id` checks it).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct UserIdPath {
+    /// 1..128 bytes; no whitespace, control, format (zero-width, bidi) or unassigned characters.
+    #[param(pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128)]
+    user_id: String,
+}
+
+/// The errors of ranking a stored profile (`POST /recommend/{user_id}`, `GET /recommendations/{user_id}`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum ProfileRankErrors {
+    #[response(status = 400, description = "invalid_user_id / invalid_k / invalid_request")]
+    BadRequest(ErrorBody),
+    #[response(status = 401, description = "unauthorized (API_TOKEN set)")]
+    Unauthorized(ErrorBody),
+    #[response(status = 422, description = "invalid_profile / profile_too_large / profile_too_long")]
+    Unprocessable(ErrorBody),
+    #[response(status = 429, description = "overloaded (Retry-After)")]
+    Overloaded(ErrorBody),
+    #[response(status = 500, description = "inference_failed / internal_error")]
+    Internal(ErrorBody),
+    #[response(
+        status = 503,
+        description = "redis_unavailable / redis_error / deadline_exceeded / models_loading / engine_stopped"
+    )]
+    Unavailable(ErrorBody),
+}
+
 fn user(user_id: Result<Path<String>, PathRejection>) -> Result<String, Error> {
     user_id.map(|Path(id)| id).map_err(|e| Error::InvalidUserId(e.body_text()))
 }
@@ -357,16 +389,8 @@ fn user(user_id: Result<Path<String>, PathRejection>) -> Result<String, Error> {
     post,
     path = "/recommend/{user_id}",
     tag = "recommendations",
-    params(("user_id" = String, Path, description = "1..128 bytes; no whitespace, control, format (zero-width, bidi) or unassigned characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
-    responses(
-        (status = 200, description = "Computed now and written to Redis", body = Recommendation),
-        (status = 400, description = "invalid_user_id / invalid_k / invalid_request", body = ErrorBody),
-        (status = 401, description = "unauthorized (API_TOKEN set)", body = ErrorBody),
-        (status = 422, description = "invalid_profile / profile_too_large / profile_too_long", body = ErrorBody),
-        (status = 429, description = "overloaded (Retry-After)", body = ErrorBody),
-        (status = 500, description = "inference_failed / internal_error", body = ErrorBody),
-        (status = 503, description = "redis_unavailable / redis_error / deadline_exceeded / models_loading / engine_stopped", body = ErrorBody),
-    ),
+    params(UserIdPath, RankQuery),
+    responses((status = 200, description = "Computed now and written to Redis", body = Recommendation), ProfileRankErrors),
     security((), ("bearer" = [])),
 )]
 async fn recommend(
@@ -386,16 +410,8 @@ async fn recommend(
     get,
     path = "/recommendations/{user_id}",
     tag = "recommendations",
-    params(("user_id" = String, Path, description = "1..128 bytes; no whitespace, control, format (zero-width, bidi) or unassigned characters", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128), RankQuery),
-    responses(
-        (status = 200, description = "From Redis or computed now (see `source`)", body = Recommendation),
-        (status = 400, description = "invalid_user_id / invalid_k / invalid_request", body = ErrorBody),
-        (status = 401, description = "unauthorized (API_TOKEN set)", body = ErrorBody),
-        (status = 422, description = "invalid_profile / profile_too_large / profile_too_long", body = ErrorBody),
-        (status = 429, description = "overloaded (Retry-After)", body = ErrorBody),
-        (status = 500, description = "inference_failed / internal_error", body = ErrorBody),
-        (status = 503, description = "redis_unavailable / redis_error / deadline_exceeded / models_loading / engine_stopped", body = ErrorBody),
-    ),
+    params(UserIdPath, RankQuery),
+    responses((status = 200, description = "From Redis or computed now (see `source`)", body = Recommendation), ProfileRankErrors),
     security((), ("bearer" = [])),
 )]
 async fn recommendations(
