@@ -431,7 +431,7 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         import data as ds
-        f.write(ds.portable(json.dumps(report, indent=1)))
+        f.write(ds.portable(json.dumps(report, indent=1), data_dir=args.data))
     print(json.dumps({k: v for k, v in report.items() if k != "rss_kib"} | {
         "rss_kib": {k: v for k, v in report["rss_kib"].items() if k != "samples"}}, indent=1))
     svc.send_signal(signal.SIGTERM)
