@@ -53,11 +53,12 @@ curl -fs "$base/openapi.json" >"$work/openapi.json"
 "$VENV/bin/openapi-spec-validator" "$work/openapi.json"
 
 echo "== schemathesis ($max_examples examples per operation)"
-"$VENV/bin/schemathesis" run "$base/openapi.json" \
+# from the scratch directory: schemathesis keeps its cache in the working directory
+(cd "$work" && "$VENV/bin/schemathesis" run "$base/openapi.json" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
     --header "Authorization: Bearer $token" \
     --max-examples "$max_examples" --workers 1 --seed 1 --suppress-health-check too_slow \
-    --report junit --report-dir "$work/report" || {
+    --report junit --report-dir "$work/report") || {
     echo "[contract] schemathesis found failures (server log below)"
     tail -50 "$work/server.log"
     exit 1
