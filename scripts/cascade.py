@@ -32,8 +32,20 @@ def exclude_history(scores: torch.Tensor, history: torch.Tensor, mask: torch.Ten
     return scores
 
 
-def lightgcn_candidates(lightgcn, history, mask, c1: int = LIGHTGCN_CANDIDATES):
-    scores = exclude_history(lightgcn(history, mask), history, mask)
+def exclude_items(scores: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
+    """-inf at every item of each whole history: the server excludes all of a profile's items,
+    whatever MAX_HISTORY the models see."""
+    rows = np.concatenate([np.full(len(h), i, dtype=np.int64) for i, h in enumerate(histories)])
+    cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+    scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
+    return scores
+
+
+def lightgcn_candidates(lightgcn, history, mask, c1: int = LIGHTGCN_CANDIDATES, whole=None):
+    """LightGCN's top c1 with the history excluded: the padded `history`, or, when given, the
+    `whole` histories (longer than MAX_HISTORY for some users), as the server does."""
+    scores = lightgcn(history, mask)
+    scores = exclude_items(scores, whole) if whole is not None else exclude_history(scores, history, mask)
     s1, cand = scores.topk(c1, dim=1)
     return s1, cand
 
@@ -58,7 +70,7 @@ class Cascade:
     def rank(self, histories: Sequence[np.ndarray], k: int = 20):
         """Top-k rows per history after each stage: (lightgcn, lightgcn->din, full cascade)."""
         h, m = pad(histories)
-        s1, cand = lightgcn_candidates(self.lightgcn, h, m, self.c1)
+        s1, cand = lightgcn_candidates(self.lightgcn, h, m, self.c1, whole=histories)
         s2 = din_scores(self.din, h, m, cand, s1)
         s2_top, pos2 = s2.topk(self.c2, dim=1)
         cand2 = cand.gather(1, pos2)
