@@ -330,15 +330,8 @@ pub struct RankQuery {
 fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Ask, Error> {
     let Query(pairs) =
         query.map_err(|e| Error::InvalidK(format!("the query string is not valid: {}", e.body_text())))?;
-    let one = |name: &str| -> Result<Option<&str>, Error> {
-        let mut values = pairs.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str());
-        match (values.next(), values.next()) {
-            (_, Some(_)) => Err(Error::InvalidRequest(format!("the query parameter {name} is given more than once"))),
-            (v, None) => Ok(v),
-        }
-    };
     let k = service.parse_k(k_param(&pairs)?)?;
-    let explain = match one("explain")? {
+    let explain = match single(&pairs, "explain").map_err(Error::InvalidRequest)? {
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {
@@ -427,17 +420,21 @@ async fn recommendations(
 /// The one `k` of a query: given at most once, and only ASCII digits (no sign, no spaces, no
 /// `+` or `%20`); its range is checked by `Service::parse_k`.
 fn k_param(query: &[(String, String)]) -> Result<Option<&str>, Error> {
-    let mut ks = query.iter().filter(|(name, _)| name == "k").map(|(_, value)| value.as_str());
-    let k = ks.next();
-    let more = ks.count();
-    if more > 0 {
-        return Err(Error::InvalidK(format!("k is given {} times, give it once", more + 1)));
-    }
-    match k {
+    match single(query, "k").map_err(Error::InvalidK)? {
         Some(raw) if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) => {
             Err(Error::InvalidK(format!("k must be an integer written in digits only, got {raw:?}")))
         }
         k => Ok(k),
+    }
+}
+
+/// The value of a query parameter that may be given at most once.
+fn single<'a>(query: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, String> {
+    let mut values = query.iter().filter(|(n, _)| n == name).map(|(_, value)| value.as_str());
+    let first = values.next();
+    match values.count() {
+        0 => Ok(first),
+        more => Err(format!("{name} is given {} times, give it once", more + 1)),
     }
 }
 
