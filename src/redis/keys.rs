@@ -13,6 +13,19 @@ pub fn meta_key(user_id: &str) -> String {
     format!("recommendations_meta:{user_id}")
 }
 
+/// The ids of the user's most recent ingested events (a list, newest first): a behaviour event a
+/// producer sent twice is applied once. Its name does not start with `user_profile:`, so profile
+/// scans never see it.
+pub fn ingested_events_key(user_id: &str) -> String {
+    format!("ingested_events:{user_id}")
+}
+
+/// Per Kafka topic, a hash partition -> the highest offset whose event has been applied to the
+/// profiles (written by the same script as the profile, so a redelivered event changes nothing).
+pub fn ingest_offsets_key(topic: &str) -> String {
+    format!("ingest_offsets:{topic}")
+}
+
 pub const PROFILE_PREFIX: &str = "user_profile:";
 
 /// A short-lived key the readiness check writes (proof that Redis accepts writes).
