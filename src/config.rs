@@ -28,10 +28,21 @@ pub enum Command {
         /// Also run the listener (see `listen`) in this process.
         #[arg(long, env = "LISTEN")]
         listen: bool,
+        /// Also run the Kafka ingestion (see `ingest`) in this process.
+        #[arg(long, env = "INGEST")]
+        ingest: bool,
     },
     /// Recompute recommendations when profiles change (keyspace notifications, the request
     /// stream, periodic catch-up); serves only /health and /metrics over HTTP.
-    Listen,
+    Listen {
+        /// Also run the Kafka ingestion (see `ingest`) in this process.
+        #[arg(long, env = "INGEST")]
+        ingest: bool,
+    },
+    /// Consume behaviour events from Kafka (KAFKA_TOPIC, consumer group KAFKA_GROUP), append each
+    /// interaction to `user_profile:<user_id>` and recompute that user's recommendations; serves
+    /// only /health and /metrics over HTTP.
+    Ingest,
     /// Recompute the recommendations of every profile found by SCAN, then exit (resumable).
     Backfill {
         /// Start from the beginning instead of resuming an interrupted backfill.
@@ -193,6 +204,8 @@ pub struct Config {
     pub notify_channel: String,
     #[command(flatten)]
     pub listener: ListenerArgs,
+    #[command(flatten)]
+    pub ingest: IngestArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -239,6 +252,117 @@ pub struct ListenerArgs {
     /// Time allowed to finish in-flight HTTP requests and listener work on SIGTERM / Ctrl-C.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30, global = true)]
     pub shutdown_grace_secs: u64,
+}
+
+/// Settings of the Kafka ingestion (`ingest`, `serve --ingest`, `listen --ingest`).
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092", global = true)]
+    pub kafka_brokers: String,
+    /// Topic of behaviour events (JSON `{"event_id","user_id","item_id","event","ts"}`, keyed by
+    /// user id so that one user's events stay in order).
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "user-behavior", global = true)]
+    pub kafka_topic: String,
+    /// Consumer group: the ingest instances of one deployment share the partitions.
+    #[arg(long, env = "KAFKA_GROUP", default_value = "model-service-ingest", global = true)]
+    pub kafka_group: String,
+    /// Where malformed events go, with the reason in the `reason` header.
+    #[arg(long, env = "KAFKA_DEAD_LETTER_TOPIC", default_value = "user-behavior-dead-letter", global = true)]
+    pub kafka_dead_letter_topic: String,
+    /// plaintext | ssl | sasl_plaintext | sasl_ssl.
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", default_value = "plaintext", global = true)]
+    pub kafka_security_protocol: String,
+    /// PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (with a sasl_* protocol).
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", global = true)]
+    pub kafka_sasl_mechanism: Option<String>,
+    #[arg(long, env = "KAFKA_SASL_USERNAME", global = true)]
+    pub kafka_sasl_username: Option<String>,
+    #[arg(long, env = "KAFKA_SASL_PASSWORD", hide_env_values = true, global = true)]
+    pub kafka_sasl_password: Option<String>,
+    /// PEM file of the CA(s) that sign the brokers' certificates (default: the system's roots).
+    #[arg(long, env = "KAFKA_SSL_CA_LOCATION", global = true)]
+    pub kafka_ssl_ca_location: Option<PathBuf>,
+    /// PEM client certificate and key, for brokers that require them.
+    #[arg(long, env = "KAFKA_SSL_CERTIFICATE_LOCATION", requires = "kafka_ssl_key_location", global = true)]
+    pub kafka_ssl_certificate_location: Option<PathBuf>,
+    #[arg(long, env = "KAFKA_SSL_KEY_LOCATION", requires = "kafka_ssl_certificate_location", global = true)]
+    pub kafka_ssl_key_location: Option<PathBuf>,
+    /// Event types that count as interactions (appended to the profile); others are counted as
+    /// `ignored` and committed.
+    #[arg(long, env = "INGEST_EVENT_TYPES", default_value = "view,cart,purchase", value_delimiter = ',', global = true)]
+    pub ingest_event_types: Vec<String>,
+    /// Most events applied to Redis in one pipeline (and committed together).
+    #[arg(long, env = "INGEST_BATCH", default_value_t = 500, global = true)]
+    pub ingest_batch: usize,
+    /// Recent event ids remembered per user, so that an event a producer sent twice is applied
+    /// once.
+    #[arg(long, env = "INGEST_DEDUPE_IDS", default_value_t = 100, global = true)]
+    pub ingest_dedupe_ids: usize,
+    /// How long a user's remembered event ids are kept after the user's last event, in seconds.
+    #[arg(long, env = "INGEST_DEDUPE_TTL_SECS", default_value_t = 7 * 86_400, global = true)]
+    pub ingest_dedupe_ttl_secs: u64,
+    /// Recommendations recomputed at once by the ingestion.
+    #[arg(long, env = "INGEST_CONCURRENCY", default_value_t = 16, global = true)]
+    pub ingest_concurrency: usize,
+}
+
+impl IngestArgs {
+    /// The event types as a set, trimmed; empty entries dropped.
+    pub fn event_types(&self) -> std::collections::HashSet<String> {
+        self.ingest_event_types.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (name, value) in [
+            ("KAFKA_BROKERS", &self.kafka_brokers),
+            ("KAFKA_TOPIC", &self.kafka_topic),
+            ("KAFKA_GROUP", &self.kafka_group),
+            ("KAFKA_DEAD_LETTER_TOPIC", &self.kafka_dead_letter_topic),
+        ] {
+            if value.trim().is_empty() {
+                return bad(format!("{name} must not be empty"));
+            }
+        }
+        if self.kafka_dead_letter_topic == self.kafka_topic {
+            return bad("KAFKA_DEAD_LETTER_TOPIC must differ from KAFKA_TOPIC".into());
+        }
+        let protocol = self.kafka_security_protocol.to_ascii_lowercase();
+        if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()) {
+            return bad(format!(
+                "KAFKA_SECURITY_PROTOCOL must be plaintext, ssl, sasl_plaintext or sasl_ssl, got {:?}",
+                self.kafka_security_protocol
+            ));
+        }
+        if protocol.starts_with("sasl") {
+            let mechanism = self.kafka_sasl_mechanism.as_deref().unwrap_or("");
+            if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&mechanism) {
+                return bad(format!(
+                    "KAFKA_SASL_MECHANISM must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with {protocol}, got {mechanism:?}"
+                ));
+            }
+            if self.kafka_sasl_username.is_none() || self.kafka_sasl_password.is_none() {
+                return bad(format!("{protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"));
+            }
+        }
+        if self.event_types().is_empty() {
+            return bad("INGEST_EVENT_TYPES must name at least one event type".into());
+        }
+        for (name, value) in [
+            ("INGEST_BATCH", self.ingest_batch),
+            ("INGEST_DEDUPE_IDS", self.ingest_dedupe_ids),
+            ("INGEST_CONCURRENCY", self.ingest_concurrency),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.ingest_dedupe_ttl_secs == 0 {
+            return bad("INGEST_DEDUPE_TTL_SECS must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl ListenerArgs {
@@ -386,6 +510,7 @@ impl Config {
         }
         self.listen_addr()?;
         self.admin_addr()?;
+        self.ingest.validate()?;
         crate::models::DeviceChoice::parse(&self.device)?;
         Ok(())
     }
@@ -402,7 +527,7 @@ mod tests {
     #[test]
     fn defaults_match_the_python_service() {
         let cli = parse(&["model-service", "serve"]);
-        assert!(matches!(cli.command, Command::Serve { listen: false }));
+        assert!(matches!(cli.command, Command::Serve { listen: false, ingest: false }));
         let c = cli.config;
         assert_eq!((c.redis_host.as_str(), c.redis_port, c.redis_db), ("localhost", 6379, 0));
         assert_eq!(c.listen_addr().unwrap().to_string(), "0.0.0.0:8001");
@@ -456,6 +581,29 @@ mod tests {
         let c = parse(&["model-service", "--reload-timeout-secs", "0.05", "serve"]).config;
         assert_eq!(c.reload_timeout(), Duration::from_millis(50));
         assert!(parse(&["model-service", "--max-connections", "0", "serve"]).config.validate().is_err());
+    }
+
+    #[test]
+    fn kafka_settings_are_checked() {
+        let c = parse(&["model-service", "ingest"]).config;
+        assert_eq!((c.ingest.kafka_topic.as_str(), c.ingest.kafka_brokers.as_str()), ("user-behavior", "localhost:9092"));
+        assert_eq!(c.ingest.event_types().len(), 3);
+        let types = parse(&["model-service", "--ingest-event-types", "purchase, cart", "ingest"]).config;
+        assert!(types.ingest.event_types().contains("cart"));
+        for (args, want) in [
+            (&["--kafka-security-protocol", "tls"][..], "KAFKA_SECURITY_PROTOCOL"),
+            (&["--kafka-security-protocol", "sasl_ssl"][..], "KAFKA_SASL_MECHANISM"),
+            (&["--kafka-security-protocol", "sasl_ssl", "--kafka-sasl-mechanism", "PLAIN"][..], "KAFKA_SASL_USERNAME"),
+            (&["--kafka-dead-letter-topic", "user-behavior"][..], "differ"),
+            (&["--ingest-event-types", ","][..], "INGEST_EVENT_TYPES"),
+            (&["--ingest-batch", "0"][..], "INGEST_BATCH"),
+        ] {
+            let mut argv = vec!["model-service"];
+            argv.extend_from_slice(args);
+            argv.push("ingest");
+            let err = parse(&argv).config.validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The `model-service` command: parses the configuration and runs a mode (serve, listen, backfill,
-//! recommend, check) on the library in src/lib.rs.
+//! The `model-service` command: parses the configuration and runs a mode (serve, listen, ingest,
+//! backfill, recommend, check) on the library in src/lib.rs.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use model_service::app::{build_service, engine_config};
 use model_service::config::{Cli, Command, Config, LogFormat};
 use model_service::model_set::{LoadSpec, ModelSet};
 use model_service::service::Service;
-use model_service::{backfill, http, listener, server};
+use model_service::{backfill, http, ingest, listener, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,8 +27,9 @@ fn main() -> ExitCode {
     }
     let result = cli.config.validate().map_err(anyhow::Error::from).and_then(|()| match cli.command {
         Command::Check => check(&cli.config),
-        Command::Serve { listen } => runtime()?.block_on(serve(cli.config, Mode::Api { listen })),
-        Command::Listen => runtime()?.block_on(serve(cli.config, Mode::ListenOnly)),
+        Command::Serve { listen, ingest } => runtime()?.block_on(serve(cli.config, Mode::Api { listen, ingest })),
+        Command::Listen { ingest } => runtime()?.block_on(serve(cli.config, Mode::Ops { listen: true, ingest })),
+        Command::Ingest => runtime()?.block_on(serve(cli.config, Mode::Ops { listen: false, ingest: true })),
         Command::Backfill { restart } => runtime()?.block_on(run_backfill(cli.config, restart)),
         Command::Recommend { user_id, k } => runtime()?.block_on(recommend_once(cli.config, user_id, k)),
     });
@@ -55,10 +56,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 #[derive(Debug, Clone, Copy)]
 enum Mode {
-    /// The HTTP API, optionally with the listener in the same process.
-    Api { listen: bool },
-    /// The listener, with /health and /metrics over HTTP.
-    ListenOnly,
+    /// The HTTP API, optionally with the listener and the Kafka ingestion in the same process.
+    Api { listen: bool, ingest: bool },
+    /// The listener and/or the Kafka ingestion, with /health and /metrics over HTTP.
+    Ops { listen: bool, ingest: bool },
 }
 
 async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
@@ -68,9 +69,9 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     let access = http::Access::from_config(&cfg);
     let limits = server::Limits::from_config(&cfg);
     let admin_here = cfg.admin_port.is_none();
-    let (routes, listen) = match mode {
-        Mode::Api { listen } => (http::Routes::Api { admin: admin_here }, listen),
-        Mode::ListenOnly => (http::Routes::Ops { admin: admin_here }, true),
+    let (routes, listen, ingest) = match mode {
+        Mode::Api { listen, ingest } => (http::Routes::Api { admin: admin_here }, listen, ingest),
+        Mode::Ops { listen, ingest } => (http::Routes::Ops { admin: admin_here }, listen, ingest),
     };
     let admin = match cfg.admin_addr()? {
         Some(admin_addr) => {
@@ -105,13 +106,24 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         }
     };
     // The server answers /health/live at once; a model directory that fails to load, or a
-    // listener that cannot start, ends the process with an error.
+    // listener or ingestion that cannot start, ends the process with an error.
     let work = async {
         let result = async {
             service.engine.ready().await?;
-            if listen {
-                listener::Listener::new(service.clone(), cfg.listener.clone()).run(stop_rx.clone()).await?;
-            }
+            let listening = async {
+                if listen {
+                    listener::Listener::new(service.clone(), cfg.listener.clone()).run(stop_rx.clone()).await?;
+                }
+                anyhow::Ok(())
+            };
+            let ingesting = async {
+                if ingest {
+                    let limits = ingest::limits(&cfg);
+                    ingest::Ingest::new(service.clone(), cfg.ingest.clone(), limits, grace).run(stop_rx.clone()).await?;
+                }
+                anyhow::Ok(())
+            };
+            tokio::try_join!(listening, ingesting)?;
             anyhow::Ok(())
         }
         .await;

@@ -30,6 +30,11 @@ pub struct Metrics {
     pub listener_pending: IntGauge,
     pub listener_queue: IntGauge,
     pub reloads: IntCounterVec,
+    pub ingest_events: IntCounterVec,
+    pub ingest_unknown_items: IntCounter,
+    pub ingest_consumer_lag: IntGaugeVec,
+    pub ingest_freshness: Histogram,
+    pub ingest_assigned_partitions: IntGauge,
     model_info: IntGaugeVec,
 }
 
@@ -132,6 +137,35 @@ impl Metrics {
             &["outcome"],
         )
         .expect("metric");
+        let ingest_events = IntCounterVec::new(
+            Opts::new(
+                "ingest_events_total",
+                "Kafka behaviour events by outcome (received, applied, duplicate, ignored, dead_lettered, retried)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
+        let ingest_unknown_items = IntCounter::new(
+            "ingest_unknown_items_total",
+            "Applied events whose item is not in the catalog (kept in the profile; skipped by the models)",
+        )
+        .expect("metric");
+        let ingest_consumer_lag = IntGaugeVec::new(
+            Opts::new("ingest_consumer_lag", "Events in a partition after the group's committed offset"),
+            &["topic", "partition"],
+        )
+        .expect("metric");
+        let ingest_freshness = Histogram::with_opts(
+            HistogramOpts::new(
+                "ingest_freshness_seconds",
+                "From an applied event's timestamp to its user's recommendations written from the new profile",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )
+        .expect("metric");
+        let ingest_assigned_partitions =
+            IntGauge::new("ingest_assigned_partitions", "Partitions of the topic assigned to this consumer")
+                .expect("metric");
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "Models in service (value 1)"),
             &["version", "device", "lightgcn", "din", "ranknet"],
@@ -156,6 +190,11 @@ impl Metrics {
             Box::new(listener_pending.clone()),
             Box::new(listener_queue.clone()),
             Box::new(reloads.clone()),
+            Box::new(ingest_events.clone()),
+            Box::new(ingest_unknown_items.clone()),
+            Box::new(ingest_consumer_lag.clone()),
+            Box::new(ingest_freshness.clone()),
+            Box::new(ingest_assigned_partitions.clone()),
             Box::new(model_info.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -180,6 +219,11 @@ impl Metrics {
             listener_pending,
             listener_queue,
             reloads,
+            ingest_events,
+            ingest_unknown_items,
+            ingest_consumer_lag,
+            ingest_freshness,
+            ingest_assigned_partitions,
             model_info,
         }
     }

@@ -1,0 +1,391 @@
+//! Behaviour events from Kafka: the streaming ingestion path. A consumer in the group KAFKA_GROUP
+//! reads KAFKA_TOPIC in batches; each batch is
+//!
+//! 1. parsed: a malformed event is sent to KAFKA_DEAD_LETTER_TOPIC with the reason, an event
+//!    whose type is not in INGEST_EVENT_TYPES is counted as ignored;
+//! 2. applied to Redis, one script per event (`redis::ingest`): the item moves to the end of
+//!    `user_profile:<user_id>`, deduplicated, capped, idempotent by offset and by event id;
+//! 3. recomputed: every user of the batch goes through `Service::refresh`, the listener's path
+//!    (no second ranking path; a list already computed from the current profile is skipped);
+//! 4. committed: the batch's offsets, only after 2 and 3 (and the dead letters) are done.
+//!
+//! A failed step (Redis or the brokers away) retries the whole batch with backoff: applying it
+//! again changes nothing that was applied, so delivery is at least once and the effect on the
+//! profiles exactly once. SIGTERM finishes the batch in hand, commits synchronously and returns.
+
+pub mod event;
+pub mod kafka;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::IngestArgs;
+use crate::error::Error;
+use crate::redis::ingest::{Append, AppendLimits, Applied};
+use crate::service::{Refresh, Service};
+use event::{Event, EventError};
+
+/// How long a batch waits for more events after its first one.
+const BATCH_WAIT: Duration = Duration::from_millis(20);
+/// Backoff between attempts at a failed batch, and after a failed read.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("kafka: {0}")]
+    Kafka(#[source] KafkaError),
+    #[error("dead-letter topic: {0}")]
+    DeadLetter(String),
+    #[error(transparent)]
+    Service(#[from] Error),
+}
+
+/// What happened to one message, for the metrics (counted once the batch is done).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    Duplicate,
+    Ignored,
+    DeadLettered,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Ignored => "ignored",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// What earlier attempts at a batch did, so that a retried batch counts each message once and
+/// does not dead-letter it twice.
+#[derive(Default)]
+struct Progress {
+    outcomes: HashMap<(i32, i64), Outcome>,
+}
+
+pub struct Ingest {
+    service: Arc<Service>,
+    args: IngestArgs,
+    limits: AppendLimits,
+    event_types: HashSet<String>,
+    grace: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
+}
+
+impl Ingest {
+    pub fn new(service: Arc<Service>, args: IngestArgs, limits: AppendLimits, grace: Duration) -> Arc<Self> {
+        let event_types = args.event_types();
+        Arc::new(Self { service, args, limits, event_types, grace })
+    }
+
+    fn count(&self, outcome: &str, n: u64) {
+        if n > 0 {
+            self.service.metrics.ingest_events.with_label_values(&[outcome]).inc_by(n);
+        }
+    }
+
+    /// Runs until `shutdown` turns true; then finishes the batch in hand (within the grace
+    /// period), commits what is done synchronously and returns.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        self.service.engine.ready().await?;
+        let consumer = kafka::consumer(&self.args, self.service.metrics.clone())?;
+        let producer = kafka::dead_letter_producer(&self.args)?;
+        tracing::info!(brokers = %self.args.kafka_brokers, topic = %self.args.kafka_topic,
+            group = %self.args.kafka_group, "ingest started");
+        // partition -> the next offset to commit (the last processed + 1)
+        let mut done: HashMap<i32, i64> = HashMap::new();
+        loop {
+            let batch = tokio::select! {
+                batch = self.next_batch(&consumer) => batch,
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            self.count("received", batch.len() as u64);
+            let mut progress = Progress::default();
+            let mut backoff = MIN_BACKOFF;
+            let finished = loop {
+                let attempt = self.process(&batch, &producer, &mut progress);
+                let result = if *shutdown.borrow() {
+                    tokio::time::timeout(self.grace, attempt).await.unwrap_or_else(|_| {
+                        Err(IngestError::Service(Error::Internal("the grace period ended".into())))
+                    })
+                } else {
+                    attempt.await
+                };
+                match result {
+                    Ok(()) => break true,
+                    Err(e) => {
+                        self.count("retried", batch.len() as u64);
+                        tracing::warn!(error = %e, events = batch.len(), retry_in = ?backoff,
+                            "ingest batch failed; retrying it (applying it again is idempotent)");
+                        if *shutdown.borrow() {
+                            break false;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.wait_for(|s| *s) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            };
+            if !finished {
+                tracing::warn!("stopping with a batch not done: it is not committed and will be delivered again");
+                break;
+            }
+            for (outcome, n) in progress.counts() {
+                self.count(outcome, n);
+            }
+            for m in &batch {
+                let next = done.entry(m.partition()).or_insert(0);
+                *next = (*next).max(m.offset() + 1);
+            }
+            self.commit(&consumer, &mut done, CommitMode::Async);
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        self.commit(&consumer, &mut done, CommitMode::Sync);
+        tracing::info!("ingest stopped");
+        Ok(())
+    }
+
+    /// Commits the processed offsets of the partitions this consumer still owns (a revoked
+    /// partition's new owner commits its own; committing ours could move it backwards).
+    fn commit(&self, consumer: &kafka::Consumer, done: &mut HashMap<i32, i64>, mode: CommitMode) {
+        let owned: HashSet<i32> = consumer
+            .assignment()
+            .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        done.retain(|p, _| owned.contains(p));
+        if done.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&partition, &next) in done.iter() {
+            if let Err(e) = tpl.add_partition_offset(&self.args.kafka_topic, partition, Offset::Offset(next)) {
+                tracing::warn!(error = %e, partition, "cannot build the offset commit");
+            }
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                if matches!(mode, CommitMode::Sync) {
+                    tracing::info!(offsets = ?done, "ingest: offsets committed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ingest: committing offsets failed; a later commit covers them"),
+        }
+    }
+
+    /// The next batch: waits for one message (a failed read backs off, never spins), then takes
+    /// what arrives within BATCH_WAIT, up to INGEST_BATCH.
+    async fn next_batch(&self, consumer: &kafka::Consumer) -> Vec<OwnedMessage> {
+        let mut backoff = MIN_BACKOFF;
+        let first = loop {
+            match consumer.recv().await {
+                Ok(m) => break m.detach(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "kafka read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        consumer.context().clear_error();
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
+        while batch.len() < self.args.ingest_batch {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// One attempt at a batch: dead letters, the Redis appends, the recomputations. Returns an
+    /// error when any step must be tried again.
+    async fn process(
+        &self,
+        batch: &[OwnedMessage],
+        producer: &FutureProducer,
+        progress: &mut Progress,
+    ) -> Result<(), IngestError> {
+        let mut dead: Vec<(&OwnedMessage, String)> = Vec::new();
+        let mut events: Vec<(&OwnedMessage, Event)> = Vec::new();
+        for m in batch {
+            let key = (m.partition(), m.offset());
+            if progress.outcomes.get(&key) == Some(&Outcome::DeadLettered) {
+                continue;
+            }
+            match Event::parse(m.payload()) {
+                Ok(e) if !self.event_types.contains(&e.event) => {
+                    progress.outcomes.insert(key, Outcome::Ignored);
+                }
+                Ok(e) => events.push((m, e)),
+                Err(e) => dead.push((m, reason(&e))),
+            }
+        }
+        let mut appends: Vec<(Append<'_>, u64)> = Vec::new();
+        for (m, e) in &events {
+            let append = Append {
+                user_id: &e.user_id,
+                item_id: &e.item_id,
+                event_id: &e.event_id,
+                partition: m.partition(),
+                offset: m.offset(),
+            };
+            appends.push((append, e.ts));
+        }
+        let just: Vec<Append<'_>> = appends.iter().map(|(a, _)| a.clone()).collect();
+        let applied = self.service.store.append_events(&self.args.kafka_topic, &just, self.limits).await?;
+        let set = self.service.engine.current();
+        // user -> timestamps of the events applied to it (by this batch, any attempt)
+        let mut users: HashMap<&str, Vec<u64>> = HashMap::new();
+        for ((append, ts), result) in appends.iter().zip(applied) {
+            let key = (append.partition, append.offset);
+            match result {
+                Applied::Appended { .. } => {
+                    progress.outcomes.insert(key, Outcome::Applied);
+                    if set.as_ref().is_some_and(|s| s.catalog.row(append.item_id).is_none()) {
+                        self.service.metrics.ingest_unknown_items.inc();
+                    }
+                    users.entry(append.user_id).or_default().push(*ts);
+                }
+                Applied::DuplicateOffset | Applied::DuplicateEvent => {
+                    let was_applied = progress.outcomes.get(&key) == Some(&Outcome::Applied);
+                    if !was_applied {
+                        progress.outcomes.insert(key, Outcome::Duplicate);
+                    }
+                    let stamps = users.entry(append.user_id).or_default();
+                    if was_applied {
+                        stamps.push(*ts);
+                    }
+                }
+                Applied::BadProfile(why) => {
+                    let m = batch.iter().find(|m| (m.partition(), m.offset()) == key).expect("from the batch");
+                    dead.push((m, format!("profile: {why}")));
+                }
+            }
+        }
+        self.dead_letter(&dead, producer, progress).await?;
+        self.recompute(users).await
+    }
+
+    /// Sends the malformed events to the dead-letter topic (the original key and value, the
+    /// reason and the source in headers) and waits for the brokers' acknowledgement.
+    async fn dead_letter(
+        &self,
+        dead: &[(&OwnedMessage, String)],
+        producer: &FutureProducer,
+        progress: &mut Progress,
+    ) -> Result<(), IngestError> {
+        let sends = dead.iter().map(|(m, why)| async move {
+            let partition = m.partition().to_string();
+            let offset = m.offset().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "reason", value: Some(why.as_bytes()) })
+                .insert(Header { key: "source_topic", value: Some(m.topic().as_bytes()) })
+                .insert(Header { key: "source_partition", value: Some(partition.as_bytes()) })
+                .insert(Header { key: "source_offset", value: Some(offset.as_bytes()) });
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.args.kafka_dead_letter_topic).headers(headers);
+            if let Some(key) = m.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = m.payload() {
+                record = record.payload(payload);
+            }
+            let sent = producer.send(record, Duration::from_secs(5)).await;
+            ((m.partition(), m.offset()), why, sent.map(|_| ()).map_err(|(e, _)| e))
+        });
+        let mut failed = None;
+        for (key, why, sent) in futures_util::future::join_all(sends).await {
+            match sent {
+                Ok(()) => {
+                    progress.outcomes.insert(key, Outcome::DeadLettered);
+                    tracing::warn!(partition = key.0, offset = key.1, reason = %why, "event dead-lettered");
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            Some(e) => Err(IngestError::DeadLetter(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Recomputes every user of the batch through the service (skipped when the stored list is
+    /// already computed from the current profile) and records the freshness of the applied
+    /// events. A transient failure fails the attempt (retried); a profile that cannot be ranked
+    /// is logged and left (the API answers 422 for it too).
+    async fn recompute(&self, users: HashMap<&str, Vec<u64>>) -> Result<(), IngestError> {
+        let concurrency = self.args.ingest_concurrency.max(1);
+        let results: Vec<_> = futures_util::stream::iter(users)
+            .map(|(user, stamps)| async move { (user, stamps, self.service.refresh(user).await) })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut transient = None;
+        for (user, stamps, result) in results {
+            match result {
+                Ok(Refresh::Written | Refresh::Unchanged) => {
+                    let now = now_ms();
+                    for ts in stamps {
+                        self.service.metrics.ingest_freshness.observe(now.saturating_sub(ts) as f64 / 1e3);
+                    }
+                }
+                // the profile changed meanwhile: its writer's recomputation follows
+                Ok(Refresh::Superseded) => {}
+                Err(e) if e.is_profile_problem() || matches!(e, Error::InvalidUserId(_)) => {
+                    tracing::warn!(%user, error = %e, "the profile cannot be ranked; its events are applied");
+                }
+                Err(e) => transient = Some(e),
+            }
+        }
+        match transient {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Progress {
+    fn counts(&self) -> Vec<(&'static str, u64)> {
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        for outcome in self.outcomes.values() {
+            *counts.entry(outcome.label()).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+}
+
+fn reason(e: &EventError) -> String {
+    e.to_string()
+}
+
+/// The append's bounds: the profile caps the service reads with, and the event-id memory.
+pub fn limits(cfg: &crate::config::Config) -> AppendLimits {
+    AppendLimits {
+        max_items: cfg.max_profile_items,
+        max_bytes: cfg.max_profile_bytes,
+        dedupe_ids: cfg.ingest.ingest_dedupe_ids,
+        dedupe_ttl_secs: cfg.ingest.ingest_dedupe_ttl_secs,
+    }
+}
