@@ -1,0 +1,357 @@
+//! Kafka ingestion against a real Kafka-compatible broker (tansu, started here on a free loopback
+//! port), a real redis-server and the real binary: profiles built from behaviour events (order,
+//! dedupe, cap), recommendations recomputed from the final profiles, kill -9 and restart, dead
+//! letters, a broker outage, two instances in one group.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use sha1::{Digest, Sha1};
+
+const TOPIC: &str = "user-behavior";
+const DEAD: &str = "user-behavior-dead-letter";
+/// Small, so that the cap is exercised by ~10 events per user.
+const MAX_ITEMS: usize = 6;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn sha(value: &str) -> String {
+    format!("{:x}", Sha1::digest(value.as_bytes()))
+}
+
+#[derive(Clone, Debug)]
+struct Ev {
+    event_id: String,
+    user: String,
+    item: String,
+    event: &'static str,
+}
+
+impl Ev {
+    fn message(&self, ts: u64) -> (String, Vec<u8>) {
+        let json = serde_json::json!({"event_id": self.event_id, "user_id": self.user, "item_id": self.item,
+            "event": self.event, "ts": ts});
+        (self.user.clone(), serde_json::to_vec(&json).unwrap())
+    }
+}
+
+/// `n` events over `users` users (prefix `p`): each user draws from 10 items of the synthetic
+/// catalog, so items repeat (dedupe) and profiles pass the cap; 1 in 40 is an item the catalog
+/// does not know, 1 in 25 a `wishlist` event (not an interaction by default).
+fn events(p: &str, users: usize, n: usize, seed: u64) -> Vec<Ev> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let u = (next() % users as u64) as usize;
+            let r = next();
+            let item = if i % 40 == 7 { format!("UNKNOWN-{}", r % 3) } else { item((u * 7 + (r % 10) as usize) % 300) };
+            Ev {
+                event_id: format!("{p}-e{i}"),
+                user: format!("{p}{u}"),
+                item,
+                event: if i % 25 == 3 { "wishlist" } else { ["view", "cart", "purchase"][(r % 3) as usize] },
+            }
+        })
+        .collect()
+}
+
+/// The profile every user must end with: each interaction moves its item to the end, the oldest
+/// items beyond MAX_ITEMS are dropped.
+fn expected(events: &[Ev]) -> HashMap<String, Vec<String>> {
+    let mut profiles: HashMap<String, Vec<String>> = HashMap::new();
+    for e in events.iter().filter(|e| e.event != "wishlist") {
+        let p = profiles.entry(e.user.clone()).or_default();
+        p.retain(|i| *i != e.item);
+        p.push(e.item.clone());
+        if p.len() > MAX_ITEMS {
+            p.remove(0);
+        }
+    }
+    profiles
+}
+
+fn produce(kafka: &Kafka, events: &[Ev]) -> u64 {
+    let ts = now_ms();
+    let messages: Vec<_> = events.iter().map(|e| e.message(ts)).collect();
+    kafka.produce(&kafka.producer(), TOPIC, &messages);
+    ts
+}
+
+fn ingest(redis: &Redis, kafka: &Kafka, extra: &[(&str, &str)]) -> Server {
+    let brokers = kafka.brokers();
+    let max = MAX_ITEMS.to_string();
+    let mut env = vec![
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_TOPIC", TOPIC),
+        ("KAFKA_DEAD_LETTER_TOPIC", DEAD),
+        ("MAX_PROFILE_ITEMS", max.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let server = Server::start_mode(redis.port, test_models(), &["ingest"], &env);
+    server.wait_healthy();
+    server
+}
+
+/// Every user's profile as stored (None: absent).
+fn profiles(redis: &Redis, users: &[&String]) -> Vec<Option<Vec<String>>> {
+    let keys: Vec<String> = users.iter().map(|u| format!("user_profile:{u}")).collect();
+    let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut redis.conn()).unwrap();
+    values.into_iter().map(|v| v.map(|v| serde_json::from_str(&v).unwrap())).collect()
+}
+
+/// Waits until every profile is exactly the expected one; returns how long it took.
+fn wait_profiles(redis: &Redis, want: &HashMap<String, Vec<String>>, limit: Duration) -> Duration {
+    let t = Instant::now();
+    let users: Vec<&String> = want.keys().collect();
+    let matches = || profiles(redis, &users).iter().zip(&users).filter(|(got, u)| got.as_ref() == Some(&want[**u])).count();
+    let mut last = 0;
+    while t.elapsed() < limit {
+        last = matches();
+        if last == users.len() {
+            return t.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wrong: Vec<_> = profiles(redis, &users)
+        .into_iter()
+        .zip(&users)
+        .filter(|(got, u)| got.as_ref() != Some(&want[**u]))
+        .take(3)
+        .map(|(got, u)| format!("{u}: got {got:?}, want {:?}", want[*u]))
+        .collect();
+    panic!("{last} of {} profiles as expected after {limit:?}; e.g. {wrong:?}", users.len());
+}
+
+/// Waits until every user's stored recommendations were computed from the profile as it is now.
+fn wait_recomputed(redis: &Redis, users: &[&String], limit: Duration) {
+    wait_until(limit, || {
+        let mut conn = redis.conn();
+        users.iter().all(|u| {
+            let profile: Option<String> = redis::cmd("GET").arg(format!("user_profile:{u}")).query(&mut conn).unwrap();
+            let stored: Option<String> = redis::cmd("HGET")
+                .arg(format!("recommendations_meta:{u}"))
+                .arg("profile_sha")
+                .query(&mut conn)
+                .unwrap();
+            profile.is_some() && stored == profile.map(|p| sha(&p))
+        })
+    });
+}
+
+fn metric(server: &Server, outcome: &str) -> f64 {
+    server.metric(&format!("model_service_ingest_events_total{{outcome=\"{outcome}\"}}"))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[test]
+fn ten_thousand_events_over_a_thousand_users_build_exact_profiles_and_fresh_recommendations() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    let server = ingest(&redis, &kafka, &[]);
+    let mut evs = events("u", 1000, 10_000, 1);
+    // a producer that sent 50 events twice (same event id, later offset): applied once
+    let resent: Vec<Ev> = evs.iter().step_by(200).cloned().collect();
+    for (n, e) in resent.iter().enumerate() {
+        let at = evs.iter().position(|x| x.event_id == e.event_id).unwrap() + 1 + n;
+        evs.insert(at, e.clone());
+    }
+    let unique: Vec<Ev> = {
+        let mut seen = std::collections::HashSet::new();
+        evs.iter().filter(|e| seen.insert(e.event_id.clone())).cloned().collect()
+    };
+    let want = expected(&unique);
+    let t = Instant::now();
+    let ts = produce(&kafka, &evs);
+    let produced = t.elapsed();
+    let took = wait_profiles(&redis, &want, Duration::from_secs(300));
+    let users: Vec<&String> = want.keys().collect();
+    wait_recomputed(&redis, &users, Duration::from_secs(120));
+    let all = t.elapsed();
+
+    // every list is what the API computes for the final profile
+    let api = Server::start(redis.port);
+    api.wait_healthy();
+    for u in users.iter().step_by(50) {
+        let stored: Vec<String> = serde_json::from_str(&redis.get(&format!("recommendations:{u}")).unwrap()).unwrap();
+        let (status, body) = api.post(&format!("/recommend/{u}"));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(rec_ids(&body), stored, "{u}");
+    }
+    let interactions = unique.iter().filter(|e| e.event != "wishlist").count() as f64;
+    let unknown = unique.iter().filter(|e| e.event != "wishlist" && e.item.starts_with("UNKNOWN")).count() as f64;
+    wait_until(Duration::from_secs(5), || metric(&server, "applied") == interactions);
+    assert_eq!(metric(&server, "received"), evs.len() as f64);
+    assert_eq!(metric(&server, "duplicate"), resent.iter().filter(|e| e.event != "wishlist").count() as f64);
+    assert_eq!(metric(&server, "ignored"), (evs.len() as f64) - interactions - metric(&server, "duplicate"));
+    assert_eq!(metric(&server, "dead_lettered"), 0.0);
+    assert_eq!(server.metric("model_service_ingest_unknown_items_total"), unknown);
+    // the unknown items are kept in the profiles
+    assert!(want.values().any(|p| p.iter().any(|i| i.starts_with("UNKNOWN"))));
+    wait_until(Duration::from_secs(10), || {
+        let (_, text) = server.get_text("/metrics");
+        (0..3).all(|p| text.contains(&format!("model_service_ingest_consumer_lag{{partition=\"{p}\",topic=\"{TOPIC}\"}} 0")))
+    });
+
+    // freshness: from each user's last event to the recommendations computed from its final profile
+    let mut conn = redis.conn();
+    let mut lags: Vec<u64> = users
+        .iter()
+        .map(|u| {
+            let at: u64 = redis::cmd("HGET")
+                .arg(format!("recommendations_meta:{u}"))
+                .arg("computed_at_ms")
+                .query(&mut conn)
+                .unwrap();
+            at.saturating_sub(ts)
+        })
+        .collect();
+    lags.sort_unstable();
+    eprintln!(
+        "ingest burst: {} events ({} users, 3 partitions) produced in {:.2}s; every profile exact after {:.2}s, \
+         every list recomputed after {:.2}s; event -> recommendation lag p50 {} ms, p99 {} ms, max {} ms",
+        evs.len(),
+        users.len(),
+        produced.as_secs_f64(),
+        took.as_secs_f64(),
+        all.as_secs_f64(),
+        percentile(&lags, 0.5),
+        percentile(&lags, 0.99),
+        lags.last().unwrap()
+    );
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    let evs = events("k", 500, 6000, 2);
+    let want = expected(&evs);
+    produce(&kafka, &evs[..3000]);
+    let mut first = ingest(&redis, &kafka, &[("INGEST_BATCH", "200")]);
+    wait_until(Duration::from_secs(120), || metric(&first, "applied") >= 800.0);
+    first.kill9();
+    produce(&kafka, &evs[3000..]);
+    let second = ingest(&redis, &kafka, &[("INGEST_BATCH", "200")]);
+    wait_profiles(&redis, &want, Duration::from_secs(300));
+    let users: Vec<&String> = want.keys().collect();
+    wait_recomputed(&redis, &users, Duration::from_secs(120));
+    // each event applied once: the user's event-id memory holds each of its events exactly once
+    let mut by_user: HashMap<&str, Vec<&str>> = HashMap::new();
+    for e in evs.iter().filter(|e| e.event != "wishlist") {
+        by_user.entry(e.user.as_str()).or_default().insert(0, &e.event_id);
+    }
+    for (user, ids) in &by_user {
+        let stored: Vec<String> =
+            redis::cmd("LRANGE").arg(format!("ingested_events:{user}")).arg(0).arg(-1).query(&mut redis.conn()).unwrap();
+        assert_eq!(stored, &ids[..ids.len().min(100)], "{user}");
+    }
+    eprintln!(
+        "after kill -9: the restarted consumer skipped {} redelivered events and applied {}",
+        metric(&second, "duplicate"),
+        metric(&second, "applied")
+    );
+}
+
+#[test]
+fn malformed_events_are_dead_lettered_with_reasons_and_a_broker_restart_is_survived() {
+    let redis = Redis::start();
+    let mut kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    // a profile the frontend broke: its events are refused (dead-lettered), the value left alone
+    redis.cmd(&["HSET", "user_profile:broken", "a", "b"]);
+    let mut server = ingest(&redis, &kafka, &[]);
+    let bad: Vec<(String, Vec<u8>, &str)> = vec![
+        ("x".into(), b"not json".to_vec(), "not an event"),
+        ("x".into(), br#"{"event_id":"b1","user_id":"m1","item_id":"i"}"#.to_vec(), "missing field"),
+        ("x".into(), br#"{"event_id":"b2","user_id":"bad id","item_id":"i","event":"view","ts":1}"#.to_vec(), "invalid user_id"),
+        ("x".into(), br#"{"event_id":"b3","user_id":"m1","item_id":"","event":"view","ts":1}"#.to_vec(), "invalid item_id"),
+        ("x".into(), b"\xff\xfe".to_vec(), "not UTF-8"),
+        (
+            "broken".into(),
+            br#"{"event_id":"b4","user_id":"broken","item_id":"0553092626","event":"view","ts":1}"#.to_vec(),
+            "profile: the profile key holds a Redis hash",
+        ),
+    ];
+    let good = events("m", 100, 1000, 3);
+    let ts = now_ms();
+    let mut messages: Vec<(String, Vec<u8>)> = good[..500].iter().map(|e| e.message(ts)).collect();
+    messages.extend(bad.iter().map(|(k, v, _)| (k.clone(), v.clone())));
+    kafka.produce(&kafka.producer(), TOPIC, &messages);
+    wait_profiles(&redis, &expected(&good[..500]), Duration::from_secs(120));
+    let dead = kafka.read_all(DEAD, bad.len(), Duration::from_secs(60));
+    assert_eq!(dead.len(), bad.len(), "dead letters: {dead:?}");
+    for (_, value, why) in &bad {
+        let letter = dead.iter().find(|(v, _)| v == value).unwrap_or_else(|| panic!("no dead letter for {value:?}"));
+        let reason = letter.1.iter().find(|(k, _)| k == "reason").map(|(_, v)| v.as_str()).unwrap_or_default();
+        assert!(reason.contains(why), "reason {reason:?} should say {why:?}");
+        assert!(letter.1.iter().any(|(k, v)| k == "source_topic" && v == TOPIC), "{letter:?}");
+    }
+    assert_eq!(metric(&server, "dead_lettered"), bad.len() as f64);
+    assert_eq!(redis.cmd(&["TYPE", "user_profile:broken"]), redis::Value::SimpleString("hash".into()));
+
+    // the broker goes away mid-stream; the consumer waits without spinning and resumes by itself
+    kafka.kill();
+    let stat = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu_before = stat(server.pid());
+    std::thread::sleep(Duration::from_secs(4));
+    let cpu_ticks = stat(server.pid()) - cpu_before;
+    assert!(server.exited().is_none(), "the consumer must survive the outage");
+    assert!(cpu_ticks < 100, "{cpu_ticks} CPU ticks in 4 s of broker outage: a busy loop");
+    kafka.restart();
+    let ts = now_ms();
+    let rest: Vec<(String, Vec<u8>)> = good[500..].iter().map(|e| e.message(ts)).collect();
+    kafka.produce(&kafka.producer(), TOPIC, &rest);
+    wait_profiles(&redis, &expected(&good), Duration::from_secs(180));
+    let users: Vec<String> = expected(&good).into_keys().collect();
+    wait_recomputed(&redis, &users.iter().collect::<Vec<_>>(), Duration::from_secs(60));
+    eprintln!("broker outage: {cpu_ticks} CPU ticks in 4 s while the broker was down");
+    assert_eq!(server.terminate().code(), Some(0), "SIGTERM commits and exits 0");
+}
+
+#[test]
+fn two_instances_in_one_group_split_the_partitions_and_apply_every_event_once() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    let a = ingest(&redis, &kafka, &[("INGEST_BATCH", "100")]);
+    let b = ingest(&redis, &kafka, &[("INGEST_BATCH", "100")]);
+    let evs = events("g", 600, 6000, 4);
+    let want = expected(&evs);
+    let assigned = |s: &Server| s.metric("model_service_ingest_assigned_partitions");
+    // both joined: the group's three partitions are split between them
+    wait_until(Duration::from_secs(60), || assigned(&a) + assigned(&b) == 3.0 && assigned(&a) > 0.0 && assigned(&b) > 0.0);
+    produce(&kafka, &evs);
+    wait_profiles(&redis, &want, Duration::from_secs(300));
+    let interactions = evs.iter().filter(|e| e.event != "wishlist").count() as f64;
+    wait_until(Duration::from_secs(10), || metric(&a, "applied") + metric(&b, "applied") == interactions);
+    let (ra, rb) = (metric(&a, "received"), metric(&b, "received"));
+    eprintln!("two instances: a received {ra}, b received {rb}; applied {} + {}", metric(&a, "applied"), metric(&b, "applied"));
+    assert!(ra > 0.0 && rb > 0.0, "both instances consumed: {ra} {rb}");
+    let users: Vec<&String> = want.keys().collect();
+    wait_recomputed(&redis, &users, Duration::from_secs(120));
+}
