@@ -26,7 +26,7 @@ RUN set -eu; sp=/opt/venv/lib/python3.11/site-packages; mkdir -p /export$sp/torc
     if [ "$VARIANT" = cuda ]; then cp -a $sp/nvidia /export$sp/; fi
 
 FROM debian:bookworm-slim AS runtime
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libgomp1 \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libgomp1 libssl3 \
     && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 --home /app model-service
 COPY --from=builder /export/ /
 COPY --from=builder /src/target/release/model-service /usr/local/bin/model-service

@@ -4,8 +4,10 @@
 #   setup_apt    redis-server, promtool, shellcheck, docker-compose (Debian packages), when missing
 #   setup_venv   a virtualenv with requirements.txt under ~/.cache/model-service, reused while the
 #                pinned requirements are unchanged (so PyTorch is downloaded once per machine)
+#   setup_tansu  the tansu broker (Kafka-compatible, for the ingestion tests), built once with
+#                `cargo install` into the cache and reused while its version is unchanged
 #   setup_build  the release binary, linked against that venv's libtorch (rpath embedded)
-# After setup: $VENV, $PY (its python) and $BIN (the binary) are set.
+# After setup: $VENV, $PY (its python), $TANSU_BIN and $BIN (the binary) are set.
 
 MS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MS_CACHE="${MODEL_SERVICE_CACHE:-$HOME/.cache/model-service}"
@@ -27,6 +29,12 @@ setup_apt() {
     command -v shellcheck >/dev/null || missing+=(shellcheck)
     command -v docker-compose >/dev/null || missing+=(docker-compose)
     command -v python3 >/dev/null || missing+=(python3 python3-venv)
+    # rdkafka builds the librdkafka it bundles: a C toolchain, make, OpenSSL (TLS) and zlib headers
+    command -v make >/dev/null || missing+=(make)
+    command -v cc >/dev/null || missing+=(gcc g++)
+    [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+    [ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
     if [ ${#missing[@]} -eq 0 ]; then return 0; fi
     ms_log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -54,6 +62,21 @@ setup_venv() {
     touch "$VENV/.complete"
 }
 
+TANSU_VERSION=0.6.0
+
+setup_tansu() {
+    TANSU_BIN="$MS_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+    if [ -x "$TANSU_BIN" ]; then
+        return 0
+    fi
+    command -v cargo >/dev/null || { ms_log "cargo is missing: install Rust from https://rustup.rs"; return 1; }
+    # dynostore: the memory:// engine; libsql: sqlite://, which keeps topics and offsets across a
+    # broker restart (the outage test restarts it). About 12 minutes on 2 cores, once per machine.
+    ms_log "installing the tansu broker $TANSU_VERSION (Kafka-compatible, for the ingestion tests; once per machine)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features dynostore,libsql \
+        --root "$MS_CACHE/tansu-$TANSU_VERSION"
+}
+
 setup_build() {
     command -v cargo >/dev/null || { ms_log "cargo is missing: install Rust from https://rustup.rs"; return 1; }
     ms_log "cargo build --release (incremental)"
@@ -62,8 +85,8 @@ setup_build() {
 }
 
 setup_all() {
-    setup_apt && setup_venv && setup_build
-    export VENV PY BIN
+    setup_apt && setup_venv && setup_tansu && setup_build
+    export VENV PY BIN TANSU_BIN
     export LIBTORCH_USE_PYTORCH=1 MODEL_SERVICE_PYTHON="$PY"
     export PATH="$VENV/bin:$PATH"
 }
