@@ -290,7 +290,13 @@ pub struct IngestArgs {
     pub kafka_ssl_key_location: Option<PathBuf>,
     /// Event types that count as interactions (appended to the profile); others are counted as
     /// `ignored` and committed.
-    #[arg(long, env = "INGEST_EVENT_TYPES", default_value = "view,cart,purchase", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "INGEST_EVENT_TYPES",
+        default_value = "view,cart,purchase",
+        value_delimiter = ',',
+        global = true
+    )]
     pub ingest_event_types: Vec<String>,
     /// Most events applied to Redis in one pipeline (and committed together).
     #[arg(long, env = "INGEST_BATCH", default_value_t = 500, global = true)]
@@ -586,7 +592,10 @@ mod tests {
     #[test]
     fn kafka_settings_are_checked() {
         let c = parse(&["model-service", "ingest"]).config;
-        assert_eq!((c.ingest.kafka_topic.as_str(), c.ingest.kafka_brokers.as_str()), ("user-behavior", "localhost:9092"));
+        assert_eq!(
+            (c.ingest.kafka_topic.as_str(), c.ingest.kafka_brokers.as_str()),
+            ("user-behavior", "localhost:9092")
+        );
         assert_eq!(c.ingest.event_types().len(), 3);
         let types = parse(&["model-service", "--ingest-event-types", "purchase, cart", "ingest"]).config;
         assert!(types.ingest.event_types().contains("cart"));

@@ -119,7 +119,9 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
             let ingesting = async {
                 if ingest {
                     let limits = ingest::limits(&cfg);
-                    ingest::Ingest::new(service.clone(), cfg.ingest.clone(), limits, grace).run(stop_rx.clone()).await?;
+                    ingest::Ingest::new(service.clone(), cfg.ingest.clone(), limits, grace)
+                        .run(stop_rx.clone())
+                        .await?;
                 }
                 anyhow::Ok(())
             };

@@ -114,7 +114,8 @@ fn profiles(redis: &Redis, users: &[&String]) -> Vec<Option<Vec<String>>> {
 fn wait_profiles(redis: &Redis, want: &HashMap<String, Vec<String>>, limit: Duration) -> Duration {
     let t = Instant::now();
     let users: Vec<&String> = want.keys().collect();
-    let matches = || profiles(redis, &users).iter().zip(&users).filter(|(got, u)| got.as_ref() == Some(&want[**u])).count();
+    let matches =
+        || profiles(redis, &users).iter().zip(&users).filter(|(got, u)| got.as_ref() == Some(&want[**u])).count();
     let mut last = 0;
     while t.elapsed() < limit {
         last = matches();
@@ -205,7 +206,9 @@ fn ten_thousand_events_over_a_thousand_users_build_exact_profiles_and_fresh_reco
     assert!(want.values().any(|p| p.iter().any(|i| i.starts_with("UNKNOWN"))));
     wait_until(Duration::from_secs(10), || {
         let (_, text) = server.get_text("/metrics");
-        (0..3).all(|p| text.contains(&format!("model_service_ingest_consumer_lag{{partition=\"{p}\",topic=\"{TOPIC}\"}} 0")))
+        (0..3).all(|p| {
+            text.contains(&format!("model_service_ingest_consumer_lag{{partition=\"{p}\",topic=\"{TOPIC}\"}} 0"))
+        })
     });
 
     // freshness: from each user's last event to the recommendations computed from its final profile
@@ -259,8 +262,12 @@ fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
         by_user.entry(e.user.as_str()).or_default().insert(0, &e.event_id);
     }
     for (user, ids) in &by_user {
-        let stored: Vec<String> =
-            redis::cmd("LRANGE").arg(format!("ingested_events:{user}")).arg(0).arg(-1).query(&mut redis.conn()).unwrap();
+        let stored: Vec<String> = redis::cmd("LRANGE")
+            .arg(format!("ingested_events:{user}"))
+            .arg(0)
+            .arg(-1)
+            .query(&mut redis.conn())
+            .unwrap();
         assert_eq!(stored, &ids[..ids.len().min(100)], "{user}");
     }
     eprintln!(
@@ -282,8 +289,16 @@ fn malformed_events_are_dead_lettered_with_reasons_and_a_broker_restart_is_survi
     let bad: Vec<(String, Vec<u8>, &str)> = vec![
         ("x".into(), b"not json".to_vec(), "not an event"),
         ("x".into(), br#"{"event_id":"b1","user_id":"m1","item_id":"i"}"#.to_vec(), "missing field"),
-        ("x".into(), br#"{"event_id":"b2","user_id":"bad id","item_id":"i","event":"view","ts":1}"#.to_vec(), "invalid user_id"),
-        ("x".into(), br#"{"event_id":"b3","user_id":"m1","item_id":"","event":"view","ts":1}"#.to_vec(), "invalid item_id"),
+        (
+            "x".into(),
+            br#"{"event_id":"b2","user_id":"bad id","item_id":"i","event":"view","ts":1}"#.to_vec(),
+            "invalid user_id",
+        ),
+        (
+            "x".into(),
+            br#"{"event_id":"b3","user_id":"m1","item_id":"","event":"view","ts":1}"#.to_vec(),
+            "invalid item_id",
+        ),
         ("x".into(), b"\xff\xfe".to_vec(), "not UTF-8"),
         (
             "broken".into(),
@@ -344,13 +359,19 @@ fn two_instances_in_one_group_split_the_partitions_and_apply_every_event_once() 
     let want = expected(&evs);
     let assigned = |s: &Server| s.metric("model_service_ingest_assigned_partitions");
     // both joined: the group's three partitions are split between them
-    wait_until(Duration::from_secs(60), || assigned(&a) + assigned(&b) == 3.0 && assigned(&a) > 0.0 && assigned(&b) > 0.0);
+    wait_until(Duration::from_secs(60), || {
+        assigned(&a) + assigned(&b) == 3.0 && assigned(&a) > 0.0 && assigned(&b) > 0.0
+    });
     produce(&kafka, &evs);
     wait_profiles(&redis, &want, Duration::from_secs(300));
     let interactions = evs.iter().filter(|e| e.event != "wishlist").count() as f64;
     wait_until(Duration::from_secs(10), || metric(&a, "applied") + metric(&b, "applied") == interactions);
     let (ra, rb) = (metric(&a, "received"), metric(&b, "received"));
-    eprintln!("two instances: a received {ra}, b received {rb}; applied {} + {}", metric(&a, "applied"), metric(&b, "applied"));
+    eprintln!(
+        "two instances: a received {ra}, b received {rb}; applied {} + {}",
+        metric(&a, "applied"),
+        metric(&b, "applied")
+    );
     assert!(ra > 0.0 && rb > 0.0, "both instances consumed: {ra} {rb}");
     let users: Vec<&String> = want.keys().collect();
     wait_recomputed(&redis, &users, Duration::from_secs(120));

@@ -51,7 +51,10 @@ impl Event {
             check_id(field, value)?;
         }
         if event.ts == 0 {
-            return Err(EventError::InvalidField { field: "ts", reason: "must be milliseconds since the epoch".into() });
+            return Err(EventError::InvalidField {
+                field: "ts",
+                reason: "must be milliseconds since the epoch".into(),
+            });
         }
         Ok(event)
     }

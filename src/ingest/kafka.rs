@@ -171,9 +171,5 @@ pub fn consumer(args: &IngestArgs, metrics: Metrics) -> Result<Consumer, IngestE
 /// The producer of dead letters, acknowledged by all in-sync replicas before the source offset is
 /// committed (at least once: a dead letter may be written again after a crash).
 pub fn dead_letter_producer(args: &IngestArgs) -> Result<FutureProducer, IngestError> {
-    common(args)
-        .set("acks", "all")
-        .set("message.timeout.ms", "10000")
-        .create()
-        .map_err(IngestError::Kafka)
+    common(args).set("acks", "all").set("message.timeout.ms", "10000").create().map_err(IngestError::Kafka)
 }

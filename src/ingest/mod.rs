@@ -122,9 +122,9 @@ impl Ingest {
             let finished = loop {
                 let attempt = self.process(&batch, &producer, &mut progress);
                 let result = if *shutdown.borrow() {
-                    tokio::time::timeout(self.grace, attempt).await.unwrap_or_else(|_| {
-                        Err(IngestError::Service(Error::Internal("the grace period ended".into())))
-                    })
+                    tokio::time::timeout(self.grace, attempt)
+                        .await
+                        .unwrap_or_else(|_| Err(IngestError::Service(Error::Internal("the grace period ended".into()))))
                 } else {
                     attempt.await
                 };
@@ -169,10 +169,8 @@ impl Ingest {
     /// Commits the processed offsets of the partitions this consumer still owns (a revoked
     /// partition's new owner commits its own; committing ours could move it backwards).
     fn commit(&self, consumer: &kafka::Consumer, done: &mut HashMap<i32, i64>, mode: CommitMode) {
-        let owned: HashSet<i32> = consumer
-            .assignment()
-            .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
-            .unwrap_or_default();
+        let owned: HashSet<i32> =
+            consumer.assignment().map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
         done.retain(|p, _| owned.contains(p));
         if done.is_empty() {
             return;

@@ -1,8 +1,8 @@
 //! The Redis layer: key names, profile parsing, the request-path store, listener primitives, the
 //! request stream and the append of ingested behaviour events. It knows nothing of models or HTTP.
 
-pub mod keys;
 pub mod ingest;
+pub mod keys;
 mod listen;
 pub mod profile;
 pub mod store;
