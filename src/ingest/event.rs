@@ -81,7 +81,8 @@ mod tests {
     #[test]
     fn a_well_formed_event_parses() {
         let e = Event::parse(Some(
-            br#"{"event_id":"e1","user_id":"A3RT","item_id":"0553092626","event":"view","ts":1700000000000}"#,
+            br#"{"event_id":"e1","user_id":"A3RT","item_id":"0553092626","event":"view","ts":1700000000000}"#
+                .as_slice(),
         ))
         .unwrap();
         assert_eq!((e.user_id.as_str(), e.item_id.as_str(), e.ts), ("A3RT", "0553092626", 1_700_000_000_000));
@@ -91,14 +92,26 @@ mod tests {
     fn malformed_events_are_refused_with_a_reason() {
         let cases: [(Option<&[u8]>, &str); 9] = [
             (None, "no value"),
-            (Some(b"not json"), "not an event"),
-            (Some(b"\xff\xfe"), "not UTF-8"),
-            (Some(br#"{"event_id":"e","user_id":"u","item_id":"i","event":"view"}"#), "missing field `ts`"),
-            (Some(br#"{"event_id":"e","user_id":"u","item_id":5,"event":"view","ts":1}"#), "not an event"),
-            (Some(br#"{"event_id":"e","user_id":"a b","item_id":"i","event":"view","ts":1}"#), "invalid user_id"),
-            (Some(br#"{"event_id":"e","user_id":"u","item_id":"","event":"view","ts":1}"#), "invalid item_id"),
-            (Some(br#"{"event_id":"","user_id":"u","item_id":"i","event":"view","ts":1}"#), "invalid event_id"),
-            (Some(br#"{"event_id":"e","user_id":"u","item_id":"i","event":"view","ts":-5}"#), "not an event"),
+            (Some(b"not json".as_slice()), "not an event"),
+            (Some(b"\xff\xfe".as_slice()), "not UTF-8"),
+            (Some(br#"{"event_id":"e","user_id":"u","item_id":"i","event":"view"}"#.as_slice()), "missing field `ts`"),
+            (Some(br#"{"event_id":"e","user_id":"u","item_id":5,"event":"view","ts":1}"#.as_slice()), "not an event"),
+            (
+                Some(br#"{"event_id":"e","user_id":"a b","item_id":"i","event":"view","ts":1}"#.as_slice()),
+                "invalid user_id",
+            ),
+            (
+                Some(br#"{"event_id":"e","user_id":"u","item_id":"","event":"view","ts":1}"#.as_slice()),
+                "invalid item_id",
+            ),
+            (
+                Some(br#"{"event_id":"","user_id":"u","item_id":"i","event":"view","ts":1}"#.as_slice()),
+                "invalid event_id",
+            ),
+            (
+                Some(br#"{"event_id":"e","user_id":"u","item_id":"i","event":"view","ts":-5}"#.as_slice()),
+                "not an event",
+            ),
         ];
         for (payload, want) in cases {
             let err = Event::parse(payload).unwrap_err().to_string();
