@@ -434,6 +434,9 @@ pub fn tansu_bin() -> PathBuf {
     }
 }
 
+/// A message as read back: its value and its headers (name, value as text).
+pub type Letter = (Vec<u8>, Vec<(String, String)>);
+
 /// A real Kafka-compatible broker (tansu) on a free loopback port, storing topics, events and
 /// committed offsets in SQLite under a scratch directory, so a restart keeps them.
 pub struct Kafka {
@@ -461,8 +464,9 @@ impl Kafka {
             .current_dir(&self.dir)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://tansu.db"])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
+            // TEST_TANSU_LOG=info (or debug) keeps the broker's log in broker.log
+            .env("RUST_LOG", std::env::var("TEST_TANSU_LOG").unwrap_or_else(|_| "off".into()))
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("tansu must be installed (scripts/setup.sh installs it; or set TANSU_BIN)");
@@ -520,7 +524,7 @@ impl Kafka {
 
     /// Reads `topic` from the beginning until `n` messages arrived (at most `limit`): each as its
     /// value and headers.
-    pub fn read_all(&self, topic: &str, n: usize, limit: Duration) -> Vec<(Vec<u8>, Vec<(String, String)>)> {
+    pub fn read_all(&self, topic: &str, n: usize, limit: Duration) -> Vec<Letter> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::{Headers, Message};
         let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
