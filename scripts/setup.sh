@@ -73,8 +73,12 @@ setup_tansu() {
     # dynostore: the memory:// engine; libsql: sqlite://, which keeps topics and offsets across a
     # broker restart (the outage test restarts it). About 12 minutes on 2 cores, once per machine.
     ms_log "installing the tansu broker $TANSU_VERSION (Kafka-compatible, for the ingestion tests; once per machine)"
-    cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features dynostore,libsql \
-        --root "$MS_CACHE/tansu-$TANSU_VERSION"
+    # The build directory lives in the cache, so an interrupted install resumes where it stopped;
+    # it is removed once the binary is in place (about 1 GB).
+    CARGO_TARGET_DIR="$MS_CACHE/tansu-$TANSU_VERSION-build" \
+        cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features dynostore,libsql \
+        --root "$MS_CACHE/tansu-$TANSU_VERSION" || return 1
+    rm -rf "$MS_CACHE/tansu-$TANSU_VERSION-build"
 }
 
 setup_build() {
