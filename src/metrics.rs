@@ -160,7 +160,9 @@ impl Metrics {
                 "ingest_freshness_seconds",
                 "From an applied event's timestamp to its user's recommendations written from the new profile",
             )
-            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            .buckets(vec![
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
         )
         .expect("metric");
         let ingest_assigned_partitions =
