@@ -4,10 +4,11 @@
 #   setup_apt    redis-server, promtool, shellcheck, docker-compose (Debian packages), when missing
 #   setup_venv   a virtualenv with requirements.txt under ~/.cache/model-service, reused while the
 #                pinned requirements are unchanged (so PyTorch is downloaded once per machine)
-#   setup_tansu  the tansu broker (Kafka-compatible, for the ingestion tests), built once with
+#   setup_tansu  the tansu broker (Kafka-compatible, for the ingestion tests; only scripts/test.sh
+#                calls it, not setup_all, so starting the service never waits for it), built once with
 #                `cargo install` into the cache and reused while its version is unchanged
 #   setup_build  the release binary, linked against that venv's libtorch (rpath embedded)
-# After setup: $VENV, $PY (its python), $TANSU_BIN and $BIN (the binary) are set.
+# After setup_all: $VENV, $PY (its python) and $BIN (the binary) are set; setup_tansu sets $TANSU_BIN.
 
 MS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MS_CACHE="${MODEL_SERVICE_CACHE:-$HOME/.cache/model-service}"
@@ -79,6 +80,7 @@ setup_tansu() {
         cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features dynostore,libsql \
         --root "$MS_CACHE/tansu-$TANSU_VERSION" || return 1
     rm -rf "$MS_CACHE/tansu-$TANSU_VERSION-build"
+    export TANSU_BIN
 }
 
 setup_build() {
@@ -89,8 +91,8 @@ setup_build() {
 }
 
 setup_all() {
-    setup_apt && setup_venv && setup_tansu && setup_build
-    export VENV PY BIN TANSU_BIN
+    setup_apt && setup_venv && setup_build
+    export VENV PY BIN
     export LIBTORCH_USE_PYTORCH=1 MODEL_SERVICE_PYTHON="$PY"
     export PATH="$VENV/bin:$PATH"
 }

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 setup_all
+setup_tansu
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
