@@ -66,7 +66,7 @@ setup_venv() {
 TANSU_VERSION=0.6.0
 
 setup_tansu() {
-    TANSU_BIN="$MS_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+    export TANSU_BIN="$MS_CACHE/tansu-$TANSU_VERSION/bin/tansu"
     if [ -x "$TANSU_BIN" ]; then
         return 0
     fi
@@ -80,7 +80,6 @@ setup_tansu() {
         cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features dynostore,libsql \
         --root "$MS_CACHE/tansu-$TANSU_VERSION" || return 1
     rm -rf "$MS_CACHE/tansu-$TANSU_VERSION-build"
-    export TANSU_BIN
 }
 
 setup_build() {
