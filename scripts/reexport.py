@@ -23,7 +23,8 @@ import msmodels
 def rebuild(stage: str, old: torch.jit.ScriptModule) -> torch.nn.Module:
     sd = old.state_dict()
     if stage == "lightgcn":
-        module = msmodels.LightGCNServe(sd["fold_in"], sd["item_emb"], sd["item_norm"])
+        # built from its tables alone: the item table's layout may differ from the file's
+        return msmodels.LightGCNServe(sd["fold_in"], msmodels.item_vectors(sd), sd["item_norm"]).eval()
     elif stage == "din" and "att_w" in sd:
         n, dim = sd["emb.weight"].shape
         module = msmodels.DIN2(n, sd["nbr_idx"], sd["nbr_val"], sd["log_pop"], dim=dim, hidden=sd["mlp.0.weight"].shape[0],

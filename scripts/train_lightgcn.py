@@ -80,7 +80,7 @@ def evaluate(serve: msmodels.LightGCNServe, history, test, users, k=20, user_vec
             if user_vecs is None:
                 scores = serve(h, m)
             else:
-                scores = user_vecs[batch] @ serve.item_emb.t()
+                scores = user_vecs[batch] @ serve.item_emb_t
             scores[m.nonzero()[:, 0], h[m]] = float("-inf")
             top = scores.topk(k, dim=1).indices.numpy()
             for j, u in enumerate(batch):

@@ -124,7 +124,7 @@ def main():
             din.nbr_val.copy_(nbr_val)
 
     pop = np.bincount(np.concatenate(kept), minlength=d.num_items)
-    item_unit = torch.nn.functional.normalize(lightgcn.item_emb.clone(), dim=1)
+    item_unit = torch.nn.functional.normalize(msmodels.item_vectors(lightgcn).clone(), dim=1)
     model = msmodels.RankNet(
         item_unit, torch.log1p(torch.from_numpy(pop).float()), nbr_idx, nbr_val,
         torch.zeros(8), torch.ones(8), hidden=args.hidden,

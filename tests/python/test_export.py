@@ -148,3 +148,41 @@ def test_din2_fast_forward_is_the_trained_form():
         for pad in (0, 42):
             h, m, c, s1, _ = batch(pad_value=pad)
             torch.testing.assert_close(module(h, m, c, s1), module.reference(h, m, c, s1), rtol=1e-5, atol=1e-5)
+
+
+def test_ease_scores_sum_the_neighbour_weights_of_the_real_history_items():
+    torch.manual_seed(6)
+    idx = torch.randint(0, N, (N, 4), dtype=torch.int32)
+    val = torch.rand(N, 4)
+    h, m, c, _, _ = batch(pad_value=42)
+    got = msmodels.ease_scores(h, m, c, idx, val)
+    want = torch.zeros(c.shape)
+    for i in range(h.shape[0]):
+        for item in h[i][m[i]].tolist():
+            for k in range(4):
+                want[i] += (c[i] == int(idx[item, k])).float() * float(val[item, k])
+    torch.testing.assert_close(got, want)
+    assert (got[2] == 0).all(), "a row without history scores 0"
+
+
+def test_ranknet_cosine_features_use_the_real_history_items_only():
+    module = ranknet()
+    h, m, c, s1, s2 = batch(pad_value=42)
+    feats = module.features(h, m, c, s1, s2)  # standardised with mean 0 and std 1: the raw features
+    for i in range(h.shape[0]):
+        real = h[i][m[i]]
+        if len(real) == 0:
+            assert (feats[i, :, 5] == 0).all() and (feats[i, :, 6] == 0).all()
+            continue
+        sim = module.item_unit[c[i]] @ module.item_unit[real].t()
+        torch.testing.assert_close(feats[i, :, 5], sim.amax(dim=1))
+        torch.testing.assert_close(feats[i, :, 6], sim.mean(dim=1))
+
+
+def test_lightgcn_item_vectors_read_either_layout():
+    m = lightgcn()
+    table = msmodels.item_vectors(m)
+    assert tuple(table.shape) == (N, D)
+    assert msmodels.item_vectors({"item_emb": table}) is table
+    h, mask = torch.tensor([[3, 7]]), torch.ones(1, 2, dtype=torch.bool)
+    torch.testing.assert_close(m(h, mask), m.user_vectors(h, mask) @ table.t())
