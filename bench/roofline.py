@@ -162,6 +162,7 @@ def ceiling(model_dir: str, lengths: np.ndarray, gemm: float, bandwidth: float, 
                                 "bound": bound}
         total += t
     out["mean_history"] = L
+    out["mflops"] = sum(v["mflops"] for v in out["stages"].values())
     out["ceiling_rps"] = 1.0 / total
     return out
 
