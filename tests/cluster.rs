@@ -32,14 +32,19 @@ fn start(cluster: &Cluster, args: &[&str], extra: &[(&str, &str)]) -> Server {
 }
 
 /// Writes `user_profile:<prefix><n>` = profile(n, v) for every n, pipelined per node by the
-/// cluster client.
-fn write_profiles(conn: &mut redis::cluster::ClusterConnection, prefix: &str, range: std::ops::Range<usize>, v: usize) {
+/// cluster client (a chunk that meets a moved slot is written again on a fresh connection).
+fn write_profiles(cluster: &Cluster, prefix: &str, range: std::ops::Range<usize>, v: usize) {
     for chunk in range.collect::<Vec<_>>().chunks(200) {
         let mut pipe = redis::cluster::cluster_pipe();
         for &n in chunk {
             pipe.cmd("SET").arg(format!("user_profile:{prefix}{n}")).arg(profile(n, v)).ignore();
         }
-        pipe.query::<()>(conn).unwrap();
+        let mut tries = 0;
+        while let Err(e) = pipe.query::<()>(&mut cluster.conn()) {
+            tries += 1;
+            assert!(tries < 20, "writing profiles: {e}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 }
 
@@ -48,14 +53,15 @@ fn stale(conn: &mut redis::cluster::ClusterConnection, prefix: &str, range: std:
     range
         .filter_map(|n| {
             let user = format!("{prefix}{n}");
-            let value: Option<String> = redis::cmd("GET").arg(format!("user_profile:{user}")).query(conn).ok()?;
-            let meta: Option<String> =
-                redis::cmd("HGET").arg(format!("recommendations_meta:{user}")).arg("profile_sha").query(conn).ok()?;
-            let list: Option<String> = redis::cmd("GET").arg(format!("recommendations:{user}")).query(conn).ok()?;
-            let list_sha: Option<String> =
-                redis::cmd("HGET").arg(format!("recommendations_meta:{user}")).arg("list_sha").query(conn).ok()?;
-            let fresh = meta == value.as_deref().map(sha1) && list.as_deref().map(sha1) == list_sha;
-            (!fresh).then_some(user)
+            let mut fresh = || -> redis::RedisResult<bool> {
+                let value: Option<String> = redis::cmd("GET").arg(format!("user_profile:{user}")).query(conn)?;
+                let meta_key = format!("recommendations_meta:{user}");
+                let meta: Option<String> = redis::cmd("HGET").arg(&meta_key).arg("profile_sha").query(conn)?;
+                let list: Option<String> = redis::cmd("GET").arg(format!("recommendations:{user}")).query(conn)?;
+                let list_sha: Option<String> = redis::cmd("HGET").arg(&meta_key).arg("list_sha").query(conn)?;
+                Ok(meta == value.as_deref().map(sha1) && list.as_deref().map(sha1) == list_sha)
+            };
+            (!fresh().unwrap_or(false)).then_some(user)
         })
         .collect()
 }
@@ -68,7 +74,12 @@ fn wait_up_to_date(cluster: &Cluster, prefix: &str, range: std::ops::Range<usize
         if left.is_empty() {
             return;
         }
-        assert!(start.elapsed() < limit, "{} users not up to date after {limit:?}, e.g. {:?}", left.len(), &left[..3.min(left.len())]);
+        assert!(
+            start.elapsed() < limit,
+            "{} users not up to date after {limit:?}, e.g. {:?}",
+            left.len(),
+            &left[..3.min(left.len())]
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -89,7 +100,7 @@ fn the_walk_through_recommend_check_and_backfill_work_on_a_cluster_for_users_in_
     assert_eq!(nodes.iter().filter(|n| n["role"] == "master" && n["state"] == "ok").count(), 3, "{health}");
 
     let mut conn = cluster.conn();
-    write_profiles(&mut conn, "walk", 0..1000, 0);
+    write_profiles(&cluster, "walk", 0..1000, 0);
     let spread = keys_per_master(&cluster);
     assert!(spread.iter().all(|&n| n > 250), "profiles per master: {spread:?}");
     let mut errors = 0;
@@ -131,7 +142,7 @@ fn the_walk_through_recommend_check_and_backfill_work_on_a_cluster_for_users_in_
     assert!(cli(&["check"]).status.success());
 
     // backfill: 100 profiles changed, the rest unchanged; every master scanned
-    write_profiles(&mut conn, "walk", 0..100, 1);
+    write_profiles(&cluster, "walk", 0..100, 1);
     let out = cli(&["backfill"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -150,9 +161,8 @@ fn the_walk_through_recommend_check_and_backfill_work_on_a_cluster_for_users_in_
 fn listen_on_a_cluster_follows_every_master_through_a_failover_and_a_reshard() {
     let cluster = Cluster::start();
     let listener = start(&cluster, &["listen"], &[]);
-    let mut conn = cluster.conn();
     let t = Instant::now();
-    write_profiles(&mut conn, "l", 0..2000, 0);
+    write_profiles(&cluster, "l", 0..2000, 0);
     wait_up_to_date(&cluster, "l", 0..2000, Duration::from_secs(90));
     eprintln!("2,000 profiles over {:?} masters recomputed in {:?}", keys_per_master(&cluster), t.elapsed());
 
@@ -169,7 +179,10 @@ fn listen_on_a_cluster_follows_every_master_through_a_failover_and_a_reshard() {
             while !stop.load(Ordering::SeqCst) {
                 for n in 0..2000 {
                     // retried by the cluster client while the slot moves to the new master
-                    let _ = redis::cmd("SET").arg(format!("user_profile:l{n}")).arg(profile(n, round)).query::<()>(&mut conn);
+                    let _ = redis::cmd("SET")
+                        .arg(format!("user_profile:l{n}"))
+                        .arg(profile(n, round))
+                        .query::<()>(&mut conn);
                 }
                 round += 1;
             }
@@ -182,7 +195,7 @@ fn listen_on_a_cluster_follows_every_master_through_a_failover_and_a_reshard() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
-    write_profiles(&mut conn, "l", 0..2000, 99);
+    write_profiles(&cluster, "l", 0..2000, 99);
     wait_up_to_date(&cluster, "l", 0..2000, Duration::from_secs(120));
     eprintln!("after the failover of {victim} to {replica}: every profile up to date");
 
@@ -226,11 +239,15 @@ fn listen_on_a_cluster_follows_every_master_through_a_failover_and_a_reshard() {
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
     load.join().unwrap();
-    eprintln!("reshard of 1,000 slots: {} requests, {} failed", done.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!(
+        "reshard of 1,000 slots: {} requests, {} failed",
+        done.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst)
+    );
     assert!(done.load(Ordering::SeqCst) > 50);
     assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed during the reshard");
     // the listener follows keys in moved slots too
-    write_profiles(&mut conn, "l", 0..2000, 7);
+    write_profiles(&cluster, "l", 0..2000, 7);
     wait_up_to_date(&cluster, "l", 0..2000, Duration::from_secs(90));
     cluster.check();
     drop(listener);
@@ -240,7 +257,9 @@ fn listen_on_a_cluster_follows_every_master_through_a_failover_and_a_reshard() {
 fn three_listener_replicas_share_the_work_and_lose_nothing_when_one_is_killed() {
     let cluster = Cluster::start();
     let replicas: Vec<Server> = (0..3)
-        .map(|i| start(&cluster, &["serve", "--listen"], &[("CONSUMER_NAME", &format!("r{i}")), ("USER_CLAIM_MS", "3000")]))
+        .map(|i| {
+            start(&cluster, &["serve", "--listen"], &[("CONSUMER_NAME", &format!("r{i}")), ("USER_CLAIM_MS", "3000")])
+        })
         .collect();
     let mut replicas = replicas.into_iter();
     let (mut victim, others) = (replicas.next().unwrap(), replicas.collect::<Vec<_>>());
@@ -259,21 +278,28 @@ fn three_listener_replicas_share_the_work_and_lose_nothing_when_one_is_killed() 
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let mut conn = cluster.conn();
-    write_profiles(&mut conn, "r", 0..1000, 0);
+    write_profiles(&cluster, "r", 0..1000, 0);
     victim.kill9();
-    write_profiles(&mut conn, "r", 1000..3000, 0);
+    write_profiles(&cluster, "r", 1000..3000, 0);
     wait_up_to_date(&cluster, "r", 0..3000, Duration::from_secs(120));
     subscriber.join().unwrap();
     let announced = announced.lock().unwrap();
     let distinct: HashSet<&String> = announced.iter().collect();
     let duplicates = announced.len() - distinct.len();
-    eprintln!("3,000 profile writes, 3 replicas (one killed after 1,000): {} lists written, {duplicates} duplicates", announced.len());
+    eprintln!(
+        "3,000 profile writes, 3 replicas (one killed after 1,000): {} lists written, {duplicates} duplicates",
+        announced.len()
+    );
     assert_eq!(distinct.len(), 3000);
     assert!(duplicates <= 30, "{duplicates} duplicate computations (more than 1% of 3,000 writes)");
     let per_replica: HashMap<String, f64> = others
         .iter()
-        .map(|s| (s.port.to_string(), s.metric(r#"model_service_listener_events_total{outcome="processed",source="keyspace"}"#)))
+        .map(|s| {
+            (
+                s.port.to_string(),
+                s.metric(r#"model_service_listener_events_total{outcome="processed",source="keyspace"}"#),
+            )
+        })
         .collect();
     eprintln!("lists written by the surviving replicas (keyspace): {per_replica:?}");
 }

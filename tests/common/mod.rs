@@ -186,6 +186,12 @@ impl Redis {
         redis::cmd("KEYS").arg(pattern).query(&mut self.conn()).unwrap()
     }
 
+    /// SIGKILL, keeping the handle (a master that dies in place).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
