@@ -80,10 +80,10 @@ pub struct Config {
     pub redis_cluster_nodes: Option<String>,
     /// Redis Sentinel: the sentinels as `host:port,host:port,...`; the service talks to the master
     /// they name for REDIS_SENTINEL_MASTER and follows failovers.
-    #[arg(long, env = "REDIS_SENTINELS", requires = "redis_sentinel_master", global = true)]
+    #[arg(long, env = "REDIS_SENTINELS", global = true)]
     pub redis_sentinels: Option<String>,
     /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
-    #[arg(long, env = "REDIS_SENTINEL_MASTER", requires = "redis_sentinels", global = true)]
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", global = true)]
     pub redis_sentinel_master: Option<String>,
     /// Bound on connecting to Redis, in milliseconds.
     #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 300, global = true)]
@@ -323,7 +323,11 @@ impl Config {
             }
             Ok(nodes)
         };
-        match (&self.redis_cluster_nodes, &self.redis_sentinels, &self.redis_sentinel_master) {
+        // Set but empty (a compose file's `${REDIS_CLUSTER_NODES:-}`) counts as unset.
+        let given = |v: &Option<String>| v.as_ref().filter(|v| !v.trim().is_empty());
+        let (cluster, sentinels, master) =
+            (given(&self.redis_cluster_nodes), given(&self.redis_sentinels), given(&self.redis_sentinel_master));
+        match (cluster, sentinels, master) {
             (Some(_), Some(_), _) => Err(ConfigError::Invalid(
                 "REDIS_CLUSTER_NODES and REDIS_SENTINELS are both set: choose one topology".into(),
             )),
@@ -337,10 +341,12 @@ impl Config {
                 }
                 Ok(RedisTopology::Cluster(list("REDIS_CLUSTER_NODES", nodes)?))
             }
-            (None, Some(sentinels), Some(master)) if !master.trim().is_empty() => {
+            (None, Some(sentinels), Some(master)) => {
                 Ok(RedisTopology::Sentinel { sentinels: list("REDIS_SENTINELS", sentinels)?, master: master.clone() })
             }
-            (None, Some(_), _) => Err(ConfigError::Invalid("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER".into())),
+            (None, Some(_), None) => {
+                Err(ConfigError::Invalid("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER".into()))
+            }
             (None, None, _) => Ok(RedisTopology::Single),
         }
     }
@@ -561,7 +567,10 @@ mod tests {
             sentinel.redis_topology().unwrap(),
             RedisTopology::Sentinel { sentinels: vec![("s".into(), 26379)], master: "m".into() }
         );
-        assert!(Cli::try_parse_from(["model-service", "--redis-sentinels", "s:1", "serve"]).is_err());
+        let nameless = parse(&["model-service", "--redis-sentinels", "s:1", "serve"]).config;
+        assert!(nameless.validate().unwrap_err().to_string().contains("REDIS_SENTINEL_MASTER"));
+        let empty = parse(&["model-service", "--redis-cluster-nodes", "", "--redis-sentinels", " ", "serve"]).config;
+        assert_eq!(empty.redis_topology().unwrap(), RedisTopology::Single);
     }
 
     #[test]
