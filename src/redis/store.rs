@@ -146,18 +146,21 @@ impl Store {
         get_list.arg(recommendations_key(user_id));
         let read_at = Instant::now();
         let replies: Vec<RedisResult<Value>> = if sharded {
-            profile.cmd("TIME");
+            // One script rather than a MULTI: a single command, which the cluster client follows
+            // through MOVED and ASK while its slot migrates.
             self.run(|c| {
-                let (profile, hmget, get_list) = (&profile, &hmget, &get_list);
+                let (hmget, get_list, key) = (&hmget, &get_list, &key);
                 let (mut c1, mut c2, mut c3) = (c.clone(), c.clone(), c);
+                let mut read = PROFILE_READ_SCRIPT.prepare_invoke();
+                read.key(key).arg(limits.max_bytes);
                 async move {
                     let (p, m, l) = futures_util::join!(
-                        profile.query_async::<Vec<RedisResult<Value>>>(&mut c1),
+                        read.invoke_async::<Vec<Value>>(&mut c1),
                         hmget.query_async::<Value>(&mut c2),
                         get_list.query_async::<Value>(&mut c3)
                     );
                     let mut p = p?.into_iter();
-                    let mut next = || p.next().unwrap_or(Ok(Value::Nil));
+                    let mut next = || Ok(p.next().unwrap_or(Value::Nil));
                     let (kind, len, head, time) = (next(), next(), next(), next());
                     Ok(vec![kind, len, head, m, time, l])
                 }
@@ -513,6 +516,19 @@ redis.call('HSET', KEYS[1], 'profile_sha', ARGV[2], 'model_version', ARGV[3], 'c
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('PUBLISH', ARGV[9], ARGV[10])
 return 1
+",
+    )
+});
+
+/// The cluster's profile read, in the profile's slot. KEYS: profile. ARGV: the byte cap. Returns
+/// its type, its length and its first bytes (nil unless a string), and the node's TIME.
+static PROFILE_READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local t = redis.call('TIME')
+if kind ~= 'string' then return {kind, false, false, t} end
+return {kind, redis.call('STRLEN', KEYS[1]), redis.call('GETRANGE', KEYS[1], 0, ARGV[1]), t}
 ",
     )
 });
