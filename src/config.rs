@@ -324,7 +324,9 @@ impl Config {
             Ok(nodes)
         };
         // Set but empty (a compose file's `${REDIS_CLUSTER_NODES:-}`) counts as unset.
-        let given = |v: &Option<String>| v.as_ref().filter(|v| !v.trim().is_empty());
+        fn given(v: &Option<String>) -> Option<&String> {
+            v.as_ref().filter(|v| !v.trim().is_empty())
+        }
         let (cluster, sentinels, master) =
             (given(&self.redis_cluster_nodes), given(&self.redis_sentinels), given(&self.redis_sentinel_master));
         match (cluster, sentinels, master) {
