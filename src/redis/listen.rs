@@ -103,8 +103,12 @@ impl Store {
         Ok(())
     }
 
-    /// One command on one node, under the operation bound.
+    /// One command on one node, under the operation bound (outside a cluster: on the shared
+    /// connection, retried once when it was found dead).
     async fn on_node<T: ::redis::FromRedisValue>(&self, node: &Node, cmd: &::redis::Cmd) -> Result<T, Error> {
+        if self.backend.kind() != Kind::Cluster {
+            return self.query(cmd).await;
+        }
         match tokio::time::timeout(self.op_timeout, self.backend.on_node(node, cmd)).await {
             Ok(result) => result.map_err(|e| self.classify(e)),
             Err(_) => {
