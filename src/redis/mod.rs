@@ -1,10 +1,12 @@
-//! The Redis layer: key names, profile parsing, the request-path store, listener primitives and the
-//! request stream. It knows nothing of models or HTTP.
+//! The Redis layer: key names, profile parsing, the request-path store, listener primitives, the
+//! request stream and the topology (one node, a cluster, or Sentinel). It knows nothing of models
+//! or HTTP.
 
 pub mod keys;
-mod listen;
+pub mod listen;
 pub mod profile;
 pub mod store;
 pub mod stream;
+pub mod topology;
 
 pub use store::Store;

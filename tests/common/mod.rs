@@ -110,10 +110,24 @@ impl Redis {
     /// A redis-server with extra arguments (e.g. `--dir` to load a dump), returned as soon as it
     /// accepts TCP connections: it may still be loading its data.
     pub fn spawn(port: u16, extra: &[&str]) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "local"])
-            .args(extra)
+        Self::spawn_with("redis-server", port, &[&["--enable-debug-command", "local"], extra].concat())
+    }
+
+    /// `program` (redis-server) with a config file or arguments first in `args` (a sentinel:
+    /// `[conf, "--sentinel"]`), on `port`.
+    pub fn spawn_with(program: &str, port: u16, args: &[&str]) -> Self {
+        let (conf, rest) = match args.first() {
+            Some(first) if !first.starts_with("--") => (Some(*first), &args[1..]),
+            _ => (None, args),
+        };
+        let sentinel = rest.contains(&"--sentinel");
+        let mut cmd = Command::new(program);
+        cmd.args(conf).args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+        if !sentinel {
+            cmd.args(["--save", "", "--appendonly", "no"]);
+        }
+        let child = cmd
+            .args(rest)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
@@ -170,6 +184,12 @@ impl Redis {
 
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         redis::cmd("KEYS").arg(pattern).query(&mut self.conn()).unwrap()
+    }
+
+    /// SIGKILL, keeping the handle (a master that dies in place).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn stop(mut self) {
@@ -414,4 +434,206 @@ pub fn assert_raw_error(answer: &Option<RawResponse>, status: u16, code: &str) {
 
 pub fn rec_ids(body: &serde_json::Value) -> Vec<String> {
     body["recommendations"].as_array().unwrap().iter().map(|r| r["item_id"].as_str().unwrap().to_string()).collect()
+}
+
+/// A Redis Cluster of real redis-server processes on free loopback ports: `masters` masters with
+/// `replicas` replicas each, created by `redis-cli --cluster create`.
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    /// 3 masters, 3 replicas.
+    pub fn start() -> Self {
+        Self::start_with(3, 1)
+    }
+
+    pub fn start_with(masters: usize, replicas: usize) -> Self {
+        let dir = scratch_dir(&format!("cluster-{}", free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes: Vec<Redis> = (0..masters * (1 + replicas)).map(|_| Self::node(&dir)).collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = Self { nodes, dir };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// One cluster-enabled redis-server (not yet part of a cluster); its bus port is a free port too.
+    pub fn node(dir: &Path) -> Redis {
+        let (port, bus) = (free_port(), free_port());
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        Redis::spawn(
+            port,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                conf.to_str().unwrap(),
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                dir.to_str().unwrap(),
+            ],
+        )
+    }
+
+    /// Waits until every node says `cluster_state:ok` and knows every other node.
+    pub fn wait_ok(&self) {
+        let n = self.nodes.len();
+        wait_until(Duration::from_secs(30), || {
+            self.nodes.iter().all(|node| {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut node.conn()).unwrap_or_default();
+                info.contains("cluster_state:ok") && info.contains(&format!("cluster_known_nodes:{n}"))
+            })
+        });
+    }
+
+    /// `host:port,...` of two nodes (seeds for REDIS_CLUSTER_NODES).
+    pub fn seeds(&self) -> String {
+        format!("127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
+    }
+
+    pub fn client(&self) -> redis::cluster::ClusterClient {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}/", n.port)).collect();
+        redis::cluster::ClusterClientBuilder::new(nodes).retries(10).build().unwrap()
+    }
+
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        self.client().get_connection().unwrap()
+    }
+
+    /// `(port, id, is_master, master id)` of every node, as the first live node sees them.
+    pub fn topology(&self) -> Vec<(u16, String, bool, String)> {
+        let text: String = self
+            .nodes
+            .iter()
+            .find_map(|n| redis::cmd("CLUSTER").arg("NODES").query(&mut n.client().get_connection().ok()?).ok())
+            .unwrap();
+        text.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let port = f[1].split('@').next().unwrap().rsplit_once(':').unwrap().1.parse().unwrap();
+                (port, f[0].to_string(), f[2].contains("master"), f[3].to_string())
+            })
+            .collect()
+    }
+
+    pub fn master_ports(&self) -> Vec<u16> {
+        self.topology().into_iter().filter(|n| n.2).map(|n| n.0).collect()
+    }
+
+    /// The node handle on `port`.
+    pub fn on(&self, port: u16) -> &Redis {
+        self.nodes.iter().find(|n| n.port == port).unwrap()
+    }
+
+    /// `redis-cli --cluster check`: the cluster's own consistency check (slots covered, every
+    /// node agreeing). Returns its output; panics when it fails.
+    pub fn check(&self) -> String {
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "check", &format!("127.0.0.1:{}", self.nodes[0].port)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success() && text.contains("[OK] All 16384 slots covered."), "{text}");
+        text
+    }
+
+    pub fn set(&self, key: &str, value: &str) {
+        redis::cmd("SET").arg(key).arg(value).query::<()>(&mut self.conn()).unwrap();
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        redis::cmd("GET").arg(key).query(&mut self.conn()).unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A master, a replica and three sentinels on free loopback ports.
+pub struct Sentinels {
+    pub master: Redis,
+    pub replica: Redis,
+    pub sentinels: Vec<Redis>,
+    pub dir: PathBuf,
+}
+
+impl Sentinels {
+    pub const MASTER: &'static str = "mymaster";
+
+    pub fn start() -> Self {
+        let dir = scratch_dir(&format!("sentinel-{}", free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let master = Redis::start();
+        let replica = Redis::spawn(free_port(), &["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        wait_until(Duration::from_secs(10), || {
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut replica.conn()).unwrap_or_default();
+            info.contains("master_link_status:up")
+        });
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let conf = dir.join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\nsentinel monitor {m} 127.0.0.1 {mp} 2\n\
+                         sentinel down-after-milliseconds {m} 1000\nsentinel failover-timeout {m} 5000\n",
+                        m = Self::MASTER,
+                        mp = master.port
+                    ),
+                )
+                .unwrap();
+                Redis::spawn_with("redis-server", port, &[conf.to_str().unwrap(), "--sentinel"])
+            })
+            .collect();
+        let s = Self { master, replica, sentinels, dir };
+        wait_until(Duration::from_secs(20), || s.master_port() == Some(s.master.port) && s.sees_replica());
+        s
+    }
+
+    /// `host:port,...` of the sentinels (REDIS_SENTINELS).
+    pub fn addrs(&self) -> String {
+        self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The master's port as the first sentinel names it.
+    pub fn master_port(&self) -> Option<u16> {
+        let addr: Option<Vec<String>> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(Self::MASTER)
+            .query(&mut self.sentinels[0].client().get_connection().ok()?)
+            .ok()?;
+        addr?.get(1)?.parse().ok()
+    }
+
+    fn sees_replica(&self) -> bool {
+        self.sentinels.iter().all(|s| {
+            let Ok(mut c) = s.client().get_connection() else { return false };
+            let replicas: Vec<redis::Value> =
+                redis::cmd("SENTINEL").arg("replicas").arg(Self::MASTER).query(&mut c).unwrap_or_default();
+            !replicas.is_empty()
+        })
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
