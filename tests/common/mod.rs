@@ -124,7 +124,11 @@ impl Redis {
         let mut cmd = Command::new(program);
         cmd.args(conf).args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
         if !sentinel {
-            cmd.args(["--save", "", "--appendonly", "no"]);
+            // its own directory: an RDB a test makes it write (DEBUG RELOAD, SHUTDOWN SAVE) stays
+            // out of the checkout and away from the other servers
+            let dir = scratch_dir(&format!("redis-{port}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            cmd.args(["--save", "", "--appendonly", "no", "--dir"]).arg(&dir);
         }
         let child = cmd
             .args(rest)
