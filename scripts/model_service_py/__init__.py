@@ -5,7 +5,7 @@ baselines (evaluate, baselines), test models (make_test_models) and load tools (
 
 Each command-line module runs as `python -m model_service_py.<module> --help`. The package is
 found through PYTHONPATH=<repo>/scripts, which scripts/setup.sh exports (so every shell entry point
-and `scripts/py` have it); nothing here edits sys.path.
+and `scripts/py` have it); no module changes the import path itself.
 """
 
 import os
