@@ -426,7 +426,7 @@ def main():
                    "sockets_closed_by_server": attack.closed_by_server, "health_live_probes": attack.probes,
                    "health_live_failures": len(attack.probe_failures), "max_connections": args.max_connections},
         "events": events, "service_alive_at_end": alive, "verdict": "pass" if ok else "fail",
-        "command": " ".join(sys.argv),
+        "command": "python -m model_service_py.soak " + " ".join(sys.argv[1:]),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
