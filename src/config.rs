@@ -145,7 +145,7 @@ pub struct Config {
     #[arg(long, env = "MAX_K", default_value_t = 100, global = true)]
     pub max_k: usize,
     /// Candidates kept after LightGCN (scored by DIN).
-    #[arg(long, env = "LIGHTGCN_CANDIDATES", default_value_t = 1000, global = true)]
+    #[arg(long, env = "LIGHTGCN_CANDIDATES", default_value_t = 600, global = true)]
     pub lightgcn_candidates: usize,
     /// Candidates kept after DIN (ordered by RankNet).
     #[arg(long, env = "DIN_CANDIDATES", default_value_t = 100, global = true)]

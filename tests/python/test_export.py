@@ -172,6 +172,8 @@ def test_ease_scores_sum_the_neighbour_weights_of_the_real_history_items():
                 want[i] += (c[i] == int(idx[item, k])).float() * float(val[item, k])
     torch.testing.assert_close(got, want)
     assert (got[2] == 0).all(), "a row without history scores 0"
+    twice = torch.cat([c[:, :2], c[:, :2]], dim=1)  # a candidate listed twice gets its score twice
+    torch.testing.assert_close(msmodels.ease_scores(h, m, twice, idx, val), torch.cat([want[:, :2], want[:, :2]], dim=1))
 
 
 def test_ranknet_cosine_features_use_the_real_history_items_only():
