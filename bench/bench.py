@@ -26,15 +26,13 @@ import time
 import urllib.request
 
 import numpy as np
+import redis
+import roofline  # bench/roofline.py (run as a script, this file's directory is on the path)
+from model_service_py import data as ds
+from model_service_py import load_profiles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-sys.path.insert(0, HERE)
-import data as ds  # noqa: E402
-import load_profiles  # noqa: E402
-import redis  # noqa: E402
-import roofline  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Synthetic models for the scale benchmark: TorchScript files of the three served architectures
-(scripts/msmodels.py, the shipped dimensions and layer weights) for a catalog of --items items with random weights,
+(model_service_py.msmodels, the shipped dimensions and layer weights) for a catalog of --items items with random weights,
 plus catalog.tsv, manifest.json and a profiles file of --users synthetic shoppers.
 
 History lengths are drawn from the Amazon-Book training histories (--data) so the per-request
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-import data as ds  # noqa: E402
-import msmodels  # noqa: E402
+from model_service_py import data as ds
+from model_service_py import msmodels
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model_output")
 

@@ -5,7 +5,8 @@
 #   setup_venv   a virtualenv with requirements.txt under ~/.cache/model-service, reused while the
 #                pinned requirements are unchanged (so PyTorch is downloaded once per machine)
 #   setup_build  the release binary, linked against that venv's libtorch (rpath embedded)
-# After setup: $VENV, $PY (its python) and $BIN (the binary) are set.
+# After setup: $VENV, $PY (its python) and $BIN (the binary) are set, and PYTHONPATH holds scripts/,
+# so the Python side, the package scripts/model_service_py, runs as `"$PY" -m model_service_py.<module>`.
 
 MS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MS_CACHE="${MODEL_SERVICE_CACHE:-$HOME/.cache/model-service}"
@@ -41,6 +42,13 @@ setup_venv() {
     req_hash="$(sha256sum "$MS_ROOT/requirements.txt" | cut -c1-12)"
     VENV="${MODEL_SERVICE_VENV:-$MS_CACHE/venv-$req_hash}"
     PY="$VENV/bin/python"
+    # The package is found through PYTHONPATH (this checkout's scripts/), not installed into the
+    # venv: the venv is shared by every checkout with the same requirements.txt.
+    case ":${PYTHONPATH:-}:" in
+        *":$MS_ROOT/scripts:"*) ;;
+        *) PYTHONPATH="$MS_ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}" ;;
+    esac
+    export PYTHONPATH
     if [ -f "$VENV/.complete" ]; then
         return 0
     fi

@@ -1,5 +1,7 @@
-"""The TorchScript export contract of the three stages (scripts/msmodels.py), on small synthetic
-models: shapes, that padding behind the mask changes nothing, and eager/TorchScript parity."""
+"""The TorchScript export contract of the three stages (model_service_py.msmodels), on small
+synthetic models: shapes, that padding behind the mask changes nothing, and eager/TorchScript parity.
+
+The package is importable through pytest.ini's `pythonpath` (scripts/)."""
 
 import json
 import os
@@ -10,10 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
-sys.path.insert(0, SCRIPTS)
-
-import msmodels  # noqa: E402
+import model_service_py
+from model_service_py import msmodels
 
 N, D = 50, 8
 
@@ -107,9 +107,18 @@ def test_lightgcn_fold_in_user_is_the_normalised_propagation():
     torch.testing.assert_close(m.user_vectors(h, mask)[0], want)
 
 
+def make_test_models(out, *args):
+    """Runs the test-model generator as the Rust tests do (tests/common/mod.rs): `python -m`, with
+    the package's parent directory on PYTHONPATH."""
+    scripts = os.path.dirname(os.path.dirname(os.path.abspath(model_service_py.__file__)))
+    path = os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "model_service_py.make_test_models", str(out), *args]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path})
+
+
 def test_generated_test_models_form_a_complete_model_dir(tmp_path):
     out = tmp_path / "models"
-    subprocess.run([sys.executable, os.path.join(SCRIPTS, "make_test_models.py"), str(out), "--items", "40"], check=True)
+    make_test_models(out, "--items", "40")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["catalog"]["num_items"] == 40
     assert len((out / "catalog.tsv").read_text().splitlines()) == 40
@@ -122,10 +131,10 @@ def test_generated_test_models_form_a_complete_model_dir(tmp_path):
 def test_the_python_cascade_excludes_the_history_at_every_stage(tmp_path):
     import numpy as np
 
-    import cascade
+    from model_service_py import cascade
 
     out = tmp_path / "models"
-    subprocess.run([sys.executable, os.path.join(SCRIPTS, "make_test_models.py"), str(out)], check=True)
+    make_test_models(out)
     model = cascade.Cascade(str(out), c1=40, c2=20)
     histories = [np.array([0, 6, 12, 18]), np.array([5]), np.arange(0, 150, 3)]
     lists = model.rank(histories, k=10)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data as ds
-import msmodels
+from . import data as ds
+from . import msmodels
 
 
 def build_graph(kept, num_users, num_items):

@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-import cascade
-import data as ds
-import msmodels
-from train_din import split_users
+from . import cascade
+from . import data as ds
+from . import msmodels
+from .train_din import split_users
 
 
 def itemknn_neighbours(kept, num_users, num_items, k, block=1024):

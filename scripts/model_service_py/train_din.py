@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-import cascade
-import data as ds
-import msmodels
+from . import cascade
+from . import data as ds
+from . import msmodels
 
 
 def split_users(held, seed):
