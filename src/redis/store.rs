@@ -7,7 +7,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use ::redis::{Cmd, FromRedisValue, RedisError, RedisResult, Script, Value};
+use ::redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, Value};
 use sha1::{Digest, Sha1};
 
 use super::keys::{claim_key, meta_key, profile_key, recommendations_key, HEALTH_KEY};
@@ -621,5 +621,10 @@ pub(super) fn is_connection_error(e: &RedisError) -> bool {
 /// reasons (its reads cannot be refused otherwise).
 pub(super) fn is_transient(e: &RedisError) -> bool {
     const CODES: [&str; 6] = ["LOADING", "MASTERDOWN", "TRYAGAIN", "BUSY", "EXECABORT", "CLUSTERDOWN"];
-    e.code().is_some_and(|c| CODES.contains(&c)) || CODES.iter().any(|c| e.to_string().contains(&format!("{c} ")))
+    // during a Sentinel failover the sentinels name no master (or only a demoted one) for a while
+    let sentinel_between_masters =
+        matches!(e.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel);
+    sentinel_between_masters
+        || e.code().is_some_and(|c| CODES.contains(&c))
+        || CODES.iter().any(|c| e.to_string().contains(&format!("{c} ")))
 }

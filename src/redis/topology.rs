@@ -318,12 +318,9 @@ impl Backend {
         }
     }
 
-    /// Runs `cmd` on one node: on a cluster over a connection of that node's own (kept for the
-    /// next command, dropped after an error), otherwise on the shared connection to the master.
+    /// Runs `cmd` on one node of a cluster over a connection of that node's own (kept for the next
+    /// command, dropped after an error). Outside a cluster the caller uses the shared connection.
     pub async fn on_node<T: ::redis::FromRedisValue>(&self, node: &Node, cmd: &Cmd) -> RedisResult<T> {
-        if self.kind != Kind::Cluster {
-            return cmd.query_async(&mut self.conn().await?).await;
-        }
         let cached = self.node_conns.lock().unwrap_or_else(|p| p.into_inner()).get(node).cloned();
         let mut conn = match cached {
             Some(conn) => conn,
