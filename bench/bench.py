@@ -320,10 +320,9 @@ def main():
             users_file, lengths = loader()
             roof = roofline.ceiling(model_dir, np.minimum(lengths, 200), gemm, bw, batch=16)
             n_items = roof["sizes"]["N"]
-            base = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir}
-            if scale.startswith("amazon-book"):
-                c1, c2 = roofline.candidates(model_dir)
-                base.update(LIGHTGCN_CANDIDATES=str(c1), DIN_CANDIDATES=str(c2))
+            c1, c2 = roofline.candidates(model_dir)
+            base = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir,
+                    "LIGHTGCN_CANDIDATES": str(c1), "DIN_CANDIDATES": str(c2)}
             plan = [
                 ("model-service", [args.bin, "serve"], {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn"}, conc),
                 ("python-peer", [uvicorn, "app:app", "--app-dir", os.path.join(HERE, "peer"), "--host",

@@ -35,7 +35,8 @@ def main():
     args = p.parse_args()
     done = os.path.join(args.out, ".complete")
     with open(os.path.join(SHIPPED, "manifest.json")) as f:
-        shipped_version = json.load(f)["version"]
+        shipped_manifest = json.load(f)
+    shipped_version, shipped_candidates = shipped_manifest["version"], shipped_manifest.get("candidates")
     stamp = f"{args.items} {args.users} {args.seed} {msmodels.sha256_file(msmodels.__file__)} {shipped_version}"
     if os.path.exists(done) and open(done).read() == stamp:
         print(f"{args.out}: already generated")
@@ -89,6 +90,7 @@ def main():
         "version": f"synthetic-{n}-" + "-".join(models[s]["sha256"][:6] for s in ("lightgcn", "din", "ranknet")),
         "models": models,
         "catalog": {"file": "catalog.tsv", "num_items": n, "popularity": "synthetic Zipf"},
+        "candidates": shipped_candidates,
     })
 
     lengths = np.array([len(h) for h in ds.load(args.data).train])
