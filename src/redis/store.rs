@@ -433,18 +433,22 @@ pub enum Written {
 /// How long before the caller gives up a write must have run in Redis to count.
 const WRITE_MARGIN: Duration = Duration::from_millis(100);
 
-/// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
-/// model version, computed-at ms, notify channel, user id, scores JSON, strategy. Returns 1
-/// written, 0 profile changed, -1 past the deadline.
-static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+/// The start of the write scripts (KEYS[1] the profile, ARGV[1] its hash, ARGV[2] the deadline in
+/// ms of the Redis clock): returns -1 past the deadline, 0 when the profile's hash changed.
+const PROFILE_GUARD_LUA: &str = r"
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[2]) then return -1 end
 local v = redis.call('GET', KEYS[1])
 local sha = 'missing'
 if v then sha = redis.sha1hex(v) end
-if sha ~= ARGV[1] then return 0 end
+if sha ~= ARGV[1] then return 0 end";
+
+/// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
+/// model version, computed-at ms, notify channel, user id, scores JSON, strategy. Returns 1
+/// written, 0 profile changed, -1 past the deadline.
+static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PROFILE_GUARD_LUA}
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'profile_sha', ARGV[1], 'model_version', ARGV[5], 'computed_at_ms', ARGV[6],
@@ -453,7 +457,7 @@ redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return 1
 ",
-    )
+    ))
 });
 
 /// KEYS: profile, list, meta. Deletes list and meta unless meta's profile hash is the profile's
@@ -475,19 +479,7 @@ return 0
 
 /// Cluster write, step 1, in the profile's slot. KEYS: profile. ARGV: profile hash, deadline.
 /// Returns 1 unchanged, 0 changed, -1 past the deadline.
-static GUARD_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[2]) then return -1 end
-local v = redis.call('GET', KEYS[1])
-local sha = 'missing'
-if v then sha = redis.sha1hex(v) end
-if sha ~= ARGV[1] then return 0 end
-return 1
-",
-    )
-});
+static GUARD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PROFILE_GUARD_LUA}\nreturn 1\n")));
 
 /// Cluster write, step 2. KEYS: list. ARGV: deadline, list JSON, TTL. Returns 1 written, -1 past
 /// the deadline.
