@@ -26,15 +26,13 @@ import time
 import urllib.request
 
 import numpy as np
+import redis
+import roofline  # bench/roofline.py (run as a script, this file's directory is on the path)
+from model_service_py import data as ds
+from model_service_py import load_profiles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-sys.path.insert(0, HERE)
-import data as ds  # noqa: E402
-import load_profiles  # noqa: E402
-import redis  # noqa: E402
-import roofline  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -233,19 +231,45 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def compare(previous: list[dict], new: list[dict]) -> dict:
-    """model-service on the new models against the previous models (same binary), per concurrency."""
-    prev = {r["concurrency"]: r for r in previous if r["service"] == "model-service"}
-    cur = {r["concurrency"]: r for r in new if r["service"] == "model-service"}
-    out = {}
-    print("\nmodel-service, new models / previous models (same binary):")
-    for c in sorted(set(prev) & set(cur)):
-        p, n = prev[c], cur[c]
-        bad = lambda r: sum(v for k, v in r["status"].items() if k != "200") + sum(r["socket_errors"].values())  # noqa: E731
-        out[c] = {"rps_ratio": n["ok_rps"] / max(p["ok_rps"], 1e-9), "previous_rps": p["ok_rps"], "new_rps": n["ok_rps"],
-                  "previous_p99_ms": p["p99_ms"], "new_p99_ms": n["p99_ms"], "previous_errors": bad(p), "new_errors": bad(n)}
-        print(f"  c={c:<4d} req/s {p['ok_rps']:8.1f} -> {n['ok_rps']:8.1f} (x{out[c]['rps_ratio']:.2f})   "
-              f"p99 {p['p99_ms']:7.1f} -> {n['p99_ms']:7.1f} ms   errors {out[c]['previous_errors']} -> {out[c]['new_errors']}")
+def bad_answers(row: dict) -> int:
+    return sum(v for k, v in row["status"].items() if k != "200") + sum(row["socket_errors"].values())
+
+
+def side_by_side(args, rport: int, users_file: str, conc: list[int]) -> dict:
+    """model-service (same binary) on the previous and the new model directory, in alternating
+    rounds (previous, new, previous, new, ...), so that a change in the machine's load during the
+    run falls on both; per concurrency the req/s of all rounds together and the worst round's p99."""
+    rows: dict[str, list[dict]] = {"previous": [], "new": []}
+    for rnd in range(args.rounds):
+        for label, model_dir in (("previous", args.previous_dir), ("new", args.model_dir)):
+            c1, c2 = roofline.candidates(model_dir)
+            port = free_port()
+            env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir, "HOST": "127.0.0.1",
+                   "RUST_LOG": "warn", "PORT": str(port), "LIGHTGCN_CANDIDATES": str(c1), "DIN_CANDIDATES": str(c2)}
+            name = f"model-service {label} models, round {rnd + 1}"
+            svc = Service(name, [args.bin, "serve"], env, port,
+                          os.path.join(args.work, f"side-by-side-{label}-{rnd + 1}.log"))
+            try:
+                rows[label] += measure(svc, users_file, conc, args.seconds)
+            finally:
+                svc.stop()
+    out = {"rounds": args.rounds, "rows": rows, "by_concurrency": {}}
+    print(f"\nmodel-service, new models / previous models (same binary, {args.rounds} alternating rounds):")
+    for c in conc:
+        agg = {}
+        for label in ("previous", "new"):
+            rs = [r for r in rows[label] if r["concurrency"] == c]
+            ok = sum(r["status"].get("200", 0) for r in rs)
+            secs = sum(r["requests"] / max(r["rps"], 1e-9) for r in rs)
+            agg[label] = {"ok_rps": ok / max(secs, 1e-9), "p99_ms": max(r["p99_ms"] for r in rs),
+                          "cpu_ms_per_request": sum(r["cpu_ms_per_request"] * r["requests"] for r in rs)
+                          / max(sum(r["requests"] for r in rs), 1),
+                          "errors": sum(bad_answers(r) for r in rs)}
+        p, n = agg["previous"], agg["new"]
+        out["by_concurrency"][c] = {"rps_ratio": n["ok_rps"] / max(p["ok_rps"], 1e-9), "previous": p, "new": n}
+        print(f"  c={c:<4d} req/s {p['ok_rps']:8.1f} -> {n['ok_rps']:8.1f} (x{n['ok_rps'] / max(p['ok_rps'], 1e-9):.2f})   "
+              f"worst p99 {p['p99_ms']:7.1f} -> {n['p99_ms']:7.1f} ms   CPU ms/req {p['cpu_ms_per_request']:.2f} -> "
+              f"{n['cpu_ms_per_request']:.2f}   errors {p['errors']} -> {n['errors']}")
     return out
 
 
@@ -257,6 +281,8 @@ def main():
     p.add_argument("--synthetic-dir", help="output of make_synthetic.py (omit to skip the 1M-item scale)")
     p.add_argument("--previous-dir", help="a previous Amazon-Book model directory, measured side by side with --model-dir "
                    "by the same binary (each with its own candidate counts, roofline.candidates)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds of the previous and the new models with --previous-dir")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--seconds", type=int, default=15, help="per concurrency level")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -287,8 +313,6 @@ def main():
             except redis.ConnectionError:
                 time.sleep(0.1)
         scales = [("amazon-book", args.model_dir, lambda: load_amazon(r, args.data, args.work))]
-        if args.previous_dir:
-            scales.insert(0, ("amazon-book-previous", args.previous_dir, lambda: load_amazon(r, args.data, args.work)))
         if args.synthetic_dir:
             scales.append(("synthetic-1M", args.synthetic_dir, lambda: load_synthetic(r, args.synthetic_dir, args.work)))
         for scale, model_dir, loader in scales:
@@ -296,10 +320,9 @@ def main():
             users_file, lengths = loader()
             roof = roofline.ceiling(model_dir, np.minimum(lengths, 200), gemm, bw, batch=16)
             n_items = roof["sizes"]["N"]
-            base = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir}
-            if scale.startswith("amazon-book"):
-                c1, c2 = roofline.candidates(model_dir)
-                base.update(LIGHTGCN_CANDIDATES=str(c1), DIN_CANDIDATES=str(c2))
+            c1, c2 = roofline.candidates(model_dir)
+            base = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir,
+                    "LIGHTGCN_CANDIDATES": str(c1), "DIN_CANDIDATES": str(c2)}
             plan = [
                 ("model-service", [args.bin, "serve"], {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn"}, conc),
                 ("python-peer", [uvicorn, "app:app", "--app-dir", os.path.join(HERE, "peer"), "--host",
@@ -321,9 +344,12 @@ def main():
                     svc.stop()
             summary = print_table(scale, rows, roof, n_items)
             results["scales"][scale] = {"items": n_items, "rows": rows, "roofline": roof, **summary}
-        if args.previous_dir:
-            results["new_vs_previous"] = compare(results["scales"]["amazon-book-previous"]["rows"],
-                                                 results["scales"]["amazon-book"]["rows"])
+            if scale == "amazon-book" and args.previous_dir:
+                prev_roof = roofline.ceiling(args.previous_dir, np.minimum(lengths, 200), gemm, bw, batch=16)
+                print(f"\nmodel cost per recommendation: previous {prev_roof['mflops']:.2f} MFLOP, "
+                      f"new {roof['mflops']:.2f} MFLOP (x{roof['mflops'] / prev_roof['mflops']:.3f})")
+                results["new_vs_previous"] = {"previous_roofline": prev_roof,
+                                              **side_by_side(args, rport, users_file, conc)}
     finally:
         redis_proc.terminate()
         redis_proc.wait()

@@ -16,18 +16,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 
+import bench  # bench/bench.py (run as a script, this file's directory is on the path)
+import redis
+from model_service_py import data as ds
+from model_service_py import load_profiles
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-sys.path.insert(0, HERE)
-import bench  # noqa: E402
-import data as ds  # noqa: E402
-import load_profiles  # noqa: E402
-import redis  # noqa: E402
 
 
 def lag_percentile(metrics: str, q: float) -> str:

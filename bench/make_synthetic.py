@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Synthetic models for the scale benchmark: TorchScript files of the three served architectures
-(scripts/msmodels.py, the shipped dimensions) for a catalog of --items items with random weights,
+(model_service_py.msmodels, the shipped dimensions and layer weights) for a catalog of --items items with random weights,
 plus catalog.tsv, manifest.json and a profiles file of --users synthetic shoppers.
 
 History lengths are drawn from the Amazon-Book training histories (--data) so the per-request
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-import data as ds  # noqa: E402
-import msmodels  # noqa: E402
+from model_service_py import data as ds
+from model_service_py import msmodels
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model_output")
 
@@ -37,7 +34,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     done = os.path.join(args.out, ".complete")
-    stamp = f"{args.items} {args.users} {args.seed} {msmodels.sha256_file(msmodels.__file__)}"
+    with open(os.path.join(SHIPPED, "manifest.json")) as f:
+        shipped_manifest = json.load(f)
+    shipped_version, shipped_candidates = shipped_manifest["version"], shipped_manifest.get("candidates")
+    stamp = f"{args.items} {args.users} {args.seed} {msmodels.sha256_file(msmodels.__file__)} {shipped_version}"
     if os.path.exists(done) and open(done).read() == stamp:
         print(f"{args.out}: already generated")
         return
@@ -45,46 +45,52 @@ def main():
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     n = args.items
-    shipped = {s: torch.jit.load(os.path.join(SHIPPED, s, "model.pt")).state_dict() for s in ("din", "ranknet")}
-    dim = shipped["din"]["emb.weight"].shape[1]
-    att_hidden = shipped["din"]["att1.weight"].shape[0]
-    mlp_hidden = shipped["din"]["mlp.0.weight"].shape[0]
-    rank_hidden = shipped["ranknet"]["net.0.weight"].shape[0]
-    knn = shipped["ranknet"]["nbr_idx"].shape[1]
+    shipped = {s: torch.jit.load(os.path.join(SHIPPED, s, "model.pt")) for s in ("lightgcn", "din", "ranknet")}
+    din_sd, rank_sd = shipped["din"].state_dict(), shipped["ranknet"].state_dict()
+    dim = msmodels.item_vectors(shipped["lightgcn"]).shape[1]
+    din_dim = din_sd["emb.weight"].shape[1]
+    ease_k = din_sd["nbr_idx"].shape[1]
+    knn = rank_sd["nbr_idx"].shape[1]
 
     # popularity ~ Zipf: item r has weight 1/(r+10)^0.9
     weights = 1.0 / np.power(np.arange(n) + 10.0, 0.9)
     weights /= weights.sum()
     popularity = np.maximum(1, np.round(weights * 50 * n)).astype(np.int64)
     asins = [f"S{i:09d}" for i in range(n)]
+    log_pop = torch.log1p(torch.from_numpy(popularity).float())
 
     emb = torch.randn(n, dim) * 0.1
     unit = torch.nn.functional.normalize(emb, dim=1)
     norm = torch.from_numpy(1.0 / np.sqrt(popularity.astype(np.float32)))
     lightgcn = msmodels.LightGCNServe(emb, unit, norm)
-    din = msmodels.DIN(n, dim=dim, att_hidden=att_hidden, mlp_hidden=mlp_hidden)
-    din.load_state_dict({k: v for k, v in shipped["din"].items() if k != "emb.weight"}, strict=False)
+    # the shipped DIN2 and RankNet with every per-item table (embeddings, EASE / ItemKNN neighbours)
+    # replaced by random ones of the same width for n items
+    din = msmodels.DIN2(n, torch.randint(0, n, (n, ease_k), dtype=torch.int32), torch.rand(n, ease_k) * 0.1, log_pop,
+                        dim=din_dim, hidden=din_sd["mlp.0.weight"].shape[0], max_att=int(shipped["din"].max_att))
+    din.load_state_dict({k: v for k, v in din_sd.items() if k not in ("emb.weight", "nbr_idx", "nbr_val", "log_pop")},
+                        strict=False)
     ranknet = msmodels.RankNet(
         unit,
-        torch.log1p(torch.from_numpy(popularity).float()),
+        log_pop,
         torch.randint(0, n, (n, knn), dtype=torch.int32),
         torch.rand(n, knn) * 0.1,
-        shipped["ranknet"]["feat_mean"],
-        shipped["ranknet"]["feat_std"],
-        hidden=rank_hidden,
+        rank_sd["feat_mean"],
+        rank_sd["feat_std"],
+        hidden=rank_sd["net.0.weight"].shape[0],
     )
-    ranknet.net.load_state_dict({k[4:]: v for k, v in shipped["ranknet"].items() if k.startswith("net.")})
+    ranknet.net.load_state_dict({k[4:]: v for k, v in rank_sd.items() if k.startswith("net.")})
     models = {}
     for stage, module in (("lightgcn", lightgcn), ("din", din), ("ranknet", ranknet)):
         meta = msmodels.export(module, stage, os.path.join(args.out, stage), n, {"dim": dim, "synthetic": True})
         models[stage] = {"version": f"{stage}-{meta['sha256'][:12]}", "dim": dim, "sha256": meta["sha256"],
-                         "file": f"{stage}/model.pt"}
+                         "file": f"{stage}/model.pt", "inputs": msmodels.STAGE_INPUTS[stage]}
         print(f"{stage}: exported ({time.time() - t0:.0f}s)", flush=True)
     msmodels.write_catalog(args.out, asins, popularity.tolist())
     msmodels.write_manifest(args.out, {
         "version": f"synthetic-{n}-" + "-".join(models[s]["sha256"][:6] for s in ("lightgcn", "din", "ranknet")),
         "models": models,
         "catalog": {"file": "catalog.tsv", "num_items": n, "popularity": "synthetic Zipf"},
+        "candidates": shipped_candidates,
     })
 
     lengths = np.array([len(h) for h in ds.load(args.data).train])

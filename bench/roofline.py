@@ -68,11 +68,13 @@ def model_sizes(model_dir: str) -> dict:
         return torch.jit.load(os.path.join(model_dir, stage, "model.pt")).state_dict()
 
     lg, din, rn = sd("lightgcn"), sd("din"), sd("ranknet")
+    # LightGCN's item table: [D, N] item_emb_t in current exports, [N, D] item_emb before
+    dim, n_items = lg["item_emb_t"].shape if "item_emb_t" in lg else lg["item_emb"].shape[::-1]
     if "att_w" in din:  # cascade v2's DIN2: bilinear attention over the last max_att items, sparse EASE, MLP
         return {
             "din2": True,
-            "N": lg["item_emb"].shape[0],
-            "D": lg["item_emb"].shape[1],
+            "N": n_items,
+            "D": dim,
             "D2": din["emb.weight"].shape[1],
             "max_att": int(torch.jit.load(os.path.join(model_dir, "din", "model.pt")).max_att),
             "F2": din["mlp.0.weight"].shape[1],
@@ -82,8 +84,8 @@ def model_sizes(model_dir: str) -> dict:
             "knn": rn["nbr_idx"].shape[1],
         }
     return {
-        "N": lg["item_emb"].shape[0],
-        "D": lg["item_emb"].shape[1],
+        "N": n_items,
+        "D": dim,
         "A": din["att1.weight"].shape[0],
         "mlp": [din["mlp.0.weight"].shape[0], din["mlp.2.weight"].shape[0]],
         "rank_hidden": [rn["net.0.weight"].shape[0], rn["net.2.weight"].shape[0]],
@@ -160,6 +162,7 @@ def ceiling(model_dir: str, lengths: np.ndarray, gemm: float, bandwidth: float, 
                                 "bound": bound}
         total += t
     out["mean_history"] = L
+    out["mflops"] = sum(v["mflops"] for v in out["stages"].values())
     out["ceiling_rps"] = 1.0 / total
     return out
 

@@ -20,6 +20,25 @@ promtool check rules deploy/alerts.yml
 echo "-- kubernetes manifests"
 "$VENV/bin/kubernetes-validate" --strict --quiet deploy/k8s/*.yaml
 "$VENV/bin/yamllint" -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/k8s deploy/*.yml
+echo "-- replicas and disruption budget"
+"$VENV/bin/python" - <<'PY' || fail "the Deployment and its PodDisruptionBudget do not fit together"
+import yaml
+dep = yaml.safe_load(open("deploy/k8s/deployment.yaml"))
+pdb = yaml.safe_load(open("deploy/k8s/pdb.yaml"))
+assert pdb["kind"] == "PodDisruptionBudget", pdb["kind"]
+labels = dep["spec"]["template"]["metadata"]["labels"]
+assert all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items()), "selector"
+replicas, keep = dep["spec"]["replicas"], pdb["spec"]["minAvailable"]
+assert 1 <= keep < replicas, f"minAvailable {keep} with {replicas} replicas blocks every drain"
+assert dep["spec"]["template"]["spec"]["containers"][0]["args"] == ["serve", "--listen"]
+cm = yaml.safe_load(open("deploy/k8s/configmap.yaml"))["data"]
+for key in ("REDIS_CLUSTER_NODES", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "USER_CLAIM_MS"):
+    assert key in cm, key
+PY
+for f in model-compose.yml model-compose-standalone.yml; do
+    rendered="$(REDIS_CLUSTER_NODES=a:7000,b:7001 docker-compose -f "$f" config)"
+    grep -q "REDIS_CLUSTER_NODES: a:7000,b:7001" <<<"$rendered" || fail "$f does not pass REDIS_CLUSTER_NODES on"
+done
 echo "-- start_model_service.sh"
 help="$(./start_model_service.sh --help)"
 for mode in --local --docker-network --host-network --help; do

@@ -8,7 +8,9 @@
 #                calls it, not setup_all, so starting the service never waits for it), built once with
 #                `cargo install` into the cache and reused while its version is unchanged
 #   setup_build  the release binary, linked against that venv's libtorch (rpath embedded)
-# After setup_all: $VENV, $PY (its python) and $BIN (the binary) are set; setup_tansu sets $TANSU_BIN.
+# After setup_all: $VENV, $PY (its python) and $BIN (the binary) are set, and PYTHONPATH holds scripts/,
+# so the Python side, the package scripts/model_service_py, runs as `"$PY" -m model_service_py.<module>`.
+# setup_tansu sets $TANSU_BIN.
 
 MS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MS_CACHE="${MODEL_SERVICE_CACHE:-$HOME/.cache/model-service}"
@@ -50,6 +52,13 @@ setup_venv() {
     req_hash="$(sha256sum "$MS_ROOT/requirements.txt" | cut -c1-12)"
     VENV="${MODEL_SERVICE_VENV:-$MS_CACHE/venv-$req_hash}"
     PY="$VENV/bin/python"
+    # The package is found through PYTHONPATH (this checkout's scripts/), not installed into the
+    # venv: the venv is shared by every checkout with the same requirements.txt.
+    case ":${PYTHONPATH:-}:" in
+        *":$MS_ROOT/scripts:"*) ;;
+        *) PYTHONPATH="$MS_ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}" ;;
+    esac
+    export PYTHONPATH
     if [ -f "$VENV/.complete" ]; then
         return 0
     fi

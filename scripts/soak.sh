@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The soak test (scripts/soak.py): 10 minutes of mixed load with bad requests, a Redis restart in
-# the middle and a model reload, reporting RSS, error counts by kind and lost writes.
+# The soak test (python -m model_service_py.soak): 10 minutes of mixed load with bad requests, a
+# Redis restart in the middle and a model reload, reporting RSS, error counts by kind and lost writes.
 #
-#   scripts/soak.sh [DATA_DIR] [soak.py options, e.g. --seconds 600 --clients 8]
+#   scripts/soak.sh [DATA_DIR] [soak options, e.g. --seconds 600 --clients 8]
 #
 # DATA_DIR (Amazon-Book, holds train.txt) gives real histories; without it, random ones over the
 # catalog. Installs what it needs (setup.sh), builds the release binary, writes
@@ -18,4 +18,4 @@ fi
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 setup_all
-exec "$PY" scripts/soak.py --bin "$BIN" "${DATA[@]}" "$@"
+exec "$PY" -m model_service_py.soak --bin "$BIN" "${DATA[@]}" "$@"

@@ -5,8 +5,8 @@
 # WORK/timings/<step> (copied into manifest.json).
 #
 # usage: scripts/train_all.sh DATA_DIR [OUT_DIR=model_output] [WORK=~/.cache/model-service/train-v2]
-# Environment: LIGHTGCN_EPOCHS (24), DIN_EPOCHS (3), RANKNET_EPOCHS (30), HOLDOUT (0.1),
-#              C1 (1000 LightGCN candidates), C2 (100 DIN candidates), EASE_LAMBDA (200).
+# Environment: LIGHTGCN_EPOCHS (24), DIN_EPOCHS (2), RANKNET_EPOCHS (12), HOLDOUT (0.1),
+#              C1 (600 LightGCN candidates), C2 (100 DIN candidates), EASE_LAMBDA (200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data="$(cd "${1:?usage: scripts/train_all.sh DATA_DIR [OUT_DIR] [WORK]}" && pwd)"
@@ -17,10 +17,9 @@ mkdir -p "$work/export" "$work/ease" "$work/logs" "$work/timings"
 source scripts/setup.sh
 setup_apt && setup_venv
 holdout="${HOLDOUT:-0.1}"
-c1="${C1:-1000}"
+c1="${C1:-600}"
 c2="${C2:-100}"
 lam="${EASE_LAMBDA:-200}"
-cd scripts
 
 # step NAME DONE_FILE CMD...: run CMD unless DONE_FILE exists, log and time it
 step() {
@@ -36,18 +35,18 @@ step() {
     echo $((SECONDS - t0)) >"$work/timings/$name"
 }
 
-step lightgcn "$work/export/lightgcn/model.pt" "$PY" -W ignore train_lightgcn.py --data "$data" --work "$work/lightgcn" \
+step lightgcn "$work/export/lightgcn/model.pt" "$PY" -W ignore -m model_service_py.train_lightgcn --data "$data" --work "$work/lightgcn" \
     --holdout "$holdout" --epochs "${LIGHTGCN_EPOCHS:-24}" --lr 3e-3 --eval-every 3 --resume --out "$work/export/lightgcn"
 # sparse EASE: on the kept interactions (training features) and on all of train.txt (serving)
-step ease_kept "$work/ease/kept_50.pt" "$PY" -W ignore ease.py --data "$data" --holdout "$holdout" --lam "$lam" \
+step ease_kept "$work/ease/kept_50.pt" "$PY" -W ignore -m model_service_py.ease --data "$data" --holdout "$holdout" --lam "$lam" \
     --neighbours 50 --out "$work/ease/kept_50.pt"
-step ease_full "$work/ease/full_50.pt" "$PY" -W ignore ease.py --data "$data" --holdout 0 --lam "$lam" \
+step ease_full "$work/ease/full_50.pt" "$PY" -W ignore -m model_service_py.ease --data "$data" --holdout 0 --lam "$lam" \
     --neighbours 50 --out "$work/ease/full_50.pt"
-step din "$work/export/din/model.pt" "$PY" -W ignore train_din.py --data "$data" --lightgcn "$work/export/lightgcn" \
+step din "$work/export/din/model.pt" "$PY" -W ignore -m model_service_py.train_din --data "$data" --lightgcn "$work/export/lightgcn" \
     --ease-train "$work/ease/kept_50.pt" --ease-serve "$work/ease/full_50.pt" --work "$work/din" --holdout "$holdout" \
-    --c1 "$c1" --epochs "${DIN_EPOCHS:-3}" --resume --out "$work/export/din"
-step ranknet "$work/export/ranknet/model.pt" "$PY" -W ignore train_ranknet.py --data "$data" --lightgcn "$work/export/lightgcn" \
+    --c1 "$c1" --epochs "${DIN_EPOCHS:-2}" --resume --out "$work/export/din"
+step ranknet "$work/export/ranknet/model.pt" "$PY" -W ignore -m model_service_py.train_ranknet --data "$data" --lightgcn "$work/export/lightgcn" \
     --din "$work/export/din" --ease-train "$work/ease/kept_50.pt" --ease-serve "$work/ease/full_50.pt" --work "$work/ranknet" \
-    --holdout "$holdout" --c1 "$c1" --c2 "$c2" --epochs "${RANKNET_EPOCHS:-30}" --out "$work/export/ranknet"
-"$PY" assemble_models.py --data "$data" --lightgcn "$work/export/lightgcn" --din "$work/export/din" \
+    --holdout "$holdout" --c1 "$c1" --c2 "$c2" --epochs "${RANKNET_EPOCHS:-12}" --out "$work/export/ranknet"
+"$PY" -m model_service_py.assemble_models --data "$data" --lightgcn "$work/export/lightgcn" --din "$work/export/din" \
     --ranknet "$work/export/ranknet" --c1 "$c1" --c2 "$c2" --timings "$work/timings" --out "$out"

@@ -1,6 +1,7 @@
 //! `model-service backfill`: recompute every profile found by SCAN, with a progress bar and a
-//! summary. Memory is bounded by one SCAN page; the cursor is saved in Redis after every page, so
-//! an interrupted run resumes where it stopped (and `Service::refresh` skips what is done).
+//! summary. Memory is bounded by one SCAN page. Every master is scanned in turn (one node outside a
+//! cluster); the cursor of each is saved in Redis after every page, so an interrupted run resumes
+//! where it stopped (and `Service::refresh` skips what is done).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -39,19 +40,14 @@ pub async fn run(service: Arc<Service>, restart: bool, concurrency: usize) -> an
     if restart {
         store.delete(CURSOR_KEY).await?;
     }
-    let saved = store.get_u64(CURSOR_KEY).await?;
+    let saved = store.get_string(CURSOR_KEY).await?;
     let mut summary = Summary { resumed: saved.is_some(), ..Default::default() };
     // Count the profiles first (keys only) for the progress bar; on a resumed run the bar shows
     // what remains to be scanned as an upper bound.
     let mut total = 0u64;
-    let mut cursor = 0;
-    loop {
-        let page = store.scan_profiles(cursor, PAGE * 4).await?;
-        total += page.users.len() as u64;
-        cursor = page.next;
-        if cursor == 0 {
-            break;
-        }
+    let mut counting = store.scan_start(None).await?;
+    while !counting.is_done() {
+        total += store.scan_profiles(&mut counting, PAGE * 4).await?.users.len() as u64;
     }
     let bar = if std::io::stderr().is_terminal() { ProgressBar::new(total) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -59,12 +55,11 @@ pub async fn run(service: Arc<Service>, restart: bool, concurrency: usize) -> an
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let mut cursor = saved.unwrap_or(0);
+    let mut cursor = store.scan_start(saved.as_deref()).await?;
     let mut next_report = total / 10;
-    loop {
-        let page = store.scan_profiles(cursor, PAGE).await?;
+    while !cursor.is_done() {
+        let page = store.scan_profiles(&mut cursor, PAGE).await?;
         summary.skipped_keys += page.skipped;
-        let next = page.next;
         let results: Vec<_> = futures_util::stream::iter(page.users)
             .map(|user| {
                 let service = service.clone();
@@ -94,13 +89,11 @@ pub async fn run(service: Arc<Service>, restart: bool, concurrency: usize) -> an
             eprintln!("backfill: {}/{} profiles ({} failed)", summary.scanned, total, summary.failed);
             next_report += (total / 10).max(1);
         }
-        cursor = next;
-        if cursor == 0 {
-            store.delete(CURSOR_KEY).await?;
-            break;
+        if !cursor.is_done() {
+            store.set_string(CURSOR_KEY, &cursor.encode()).await?;
         }
-        store.set_u64(CURSOR_KEY, cursor).await?;
     }
+    store.delete(CURSOR_KEY).await?;
     bar.finish();
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)

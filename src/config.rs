@@ -85,6 +85,17 @@ pub struct Config {
     pub redis_tls_client_cert: Option<PathBuf>,
     #[arg(long, env = "REDIS_TLS_CLIENT_KEY", requires = "redis_tls_client_cert", global = true)]
     pub redis_tls_client_key: Option<PathBuf>,
+    /// Redis Cluster: seed nodes as `host:port,host:port,...` (any reachable ones; the rest of the
+    /// cluster is discovered). Password and TLS settings apply to every node; REDIS_DB must be 0.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", global = true)]
+    pub redis_cluster_nodes: Option<String>,
+    /// Redis Sentinel: the sentinels as `host:port,host:port,...`; the service talks to the master
+    /// they name for REDIS_SENTINEL_MASTER and follows failovers.
+    #[arg(long, env = "REDIS_SENTINELS", global = true)]
+    pub redis_sentinels: Option<String>,
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", global = true)]
+    pub redis_sentinel_master: Option<String>,
     /// Bound on connecting to Redis, in milliseconds.
     #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 300, global = true)]
     pub redis_connect_timeout_ms: u64,
@@ -156,7 +167,7 @@ pub struct Config {
     #[arg(long, env = "MAX_K", default_value_t = 100, global = true)]
     pub max_k: usize,
     /// Candidates kept after LightGCN (scored by DIN).
-    #[arg(long, env = "LIGHTGCN_CANDIDATES", default_value_t = 1000, global = true)]
+    #[arg(long, env = "LIGHTGCN_CANDIDATES", default_value_t = 600, global = true)]
     pub lightgcn_candidates: usize,
     /// Candidates kept after DIN (ordered by RankNet).
     #[arg(long, env = "DIN_CANDIDATES", default_value_t = 100, global = true)]
@@ -208,6 +219,17 @@ pub struct Config {
     pub ingest: IngestArgs,
 }
 
+/// The Redis deployment the settings name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One node: REDIS_URL or REDIS_HOST/PORT.
+    Single,
+    /// Redis Cluster, from these seed nodes.
+    Cluster(Vec<(String, u16)>),
+    /// The master that these sentinels name for `master`.
+    Sentinel { sentinels: Vec<(String, u16)>, master: String },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -249,6 +271,11 @@ pub struct ListenerArgs {
     /// Enable keyspace notifications with CONFIG SET when they are off.
     #[arg(long, env = "CONFIGURE_NOTIFICATIONS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub configure_notifications: bool,
+    /// How long a listener replica holds its claim on a user it is recomputing (a key in the
+    /// user's slot); the other replicas skip that user meanwhile and look again once it expires,
+    /// so a replica that dies mid-computation delays its users by at most this much.
+    #[arg(long, env = "USER_CLAIM_MS", default_value_t = 10_000, global = true)]
+    pub user_claim_ms: u64,
     /// Time allowed to finish in-flight HTTP requests and listener work on SIGTERM / Ctrl-C.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30, global = true)]
     pub shutdown_grace_secs: u64,
@@ -405,6 +432,65 @@ impl Config {
         Ok(Some(SocketAddr::new(ip, port)))
     }
 
+    /// Which Redis topology the settings describe; a cluster with a database other than 0, or
+    /// both a cluster and sentinels, is refused.
+    pub fn redis_topology(&self) -> Result<RedisTopology, ConfigError> {
+        let list = |name: &str, value: &str| -> Result<Vec<(String, u16)>, ConfigError> {
+            let nodes = value
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| {
+                    let (host, port) = n
+                        .rsplit_once(':')
+                        .ok_or_else(|| ConfigError::Invalid(format!("{name}: {n:?} is not host:port")))?;
+                    let port = port.parse().map_err(|_| ConfigError::Invalid(format!("{name}: bad port in {n:?}")))?;
+                    Ok((host.trim_matches(['[', ']']).to_string(), port))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if nodes.is_empty() {
+                return Err(ConfigError::Invalid(format!("{name} is set but names no host:port")));
+            }
+            Ok(nodes)
+        };
+        // Set but empty (a compose file's `${REDIS_CLUSTER_NODES:-}`) counts as unset.
+        fn given(v: &Option<String>) -> Option<&String> {
+            v.as_ref().filter(|v| !v.trim().is_empty())
+        }
+        let (cluster, sentinels, master) =
+            (given(&self.redis_cluster_nodes), given(&self.redis_sentinels), given(&self.redis_sentinel_master));
+        match (cluster, sentinels, master) {
+            (Some(_), Some(_), _) => Err(ConfigError::Invalid(
+                "REDIS_CLUSTER_NODES and REDIS_SENTINELS are both set: choose one topology".into(),
+            )),
+            (Some(nodes), None, _) => {
+                let db = self.redis_url_db().unwrap_or(self.redis_db);
+                if db != 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "REDIS_CLUSTER_NODES is set with database {db}: a Redis Cluster has only database 0 \
+                         (unset REDIS_DB or set it to 0)"
+                    )));
+                }
+                Ok(RedisTopology::Cluster(list("REDIS_CLUSTER_NODES", nodes)?))
+            }
+            (None, Some(sentinels), Some(master)) => {
+                Ok(RedisTopology::Sentinel { sentinels: list("REDIS_SENTINELS", sentinels)?, master: master.clone() })
+            }
+            (None, Some(_), None) => {
+                Err(ConfigError::Invalid("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER".into()))
+            }
+            (None, None, _) => Ok(RedisTopology::Single),
+        }
+    }
+
+    /// The database of REDIS_URL's path (`redis://host/3`), when it names one.
+    fn redis_url_db(&self) -> Option<i64> {
+        let url = self.redis_url.as_deref()?;
+        let rest = url.split_once("://")?.1;
+        let path = rest.split_once('/')?.1.split(['?', '#']).next()?;
+        path.parse().ok()
+    }
+
     pub fn redis_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_connect_timeout_ms)
     }
@@ -514,6 +600,7 @@ impl Config {
                 ));
             }
         }
+        self.redis_topology()?;
         self.listen_addr()?;
         self.admin_addr()?;
         self.ingest.validate()?;
@@ -613,6 +700,36 @@ mod tests {
             let err = parse(&argv).config.validate().unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_redis_topology_comes_from_the_settings() {
+        let single = parse(&["model-service", "serve"]).config;
+        assert_eq!(single.redis_topology().unwrap(), RedisTopology::Single);
+        let cluster = parse(&["model-service", "--redis-cluster-nodes", "a:7000, [::1]:7001", "serve"]).config;
+        assert_eq!(
+            cluster.redis_topology().unwrap(),
+            RedisTopology::Cluster(vec![("a".into(), 7000), ("::1".into(), 7001)])
+        );
+        for args in [
+            &["model-service", "--redis-cluster-nodes", "a:7000", "--redis-db", "2", "serve"][..],
+            &["model-service", "--redis-cluster-nodes", "a:7000", "--redis-url", "redis://a:7000/3", "serve"],
+        ] {
+            let err = parse(args).config.validate().unwrap_err().to_string();
+            assert!(err.contains("only database 0"), "{err}");
+        }
+        let bad = parse(&["model-service", "--redis-cluster-nodes", "a", "serve"]).config;
+        assert!(bad.validate().unwrap_err().to_string().contains("host:port"));
+        let sentinel =
+            parse(&["model-service", "--redis-sentinels", "s:26379", "--redis-sentinel-master", "m", "serve"]).config;
+        assert_eq!(
+            sentinel.redis_topology().unwrap(),
+            RedisTopology::Sentinel { sentinels: vec![("s".into(), 26379)], master: "m".into() }
+        );
+        let nameless = parse(&["model-service", "--redis-sentinels", "s:1", "serve"]).config;
+        assert!(nameless.validate().unwrap_err().to_string().contains("REDIS_SENTINEL_MASTER"));
+        let empty = parse(&["model-service", "--redis-cluster-nodes", "", "--redis-sentinels", " ", "serve"]).config;
+        assert_eq!(empty.redis_topology().unwrap(), RedisTopology::Single);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::engine::{EngineState, Reloaded};
 use crate::error::{Error, ErrorBody};
+use crate::redis::topology::TopologyReport;
 use crate::service::{Ask, Recommendation, Service};
 
 /// Largest request body accepted (the API takes none; this bounds what a client can send).
@@ -512,6 +513,8 @@ pub struct Health {
     pub model_dir: Option<String>,
     /// `ok`, or `error: <why>`.
     pub redis: String,
+    /// The Redis deployment (single, cluster, sentinel) and each node's role and state.
+    pub redis_topology: TopologyReport,
     pub device: Option<String>,
     pub catalog_items: Option<usize>,
     /// `unhealthy`, when unhealthy.
@@ -524,7 +527,7 @@ pub struct Health {
 
 /// Models loaded and warmed up, and Redis accepting writes (`/health` and `/health/ready`).
 async fn readiness(service: &Service) -> Health {
-    let redis = service.store.check_writable().await;
+    let (redis, redis_topology) = tokio::join!(service.store.check_writable(), service.store.topology_report());
     let (set, engine_problem) = match service.engine.state() {
         EngineState::Ready(set) => (Some(set), None),
         EngineState::Loading => (None, Some("models are loading".to_string())),
@@ -542,6 +545,7 @@ async fn readiness(service: &Service) -> Health {
         model_version: set.as_ref().map(|s| s.info.version.clone()),
         model_dir: set.as_ref().map(|s| s.dir.display().to_string()),
         redis: redis_status,
+        redis_topology,
         device: set.as_ref().map(|s| s.info.device.clone()),
         catalog_items: set.as_ref().map(|s| s.catalog.len()),
         error: (!healthy).then(|| "unhealthy".into()),

@@ -2,12 +2,17 @@
 //! every recomputation is `Service::refresh`, which skips a profile whose stored list was computed
 //! from the same value by the same model version (so replays and duplicates cost one Redis read).
 //!
-//! Sources: keyspace notifications of `user_profile:*` writes, deletions and expiries (checked and
-//! re-enabled on every subscription: a restarted Redis forgets them); the request stream through a
+//! Sources: keyspace notifications of `user_profile:*` writes, deletions and expiries from every
+//! master (checked and re-enabled on every subscription: a restarted Redis forgets them; on a
+//! cluster, subscribed again whenever the masters change); the request stream through a
 //! consumer group shared by the replicas (XACK after the write, XAUTOCLAIM of entries left pending,
 //! dead-lettering after MAX_ATTEMPTS or a permanent error, trimming of what every group is done
 //! with); and catch-up SCANs at start, after every (re-)subscription, as soon as the queue
 //! overflowed or a recomputation failed transiently, and periodically.
+//!
+//! Replicas share the keyspace and catch-up work through a short per-user claim (a key in the
+//! user's slot): every replica receives every event, the one that claims the user computes it,
+//! the others skip it and look again once the claim has expired (the holder may have died).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,13 +132,23 @@ pub struct Listener {
     catchup: Notify,
     /// Set from the first dropped event until the next scan starts (logs once per overflow).
     overflowed: AtomicBool,
+    /// Users claimed by another replica, to look at again once the claim has expired.
+    deferred: Mutex<HashSet<String>>,
 }
 
 impl Listener {
     pub fn new(service: Arc<Service>, cfg: ListenerArgs) -> Arc<Self> {
         let consumer = cfg.consumer();
         let queue = Coalescer::new(cfg.max_pending_users);
-        Arc::new(Self { service, cfg, consumer, queue, catchup: Notify::new(), overflowed: AtomicBool::new(false) })
+        Arc::new(Self {
+            service,
+            cfg,
+            consumer,
+            queue,
+            catchup: Notify::new(),
+            overflowed: AtomicBool::new(false),
+            deferred: Mutex::default(),
+        })
     }
 
     fn count(&self, source: &str, outcome: &str) {
@@ -210,20 +225,23 @@ impl Listener {
             let _ = tokio::time::timeout(interval, self.catchup.notified()).await;
             self.overflowed.store(false, Ordering::SeqCst);
             let started = Instant::now();
-            let mut cursor = 0;
             let mut seen = 0u64;
-            loop {
-                match self.service.store.scan_profiles(cursor, SCAN_PAGE).await {
+            let store = &self.service.store;
+            let mut cursor = match store.scan_start(None).await {
+                Ok(cursor) => cursor,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up scan failed; retrying later");
+                    continue;
+                }
+            };
+            while !cursor.is_done() {
+                match store.scan_profiles(&mut cursor, SCAN_PAGE).await {
                     Ok(page) => {
                         self.service.metrics.scan_skipped_keys.inc_by(page.skipped);
                         for user in page.users {
                             seen += 1;
                             self.count("catchup", "received");
                             self.queue.push_wait(user, Instant::now(), "catchup").await;
-                        }
-                        cursor = page.next;
-                        if cursor == 0 {
-                            break;
                         }
                     }
                     Err(e) => {
@@ -243,7 +261,11 @@ impl Listener {
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             self.service.metrics.listener_queue.set(self.queue.len() as i64);
-            let result = self.service.refresh(&user).await;
+            let Some(result) = self.refresh_claimed(&user).await else {
+                self.count(source, "deferred");
+                self.defer(user, source);
+                continue;
+            };
             self.count(source, outcome(&result));
             match &result {
                 Ok(Refresh::Written) => self
@@ -260,6 +282,50 @@ impl Listener {
                 }
             }
         }
+    }
+
+    /// Recomputes `user` under this replica's claim, so that the replicas, which all receive the
+    /// same keyspace events and scan the same profiles, compute each change once. `None` when
+    /// another replica holds the claim. Changes made while this replica held it were skipped by
+    /// the others, so once it is released this replica looks again and goes on while the stored
+    /// list is not current.
+    async fn refresh_claimed(&self, user: &str) -> Option<Result<Refresh, Error>> {
+        let store = &self.service.store;
+        let mut first: Option<Result<Refresh, Error>> = None;
+        loop {
+            match store.claim_user(user, &self.consumer, self.cfg.user_claim_ms).await {
+                Ok(true) => {}
+                Ok(false) => return first,
+                Err(e) => return Some(first.unwrap_or(Err(e))),
+            }
+            let result = self.service.refresh(user).await;
+            if let Err(e) = store.release_user(user, &self.consumer).await {
+                tracing::debug!(%user, error = %e, "releasing a claim failed; it expires by itself");
+            }
+            let changed = matches!(result, Ok(Refresh::Written | Refresh::Superseded));
+            let first = first.get_or_insert(result);
+            if !changed || !matches!(self.service.is_current(user).await, Ok(false)) {
+                return Some(std::mem::replace(first, Ok(Refresh::Unchanged)));
+            }
+        }
+    }
+
+    /// Queues `user` again once a claim held by another replica has expired at the latest: that
+    /// replica may have died mid-computation. At most MAX_PENDING_USERS users wait so; beyond, the
+    /// periodic catch-up finds them.
+    fn defer(self: &Arc<Self>, user: String, source: &'static str) {
+        {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            if deferred.len() >= self.cfg.max_pending_users || !deferred.insert(user.clone()) {
+                return;
+            }
+        }
+        let listener = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(listener.cfg.user_claim_ms)).await;
+            listener.deferred.lock().unwrap_or_else(|p| p.into_inner()).remove(&user);
+            listener.queue.push_wait(user, Instant::now(), source).await;
+        });
     }
 
     async fn stream_loop(self: Arc<Self>, shutdown: watch::Receiver<bool>) {

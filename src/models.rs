@@ -183,6 +183,9 @@ impl Models {
             .map_err(|e| err(format!("cannot read {}: {e}", manifest_path.display())))?;
         let manifest: Manifest =
             serde_json::from_str(&text).map_err(|e| err(format!("manifest.json is not valid: {e}")))?;
+        if u32::try_from(catalog_len).is_err() {
+            return Err(err(format!("catalog.tsv has {catalog_len} items; at most {} are supported", u32::MAX)));
+        }
         if manifest.catalog.num_items != catalog_len {
             return Err(err(format!(
                 "manifest.json says {} items but catalog.tsv has {catalog_len}",
@@ -397,8 +400,8 @@ fn cpu_f32(t: &Tensor) -> Result<&[f32], TchError> {
 ///
 /// Two passes instead of a sort: the value of rank `r` in an evenly strided sample of the row is a
 /// threshold that about `2 (c + |exclude|)` entries reach, one pass keeps those, and only they are
-/// ordered. Should too few reach it (an unlucky sample), the sample rank grows until the whole row
-/// is taken.
+/// ordered, as integer keys (`rank_key`) rather than through a float comparator. Should too few
+/// reach it (an unlucky sample), the sample rank grows until the whole row is taken.
 pub fn select_top(scores: &[f32], exclude: &[i64], c: usize) -> Vec<(usize, f32)> {
     if c == 0 {
         return Vec::new();
@@ -408,38 +411,54 @@ pub fn select_top(scores: &[f32], exclude: &[i64], c: usize) -> Vec<(usize, f32)
     let n = scores.len();
     let want = 2 * (c + excluded.len());
     let mut rank = 32;
-    let mut picked: Vec<(usize, f32)> = Vec::new();
+    let mut picked: Vec<u64> = Vec::new();
     loop {
         // sample m entries so that rank r of the sample stands for about `want` entries of the row
         let m = (rank * n).div_ceil(want.max(1));
         let take_all = m >= n;
         picked.clear();
         if take_all {
-            picked.extend(scores.iter().copied().enumerate());
+            picked.extend(scores.iter().enumerate().map(|(pos, &v)| rank_key(pos, v)));
         } else {
             let stride = n / m;
             let mut sample: Vec<f32> = scores.iter().step_by(stride).copied().filter(|v| !v.is_nan()).collect();
             if sample.len() > rank {
                 let (_, t, _) = sample.select_nth_unstable_by(rank, |x, y| y.total_cmp(x));
                 let t = *t;
-                picked.extend(scores.iter().copied().enumerate().filter(|&(_, v)| v >= t));
+                picked.extend(scores.iter().enumerate().filter(|&(_, &v)| v >= t).map(|(pos, &v)| rank_key(pos, v)));
             }
         }
-        picked.retain(|(pos, _)| excluded.binary_search(pos).is_err());
+        picked.retain(|&key| excluded.binary_search(&key_position(key)).is_err());
         if picked.len() >= c || take_all {
             break;
         }
         rank *= 4;
     }
-    let best_first = |a: &(usize, f32), b: &(usize, f32)| {
-        (!b.1.is_nan()).cmp(&!a.1.is_nan()).then_with(|| b.1.total_cmp(&a.1)).then_with(|| a.0.cmp(&b.0))
-    };
     if picked.len() > c {
-        picked.select_nth_unstable_by(c, best_first);
+        picked.select_nth_unstable(c);
         picked.truncate(c);
     }
-    picked.sort_unstable_by(best_first);
-    picked
+    picked.sort_unstable();
+    picked.into_iter().map(key_position).map(|pos| (pos, scores[pos])).collect()
+}
+
+/// A key whose integer order is `select_top`'s: higher score first, NaN after every number, then
+/// the lower position (catalog rows fit in 32 bits).
+fn rank_key(pos: usize, score: f32) -> u64 {
+    let bits = score.to_bits();
+    // the float's order as an unsigned integer's (negative numbers reversed); NaN lowest
+    let ascending = if score.is_nan() {
+        0
+    } else if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    (u64::from(!ascending) << 32) | pos as u64
+}
+
+fn key_position(key: u64) -> usize {
+    (key & 0xFFFF_FFFF) as usize
 }
 
 /// libtorch's message without the C++ stack trace it appends (for logs and error bodies).

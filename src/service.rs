@@ -300,8 +300,16 @@ impl Service {
             };
             if let Some(tx) = leader {
                 let _landing = Landing { map: &self.in_flight, key };
-                let result =
-                    self.compute_and_write(user_id, ask, &read, set.clone(), started).await.map(|(rec, _)| rec);
+                let result = match self.compute_and_write(user_id, ask, &read, set.clone(), started).await {
+                    Ok((rec, Written::Overtaken)) => {
+                        // The answer stands for the profile it read; Redis gets the new one's list.
+                        if let Err(e) = self.refresh(user_id).await {
+                            tracing::warn!(%user_id, error = %e, "recomputing an overtaken write failed");
+                        }
+                        Ok(rec)
+                    }
+                    other => other.map(|(rec, _)| rec),
+                };
                 tx.send_replace(Some(result.clone()));
                 return result;
             }
@@ -355,19 +363,35 @@ impl Service {
     /// The listener's and backfill's entry point: recomputes `recommendations:<user_id>` (default
     /// k) unless the stored list was computed from the same profile value by the same model
     /// version. A profile that cannot be ranked removes the stored list (see `read`).
+    ///
+    /// A write overtaken by a profile change (a cluster, where the check and the write are
+    /// separate steps) is recomputed at once, a few times at most.
     pub async fn refresh(&self, user_id: &str) -> Result<Refresh, Error> {
-        let started = Instant::now();
+        validate_user_id(user_id)?;
+        for _ in 0..OVERTAKEN_RETRIES {
+            let started = Instant::now();
+            let set = self.model_set()?;
+            let read = self.read(user_id, false).await?;
+            if is_fresh(&read, &set) {
+                return Ok(Refresh::Unchanged);
+            }
+            let ask = Ask { k: self.cfg.default_k, explain: false };
+            match self.compute_and_write(user_id, ask, &read, set, started).await?.1 {
+                Written::Stored => return Ok(Refresh::Written),
+                Written::Superseded => return Ok(Refresh::Superseded),
+                Written::Overtaken => continue,
+            }
+        }
+        Ok(Refresh::Superseded)
+    }
+
+    /// Whether the stored list was computed from the profile as it is now by the model version in
+    /// service (what `refresh` would skip).
+    pub async fn is_current(&self, user_id: &str) -> Result<bool, Error> {
         validate_user_id(user_id)?;
         let set = self.model_set()?;
         let read = self.read(user_id, false).await?;
-        if read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == set.info.version) {
-            return Ok(Refresh::Unchanged);
-        }
-        let ask = Ask { k: self.cfg.default_k, explain: false };
-        match self.compute_and_write(user_id, ask, &read, set, started).await?.1 {
-            Written::Stored => Ok(Refresh::Written),
-            Written::Superseded => Ok(Refresh::Superseded),
-        }
+        Ok(is_fresh(&read, &set))
     }
 
     /// The model set in service; each request uses the one it started with to the end (a reload
@@ -423,7 +447,7 @@ impl Service {
         if let Some(e) = explain.as_mut() {
             e.stage_ms.redis_write = Some(ms(t.elapsed()));
         }
-        if written == Written::Superseded {
+        if written != Written::Stored {
             self.metrics.writes_superseded.inc();
         }
         Ok((ranking.into_answer(Some(user_id), &set, started, explain), written))
@@ -531,6 +555,14 @@ impl Ranking {
             explain,
         }
     }
+}
+
+/// How often `refresh` recomputes a user whose write a profile change overtook.
+const OVERTAKEN_RETRIES: usize = 3;
+
+/// The stored list was computed from this profile value by this model version.
+fn is_fresh(read: &ProfileRead, set: &ModelSet) -> bool {
+    read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == set.info.version)
 }
 
 fn ms(d: std::time::Duration) -> f64 {

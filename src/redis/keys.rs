@@ -26,6 +26,12 @@ pub fn ingest_offsets_key(topic: &str) -> String {
     format!("ingest_offsets:{topic}")
 }
 
+/// A listener replica's short claim on a user it is recomputing. The hash tag is the profile key,
+/// so on a cluster the claim lives in the profile's slot.
+pub fn claim_key(user_id: &str) -> String {
+    format!("model_service:claim:{{{}}}", profile_key(user_id))
+}
+
 pub const PROFILE_PREFIX: &str = "user_profile:";
 
 /// A short-lived key the readiness check writes (proof that Redis accepts writes).

@@ -1,33 +1,84 @@
-//! Listener primitives: keyspace notifications of profile changes, and SCAN of profile keys.
+//! Listener primitives: keyspace notifications of profile changes, and SCAN of profile keys. Both
+//! are per node in Redis: on a cluster the notifications come from every master (and end when the
+//! set of masters changes, so the caller subscribes again and catches up), and a scan walks every
+//! master in turn with a cursor per node.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use super::keys::PROFILE_PREFIX;
 use super::store::Store;
+use super::topology::{Kind, Node};
 use crate::error::Error;
 
 /// The keyspace-event classes the listener needs: `K` keyspace channel, `$` string writes (SET),
 /// `g` generic commands (DEL, RENAME), `x` expiry.
 const NEEDED_EVENTS: [char; 4] = ['K', '$', 'g', 'x'];
 
+/// How often a cluster's masters are listed while subscribed, to follow failovers.
+const TOPOLOGY_POLL: Duration = Duration::from_secs(1);
+
 /// One SCAN page of profile keys.
 #[derive(Debug, Default)]
 pub struct ScanPage {
-    /// The cursor of the next page; 0 when the scan is complete.
-    pub next: u64,
     pub users: Vec<String>,
     /// Keys under the profile prefix whose name is not UTF-8 (no valid user id): skipped.
     pub skipped: u64,
 }
 
+/// Where a scan of every master stands: each node's SCAN cursor, or `None` once that node is done.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanCursor {
+    nodes: Vec<(Node, Option<u64>)>,
+}
+
+impl ScanCursor {
+    pub fn is_done(&self) -> bool {
+        self.nodes.iter().all(|(_, c)| c.is_none())
+    }
+
+    /// `host:port=cursor` or `host:port=done` per node, comma-separated (what backfill saves).
+    pub fn encode(&self) -> String {
+        let node = |(n, c): &(Node, Option<u64>)| format!("{n}={}", c.map_or("done".into(), |c| c.to_string()));
+        self.nodes.iter().map(node).collect::<Vec<_>>().join(",")
+    }
+
+    fn decode(text: &str) -> HashMap<String, Option<u64>> {
+        text.split(',')
+            .filter_map(|part| {
+                let (node, cursor) = part.rsplit_once('=')?;
+                let cursor = if cursor == "done" { None } else { Some(cursor.parse().ok()?) };
+                Some((node.to_string(), cursor))
+            })
+            .collect()
+    }
+}
+
 impl Store {
     /// Makes sure Redis publishes the keyspace events of profile writes, deletions and expiries
-    /// (`K$gx`); enables them with CONFIG SET when they are off and that is allowed. Called at
+    /// (`K$gx`) on every node that holds data or may after a failover (a cluster's masters and
+    /// replicas); enables them with CONFIG SET when they are off and that is allowed. Called at
     /// start and on every re-subscription (a restarted Redis forgets a CONFIG SET).
     pub async fn ensure_keyspace_notifications(&self, may_configure: bool) -> Result<(), String> {
+        let nodes = tokio::time::timeout(self.op_timeout, self.backend.data_nodes())
+            .await
+            .map_err(|_| "cannot list the Redis nodes (no answer)".to_string())?
+            .map_err(|e| format!("cannot list the Redis nodes ({e})"))?;
+        for node in nodes {
+            self.ensure_notifications_on(&node, may_configure).await.map_err(|e| match self.backend.kind() {
+                Kind::Cluster => format!("node {node}: {e}"),
+                _ => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_notifications_on(&self, node: &Node, may_configure: bool) -> Result<(), String> {
         let current: Vec<String> = self
-            .query(::redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events"))
+            .on_node(node, ::redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events"))
             .await
             .map_err(|e| format!("cannot read notify-keyspace-events ({e})"))?;
         let flags = current.get(1).cloned().unwrap_or_default();
@@ -45,41 +96,122 @@ impl Store {
         if !may_configure {
             return Err(advice);
         }
-        self.query::<()>(::redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(&wanted))
+        self.on_node::<()>(node, ::redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(&wanted))
             .await
             .map_err(|e| format!("{advice}; CONFIG SET was refused: {e}"))?;
-        tracing::info!(flags = %wanted, "enabled keyspace notifications");
+        tracing::info!(flags = %wanted, %node, "enabled keyspace notifications");
         Ok(())
     }
 
-    /// User ids whose profile was written, deleted or expired, from keyspace notifications, until
-    /// the connection drops (the stream then ends; the caller re-subscribes and catches up).
+    /// One command on one node, under the operation bound (outside a cluster: on the shared
+    /// connection, retried once when it was found dead).
+    async fn on_node<T: ::redis::FromRedisValue>(&self, node: &Node, cmd: &::redis::Cmd) -> Result<T, Error> {
+        if self.backend.kind() != Kind::Cluster {
+            return self.query(cmd).await;
+        }
+        match tokio::time::timeout(self.op_timeout, self.backend.on_node(node, cmd)).await {
+            Ok(result) => result.map_err(|e| self.classify(e)),
+            Err(_) => {
+                Err(Error::RedisUnavailable(format!("{node}: no answer within {} ms", self.op_timeout.as_millis())))
+            }
+        }
+    }
+
+    /// User ids whose profile was written, deleted or expired, from keyspace notifications of
+    /// every master, until a subscription drops or (on a cluster) the set of masters changes: the
+    /// stream then ends, and the caller subscribes again and catches up.
     pub async fn profile_changes(&self) -> Result<BoxStream<'static, String>, Error> {
-        let mut pubsub = tokio::time::timeout(self.op_timeout, self.client.get_async_pubsub())
+        let unavailable = |e: ::redis::RedisError| Error::RedisUnavailable(e.to_string());
+        let masters = tokio::time::timeout(self.op_timeout, self.backend.masters())
             .await
-            .map_err(|_| Error::RedisUnavailable("subscribing timed out".into()))?
-            .map_err(|e| Error::RedisUnavailable(e.to_string()))?;
-        let pattern = format!("__keyspace@{}__:{PROFILE_PREFIX}*", self.db);
-        pubsub.psubscribe(&pattern).await.map_err(|e| Error::RedisUnavailable(e.to_string()))?;
-        let prefix = format!("__keyspace@{}__:{PROFILE_PREFIX}", self.db);
-        Ok(pubsub
-            .into_on_message()
-            .filter_map(move |msg| {
-                // A channel name that is not UTF-8 comes back as "?" and is dropped here.
-                let user = msg.get_channel_name().strip_prefix(&prefix).map(str::to_string);
-                async move { user }
-            })
+            .map_err(|_| Error::RedisUnavailable("listing the masters timed out".into()))?
+            .map_err(unavailable)?;
+        if masters.is_empty() {
+            return Err(Error::RedisUnavailable("no master serves any slot".into()));
+        }
+        let prefix = format!("__keyspace@{}__:{PROFILE_PREFIX}", self.backend.db);
+        let pattern = format!("{prefix}*");
+        let mut streams = Vec::new();
+        for node in &masters {
+            let client = self.backend.node_client(node).map_err(unavailable)?;
+            let mut pubsub = tokio::time::timeout(self.op_timeout, client.get_async_pubsub())
+                .await
+                .map_err(|_| Error::RedisUnavailable(format!("subscribing to {node} timed out")))?
+                .map_err(unavailable)?;
+            pubsub.psubscribe(&pattern).await.map_err(unavailable)?;
+            let prefix = prefix.clone();
+            // A channel name that is not UTF-8 comes back as "?" and is dropped here; `None`
+            // marks the end of this node's subscription.
+            let users = pubsub
+                .into_on_message()
+                .map(move |msg| Some(msg.get_channel_name().strip_prefix(&prefix).map(str::to_string)))
+                .chain(futures_util::stream::once(async { None }));
+            streams.push(users.boxed());
+        }
+        if self.backend.kind() == Kind::Cluster {
+            streams.push(self.topology_changed(masters).boxed());
+        }
+        Ok(futures_util::stream::select_all(streams)
+            .take_while(|event| std::future::ready(event.is_some()))
+            .filter_map(|event| std::future::ready(event.flatten()))
             .boxed())
     }
 
-    /// One SCAN page of profile keys. Cursor 0 starts a scan.
-    pub async fn scan_profiles(&self, cursor: u64, count: usize) -> Result<ScanPage, Error> {
+    /// Yields `None` once the cluster's masters are no longer `masters` (a failover, a node added
+    /// or removed); nothing before.
+    fn topology_changed(&self, masters: Vec<Node>) -> impl futures_util::Stream<Item = Option<Option<String>>> {
+        let backend = self.backend.clone();
+        futures_util::stream::unfold((), move |()| {
+            let (backend, masters) = (backend.clone(), masters.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(TOPOLOGY_POLL).await;
+                    match tokio::time::timeout(TOPOLOGY_POLL, backend.masters()).await {
+                        Ok(Ok(now)) if now != masters => {
+                            tracing::info!(before = ?masters, now = ?now, "the cluster's masters changed");
+                            return Some((None, ()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        })
+    }
+
+    /// A scan of every master from the start, or resumed from a saved `ScanCursor::encode`: a node
+    /// saved as done is skipped, a saved node resumes at its cursor, a node not saved (a new
+    /// master after a failover) is scanned from the start.
+    pub async fn scan_start(&self, saved: Option<&str>) -> Result<ScanCursor, Error> {
+        let masters = tokio::time::timeout(self.op_timeout, self.backend.masters())
+            .await
+            .map_err(|_| Error::RedisUnavailable("listing the masters timed out".into()))?
+            .map_err(|e| self.classify(e))?;
+        let saved = saved.map(ScanCursor::decode).unwrap_or_default();
+        let nodes = masters
+            .into_iter()
+            .map(|node| {
+                let cursor = saved.get(&node.to_string()).copied().unwrap_or(Some(0));
+                (node, cursor)
+            })
+            .collect();
+        Ok(ScanCursor { nodes })
+    }
+
+    /// The next SCAN page of profile keys: from the first node of `cursor` not done yet, whose
+    /// cursor it advances.
+    pub async fn scan_profiles(&self, cursor: &mut ScanCursor, count: usize) -> Result<ScanPage, Error> {
+        let Some((node, position)) = cursor.nodes.iter_mut().find(|(_, c)| c.is_some()) else {
+            return Ok(ScanPage::default());
+        };
+        let at = position.unwrap_or(0);
         let (next, keys): (u64, Vec<Vec<u8>>) = self
-            .query(
-                ::redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(format!("{PROFILE_PREFIX}*")).arg("COUNT").arg(count),
+            .on_node(
+                node,
+                ::redis::cmd("SCAN").arg(at).arg("MATCH").arg(format!("{PROFILE_PREFIX}*")).arg("COUNT").arg(count),
             )
             .await?;
-        let mut page = ScanPage { next, ..Default::default() };
+        *position = (next != 0).then_some(next);
+        let mut page = ScanPage::default();
         for key in keys {
             match String::from_utf8(key) {
                 Ok(key) => page.users.extend(key.strip_prefix(PROFILE_PREFIX).map(str::to_string)),
@@ -90,5 +222,23 @@ impl Store {
             }
         }
         Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scan_cursor_round_trips_and_resumes_per_node() {
+        let node = |port| Node { host: "127.0.0.1".into(), port };
+        let cursor = ScanCursor { nodes: vec![(node(7000), Some(42)), (node(7001), None), (node(7002), Some(0))] };
+        assert_eq!(cursor.encode(), "127.0.0.1:7000=42,127.0.0.1:7001=done,127.0.0.1:7002=0");
+        let saved = ScanCursor::decode(&cursor.encode());
+        assert_eq!(saved.get("127.0.0.1:7000"), Some(&Some(42)));
+        assert_eq!(saved.get("127.0.0.1:7001"), Some(&None));
+        assert!(ScanCursor::decode("12345").is_empty(), "a cursor of another format starts afresh");
+        assert!(!cursor.is_done());
+        assert!(ScanCursor { nodes: vec![(node(1), None)] }.is_done());
     }
 }

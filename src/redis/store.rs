@@ -1,74 +1,55 @@
-//! The request-path store: the client (address, password, TLS), bounded timeouts and reconnection,
-//! the profile read and the recommendation write.
+//! The request-path store: bounded timeouts and reconnection over the topology's connection, the
+//! profile read and the recommendation write, per topology: on one node (or the master Sentinel
+//! names) the read is one MULTI and the write one script; on a cluster the three keys of a user
+//! lie in different slots, so each step runs in its own slot, ordered so that no reader takes a
+//! list for computed from a profile it was not computed from (see `write_recommendations`).
 
-use std::sync::{LazyLock, RwLock};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{
-    Client, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult, Script, Value,
-};
+use ::redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, Value};
 use sha1::{Digest, Sha1};
 
-use super::keys::{meta_key, profile_key, recommendations_key, HEALTH_KEY};
+use super::keys::{claim_key, meta_key, profile_key, recommendations_key, HEALTH_KEY};
 use super::profile::{parse_profile, Profile, ProfileRead, StoredRead};
+use super::topology::{Backend, Conn, Kind, TopologyReport};
 use crate::config::Config;
 use crate::error::{ConfigError, Error};
 
 pub struct Store {
-    pub(super) client: Client,
-    pub(super) manager_config: ConnectionManagerConfig,
-    pub(super) conn: RwLock<ConnectionManager>,
+    pub(super) backend: Arc<Backend>,
     /// Hard bound on one operation, connecting included.
     pub(super) op_timeout: Duration,
-    pub(super) db: i64,
     pub(super) notify_channel: String,
 }
 
 impl Store {
-    /// Builds the client; nothing connects until the first command, so the service starts (and
+    /// Builds the clients; nothing connects until the first command, so the service starts (and
     /// reports unhealthy) while Redis is down.
     pub fn new(cfg: &Config) -> Result<Self, ConfigError> {
-        let client = client(cfg)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.redis_connect_timeout()))
-            .set_response_timeout(Some(cfg.redis_response_timeout()))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(100));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
-            .map_err(|e| ConfigError::Invalid(format!("redis: {e}")))?;
-        let db = client.get_connection_info().redis_settings().db();
         Ok(Self {
-            client,
-            manager_config,
-            conn: RwLock::new(conn),
+            backend: Arc::new(Backend::new(cfg)?),
             op_timeout: cfg.redis_connect_timeout() + cfg.redis_response_timeout(),
-            db,
             notify_channel: cfg.notify_channel.clone(),
         })
     }
 
-    pub(super) fn conn(&self) -> ConnectionManager {
-        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// Runs one operation under the hard timeout. A connection found dead (Redis restarted since
     /// the last command: broken pipe, reset) is replaced and the operation tried once more on a
-    /// fresh one, so no user request pays for discovering it; after a timeout the manager is
-    /// replaced too, so the next command dials afresh instead of waiting on a dead connection.
+    /// fresh one, so no user request pays for discovering it; after a timeout the connection is
+    /// dropped too, so the next command dials afresh instead of waiting on a dead connection.
     /// Every operation given here is idempotent (reads, or writes guarded by a deadline and the
     /// profile's hash), so a second attempt is safe.
     pub(super) async fn run<T, F, Fut>(&self, op: F) -> Result<T, Error>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         let attempts = async {
-            match op(self.conn()).await {
+            match op(self.backend.conn().await?).await {
                 Err(e) if is_dead_connection(&e) => {
-                    self.reset();
-                    op(self.conn()).await
+                    self.backend.reset();
+                    op(self.backend.conn().await?).await
                 }
                 other => other,
             }
@@ -77,30 +58,47 @@ impl Store {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.classify(e)),
             Err(_) => {
-                self.reset();
+                self.backend.reset();
                 Err(Error::RedisUnavailable(format!("no answer within {} ms", self.op_timeout.as_millis())))
             }
         }
     }
 
-    /// The error a request sees for a Redis error (resetting the connection after a connection
-    /// failure).
+    /// The error a request sees for a Redis error (dropping the connection after a connection
+    /// failure, or when the node turned replica: the next command finds the master again).
     pub(super) fn classify(&self, e: RedisError) -> Error {
         if is_connection_error(&e) {
-            self.reset();
+            self.backend.reset();
             Error::RedisUnavailable(e.to_string())
         } else if is_transient(&e) {
-            // Redis is up but cannot serve yet (loading its data after a restart, ...): try again soon.
+            // Redis is up but cannot serve yet (loading its data after a restart, a cluster
+            // without a master for a slot, ...): try again soon.
             Error::RedisUnavailable(e.to_string())
+        } else if e.code() == Some("READONLY") {
+            self.backend.reset();
+            Error::RedisUnavailable(format!("{e} (the node is a replica now; the next command looks for the master)"))
+        } else if matches!(e.code(), Some("MOVED" | "ASK")) && self.backend.kind() != Kind::Cluster {
+            Error::Redis(format!("{e} (the node is part of a Redis Cluster: set REDIS_CLUSTER_NODES)"))
         } else {
-            // Redis answered with an error (WRONGTYPE, NOAUTH, OOM, READONLY, MOVED, ...).
+            // Redis answered with an error (WRONGTYPE, NOAUTH, OOM, ...).
             Error::Redis(e.to_string())
         }
     }
 
-    fn reset(&self) {
-        if let Ok(fresh) = ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager_config.clone()) {
-            *self.conn.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+    /// The deployment's kind.
+    pub fn topology(&self) -> Kind {
+        self.backend.kind()
+    }
+
+    /// The topology and each node's state (`/health`).
+    pub async fn topology_report(&self) -> TopologyReport {
+        match tokio::time::timeout(self.op_timeout, self.backend.report()).await {
+            Ok(report) => report,
+            Err(_) => TopologyReport {
+                kind: self.backend.kind(),
+                nodes: vec![],
+                error: Some(format!("no answer within {} ms", self.op_timeout.as_millis())),
+            },
         }
     }
 
@@ -108,9 +106,17 @@ impl Store {
         self.run(|mut c| async move { cmd.query_async::<T>(&mut c).await }).await
     }
 
-    /// Readiness of the request path: Redis answers *and accepts writes* (a short-lived key), so a
-    /// Redis out of memory, a read-only replica or a cluster node that redirects is not "healthy".
+    /// Readiness of the request path: Redis can serve every key (a cluster with every slot
+    /// covered; not a cluster node addressed as a single one), answers *and accepts writes* (a
+    /// short-lived key), so a Redis out of memory or a read-only replica is not "healthy".
     pub async fn check_writable(&self) -> Result<(), Error> {
+        match tokio::time::timeout(self.op_timeout, self.backend.serving()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(Error::RedisUnavailable(reason)),
+            Err(_) => {
+                return Err(Error::RedisUnavailable(format!("no answer within {} ms", self.op_timeout.as_millis())))
+            }
+        }
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(HEALTH_KEY).arg(now_ms()).arg("PX").arg(10_000);
         self.query::<()>(&cmd).await
@@ -118,8 +124,11 @@ impl Store {
 
     /// Reads `user_profile:<user_id>` (at most `max_bytes` of it: a larger value is refused
     /// without being transferred), what the stored recommendations were computed from, Redis's
-    /// clock and, with `with_stored_list`, the stored list with its scores, in one MULTI. The
-    /// profile is parsed here, with its item cap.
+    /// clock and, with `with_stored_list`, the stored list with its scores. On one node that is one
+    /// MULTI. On a cluster the profile (with the clock of its node) is one MULTI in its slot, and
+    /// the meta and the list are read beside it; the meta counts only when it names the hash of
+    /// the list read (`list_sha`), so a list and a meta of two different writes never pass for
+    /// one. The profile is parsed here, with its item cap.
     pub async fn read_profile(
         &self,
         user_id: &str,
@@ -127,42 +136,55 @@ impl Store {
         with_stored_list: bool,
     ) -> Result<ProfileRead, Error> {
         let (key, meta) = (profile_key(user_id), meta_key(user_id));
-        let mut pipe = ::redis::pipe();
-        pipe.atomic()
-            .ignore_errors()
-            .cmd("TYPE")
-            .arg(&key)
-            .cmd("STRLEN")
-            .arg(&key)
-            .cmd("GETRANGE")
-            .arg(&key)
-            .arg(0)
-            .arg(limits.max_bytes)
-            .cmd("HMGET")
-            .arg(&meta)
-            .arg("profile_sha")
-            .arg("model_version")
-            .arg("scores")
-            .arg("strategy")
-            .cmd("TIME");
-        if with_stored_list {
-            pipe.cmd("GET").arg(recommendations_key(user_id));
-        }
+        let sharded = self.backend.kind() == Kind::Cluster;
+        let mut profile = ::redis::pipe();
+        profile.atomic().ignore_errors().cmd("TYPE").arg(&key).cmd("STRLEN").arg(&key);
+        profile.cmd("GETRANGE").arg(&key).arg(0).arg(limits.max_bytes);
+        let mut hmget = ::redis::cmd("HMGET");
+        hmget.arg(&meta).arg("profile_sha").arg("model_version").arg("scores").arg("strategy").arg("list_sha");
+        let mut get_list = ::redis::cmd("GET");
+        get_list.arg(recommendations_key(user_id));
         let read_at = Instant::now();
-        let replies: Vec<RedisResult<Value>> = self
-            .run(|mut c| {
-                let pipe = &pipe;
-                async move { pipe.query_async(&mut c).await }
+        let replies: Vec<RedisResult<Value>> = if sharded {
+            // One script rather than a MULTI: a single command, which the cluster client follows
+            // through MOVED and ASK while its slot migrates.
+            self.run(|c| {
+                let (hmget, get_list, key) = (&hmget, &get_list, &key);
+                let (mut c1, mut c2, mut c3) = (c.clone(), c.clone(), c);
+                let mut read = PROFILE_READ_SCRIPT.prepare_invoke();
+                read.key(key).arg(limits.max_bytes);
+                async move {
+                    let (p, m, l) = futures_util::join!(
+                        read.invoke_async::<Vec<Value>>(&mut c1),
+                        hmget.query_async::<Value>(&mut c2),
+                        get_list.query_async::<Value>(&mut c3)
+                    );
+                    let mut p = p?.into_iter();
+                    let mut next = || Ok(p.next().unwrap_or(Value::Nil));
+                    let (kind, len, head, time) = (next(), next(), next(), next());
+                    Ok(vec![kind, len, head, m, time, l])
+                }
             })
-            .await?;
+            .await?
+        } else {
+            profile.add_command(hmget).cmd("TIME");
+            if with_stored_list {
+                profile.add_command(get_list);
+            }
+            self.run(|mut c| {
+                let profile = &profile;
+                async move { profile.query_async(&mut c).await }
+            })
+            .await?
+        };
         let mut replies = replies.into_iter();
         let mut next = || replies.next().unwrap_or_else(|| Ok(Value::Nil)).map_err(|e| self.classify(e));
         let kind: String = from(next()?)?;
         // A key of another type fails these two; `kind` names it below.
         let len: Option<u64> = next().ok().and_then(from_or_none);
         let head: Option<Vec<u8>> = next().ok().and_then(from_or_none);
-        type Meta = (Option<String>, Option<String>, Option<String>, Option<String>);
-        let (sha, version, scores, strategy): Meta = match next() {
+        type Meta = (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>);
+        let (sha, version, scores, strategy, list_sha): Meta = match next() {
             Ok(v) => from(v).unwrap_or_default(),
             // Not a hash (written by something else): treated as absent; the next write replaces it.
             Err(e) => {
@@ -172,15 +194,20 @@ impl Store {
         };
         let (secs, micros): (u64, u64) = from(next()?)?;
         // Read back as written by `write_recommendations`; anything else is no stored list.
-        let list: Option<String> = if with_stored_list { next().ok().and_then(from_or_none) } else { None };
+        let list: Option<String> = next().ok().and_then(from_or_none);
+        let list_matches = list.as_deref().map(|l| profile_sha(l.as_bytes())) == list_sha;
+        let computed_from = sha.zip(version).filter(|_| !sharded || list_matches);
         let stored = (|| {
+            if sharded && !list_matches {
+                return None;
+            }
             Some(StoredRead {
                 items: serde_json::from_str(&list?).ok()?,
                 scores: serde_json::from_str(scores.as_deref()?).ok()?,
                 strategy: strategy?,
             })
-        })();
-        let computed_from = sha.zip(version);
+        })()
+        .filter(|_| with_stored_list);
         let redis_ms = secs * 1000 + micros / 1000;
         let profile = match (kind.as_str(), len, head) {
             ("none", ..) => None,
@@ -201,11 +228,19 @@ impl Store {
     }
 
     /// Writes `recommendations:<user_id>` (a JSON array of item ids, with the TTL) and what it was
-    /// computed from, then announces the user id on the notify channel: one script, so all or
-    /// nothing. It writes only if the profile still has the value the list was computed from (a
-    /// newer computation is never overwritten by an older one) and only before its deadline in
-    /// Redis's own clock, which falls `WRITE_MARGIN` before this call gives up: a write that
-    /// answers "unavailable" has not happened and will not happen later.
+    /// computed from (with the list's own hash, `list_sha`), then announces the user id on the
+    /// notify channel. It writes only if the profile still has the value the list was computed
+    /// from, and only before its deadline in Redis's own clock, which falls `WRITE_MARGIN` before
+    /// this call gives up: a write that answers "unavailable" has not happened and will not happen
+    /// later.
+    ///
+    /// On one node this is one script: all or nothing, and a newer computation is never
+    /// overwritten by an older one. On a cluster it is four steps in three slots: the profile is
+    /// checked (and the deadline) in its slot, the list is written, then its meta, then the
+    /// profile is checked again. A crash between list and meta leaves a list whose meta does not
+    /// name it: read as "not computed", so it costs a recomputation, never a stale skip. A profile
+    /// changed between the first check and the last is `Overtaken`: the list names the profile it
+    /// came from, and the caller recomputes.
     pub async fn write_recommendations(
         &self,
         user_id: &str,
@@ -222,44 +257,144 @@ impl Store {
             from.redis_ms + (from.read_at.elapsed() + self.op_timeout).saturating_sub(margin).as_millis() as u64;
         let (key, list_key, meta) = (profile_key(user_id), recommendations_key(user_id), meta_key(user_id));
         let (sha, now) = (from.sha().to_string(), now_ms().to_string());
-        let outcome: i64 = self
-            .run(|mut c| {
-                let mut call = WRITE_SCRIPT.prepare_invoke();
-                call.key(&key).key(&list_key).key(&meta);
-                call.arg(&sha).arg(deadline_ms).arg(&value).arg(ttl_secs).arg(model_version).arg(&now);
-                call.arg(&self.notify_channel).arg(user_id).arg(&scores).arg(list.strategy);
-                async move { call.invoke_async(&mut c).await }
-            })
-            .await?;
-        match outcome {
-            1 => Ok(Written::Stored),
-            0 => Ok(Written::Superseded),
-            _ => Err(Error::RedisUnavailable(
-                "Redis ran the write after its deadline; nothing was written (Redis is slow or blocked)".into(),
-            )),
+        let late = |what: &str| {
+            Error::RedisUnavailable(format!(
+                "Redis ran the write after its deadline; {what} (Redis is slow or blocked)"
+            ))
+        };
+        if self.backend.kind() != Kind::Cluster {
+            let outcome: i64 = self
+                .run(|mut c| {
+                    let mut call = WRITE_SCRIPT.prepare_invoke();
+                    call.key(&key).key(&list_key).key(&meta);
+                    call.arg(&sha).arg(deadline_ms).arg(&value).arg(ttl_secs).arg(model_version).arg(&now);
+                    call.arg(&self.notify_channel).arg(user_id).arg(&scores).arg(list.strategy);
+                    async move { call.invoke_async(&mut c).await }
+                })
+                .await?;
+            return match outcome {
+                1 => Ok(Written::Stored),
+                0 => Ok(Written::Superseded),
+                _ => Err(late("nothing was written")),
+            };
         }
+        let deadline = deadline_ms.to_string();
+        match self.script(&GUARD_SCRIPT, &key, &[sha.clone(), deadline.clone()]).await? {
+            1 => {}
+            0 => return Ok(Written::Superseded),
+            _ => return Err(late("nothing was written")),
+        }
+        let args = [deadline.clone(), value.clone(), ttl_secs.to_string()];
+        if self.script(&SET_LIST_SCRIPT, &list_key, &args).await? != 1 {
+            return Err(late("nothing was written"));
+        }
+        let args = [
+            deadline,
+            sha.clone(),
+            model_version.to_string(),
+            now,
+            scores,
+            list.strategy.to_string(),
+            profile_sha(value.as_bytes()),
+            ttl_secs.to_string(),
+            self.notify_channel.clone(),
+            user_id.to_string(),
+        ];
+        if self.script(&SET_META_SCRIPT, &meta, &args).await? != 1 {
+            return Err(late("the list was written without its meta, so it counts as not computed"));
+        }
+        if self.current_sha(user_id).await? != sha {
+            return Ok(Written::Overtaken);
+        }
+        Ok(Written::Stored)
+    }
+
+    /// One single-key script of the cluster write.
+    async fn script(&self, script: &Script, key: &str, args: &[String]) -> Result<i64, Error> {
+        self.run(|mut c| {
+            let mut call = script.prepare_invoke();
+            call.key(key);
+            for a in args {
+                call.arg(a);
+            }
+            async move { call.invoke_async::<i64>(&mut c).await }
+        })
+        .await
+    }
+
+    /// The hash of the profile as it is now (`missing`, or the Redis type of a key that is not a
+    /// string).
+    async fn current_sha(&self, user_id: &str) -> Result<String, Error> {
+        let key = profile_key(user_id);
+        self.run(|mut c| {
+            let mut call = PROFILE_SHA_SCRIPT.prepare_invoke();
+            call.key(&key);
+            async move { call.invoke_async(&mut c).await }
+        })
+        .await
     }
 
     /// Removes `recommendations:<user_id>` and its meta unless they were computed from the profile
     /// as it is now (a profile deleted, rewritten or broken since): what is left in Redis always
-    /// matches what the API would answer.
+    /// matches what the API would answer. On a cluster: the profile's hash is read in its slot,
+    /// the meta removed in its slot unless it names that hash, then the list it named (or any list
+    /// without a meta) in the list's slot.
     pub async fn drop_stale_recommendations(&self, user_id: &str) -> Result<bool, Error> {
         let (key, list, meta) = (profile_key(user_id), recommendations_key(user_id), meta_key(user_id));
+        if self.backend.kind() != Kind::Cluster {
+            let dropped: i64 = self
+                .run(|mut c| {
+                    let mut call = DROP_STALE_SCRIPT.prepare_invoke();
+                    call.key(&key).key(&list).key(&meta);
+                    async move { call.invoke_async(&mut c).await }
+                })
+                .await?;
+            return Ok(dropped == 1);
+        }
+        let current = self.current_sha(user_id).await?;
+        let named: Option<String> = self
+            .run(|mut c| {
+                let mut call = DROP_META_SCRIPT.prepare_invoke();
+                call.key(&meta).arg(&current);
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await?;
+        let Some(named) = named else { return Ok(false) };
         let dropped: i64 = self
             .run(|mut c| {
-                let mut call = DROP_STALE_SCRIPT.prepare_invoke();
-                call.key(&key).key(&list).key(&meta);
+                let mut call = DROP_LIST_SCRIPT.prepare_invoke();
+                call.key(&list).arg(&named);
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
         Ok(dropped == 1)
     }
 
-    pub async fn get_u64(&self, key: &str) -> Result<Option<u64>, Error> {
+    /// Claims `user_id` for `owner` for `ttl_ms` unless another holds it (a key in the profile's
+    /// slot). False when another replica holds it.
+    pub async fn claim_user(&self, user_id: &str, owner: &str, ttl_ms: u64) -> Result<bool, Error> {
+        let set: Option<String> =
+            self.query(::redis::cmd("SET").arg(claim_key(user_id)).arg(owner).arg("NX").arg("PX").arg(ttl_ms)).await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases `owner`'s claim on `user_id` (one that expired and was taken by another stays).
+    pub async fn release_user(&self, user_id: &str, owner: &str) -> Result<(), Error> {
+        let key = claim_key(user_id);
+        self.run(|mut c| {
+            let mut call = RELEASE_SCRIPT.prepare_invoke();
+            call.key(&key).arg(owner);
+            async move { call.invoke_async::<i64>(&mut c).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn get_string(&self, key: &str) -> Result<Option<String>, Error> {
         self.query(::redis::cmd("GET").arg(key)).await
     }
 
-    pub async fn set_u64(&self, key: &str, value: u64) -> Result<(), Error> {
+    pub async fn set_string(&self, key: &str, value: &str) -> Result<(), Error> {
         self.query(::redis::cmd("SET").arg(key).arg(value)).await
     }
 
@@ -290,32 +425,39 @@ pub enum Written {
     /// The profile changed after it was read: the list of its newer value is written by the
     /// computation that read it, not by this one.
     Superseded,
+    /// Written (a cluster), but the profile changed before the write was complete: the stored
+    /// list names the profile it came from, and the caller recomputes for the new one.
+    Overtaken,
 }
 
 /// How long before the caller gives up a write must have run in Redis to count.
 const WRITE_MARGIN: Duration = Duration::from_millis(100);
 
-/// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
-/// model version, computed-at ms, notify channel, user id, scores JSON, strategy. Returns 1
-/// written, 0 profile changed, -1 past the deadline.
-static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+/// The start of the write scripts (KEYS[1] the profile, ARGV[1] its hash, ARGV[2] the deadline in
+/// ms of the Redis clock): returns -1 past the deadline, 0 when the profile's hash changed.
+const PROFILE_GUARD_LUA: &str = r"
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[2]) then return -1 end
 local v = redis.call('GET', KEYS[1])
 local sha = 'missing'
 if v then sha = redis.sha1hex(v) end
-if sha ~= ARGV[1] then return 0 end
+if sha ~= ARGV[1] then return 0 end";
+
+/// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
+/// model version, computed-at ms, notify channel, user id, scores JSON, strategy. Returns 1
+/// written, 0 profile changed, -1 past the deadline.
+static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PROFILE_GUARD_LUA}
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'profile_sha', ARGV[1], 'model_version', ARGV[5], 'computed_at_ms', ARGV[6],
-  'scores', ARGV[9], 'strategy', ARGV[10])
+  'scores', ARGV[9], 'strategy', ARGV[10], 'list_sha', redis.sha1hex(ARGV[3]))
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return 1
 ",
-    )
+    ))
 });
 
 /// KEYS: profile, list, meta. Deletes list and meta unless meta's profile hash is the profile's
@@ -330,6 +472,106 @@ local stored = false
 if redis.call('TYPE', KEYS[3])['ok'] == 'hash' then stored = redis.call('HGET', KEYS[3], 'profile_sha') end
 if stored == sha then return 0 end
 if redis.call('DEL', KEYS[2], KEYS[3]) > 0 then return 1 end
+return 0
+",
+    )
+});
+
+/// Cluster write, step 1, in the profile's slot. KEYS: profile. ARGV: profile hash, deadline.
+/// Returns 1 unchanged, 0 changed, -1 past the deadline.
+static GUARD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PROFILE_GUARD_LUA}\nreturn 1\n")));
+
+/// Cluster write, step 2. KEYS: list. ARGV: deadline, list JSON, TTL. Returns 1 written, -1 past
+/// the deadline.
+static SET_LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[1]) then return -1 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+",
+    )
+});
+
+/// Cluster write, step 3. KEYS: meta. ARGV: deadline, profile hash, model version, computed-at ms,
+/// scores JSON, strategy, list hash, TTL, notify channel, user id. Returns 1 written, -1 past the
+/// deadline.
+static SET_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[1]) then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'profile_sha', ARGV[2], 'model_version', ARGV[3], 'computed_at_ms', ARGV[4],
+  'scores', ARGV[5], 'strategy', ARGV[6], 'list_sha', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('PUBLISH', ARGV[9], ARGV[10])
+return 1
+",
+    )
+});
+
+/// The cluster's profile read, in the profile's slot. KEYS: profile. ARGV: the byte cap. Returns
+/// its type, its length and its first bytes (nil unless a string), and the node's TIME.
+static PROFILE_READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local t = redis.call('TIME')
+if kind ~= 'string' then return {kind, false, false, t} end
+return {kind, redis.call('STRLEN', KEYS[1]), redis.call('GETRANGE', KEYS[1], 0, ARGV[1]), t}
+",
+    )
+});
+
+/// KEYS: profile. The hash of its value, `missing`, or the Redis type of a key of another type.
+static PROFILE_SHA_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then return redis.sha1hex(redis.call('GET', KEYS[1])) end
+if kind == 'none' then return 'missing' end
+return kind
+",
+    )
+});
+
+/// Cluster drop, meta step. KEYS: meta. ARGV: the profile's hash now. Keeps a meta that names it
+/// (nil); otherwise deletes the meta and returns the list hash it named ('' for no meta).
+static DROP_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then
+  redis.call('DEL', KEYS[1])
+  return ''
+end
+if redis.call('HGET', KEYS[1], 'profile_sha') == ARGV[1] then return false end
+local named = redis.call('HGET', KEYS[1], 'list_sha') or ''
+redis.call('DEL', KEYS[1])
+return named
+",
+    )
+});
+
+/// Cluster drop, list step. KEYS: list. ARGV: the hash the removed meta named ('' for none).
+/// Deletes the list when it is that one (or there was no meta). Returns 1 when it deleted.
+static DROP_LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if ARGV[1] ~= '' and redis.sha1hex(v) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+",
+    )
+});
+
+/// KEYS: claim. ARGV: owner. Deletes the claim if the owner still holds it.
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 ",
     )
@@ -365,54 +607,16 @@ pub(super) fn is_connection_error(e: &RedisError) -> bool {
 }
 
 /// Answers of a Redis that is up but not ready: loading its dataset (after a restart), a replica
-/// without its master, a busy script. The same command succeeds later. `EXECABORT` is how a
+/// without its master, a busy script, a cluster with a slot no master serves (`CLUSTERDOWN`). The
+/// same command succeeds later. `EXECABORT` is how a
 /// MULTI of reads (the profile read) ends when Redis refused to queue them for one of these
 /// reasons (its reads cannot be refused otherwise).
 pub(super) fn is_transient(e: &RedisError) -> bool {
-    const CODES: [&str; 5] = ["LOADING", "MASTERDOWN", "TRYAGAIN", "BUSY", "EXECABORT"];
-    e.code().is_some_and(|c| CODES.contains(&c)) || CODES.iter().any(|c| e.to_string().contains(&format!("{c} ")))
-}
-
-/// The Redis client: REDIS_URL, or REDIS_HOST/PORT/DB/PASSWORD (over TLS with REDIS_TLS); a
-/// CA file or client certificate when given (rediss:// only).
-fn client(cfg: &Config) -> Result<Client, ConfigError> {
-    let bad = |e: RedisError| ConfigError::Invalid(format!("redis address: {e}"));
-    let info = match &cfg.redis_url {
-        Some(url) => url.as_str().into_connection_info().map_err(bad)?,
-        None => {
-            let scheme = if cfg.redis_tls { "rediss" } else { "redis" };
-            let host =
-                if cfg.redis_host.contains(':') { format!("[{}]", cfg.redis_host) } else { cfg.redis_host.clone() };
-            let info =
-                format!("{scheme}://{host}:{}/{}", cfg.redis_port, cfg.redis_db).into_connection_info().map_err(bad)?;
-            let mut redis = info.redis_settings().clone();
-            if let Some(password) = cfg.redis_password.as_deref().filter(|p| !p.is_empty()) {
-                redis = redis.set_password(password);
-            }
-            info.set_redis_settings(redis)
-        }
-    };
-    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path).map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", path.display())))
-    };
-    let root_cert = cfg.redis_tls_ca_cert.as_deref().map(|p| read(p, "REDIS_TLS_CA_CERT")).transpose()?;
-    let client_tls = match (&cfg.redis_tls_client_cert, &cfg.redis_tls_client_key) {
-        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-            client_cert: read(cert, "REDIS_TLS_CLIENT_CERT")?,
-            client_key: read(key, "REDIS_TLS_CLIENT_KEY")?,
-        }),
-        _ => None,
-    };
-    if root_cert.is_none() && client_tls.is_none() {
-        return Client::open(info).map_err(bad);
-    }
-    if !tls {
-        return Err(ConfigError::Invalid(
-            "REDIS_TLS_CA_CERT / REDIS_TLS_CLIENT_CERT are set but the Redis address is not TLS \
-             (use a rediss:// REDIS_URL or REDIS_TLS=true)"
-                .into(),
-        ));
-    }
-    Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert }).map_err(bad)
+    const CODES: [&str; 6] = ["LOADING", "MASTERDOWN", "TRYAGAIN", "BUSY", "EXECABORT", "CLUSTERDOWN"];
+    // during a Sentinel failover the sentinels name no master (or only a demoted one) for a while
+    let sentinel_between_masters =
+        matches!(e.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel);
+    sentinel_between_masters
+        || e.code().is_some_and(|c| CODES.contains(&c))
+        || CODES.iter().any(|c| e.to_string().contains(&format!("{c} ")))
 }

@@ -4,13 +4,13 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
 use ::redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamMaxlen, StreamReadOptions, StreamReadReply,
 };
-use ::redis::{AsyncCommands, AsyncConnectionConfig, RedisError, Script};
+use ::redis::{AsyncCommands, RedisError, Script};
 
 use super::store::{is_connection_error, is_transient, Store};
+use super::topology::{Conn, Kind};
 use crate::error::Error;
 
 impl Store {
@@ -18,22 +18,19 @@ impl Store {
     /// must not hold up the shared one).
     pub async fn stream_consumer(&self, stream: &str, group: &str, consumer: &str) -> Result<StreamConsumer, Error> {
         let block = Duration::from_millis(1000);
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.op_timeout))
-            .set_response_timeout(Some(block + self.op_timeout));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
+        let mut conn = tokio::time::timeout(self.op_timeout, self.backend.dedicated(block + self.op_timeout))
             .await
+            .map_err(|_| Error::RedisUnavailable("connecting timed out".into()))?
             .map_err(|e| Error::RedisUnavailable(e.to_string()))?;
         let created: Result<(), RedisError> = conn.xgroup_create_mkstream(stream, group, "0").await;
         match created {
             Ok(()) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(Error::Redis(e.to_string())),
+            Err(e) => return Err(stream_err(e)),
         }
         Ok(StreamConsumer {
             conn,
+            sharded: self.backend.kind() == Kind::Cluster,
             stream: stream.into(),
             group: group.into(),
             consumer: consumer.into(),
@@ -58,7 +55,9 @@ impl StreamEntry {
 }
 
 pub struct StreamConsumer {
-    conn: MultiplexedConnection,
+    conn: Conn,
+    /// On a cluster the dead-letter stream and the request stream lie in different slots.
+    sharded: bool,
     pub stream: String,
     group: String,
     consumer: String,
@@ -137,7 +136,9 @@ impl StreamConsumer {
     }
 
     /// Moves an entry to the dead-letter stream (kept to its newest `dead_maxlen` entries) with the
-    /// reason, then acknowledges it.
+    /// reason, then acknowledges it: in one MULTI on one node; on a cluster (two slots) the entry is
+    /// added, then acknowledged, so a crash between them leaves it pending and dead-lettered twice,
+    /// never lost.
     pub async fn dead_letter(
         &mut self,
         dead_stream: &str,
@@ -149,6 +150,13 @@ impl StreamConsumer {
         fields.push(("reason".into(), reason.into()));
         fields.push(("source_stream".into(), self.stream.clone()));
         fields.push(("source_id".into(), entry.id.clone()));
+        if self.sharded {
+            self.conn
+                .xadd_maxlen::<_, _, _, _, ()>(dead_stream, StreamMaxlen::Equals(dead_maxlen), "*", &fields)
+                .await
+                .map_err(stream_err)?;
+            return self.ack(&entry.id).await;
+        }
         ::redis::pipe()
             .atomic()
             .xadd_maxlen(dead_stream, StreamMaxlen::Equals(dead_maxlen), "*", &fields)

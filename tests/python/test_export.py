@@ -1,5 +1,7 @@
-"""The TorchScript export contract of the three stages (scripts/msmodels.py), on small synthetic
-models: shapes, that padding behind the mask changes nothing, and eager/TorchScript parity."""
+"""The TorchScript export contract of the three stages (model_service_py.msmodels), on small
+synthetic models: shapes, that padding behind the mask changes nothing, and eager/TorchScript parity.
+
+The package is importable through pytest.ini's `pythonpath` (scripts/)."""
 
 import json
 import os
@@ -10,10 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
-sys.path.insert(0, SCRIPTS)
-
-import msmodels  # noqa: E402
+import model_service_py
+from model_service_py import msmodels
 
 N, D = 50, 8
 
@@ -107,9 +107,18 @@ def test_lightgcn_fold_in_user_is_the_normalised_propagation():
     torch.testing.assert_close(m.user_vectors(h, mask)[0], want)
 
 
+def make_test_models(out, *args):
+    """Runs the test-model generator as the Rust tests do (tests/common/mod.rs): `python -m`, with
+    the package's parent directory on PYTHONPATH."""
+    scripts = os.path.dirname(os.path.dirname(os.path.abspath(model_service_py.__file__)))
+    path = os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "model_service_py.make_test_models", str(out), *args]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path})
+
+
 def test_generated_test_models_form_a_complete_model_dir(tmp_path):
     out = tmp_path / "models"
-    subprocess.run([sys.executable, os.path.join(SCRIPTS, "make_test_models.py"), str(out), "--items", "40"], check=True)
+    make_test_models(out, "--items", "40")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["catalog"]["num_items"] == 40
     assert len((out / "catalog.tsv").read_text().splitlines()) == 40
@@ -122,10 +131,10 @@ def test_generated_test_models_form_a_complete_model_dir(tmp_path):
 def test_the_python_cascade_excludes_the_history_at_every_stage(tmp_path):
     import numpy as np
 
-    import cascade
+    from model_service_py import cascade
 
     out = tmp_path / "models"
-    subprocess.run([sys.executable, os.path.join(SCRIPTS, "make_test_models.py"), str(out)], check=True)
+    make_test_models(out)
     model = cascade.Cascade(str(out), c1=40, c2=20)
     histories = [np.array([0, 6, 12, 18]), np.array([5]), np.arange(0, 150, 3)]
     lists = model.rank(histories, k=10)
@@ -148,3 +157,43 @@ def test_din2_fast_forward_is_the_trained_form():
         for pad in (0, 42):
             h, m, c, s1, _ = batch(pad_value=pad)
             torch.testing.assert_close(module(h, m, c, s1), module.reference(h, m, c, s1), rtol=1e-5, atol=1e-5)
+
+
+def test_ease_scores_sum_the_neighbour_weights_of_the_real_history_items():
+    torch.manual_seed(6)
+    idx = torch.randint(0, N, (N, 4), dtype=torch.int32)
+    val = torch.rand(N, 4)
+    h, m, c, _, _ = batch(pad_value=42)
+    got = msmodels.ease_scores(h, m, c, idx, val)
+    want = torch.zeros(c.shape)
+    for i in range(h.shape[0]):
+        for item in h[i][m[i]].tolist():
+            for k in range(4):
+                want[i] += (c[i] == int(idx[item, k])).float() * float(val[item, k])
+    torch.testing.assert_close(got, want)
+    assert (got[2] == 0).all(), "a row without history scores 0"
+    twice = torch.cat([c[:, :2], c[:, :2]], dim=1)  # a candidate listed twice gets its score twice
+    torch.testing.assert_close(msmodels.ease_scores(h, m, twice, idx, val), torch.cat([want[:, :2], want[:, :2]], dim=1))
+
+
+def test_ranknet_cosine_features_use_the_real_history_items_only():
+    module = ranknet()
+    h, m, c, s1, s2 = batch(pad_value=42)
+    feats = module.features(h, m, c, s1, s2)  # standardised with mean 0 and std 1: the raw features
+    for i in range(h.shape[0]):
+        real = h[i][m[i]]
+        if len(real) == 0:
+            assert (feats[i, :, 5] == 0).all() and (feats[i, :, 6] == 0).all()
+            continue
+        sim = module.item_unit[c[i]] @ module.item_unit[real].t()
+        torch.testing.assert_close(feats[i, :, 5], sim.amax(dim=1))
+        torch.testing.assert_close(feats[i, :, 6], sim.mean(dim=1))
+
+
+def test_lightgcn_item_vectors_read_either_layout():
+    m = lightgcn()
+    table = msmodels.item_vectors(m)
+    assert tuple(table.shape) == (N, D)
+    assert msmodels.item_vectors({"item_emb": table}) is table
+    h, mask = torch.tensor([[3, 7]]), torch.ones(1, 2, dtype=torch.bool)
+    torch.testing.assert_close(m(h, mask), m.user_vectors(h, mask) @ table.t())

@@ -10,8 +10,7 @@ from typing import List
 
 import numpy as np
 
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import REPO as _REPO
 
 
 def portable(text: str, data_dir: str | None = None) -> str:

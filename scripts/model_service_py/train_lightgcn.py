@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data as ds
-import msmodels
+from . import data as ds
+from . import msmodels
 
 
 def build_graph(kept, num_users, num_items):
@@ -80,7 +80,7 @@ def evaluate(serve: msmodels.LightGCNServe, history, test, users, k=20, user_vec
             if user_vecs is None:
                 scores = serve(h, m)
             else:
-                scores = user_vecs[batch] @ serve.item_emb.t()
+                scores = user_vecs[batch] @ serve.item_emb_t
             scores[m.nonzero()[:, 0], h[m]] = float("-inf")
             top = scores.topk(k, dim=1).indices.numpy()
             for j, u in enumerate(batch):

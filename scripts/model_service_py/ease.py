@@ -9,7 +9,7 @@ K neighbours ("sparse EASE"). train_din.py / train_ranknet.py / assemble_models.
 table with this module: on the kept part of the held-out split for training, on all of train.txt
 for serving.
 
-usage: ease.py --data DIR --out TABLE.pt [--holdout 0 | 0.1] [--lam 200] [--neighbours 50]
+usage: python -m model_service_py.ease --data DIR --out TABLE.pt [--holdout 0 | 0.1] [--lam 200] [--neighbours 50]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import List
 import numpy as np
 import torch
 
-import data as ds
+from . import data as ds
 
 
 def gram(lists: List[np.ndarray], num_items: int, block: int = 2048) -> torch.Tensor:

@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-import cascade
-import data as ds
-import msmodels
-from train_din import split_users
+from . import cascade
+from . import data as ds
+from . import msmodels
+from .train_din import split_users
 
 
 def itemknn_neighbours(kept, num_users, num_items, k, block=1024):
@@ -124,7 +124,7 @@ def main():
             din.nbr_val.copy_(nbr_val)
 
     pop = np.bincount(np.concatenate(kept), minlength=d.num_items)
-    item_unit = torch.nn.functional.normalize(lightgcn.item_emb.clone(), dim=1)
+    item_unit = torch.nn.functional.normalize(msmodels.item_vectors(lightgcn).clone(), dim=1)
     model = msmodels.RankNet(
         item_unit, torch.log1p(torch.from_numpy(pop).float()), nbr_idx, nbr_val,
         torch.zeros(8), torch.ones(8), hidden=args.hidden,

@@ -2,7 +2,7 @@
 """Write the Amazon-Book training histories to Redis as user_profile:<reviewer_id> = JSON array of
 ASINs (what the frontend writes), for backfill runs and benchmarks.
 
-usage: load_profiles.py --data DIR [--host localhost] [--port 6379] [--db 0] [--users N]
+usage: python -m model_service_py.load_profiles --data DIR [--host localhost] [--port 6379] [--db 0] [--users N]
 """
 
 import argparse
@@ -11,7 +11,7 @@ import time
 
 import redis
 
-import data as ds
+from . import data as ds
 
 
 def write_profiles(r: redis.Redis, d: ds.Dataset, users) -> None:

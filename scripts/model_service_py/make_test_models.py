@@ -3,7 +3,7 @@
 for tests: a clustered synthetic catalog, so a history drawn from one cluster gets recommendations
 from that cluster. Deterministic for a given --seed. Not trained; never shipped.
 
-usage: make_test_models.py OUT_DIR [--items 300] [--clusters 6] [--dim 16] [--seed 1]
+usage: python -m model_service_py.make_test_models OUT_DIR [--items 300] [--clusters 6] [--dim 16] [--seed 1]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-import msmodels
+from . import msmodels
 
 
 def main():

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Re-export served stages with the current module code in scripts/msmodels.py, keeping their
+"""Re-export served stages with the current module code in msmodels.py, keeping their
 trained weights: for a change of the forward computation that leaves the function the same (for
 example a faster, algebraically identical form). Each stage is loaded from its model.pt, rebuilt
 from the weights, exported with the usual parity check (msmodels.export), checked against the old
 file on random batches, and the manifest's versions are updated.
 
-usage: reexport.py --model-dir model_output [--stage din ...]
+usage: python -m model_service_py.reexport --model-dir model_output [--stage din ...]
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import tempfile
 
 import torch
 
-import msmodels
+from . import msmodels
 
 
 def rebuild(stage: str, old: torch.jit.ScriptModule) -> torch.nn.Module:
     sd = old.state_dict()
     if stage == "lightgcn":
-        module = msmodels.LightGCNServe(sd["fold_in"], sd["item_emb"], sd["item_norm"])
+        # built from its tables alone: the item table's layout may differ from the file's
+        return msmodels.LightGCNServe(sd["fold_in"], msmodels.item_vectors(sd), sd["item_norm"]).eval()
     elif stage == "din" and "att_w" in sd:
         n, dim = sd["emb.weight"].shape
         module = msmodels.DIN2(n, sd["nbr_idx"], sd["nbr_val"], sd["log_pop"], dim=dim, hidden=sd["mlp.0.weight"].shape[0],

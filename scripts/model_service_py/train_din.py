@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-import cascade
-import data as ds
-import msmodels
+from . import cascade
+from . import data as ds
+from . import msmodels
 
 
 def split_users(held, seed):
@@ -134,7 +134,7 @@ def main():
                         dim=args.dim, hidden=args.hidden, max_att=args.max_att)
     with torch.no_grad():
         # start the item embeddings from the top principal directions of LightGCN's item vectors
-        x = lightgcn.item_emb.clone()
+        x = msmodels.item_vectors(lightgcn).clone()
         _, _, v = torch.pca_lowrank(x, q=args.dim, center=True)
         e = x @ v
         din.emb.weight.copy_(e / e.norm(dim=1).mean())

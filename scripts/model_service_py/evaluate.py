@@ -6,12 +6,12 @@ whole catalog minus the history is ranked; Recall@20 and NDCG@20 (binary relevan
 min(|truth|, 20)). Three rows: LightGCN alone, LightGCN -> DIN, the full cascade.
 
 Computed twice on the same users:
-  python: scripts/cascade.py over the TorchScript files in MODEL_DIR;
+  python: cascade.py (this package) over the TorchScript files in MODEL_DIR;
   rust:   the release binary serving MODEL_DIR; profiles (ASIN lists) written to a real
           redis-server as user_profile:<reviewer_id>, POST /recommend/<id>?k=20 over HTTP, once per
           LAST_STAGE (lightgcn, din, ranknet); the response is checked against recommendations:<id>.
 
-usage: evaluate.py --data DIR [--models model_output] [--users N] [--json OUT] [--manifest]
+usage: python -m model_service_py.evaluate --data DIR [--models model_output] [--users N] [--json OUT] [--manifest]
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import numpy as np
 import redis
 import torch
 
-import cascade
-import data as ds
+from . import REPO as ROOT
+from . import cascade
+from . import data as ds
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [("lightgcn", "LightGCN"), ("din", "LightGCN -> DIN"), ("ranknet", "LightGCN -> DIN -> RankNet")]
 
 
@@ -206,8 +206,8 @@ def main():
             raise SystemExit(f"{args.baselines} covers {base.get('users')} users, this run {len(users)}")
         result["baselines"] = {k: v for k, v in base.items() if isinstance(v, dict)}
         for name, v in result["baselines"].items():
-            print(f"| {name} (scripts/baselines.py) | {v['recall@20']:.4f} | {v['ndcg@20']:.4f} | - | - | - |")
-    result["command"] = ds.portable("scripts/evaluate.py " + " ".join(sys.argv[1:]), data_dir=args.data)
+            print(f"| {name} (model_service_py.baselines) | {v['recall@20']:.4f} | {v['ndcg@20']:.4f} | - | - | - |")
+    result["command"] = ds.portable("python -m model_service_py.evaluate " + " ".join(sys.argv[1:]), data_dir=args.data)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 MAX_HISTORY = 200  # the server's MAX_HISTORY default
-LIGHTGCN_CANDIDATES = 1000  # LIGHTGCN_CANDIDATES default
+LIGHTGCN_CANDIDATES = 600  # LIGHTGCN_CANDIDATES default
 DIN_CANDIDATES = 100  # DIN_CANDIDATES default
 
 

@@ -5,7 +5,7 @@ train.txt co-occurrences, score = sum of similarities to the history items), EAS
 closed form, lambda 200, see ease.py) and sparse EASE (each item's 50 strongest EASE neighbours
 only, the table the cascade serves).
 
-usage: baselines.py --data DIR [--json OUT] [--methods most_popular,itemknn_cosine,ease,ease_sparse50]
+usage: python -m model_service_py.baselines --data DIR [--json OUT] [--methods most_popular,itemknn_cosine,ease,ease_sparse50]
                     [--ease-table OUT.pt]   (also save the top-50 EASE neighbour table)
 """
 
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-import data as ds
-import ease as ez
+from . import data as ds
+from . import ease as ez
 
 
 def main():

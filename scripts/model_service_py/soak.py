@@ -54,8 +54,8 @@ import time
 
 import redis
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from . import REPO as ROOT
+
 TOKEN = "soak-token"
 
 
@@ -99,7 +99,7 @@ class RedisServer:
 def profiles(args, catalog: list[str]) -> dict[str, list[str]]:
     rng = random.Random(7)
     if args.data:
-        import data as ds
+        from . import data as ds
         d = ds.load(args.data)
         picked = rng.sample(range(d.num_users), min(args.users, d.num_users))
         return {d.users[u]: [d.asins[i] for i in d.train[u]] for u in picked}
@@ -426,11 +426,11 @@ def main():
                    "sockets_closed_by_server": attack.closed_by_server, "health_live_probes": attack.probes,
                    "health_live_failures": len(attack.probe_failures), "max_connections": args.max_connections},
         "events": events, "service_alive_at_end": alive, "verdict": "pass" if ok else "fail",
-        "command": " ".join(sys.argv),
+        "command": "python -m model_service_py.soak " + " ".join(sys.argv[1:]),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        import data as ds
+        from . import data as ds
         f.write(ds.portable(json.dumps(report, indent=1), data_dir=args.data))
     print(json.dumps({k: v for k, v in report.items() if k != "rss_kib"} | {
         "rss_kib": {k: v for k, v in report["rss_kib"].items() if k != "samples"}}, indent=1))

@@ -34,12 +34,15 @@ class LightGCNServe(nn.Module):
 
     user = sum_{i in H} norm_i * fold_in[i] / sqrt(|H|), with norm_i = deg(i)^-1/2 from the training
     graph; scores = user @ item_emb^T. The training script decides what fold_in and item_emb hold.
+    item_emb is kept transposed ([D, N] contiguous, buffer item_emb_t): the GEMM of a batch of user
+    vectors then reads it in place, where the [N, D] layout made MKL copy the whole table per batch
+    (half of the stage's time at batch 16).
     """
 
     def __init__(self, fold_in: torch.Tensor, item_emb: torch.Tensor, item_norm: torch.Tensor):
         super().__init__()
         self.register_buffer("fold_in", fold_in.float().contiguous())
-        self.register_buffer("item_emb", item_emb.float().contiguous())
+        self.register_buffer("item_emb_t", item_emb.float().t().contiguous())
         self.register_buffer("item_norm", item_norm.float().contiguous())
 
     def user_vectors(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,7 +52,14 @@ class LightGCNServe(nn.Module):
         return torch.einsum("bl,bld->bd", w, self.fold_in[history]) / n.sqrt()
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.user_vectors(history, mask) @ self.item_emb.t()
+        return self.user_vectors(history, mask) @ self.item_emb_t
+
+
+def item_vectors(lightgcn) -> torch.Tensor:
+    """LightGCN's [N, D] item vectors from a loaded stage or its state dict, in either layout
+    (exports before the transposed table hold item_emb [N, D])."""
+    state = lightgcn if isinstance(lightgcn, dict) else dict(lightgcn.named_buffers())
+    return state["item_emb_t"].t() if "item_emb_t" in state else state["item_emb"]
 
 
 class LastDimPReLU(nn.Module):
@@ -145,24 +155,19 @@ class DIN(nn.Module):
 def ease_scores(history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, nbr_idx: torch.Tensor,
                 nbr_val: torch.Tensor) -> torch.Tensor:
     """Sparse-EASE score [B, C]: sum over the profile's real history items h of nbr_val[h, k] where
-    nbr_idx[h, k] is the candidate. Row by row through one dense [N] buffer cleared after each row
-    (the cost follows the real items: L * K adds and C reads per profile)."""
+    nbr_idx[h, k] is the candidate. The whole batch in one scatter: each real item's K neighbours
+    are added into its row of a dense [B, N] buffer, the candidates read back (the adds of one row
+    run in the same order as row by row, so the sums are the same to the bit). Measured faster
+    than a binary search of the neighbours among the sorted candidates, which needs no such buffer."""
     b, c = cands.shape
-    lens: List[int] = mask.sum(dim=1).tolist()
+    n = nbr_idx.shape[0]
+    rows = torch.arange(b, device=cands.device).unsqueeze(1).expand_as(history)[mask]  # [T]
     hist = history[mask]
-    out = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
-    dense = torch.zeros(nbr_idx.shape[0], dtype=torch.float32, device=cands.device)
-    start = 0
-    for i, n in enumerate(lens):
-        if n == 0:
-            continue
-        h = hist[start : start + n]
-        start += n
-        idx = nbr_idx.index_select(0, h).reshape(-1).long()
-        dense.index_add_(0, idx, nbr_val.index_select(0, h).reshape(-1))
-        out[i] = dense.index_select(0, cands[i])
-        dense.index_fill_(0, idx, 0.0)
-    return out
+    idx = nbr_idx.index_select(0, hist).long() + (rows * n).unsqueeze(1)  # [T, K] into the [B * N] buffer
+    dense = torch.zeros(b * n, dtype=torch.float32, device=cands.device)
+    dense.index_add_(0, idx.reshape(-1), nbr_val.index_select(0, hist).reshape(-1))
+    offsets = (torch.arange(b, device=cands.device) * n).unsqueeze(1)
+    return dense.index_select(0, (cands + offsets).reshape(-1)).view(b, c)
 
 
 def row_zscore(x: torch.Tensor) -> torch.Tensor:
@@ -200,6 +205,10 @@ class DIN2(nn.Module):
         self.dim = dim
         self.max_att = max_att
 
+    def popularity(self, cands: torch.Tensor) -> torch.Tensor:
+        """log(1 + popularity) of each candidate, [B, C] (index_select: far cheaper than indexing)."""
+        return self.log_pop.index_select(0, cands.reshape(-1)).view(cands.shape)
+
     def features(self, history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, s1: torch.Tensor,
                  ease: torch.Tensor) -> torch.Tensor:
         b, c = cands.shape
@@ -218,7 +227,7 @@ class DIN2(nn.Module):
         inter = pooled * ec
         hlen = torch.log1p(lens.to(torch.float32)).unsqueeze(1).expand(b, c)
         extra = torch.stack(
-            [inter.sum(dim=2), s1, row_zscore(s1), ease, row_zscore(ease), self.log_pop[cands], hlen], dim=2
+            [inter.sum(dim=2), s1, row_zscore(s1), ease, row_zscore(ease), self.popularity(cands), hlen], dim=2
         )
         return (torch.cat([inter, extra], dim=2) - self.feat_mean) / self.feat_std
 
@@ -228,10 +237,11 @@ class DIN2(nn.Module):
         return self.mlp(self.features(history, mask, cands, s1, ease)).squeeze(-1)
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-        """reference() rearranged, algebraically identical, for speed: the logits as [B, La, C] so
-        the softmax runs over a strided dimension with the long candidate axis contiguous (a
-        softmax over a last dimension of a few history items does not vectorise), and the feature
-        standardisation folded into the first MLP layer (no [B, C, F] concatenation)."""
+        """reference() rearranged, algebraically identical, for speed:
+        - the attention row by row over the profile's own real items only ([n, C] logits, softmax
+          over the n items): a batch padded to its longest history costs no more, where the
+          padded [B, C, La] form spent most of DIN's time on masked entries;
+        - the feature standardisation folded into the first MLP layer (no [B, C, F] concatenation)."""
         ease = ease_scores(history, mask, cands, self.nbr_idx, self.nbr_val)
         b, c = cands.shape
         d = self.dim
@@ -240,24 +250,27 @@ class DIN2(nn.Module):
         lens = mask.sum(dim=1)
         ar = torch.arange(la, device=history.device).unsqueeze(0)
         pos = ((lens - la).clamp(min=0).unsqueeze(1) + ar).clamp(max=L - 1)
-        valid = ar < lens.unsqueeze(1)  # [B, La]
-        vf = valid.to(torch.float32).unsqueeze(2)  # [B, La, 1]
-        eh = self.emb(history.gather(1, pos)) * vf  # [B, La, D]
+        eh = self.emb(history.gather(1, pos))  # [B, La, D]: row i's last min(n_i, La) items first
+        q = eh @ self.att_w
         ec = self.emb(cands)  # [B, C, D]
-        logits = (eh @ self.att_w) @ ec.transpose(1, 2)  # [B, La, C]
-        logits = logits.masked_fill(~valid.unsqueeze(2), -1e9)
-        att = torch.softmax(logits, dim=1) * vf
-        pooled = att.transpose(1, 2) @ eh  # [B, C, D]
+        pooled = torch.zeros(b, c, d, dtype=ec.dtype, device=ec.device)
+        kept: List[int] = lens.clamp(max=la).tolist()
+        for i in range(b):
+            n = kept[i]
+            if n > 0:
+                att = torch.softmax(torch.mm(q[i, :n], ec[i].t()), dim=0)  # [n, C]
+                torch.mm(att.t(), eh[i, :n], out=pooled[i])
         inter = pooled * ec
-        w = self.mlp[0].weight / self.feat_std  # [H, F]
-        bias = self.mlp[0].bias - w @ self.feat_mean
         hlen = torch.log1p(lens.to(torch.float32)).unsqueeze(1).expand(b, c)
-        extra = torch.stack(
-            [inter.sum(dim=2), s1, row_zscore(s1), ease, row_zscore(ease), self.log_pop[cands], hlen], dim=2
-        )
-        y = torch.addmm(bias, inter.reshape(-1, d), w[:, :d].t())
-        y.addmm_(extra.reshape(-1, extra.shape[2]), w[:, d:].t())
-        return self.mlp[2](torch.relu_(y)).view(b, c)
+        ones = torch.ones_like(s1)
+        x = torch.cat(
+            [inter, torch.stack([inter.sum(dim=2), s1, row_zscore(s1), ease, row_zscore(ease), self.popularity(cands), hlen, ones], dim=2)],
+            dim=2,
+        )  # [B, C, F + 1]: the features, then 1 for the bias
+        w = self.mlp[0].weight / self.feat_std  # [H, F]
+        wb = torch.cat([w, (self.mlp[0].bias - w @ self.feat_mean).unsqueeze(1)], dim=1)  # [H, F + 1]
+        y = torch.relu_(torch.mm(x.view(b * c, -1), wb.t()))
+        return torch.addmv(self.mlp[2].bias, y, self.mlp[2].weight[0]).view(b, c)
 
 
 class RankNet(nn.Module):
@@ -307,39 +320,27 @@ class RankNet(nn.Module):
         s2: torch.Tensor,
     ) -> torch.Tensor:
         b, c = cands.shape
-        lens: List[int] = mask.sum(dim=1).tolist()
-        hlen = mask.sum(dim=1, keepdim=True).to(torch.float32)  # [B, 1]
+        lens = mask.sum(dim=1, keepdim=True)
+        hlen = lens.to(torch.float32)  # [B, 1]
         # rank of each candidate in s1's order (0 = best), / C
         order = torch.argsort(s1, dim=1, descending=True)
         rank = torch.empty_like(s1).scatter_(1, order, torch.arange(c, device=s1.device, dtype=s1.dtype).expand(b, c))
         rank = rank / float(max(c, 1))
-        # per row, over the real history items only (a padded batch costs no more): cosine max and
-        # mean, and ItemKNN through one dense [N] buffer that is cleared again after each row
-        hist = history[mask]  # [T]
+        # cosine max and mean over the real history items ([B, C, L] with the padding masked out),
+        # ItemKNN over the whole batch in one scatter (ease_scores)
         cu = self.item_unit.index_select(0, cands.reshape(-1)).view(b, c, -1)  # [B, C, D]
-        max_sim = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
-        mean_sim = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
-        knn = torch.zeros(b, c, dtype=torch.float32, device=cands.device)
-        dense = torch.zeros(self.log_pop.shape[0], dtype=torch.float32, device=cands.device)
-        start = 0
-        for i, n in enumerate(lens):
-            if n == 0:
-                continue
-            h = hist[start : start + n]
-            start += n
-            sim = cu[i] @ self.item_unit.index_select(0, h).t()  # [C, L]
-            max_sim[i] = sim.amax(dim=1)
-            mean_sim[i] = sim.mean(dim=1)
-            idx = self.nbr_idx.index_select(0, h).reshape(-1).long()  # [L * K]
-            dense.index_add_(0, idx, self.nbr_val.index_select(0, h).reshape(-1))
-            knn[i] = dense.index_select(0, cands[i])
-            dense.index_fill_(0, idx, 0.0)
+        hu = self.item_unit.index_select(0, history.reshape(-1)).view(b, history.shape[1], -1)  # [B, L, D]
+        sim = torch.bmm(cu, hu.transpose(1, 2))  # [B, C, L]
+        real = mask.unsqueeze(1)
+        max_sim = torch.where(lens > 0, sim.masked_fill(~real, float("-inf")).amax(dim=2), torch.zeros_like(s1))
+        mean_sim = (sim * real.to(sim.dtype)).sum(dim=2) / hlen.clamp(min=1.0)
+        knn = ease_scores(history, mask, cands, self.nbr_idx, self.nbr_val)
         feats = torch.stack(
             [
                 s1,
                 s2,
                 rank,
-                self.log_pop[cands],
+                self.log_pop.index_select(0, cands.reshape(-1)).view(b, c),  # log(1 + popularity)
                 torch.log1p(hlen).expand(b, c),
                 max_sim,
                 mean_sim,

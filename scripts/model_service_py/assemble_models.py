@@ -3,7 +3,7 @@
 meta.json, writes catalog.tsv (ASIN and train.txt popularity by row, the cold-start order) and
 manifest.json (versions, dims, catalog size, training-data hash, hyperparameters).
 
-usage: assemble_models.py --data DIR --lightgcn D --din D --ranknet D --out model_output
+usage: python -m model_service_py.assemble_models --data DIR --lightgcn D --din D --ranknet D --out model_output
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 import shutil
 import time
 
-import data as ds
-import msmodels
+from . import data as ds
+from . import msmodels
 
 
 def main():
