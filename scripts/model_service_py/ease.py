@@ -67,6 +67,18 @@ def top_neighbours(b: torch.Tensor, k: int):
     return idx.to(torch.int32).contiguous(), val.contiguous()
 
 
+def serving_table(module: torch.nn.Module, path: str | None, trained_info: dict) -> dict:
+    """Puts the EASE neighbour table a stage serves with (`path`, an output of this script) into
+    `module`'s nbr_idx / nbr_val buffers, in place of the one it was trained with; returns the
+    settings of the table it now holds, without the data hash (for the manifest)."""
+    info = trained_info
+    if path:
+        idx, val, info = torch.load(path)
+        module.nbr_idx.copy_(idx.to(torch.int32))
+        module.nbr_val.copy_(val)
+    return {k: v for k, v in info.items() if k != "data_sha256"}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)

@@ -23,6 +23,7 @@ import torch
 
 from . import cascade
 from . import data as ds
+from .ease import serving_table
 from . import msmodels
 from .train_din import split_users
 
@@ -187,13 +188,8 @@ def main():
         model.net.load_state_dict(best[2])
         print(f"exporting epoch {best[1]} (validation recall@20 {best[0]:.4f})", flush=True)
 
-    serve_info = ease_info
-    if args.ease_serve:
-        si, sv, serve_info = torch.load(args.ease_serve)
-        model.nbr_idx.copy_(si.to(torch.int32))
-        model.nbr_val.copy_(sv)
     hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "din", "ease_train", "ease_serve")}
-    hp["ease"] = {k: v for k, v in serve_info.items() if k != "data_sha256"}
+    hp["ease"] = serving_table(model, args.ease_serve, ease_info)
     msmodels.export(
         model.eval(),
         "ranknet",
