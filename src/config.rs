@@ -325,7 +325,7 @@ pub struct IngestArgs {
         global = true
     )]
     pub ingest_event_types: Vec<String>,
-    /// Most events applied to Redis in one pipeline (and committed together).
+    /// Most events taken from Kafka as one batch (applied to Redis, recomputed and committed together).
     #[arg(long, env = "INGEST_BATCH", default_value_t = 500, global = true)]
     pub ingest_batch: usize,
     /// Recent event ids remembered per user, so that an event a producer sent twice is applied

@@ -272,12 +272,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
     // offset commit, and the kill lands there (the offset watermark in Redis has moved, the
     // committed offset not yet), so the restart is redelivered events that were applied
     let mut first = ingest(&redis, &kafka, &[("INGEST_BATCH", "200"), ("INGEST_CONCURRENCY", "1")]);
-    let mut conn = redis.conn();
-    wait_until(Duration::from_secs(120), || {
-        let marks: HashMap<String, i64> =
-            redis::cmd("HGETALL").arg(format!("ingest_offsets:{TOPIC}")).query(&mut conn).unwrap();
-        marks.values().map(|o| o + 1).sum::<i64>() >= 800
-    });
+    wait_until(Duration::from_secs(120), || metric(&first, "applied") >= 800.0);
     first.kill9();
     produce(&kafka, &evs[3000..]);
     // tansu 0.6.0 limitation: when a member joins while the group's leader is dead but not yet
@@ -296,7 +291,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
     }
     for (user, ids) in &by_user {
         let stored: Vec<String> = redis::cmd("LRANGE")
-            .arg(format!("ingested_events:{user}"))
+            .arg(format!("ingested_events:{{user_profile:{user}}}"))
             .arg(0)
             .arg(-1)
             .query(&mut redis.conn())
@@ -407,4 +402,61 @@ fn two_instances_in_one_group_split_the_partitions_and_apply_every_event_once() 
     assert!(ra > 0.0 && rb > 0.0, "both instances consumed: {ra} {rb}");
     let users: Vec<&String> = want.keys().collect();
     wait_recomputed(&redis, &users, Duration::from_secs(120));
+}
+
+#[test]
+fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_recommendations() {
+    let cluster = Cluster::start_with(3, 0);
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    let evs = events("c", 300, 3000, 5);
+    let want = expected(&evs);
+    produce(&kafka, &evs);
+    let brokers = kafka.brokers();
+    let (seeds, max) = (cluster.seeds(), MAX_ITEMS.to_string());
+    let env = [
+        ("REDIS_CLUSTER_NODES", seeds.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_TOPIC", TOPIC),
+        ("KAFKA_DEAD_LETTER_TOPIC", DEAD),
+        ("MAX_PROFILE_ITEMS", max.as_str()),
+    ];
+    let server = Server::start_mode(cluster.nodes[0].port, test_models(), &["ingest"], &env);
+    server.wait_healthy();
+    let mut conn = cluster.conn();
+    let mut wrong = Vec::new();
+    let stale = |conn: &mut redis::cluster::ClusterConnection, wrong: &mut Vec<String>| {
+        wrong.clear();
+        for (user, profile) in &want {
+            let stored: Option<String> = redis::cmd("GET").arg(format!("user_profile:{user}")).query(conn).unwrap();
+            let sha_of: Option<String> =
+                redis::cmd("HGET").arg(format!("recommendations_meta:{user}")).arg("profile_sha").query(conn).unwrap();
+            let exact =
+                stored.as_deref().map(|s| serde_json::from_str::<Vec<String>>(s).unwrap()).as_ref() == Some(profile);
+            if !exact || sha_of != stored.as_deref().map(sha) {
+                wrong.push(format!("{user}: {stored:?}, want {profile:?}, meta {sha_of:?}"));
+            }
+        }
+        wrong.is_empty()
+    };
+    let t = Instant::now();
+    while !stale(&mut conn, &mut wrong) {
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "{} users wrong, e.g. {:?}",
+            wrong.len(),
+            &wrong[..3.min(wrong.len())]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // the users' profiles (and so their bookkeeping keys) lie on every master
+    let per_master: Vec<i64> = cluster
+        .master_ports()
+        .iter()
+        .map(|&p| redis::cmd("DBSIZE").query(&mut cluster.on(p).conn()).unwrap())
+        .collect();
+    assert!(per_master.iter().all(|&n| n > 100), "keys per master: {per_master:?}");
+    assert_eq!(metric(&server, "dead_lettered"), 0.0);
+    assert_eq!(metric(&server, "applied") as usize, evs.iter().filter(|e| e.event != "wishlist").count());
 }

@@ -3,8 +3,9 @@
 //!
 //! 1. parsed: a malformed event is sent to KAFKA_DEAD_LETTER_TOPIC with the reason, an event
 //!    whose type is not in INGEST_EVENT_TYPES is counted as ignored;
-//! 2. applied to Redis, one script per event (`redis::ingest`): the item moves to the end of
-//!    `user_profile:<user_id>`, deduplicated, capped, idempotent by offset and by event id;
+//! 2. applied to Redis, one script per user with that user's events in order (`redis::ingest`):
+//!    each item moves to the end of `user_profile:<user_id>`, deduplicated, capped, idempotent by
+//!    the user's offset watermark and by event id;
 //! 3. recomputed: every user of the batch goes through `Service::refresh`, the listener's path
 //!    (no second ranking path; a list already computed from the current profile is skipped);
 //! 4. committed: the batch's offsets, only after 2 and 3 (and the dead letters) are done.

@@ -1,19 +1,25 @@
-//! Ingested behaviour events: the append of one event's item to `user_profile:<user_id>`, in one
-//! Lua script per event, so the read-modify-write is atomic against the frontend's own writes of
-//! the key and against other ingest instances.
+//! Ingested behaviour events: the append of a batch's items to `user_profile:<user_id>`, in one
+//! Lua script per user (that user's events in order), so the read-modify-write is atomic against
+//! the frontend's own writes of the key and against other ingest instances. The script's three keys
+//! share the profile's hash tag, so on a cluster they lie in one slot.
 //!
 //! Idempotence, in the same script as the profile write (so it can never disagree with it):
-//! - a per-topic watermark, partition -> the highest offset applied (`ingest_offsets:<topic>`).
-//!   Each partition is applied in offset order from its committed offset, and every offset below
-//!   the committed one has been applied, so an offset at or below the watermark has been applied
-//!   already: a redelivery (after a crash, a rebalance or an uncommitted batch) changes nothing;
-//! - the user's most recent event ids (`ingested_events:<user_id>`, `INGEST_DEDUPE_IDS` of them,
-//!   `INGEST_DEDUPE_TTL_SECS`): the same event produced twice (a producer retry, at two offsets)
-//!   is applied once.
+//! - per user, a watermark `<topic>:<partition>` -> the highest offset applied to this user
+//!   (`ingest_offsets:{user_profile:<id>}`). Each partition is applied in offset order from its
+//!   committed offset, every offset below the committed one has been applied, and a user's events
+//!   of a batch are applied together or not at all, so an offset at or below the user's watermark
+//!   has been applied already: a redelivery (after a crash, a rebalance or a retried batch)
+//!   changes nothing;
+//! - the user's most recent event ids (`ingested_events:{user_profile:<id>}`, `INGEST_DEDUPE_IDS`
+//!   of them, `INGEST_DEDUPE_TTL_SECS`): the same event produced twice (a producer retry, at two
+//!   offsets) is applied once.
+//!
+//! Both keys expire `INGEST_DEDUPE_TTL_SECS` after the user's last event.
 
 use std::sync::LazyLock;
 
-use ::redis::{RedisResult, Script, Value};
+use ::redis::Script;
+use futures_util::StreamExt;
 
 use super::keys::{ingest_offsets_key, ingested_events_key, profile_key};
 use super::store::Store;
@@ -55,124 +61,187 @@ pub enum Applied {
     BadProfile(String),
 }
 
-/// Events per round trip: a pipeline of scripts, each bounded by MAX_PROFILE_BYTES of work.
-const CHUNK: usize = 100;
+/// One user's event indices in the batch, and what the script did with each.
+type UserApplied = (Vec<usize>, Vec<Applied>);
+
+/// Users whose scripts are in flight at once (pipelined on the connection; each script is bounded
+/// by its user's events and MAX_PROFILE_BYTES of work).
+const IN_FLIGHT: usize = 64;
 
 impl Store {
-    /// Applies the events in order (one script each, pipelined `CHUNK` at a time) and returns
-    /// what each did. A failure (Redis down, timeout) leaves some applied and some not; applying
-    /// the same events again is safe (see the module's idempotence).
+    /// Applies the events, one script per user holding that user's events in batch order, and
+    /// returns what each event did, in the order given. A failure (Redis down, a timeout, a
+    /// failover) leaves some users' events applied and others not: applying the same events again
+    /// is safe (see the module's idempotence), and a user's events are applied all together or not
+    /// at all, so a later event of the user can never be applied before an earlier one.
     pub async fn append_events(
         &self,
         topic: &str,
         events: &[Append<'_>],
         limits: AppendLimits,
     ) -> Result<Vec<Applied>, Error> {
-        let offsets = ingest_offsets_key(topic);
-        let mut out = Vec::with_capacity(events.len());
-        for chunk in events.chunks(CHUNK) {
-            let invocations: Vec<_> = chunk
-                .iter()
-                .map(|e| {
-                    let mut call = APPEND_SCRIPT.prepare_invoke();
-                    call.key(profile_key(e.user_id)).key(ingested_events_key(e.user_id)).key(&offsets);
-                    call.arg(e.item_id)
-                        .arg(e.event_id)
-                        .arg(e.partition)
-                        .arg(e.offset)
-                        .arg(limits.max_items)
-                        .arg(limits.max_bytes)
-                        .arg(limits.dedupe_ids)
-                        .arg(limits.dedupe_ttl_secs);
-                    call
-                })
-                .collect();
-            let mut pipe = ::redis::pipe();
-            pipe.ignore_errors();
-            pipe.load_script(&APPEND_SCRIPT).ignore();
-            for call in &invocations {
-                pipe.invoke_script(call);
+        let mut by_user: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut slot: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (i, e) in events.iter().enumerate() {
+            let at = *slot.entry(e.user_id).or_insert_with(|| {
+                by_user.push((e.user_id, Vec::new()));
+                by_user.len() - 1
+            });
+            by_user[at].1.push(i);
+        }
+        let results: Vec<Result<UserApplied, Error>> = futures_util::stream::iter(by_user)
+            .map(|(user, indices)| async move {
+                let user_events: Vec<&Append<'_>> = indices.iter().map(|&i| &events[i]).collect();
+                let applied = self.append_user(topic, user, &user_events, limits).await?;
+                Ok((indices, applied))
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut out = vec![None; events.len()];
+        for result in results {
+            let (indices, applied) = result?;
+            if applied.len() != indices.len() {
+                return Err(Error::Redis(format!(
+                    "expected {} results of the append script, got {}",
+                    indices.len(),
+                    applied.len()
+                )));
             }
-            let replies: Vec<RedisResult<Value>> = self
-                .run(|mut c| {
-                    let pipe = &pipe;
-                    async move { pipe.query_async(&mut c).await }
-                })
-                .await?;
-            if replies.len() != chunk.len() {
-                return Err(Error::Redis(format!("expected {} script replies, got {}", chunk.len(), replies.len())));
-            }
-            for reply in replies {
-                let (status, detail): (i64, String) = match reply {
-                    Ok(v) => ::redis::from_redis_value(v)
-                        .map_err(|e| Error::Redis(format!("unexpected reply of the append script: {e}")))?,
-                    Err(e) => return Err(self.classify(e)),
-                };
-                out.push(match status {
-                    1 => Applied::Appended { items: detail.parse().unwrap_or_default() },
-                    0 if detail == "offset" => Applied::DuplicateOffset,
-                    0 => Applied::DuplicateEvent,
-                    _ => Applied::BadProfile(detail),
-                });
+            for (i, a) in indices.into_iter().zip(applied) {
+                out[i] = Some(a);
             }
         }
-        Ok(out)
+        Ok(out.into_iter().map(|a| a.expect("every event belongs to one user")).collect())
+    }
+
+    /// One user's events in one script (all three keys in the profile's slot).
+    async fn append_user(
+        &self,
+        topic: &str,
+        user_id: &str,
+        events: &[&Append<'_>],
+        limits: AppendLimits,
+    ) -> Result<Vec<Applied>, Error> {
+        let mut call = APPEND_SCRIPT.prepare_invoke();
+        call.key(profile_key(user_id)).key(ingested_events_key(user_id)).key(ingest_offsets_key(user_id));
+        call.arg(topic).arg(limits.max_items).arg(limits.max_bytes).arg(limits.dedupe_ids).arg(limits.dedupe_ttl_secs);
+        for e in events {
+            call.arg(e.item_id).arg(e.event_id).arg(e.partition).arg(e.offset);
+        }
+        let replies: Vec<(i64, String)> = self
+            .run(|mut c| {
+                let call = &call;
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(replies
+            .into_iter()
+            .map(|(status, detail)| match status {
+                1 => Applied::Appended { items: detail.parse().unwrap_or_default() },
+                0 if detail == "offset" => Applied::DuplicateOffset,
+                0 => Applied::DuplicateEvent,
+                _ => Applied::BadProfile(detail),
+            })
+            .collect())
     }
 }
 
-/// KEYS: profile, the user's recent event ids, the topic's offset watermarks.
-/// ARGV: item id, event id, partition, offset, max items, max bytes, ids remembered, their TTL.
-/// Returns {1, items in the profile} appended, {0, "offset" | "event_id"} a duplicate, {-1, reason}
-/// a stored profile that is not a JSON array of strings (left as it is).
+/// KEYS: the profile, the user's recent event ids, the user's offset watermarks.
+/// ARGV: topic, max items, max bytes, ids remembered, their TTL; then per event, in order: item id,
+/// event id, partition, offset.
+/// Returns per event {1, items in the profile afterwards} appended, {0, "offset" | "event_id"} a
+/// duplicate, {-1, reason} refused: the stored profile is not a JSON array of strings (left as it
+/// is; nothing of the call is written) or a bookkeeping key was overwritten with another type.
 static APPEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local applied = redis.call('HGET', KEYS[3], ARGV[3])
-if applied and tonumber(applied) >= tonumber(ARGV[4]) then return {0, 'offset'} end
-if redis.call('LPOS', KEYS[2], ARGV[2]) then
-  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
-  return {0, 'event_id'}
+local topic, max_items, max_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local keep_ids, ttl = tonumber(ARGV[4]), ARGV[5]
+local out, marks, moved, seen, pending = {}, {}, {}, {}, {}
+local function refuse(reason)
+  for i = 1, #out do
+    if out[i][1] == 1 then out[i] = {-1, reason} end
+  end
+  return out
 end
-local items = {}
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'string' then
-  local raw = redis.call('GET', KEYS[1])
-  if not string.find(raw, '^%s*%[') then
-    return {-1, 'the stored profile is not a JSON array of item ids'}
+for _, k in ipairs({{KEYS[2], 'list'}, {KEYS[3], 'hash'}}) do
+  local kind = redis.call('TYPE', k[1])['ok']
+  if kind ~= 'none' and kind ~= k[2] then
+    for i = 6, #ARGV, 4 do out[#out + 1] = {-1, k[1] .. ' holds a Redis ' .. kind .. ', expected a ' .. k[2]} end
+    return out
   end
-  local ok, decoded = pcall(cjson.decode, raw)
-  if not ok or type(decoded) ~= 'table' then
-    return {-1, 'the stored profile is not JSON'}
-  end
-  local n = 0
-  for _ in pairs(decoded) do n = n + 1 end
-  for i = 1, n do
-    if type(decoded[i]) ~= 'string' then
-      return {-1, 'element ' .. (i - 1) .. ' of the stored profile is not a string item id'}
+end
+for i = 6, #ARGV, 4 do
+  local item, id, field, offset = ARGV[i], ARGV[i + 1], topic .. ':' .. ARGV[i + 2], tonumber(ARGV[i + 3])
+  if marks[field] == nil then marks[field] = tonumber(redis.call('HGET', KEYS[3], field) or '-1') end
+  if offset <= marks[field] then
+    out[#out + 1] = {0, 'offset'}
+  else
+    marks[field] = offset
+    moved[field] = true
+    if seen[id] or redis.call('LPOS', KEYS[2], id) then
+      out[#out + 1] = {0, 'event_id'}
+    else
+      seen[id] = true
+      out[#out + 1] = {1, ''}
+      pending[#pending + 1] = {item, id}
     end
   end
-  items = decoded
-elseif kind ~= 'none' then
-  return {-1, 'the profile key holds a Redis ' .. kind .. ', expected a string'}
 end
-local kept = {}
-for i = 1, #items do
-  if items[i] ~= ARGV[1] then kept[#kept + 1] = cjson.encode(items[i]) end
+if #pending > 0 then
+  local items = {}
+  local kind = redis.call('TYPE', KEYS[1])['ok']
+  if kind == 'string' then
+    local raw = redis.call('GET', KEYS[1])
+    if not string.find(raw, '^%s*%[') then
+      return refuse('the stored profile is not a JSON array of item ids')
+    end
+    local ok, decoded = pcall(cjson.decode, raw)
+    if not ok or type(decoded) ~= 'table' then
+      return refuse('the stored profile is not JSON')
+    end
+    local n = 0
+    for _ in pairs(decoded) do n = n + 1 end
+    for i = 1, n do
+      if type(decoded[i]) ~= 'string' then
+        return refuse('element ' .. (i - 1) .. ' of the stored profile is not a string item id')
+      end
+    end
+    items = decoded
+  elseif kind ~= 'none' then
+    return refuse('the profile key holds a Redis ' .. kind .. ', expected a string')
+  end
+  local appended = {}
+  for _, p in ipairs(pending) do
+    items[#items + 1] = p[1]
+    appended[p[1]] = true
+  end
+  -- newest first, an appended item at its latest position only, capped by count and by bytes
+  local kept, taken, bytes = {}, {}, 1
+  for i = #items, 1, -1 do
+    local item = items[i]
+    if not (appended[item] and taken[item]) then
+      taken[item] = true
+      local encoded = cjson.encode(item)
+      if #kept >= max_items or (#kept > 0 and bytes + #encoded + 1 > max_bytes) then break end
+      bytes = bytes + #encoded + 1
+      kept[#kept + 1] = encoded
+    end
+  end
+  local ordered = {}
+  for i = #kept, 1, -1 do ordered[#ordered + 1] = kept[i] end
+  redis.call('SET', KEYS[1], '[' .. table.concat(ordered, ',') .. ']', 'KEEPTTL')
+  for i = 1, #out do
+    if out[i][1] == 1 then out[i][2] = tostring(#ordered) end
+  end
+  for _, p in ipairs(pending) do redis.call('LPUSH', KEYS[2], p[2]) end
+  redis.call('LTRIM', KEYS[2], 0, keep_ids - 1)
+  redis.call('EXPIRE', KEYS[2], ttl)
 end
-kept[#kept + 1] = cjson.encode(ARGV[1])
-local first = math.max(1, #kept - tonumber(ARGV[5]) + 1)
-local bytes = 1
-for i = first, #kept do bytes = bytes + #kept[i] + 1 end
-while bytes > tonumber(ARGV[6]) and first < #kept do
-  bytes = bytes - #kept[first] - 1
-  first = first + 1
-end
-redis.call('SET', KEYS[1], '[' .. table.concat(kept, ',', first, #kept) .. ']', 'KEEPTTL')
-redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[7]) - 1)
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
-return {1, tostring(#kept - first + 1)}
+for field in pairs(moved) do redis.call('HSET', KEYS[3], field, marks[field]) end
+if next(moved) then redis.call('EXPIRE', KEYS[3], ttl) end
+return out
 ",
     )
 });

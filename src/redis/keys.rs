@@ -14,16 +14,18 @@ pub fn meta_key(user_id: &str) -> String {
 }
 
 /// The ids of the user's most recent ingested events (a list, newest first): a behaviour event a
-/// producer sent twice is applied once. Its name does not start with `user_profile:`, so profile
-/// scans never see it.
+/// producer sent twice is applied once. The hash tag is the profile key, so on a cluster it lives
+/// in the profile's slot (the append script writes both); the name does not start with
+/// `user_profile:`, so profile scans never see it.
 pub fn ingested_events_key(user_id: &str) -> String {
-    format!("ingested_events:{user_id}")
+    format!("ingested_events:{{{}}}", profile_key(user_id))
 }
 
-/// Per Kafka topic, a hash partition -> the highest offset whose event has been applied to the
-/// profiles (written by the same script as the profile, so a redelivered event changes nothing).
-pub fn ingest_offsets_key(topic: &str) -> String {
-    format!("ingest_offsets:{topic}")
+/// Per user, a hash `<topic>:<partition>` -> the highest offset of that partition whose event for
+/// this user has been applied to the profile (written by the same script as the profile, so a
+/// redelivered event changes nothing). Hash-tagged like `ingested_events_key`.
+pub fn ingest_offsets_key(user_id: &str) -> String {
+    format!("ingest_offsets:{{{}}}", profile_key(user_id))
 }
 
 /// A listener replica's short claim on a user it is recomputing. The hash tag is the profile key,
