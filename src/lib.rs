@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod ivf;
 pub mod listener;
 pub mod metrics;
 pub mod model_set;
