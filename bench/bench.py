@@ -189,6 +189,12 @@ def print_table(scale: str, rows: list[dict], roof: dict, n_items: int) -> dict:
         frac = best["ok_rps"] / roof["ceiling_rps"]
         summary["fraction_of_ceiling"] = frac
         print(f"; model-service's best {best['ok_rps']:.0f}/s (c={best['concurrency']}) is {frac:.1%} of it")
+    approximate = {r["concurrency"]: r for r in rows if r["service"] == "model-service ivf"}
+    for c in sorted(set(approximate) & set(ours)):
+        a, o = approximate[c], ours[c]
+        summary.setdefault("ivf_vs_exact", {})[c] = {"rps": a["ok_rps"] / max(o["ok_rps"], 1e-9), "p50_ms": a["p50_ms"]}
+        print(f"  CANDIDATE_SEARCH=ivf c={c:<4d} req/s x{a['ok_rps'] / max(o['ok_rps'], 1e-9):5.2f} exact's, "
+              f"p50 {a['p50_ms']:.1f} vs {o['p50_ms']:.1f} ms")
     unbatched = [r for r in rows if r["service"] == "model-service MAX_BATCH=1"]
     if unbatched and best:
         u = max(unbatched, key=lambda r: r["ok_rps"])
@@ -331,6 +337,11 @@ def main():
                 ("model-service MAX_BATCH=1", [args.bin, "serve"],
                  {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn", "MAX_BATCH": "1"}, [32]),
             ]
+            if scale != "amazon-book":
+                # the approximate candidate search (src/ivf.rs) beside the exact one; its recall is
+                # measured by model_service_py.ann_recall
+                plan.append(("model-service ivf", [args.bin, "serve"],
+                             {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn", "CANDIDATE_SEARCH": "ivf"}, [1, 32]))
             rows = []
             for name, cmd, env, levels in plan:
                 port = free_port()

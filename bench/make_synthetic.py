@@ -4,8 +4,10 @@
 plus catalog.tsv, manifest.json and a profiles file of --users synthetic shoppers.
 
 History lengths are drawn from the Amazon-Book training histories (--data) so the per-request
-work matches the real workload; items are drawn with a Zipf-like popularity. Scores are
-meaningless, the cost is real: it is a throughput test of the same computation at 1M items.
+work matches the real workload; items are drawn with a Zipf-like popularity. LightGCN's item
+vectors are the shipped model's, each repeated with noise, so the catalog has the geometry of real
+item embeddings (what an approximate candidate search depends on); the other tables are random.
+The cost is real: it is a throughput test of the same computation at 1M items.
 
 usage: make_synthetic.py --data DIR --out DIR [--items 1000000] [--users 20000]
 """
@@ -22,6 +24,8 @@ import torch
 from model_service_py import data as ds
 from model_service_py import msmodels
 
+# The noise added to a real item's unit vector (relative to its length) to make a synthetic item.
+NOISE = 0.5
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model_output")
 
 
@@ -37,7 +41,8 @@ def main():
     with open(os.path.join(SHIPPED, "manifest.json")) as f:
         shipped_manifest = json.load(f)
     shipped_version, shipped_candidates = shipped_manifest["version"], shipped_manifest.get("candidates")
-    stamp = f"{args.items} {args.users} {args.seed} {msmodels.sha256_file(msmodels.__file__)} {shipped_version}"
+    stamp = (f"{args.items} {args.users} {args.seed} {msmodels.sha256_file(msmodels.__file__)} "
+             f"{msmodels.sha256_file(os.path.abspath(__file__))} {shipped_version}")
     if os.path.exists(done) and open(done).read() == stamp:
         print(f"{args.out}: already generated")
         return
@@ -59,8 +64,16 @@ def main():
     asins = [f"S{i:09d}" for i in range(n)]
     log_pop = torch.log1p(torch.from_numpy(popularity).float())
 
-    emb = torch.randn(n, dim) * 0.1
-    unit = torch.nn.functional.normalize(emb, dim=1)
+    # LightGCN's tables grown from the shipped (Amazon-Book) ones: every synthetic item is a real
+    # item's vectors plus noise, so the catalog has the geometry of real item embeddings (clusters
+    # of similar items), which the approximate candidate search (IVF) depends on; pure random
+    # vectors have none. The first rows copy each real item once, the rest draw real items evenly.
+    real_sd = shipped["lightgcn"].state_dict()
+    real_unit, real_fold = msmodels.item_vectors(real_sd), real_sd["fold_in"]
+    source = torch.randint(0, real_unit.shape[0], (n,))
+    source[: min(n, real_unit.shape[0])] = torch.arange(min(n, real_unit.shape[0]))
+    unit = torch.nn.functional.normalize(real_unit[source] + NOISE * torch.randn(n, dim) / dim**0.5, dim=1)
+    emb = real_fold[source] + NOISE * real_fold.std() * torch.randn(n, dim)
     norm = torch.from_numpy(1.0 / np.sqrt(popularity.astype(np.float32)))
     lightgcn = msmodels.LightGCNServe(emb, unit, norm)
     # the shipped DIN2 and RankNet with every per-item table (embeddings, EASE / ItemKNN neighbours)

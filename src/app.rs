@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
+use crate::ivf::SearchSpec;
 use crate::metrics::Metrics;
 use crate::models::DeviceChoice;
 use crate::redis::store::ProfileLimits;
@@ -23,6 +24,12 @@ pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
         deadline: cfg.request_timeout(),
         lightgcn_candidates: cfg.lightgcn_candidates,
         din_candidates: cfg.din_candidates,
+        search: SearchSpec {
+            mode: cfg.candidate_search,
+            min_items: cfg.ivf_min_items,
+            lists: cfg.ivf_lists,
+            probes: cfg.ivf_probes,
+        },
         last_stage: cfg.last_stage,
         reload_timeout: cfg.reload_timeout(),
         max_file_bytes: cfg.max_model_file_bytes,

@@ -169,6 +169,21 @@ pub struct Config {
     /// Candidates kept after LightGCN (scored by DIN).
     #[arg(long, env = "LIGHTGCN_CANDIDATES", default_value_t = 600, global = true)]
     pub lightgcn_candidates: usize,
+    /// How LightGCN finds its candidates: exact (score every item), ivf (search an inverted-file
+    /// index over its item vectors, built when the model set loads: approximate, for large
+    /// catalogs; README "Approximate candidate search" has its measured recall), auto (ivf from
+    /// IVF_MIN_ITEMS items).
+    #[arg(long, env = "CANDIDATE_SEARCH", value_enum, default_value = "exact", global = true)]
+    pub candidate_search: crate::ivf::CandidateSearch,
+    /// With CANDIDATE_SEARCH=auto, the smallest catalog searched through the IVF index.
+    #[arg(long, env = "IVF_MIN_ITEMS", default_value_t = 200_000, global = true)]
+    pub ivf_min_items: usize,
+    /// Lists of the IVF index (0: about the square root of the catalog size).
+    #[arg(long, env = "IVF_LISTS", default_value_t = 0, global = true)]
+    pub ivf_lists: usize,
+    /// IVF lists scanned per profile (more when they hold too few items for the candidates).
+    #[arg(long, env = "IVF_PROBES", default_value_t = 32, global = true)]
+    pub ivf_probes: usize,
     /// Candidates kept after DIN (ordered by RankNet).
     #[arg(long, env = "DIN_CANDIDATES", default_value_t = 100, global = true)]
     pub din_candidates: usize,
@@ -535,6 +550,7 @@ impl Config {
             ("MAX_K", self.max_k),
             ("LIGHTGCN_CANDIDATES", self.lightgcn_candidates),
             ("DIN_CANDIDATES", self.din_candidates),
+            ("IVF_PROBES", self.ivf_probes),
             ("MAX_HISTORY", self.max_history),
             ("MAX_PROFILE_BYTES", self.max_profile_bytes),
             ("MAX_PROFILE_ITEMS", self.max_profile_items),

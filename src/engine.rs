@@ -15,6 +15,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{ConfigError, Error};
+use crate::ivf::SearchSpec;
 use crate::metrics::Metrics;
 use crate::model_set::{LoadSpec, ModelSet};
 use crate::models::{Budget, DeviceChoice, Ranked, Stage, StageStats};
@@ -35,6 +36,8 @@ pub struct EngineConfig {
     pub deadline: Duration,
     pub lightgcn_candidates: usize,
     pub din_candidates: usize,
+    /// Stage 1's candidate search.
+    pub search: SearchSpec,
     pub last_stage: Stage,
     /// Bound on one reload (RELOAD_TIMEOUT_SECS).
     pub reload_timeout: Duration,
@@ -55,6 +58,7 @@ impl EngineConfig {
             torch_threads: self.torch_threads,
             warm_batch: self.max_batch,
             warm_budget: self.budget(10, false),
+            search: self.search,
             max_file_bytes: self.max_file_bytes,
         })
     }

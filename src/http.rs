@@ -517,6 +517,8 @@ pub struct Health {
     pub redis_topology: TopologyReport,
     pub device: Option<String>,
     pub catalog_items: Option<usize>,
+    /// Stage 1's candidate search: `exact`, or `ivf lists=L probes=P` (the approximate index).
+    pub candidate_search: Option<String>,
     /// `unhealthy`, when unhealthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -548,6 +550,7 @@ async fn readiness(service: &Service) -> Health {
         redis_topology,
         device: set.as_ref().map(|s| s.info.device.clone()),
         catalog_items: set.as_ref().map(|s| s.catalog.len()),
+        candidate_search: set.as_ref().map(|s| s.info.candidate_search.clone()),
         error: (!healthy).then(|| "unhealthy".into()),
         detail: (!healthy).then(|| problems.join("; ")),
     }

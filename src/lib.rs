@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod ivf;
 pub mod listener;
 pub mod metrics;
 pub mod model_set;

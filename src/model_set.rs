@@ -10,6 +10,7 @@ use tch::Device;
 
 use crate::catalog::Catalog;
 use crate::error::ConfigError;
+use crate::ivf::{CandidateSearch, IvfIndex, SearchSpec};
 use crate::models::{Budget, ModelInfo, Models, Ranked, StageStats};
 
 /// How to load a set: where, on what, how many copies, and the serving sizes to warm up at.
@@ -24,6 +25,8 @@ pub struct LoadSpec {
     pub warm_budget: Budget,
     /// Largest file of the directory that is read (MAX_MODEL_FILE_BYTES).
     pub max_file_bytes: u64,
+    /// Stage 1's candidate search (the IVF index is built once per set, shared by its copies).
+    pub search: SearchSpec,
 }
 
 /// Opens a file of a model directory for reading, only if it is (after symlinks) a regular file
@@ -68,24 +71,53 @@ impl ModelSet {
             open_model_file(&file, spec.max_file_bytes)
                 .map_err(|reason| ConfigError::Model { dir: dir.display().to_string(), reason })?;
         }
-        let copies: Vec<Result<Models, ConfigError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..spec.copies.max(1))
-                .map(|_| {
-                    scope.spawn(|| {
-                        tch::set_num_threads(spec.torch_threads.max(1) as i32);
-                        let models = Models::load(dir, spec.device, catalog.len())?;
-                        warm_up(&models, spec).map_err(|reason| ConfigError::Model {
-                            dir: dir.display().to_string(),
-                            reason: format!("warm-up failed: {reason}"),
-                        })?;
-                        Ok(models)
+        let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
+        let load_copies = |f: &(dyn Fn() -> Result<Models, ConfigError> + Sync)| -> Vec<Result<Models, ConfigError>> {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..spec.copies.max(1))
+                    .map(|_| {
+                        scope.spawn(|| {
+                            tch::set_num_threads(spec.torch_threads.max(1) as i32);
+                            f()
+                        })
                     })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(ConfigError::Load("a model loading thread panicked".into()))))
-                .collect()
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| Err(ConfigError::Load("a model loading thread panicked".into())))
+                    })
+                    .collect()
+            })
+        };
+        let mut copies = load_copies(&|| Models::load(dir, spec.device, catalog.len()))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        if spec.search.uses_index(catalog.len()) {
+            // one index per set, built on the models' device with every core, shared by the copies
+            tch::set_num_threads(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32);
+            match copies[0].item_table() {
+                Ok(table) => {
+                    let index = IvfIndex::build(&table, &spec.search).map_err(|e| {
+                        err(format!("building the IVF index failed: {}", crate::models::torch_error(&e)))
+                    })?;
+                    for copy in &mut copies {
+                        copy.use_index(index.shallow_clone());
+                    }
+                }
+                Err(reason) if spec.search.mode == CandidateSearch::Auto => {
+                    tracing::warn!(%reason, "CANDIDATE_SEARCH=auto: this model set is searched exactly");
+                }
+                Err(reason) => return Err(err(reason)),
+            }
+        }
+        let slots: Vec<Mutex<Option<Models>>> = copies.into_iter().map(|m| Mutex::new(Some(m))).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let copies: Vec<Result<Models, ConfigError>> = load_copies(&|| {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let models = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take().expect("one copy per thread");
+            warm_up(&models, spec).map_err(|reason| err(format!("warm-up failed: {reason}")))?;
+            Ok(models)
         });
         let copies = copies.into_iter().map(|c| c.map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
         let info = copies[0].lock().unwrap_or_else(|e| e.into_inner()).info.clone();

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tch::{CModule, Device, Kind, TchError, Tensor};
 
 use crate::error::ConfigError;
+use crate::ivf::IvfIndex;
 
 pub const STAGES: [&str; 3] = ["lightgcn", "din", "ranknet"];
 
@@ -112,6 +113,8 @@ pub struct ModelInfo {
     pub stages: Vec<StageInfo>,
     pub num_items: usize,
     pub device: String,
+    /// Stage 1's candidate search: `exact`, or `ivf lists=L probes=P`.
+    pub candidate_search: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -170,6 +173,8 @@ pub struct Models {
     /// DIN interface v2: forward(history, mask, cands, s1).
     din_takes_s1: bool,
     device: Device,
+    /// Approximate candidate search for stage 1 (None: LightGCN scores every item).
+    index: Option<IvfIndex>,
     pub info: ModelInfo,
 }
 
@@ -213,8 +218,14 @@ impl Models {
         let ranknet = modules.pop().expect("three modules");
         let din = modules.pop().expect("three modules");
         let lightgcn = modules.pop().expect("three modules");
-        let info = ModelInfo { version: manifest.version, stages, num_items: catalog_len, device: device_name(device) };
-        let models = Self { lightgcn, din, ranknet, din_takes_s1, device, info };
+        let info = ModelInfo {
+            version: manifest.version,
+            stages,
+            num_items: catalog_len,
+            device: device_name(device),
+            candidate_search: "exact".into(),
+        };
+        let models = Self { lightgcn, din, ranknet, din_takes_s1, device, index: None, info };
         models.smoke_test().map_err(|reason| err(format!("smoke batch failed: {reason}")))?;
         Ok(models)
     }
@@ -248,6 +259,28 @@ impl Models {
             }
         }
         Ok(())
+    }
+
+    /// LightGCN's [D, N] item vectors (`item_table()` of the export), for the IVF index.
+    pub fn item_table(&self) -> Result<Tensor, String> {
+        let none: [&Tensor; 0] = [];
+        let table = self.lightgcn.method_ts("item_table", &none).map_err(|e| {
+            format!(
+                "the LightGCN export has no item_table() (re-export it with model_service_py.reexport): {}",
+                torch_error(&e)
+            )
+        })?;
+        let size = table.size();
+        if size.len() != 2 || size[1] != self.info.num_items as i64 {
+            return Err(format!("LightGCN's item_table() is {size:?}, expected [dim, {}]", self.info.num_items));
+        }
+        Ok(table)
+    }
+
+    /// From now on stage 1 searches `index` instead of scoring every item.
+    pub fn use_index(&mut self, index: IvfIndex) {
+        self.info.candidate_search = format!("ivf lists={} probes={}", index.lists(), index.probes());
+        self.index = Some(index);
     }
 
     fn history_tensors(&self, histories: &[&[i64]]) -> Result<(Tensor, Tensor), TchError> {
@@ -330,9 +363,17 @@ impl Models {
 
         let b = histories.len() as i64;
         let t = Instant::now();
-        let scores = self.lightgcn.forward_ts(&[&h, &m])?;
-        expect_shape("lightgcn", &scores, [b, n as i64])?;
-        let (s1, cand1) = self.top_candidates(scores, excludes, c1)?;
+        let (s1, cand1) = match &self.index {
+            Some(index) => {
+                let users = self.lightgcn.method_ts("user_vectors", &[&h, &m])?;
+                index.search(&users, excludes, c1 as usize)?
+            }
+            None => {
+                let scores = self.lightgcn.forward_ts(&[&h, &m])?;
+                expect_shape("lightgcn", &scores, [b, n as i64])?;
+                self.top_candidates(scores, excludes, c1)?
+            }
+        };
         self.sync();
         times.lightgcn = Some(t.elapsed());
         if budget.last_stage == Stage::Lightgcn {
@@ -377,7 +418,7 @@ impl Models {
 }
 
 /// The values of a contiguous float32 CPU tensor, borrowed for as long as the tensor.
-fn cpu_f32(t: &Tensor) -> Result<&[f32], TchError> {
+pub(crate) fn cpu_f32(t: &Tensor) -> Result<&[f32], TchError> {
     if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
         return Err(TchError::Kind(format!(
             "expected a contiguous float32 CPU tensor, got {:?} on {:?}",

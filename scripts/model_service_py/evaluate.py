@@ -120,7 +120,7 @@ def rust_lists(binary, model_dir, user_ids, histories_asin, c1, c2, concurrency)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def request_all(port, user_ids, concurrency):
+def request_all(port, user_ids, concurrency, k=20):
     chunks = [user_ids[i::concurrency] for i in range(concurrency)]
 
     def worker(ids):
@@ -128,7 +128,7 @@ def request_all(port, user_ids, concurrency):
         got = {}
         for uid in ids:
             for attempt in range(5):
-                conn.request("POST", f"/recommend/{uid}?k=20")
+                conn.request("POST", f"/recommend/{uid}?k={k}")
                 resp = conn.getresponse()
                 body = json.loads(resp.read())
                 if resp.status == 200:

@@ -45,11 +45,18 @@ class LightGCNServe(nn.Module):
         self.register_buffer("item_emb_t", item_emb.float().t().contiguous())
         self.register_buffer("item_norm", item_norm.float().contiguous())
 
+    @torch.jit.export
     def user_vectors(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, D] user vectors: the scores are user_vectors @ item_table()."""
         m = mask.to(self.fold_in.dtype)
         w = self.item_norm[history] * m  # [B, L]
         n = m.sum(dim=1, keepdim=True).clamp(min=1.0)
         return torch.einsum("bl,bld->bd", w, self.fold_in[history]) / n.sqrt()
+
+    @torch.jit.export
+    def item_table(self) -> torch.Tensor:
+        """[D, N] item vectors: the server builds its approximate candidate index (IVF) from them."""
+        return self.item_emb_t
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.user_vectors(history, mask) @ self.item_emb_t
