@@ -131,6 +131,21 @@ def measure(svc: Service, users_file: str, concurrencies: list[int], seconds: in
     return rows
 
 
+def start_redis(work: str) -> tuple[subprocess.Popen, redis.Redis, int]:
+    """A redis-server of the harness's own on a free loopback port (no persistence), answering."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--dir", work], stdout=subprocess.DEVNULL)
+    r = redis.Redis(port=port)
+    for _ in range(50):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    return proc, r, port
+
+
 def load_amazon(r: redis.Redis, data_dir: str, work: str) -> tuple[str, np.ndarray]:
     d = ds.load(data_dir)
     load_profiles.write_profiles(r, d, range(d.num_users))
@@ -305,19 +320,10 @@ def main():
     gemm, bw = roofline.measure_gemm(cpus), roofline.measure_bandwidth(cpus)
     print(f"libtorch GEMM {gemm / 1e9:.1f} GFLOP/s, memory bandwidth {bw / 1e9:.1f} GB/s", flush=True)
 
-    rport = free_port()
-    redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    redis_proc, r, rport = start_redis(args.work)
     results = {"cpus": cpus, "concurrency": conc, "seconds": args.seconds, "gemm_flops": gemm,
                "bandwidth_bytes": bw, "scales": {}}
     try:
-        r = redis.Redis(port=rport)
-        for _ in range(50):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
         scales = [("amazon-book", args.model_dir, lambda: load_amazon(r, args.data, args.work))]
         if args.synthetic_dir:
             scales.append(("synthetic-1M", args.synthetic_dir, lambda: load_synthetic(r, args.synthetic_dir, args.work)))

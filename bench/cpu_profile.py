@@ -25,11 +25,9 @@ import sys
 import tempfile
 import time
 
-import redis
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench import Service, free_port, load_amazon, run_wrk, wait_healthy  # noqa: E402
+from bench import Service, free_port, load_amazon, run_wrk, start_redis, wait_healthy  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 IDLE = "idle"
@@ -68,18 +66,9 @@ def main():
     p.add_argument("--json", help="write the buckets here")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="ms-cpu-")
-    rport = free_port()
-    rproc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                              "no", "--dir", work], stdout=subprocess.DEVNULL)
+    rproc, r, rport = start_redis(work)
     svc = None
     try:
-        r = redis.Redis(port=rport)
-        for _ in range(50):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
         users_file, _ = load_amazon(r, args.data, work)
         port = free_port()
         env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": args.model_dir, "HOST": "127.0.0.1",

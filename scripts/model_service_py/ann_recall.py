@@ -15,40 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
-import redis
 
 from . import REPO as ROOT
 from . import data as ds
-from .evaluate import free_port, http_get_status, request_all, wait_for
+from .evaluate import free_port, http_get_status, redis_with_profiles, request_all, wait_for
 
 K = 200
 
 
 def lists_per_setting(binary, model_dir, ids, histories, settings, concurrency):
     """{setting name: ({user: [item, ...]}, requests per second)} for each (name, env) setting."""
-    tmp = tempfile.mkdtemp(prefix="ms-ann-")
-    rport = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-        stdout=subprocess.DEVNULL,
-    )
     out = {}
-    try:
-        r = redis.Redis(port=rport)
-        wait_for(r.ping, 10, "redis-server")
-        pipe = r.pipeline(transaction=False)
-        for n, (uid, items) in enumerate(zip(ids, histories)):
-            pipe.set(f"user_profile:{uid}", json.dumps(items))
-            if n % 5000 == 4999:
-                pipe.execute()
-        pipe.execute()
+    with redis_with_profiles(ids, histories) as (rport, _):
         for name, extra in settings:
             hport = free_port()
             env = dict(os.environ, REDIS_HOST="127.0.0.1", REDIS_PORT=str(rport), MODEL_DIR=model_dir, HOST="127.0.0.1",
@@ -65,11 +48,7 @@ def lists_per_setting(binary, model_dir, ids, histories, settings, concurrency):
             finally:
                 server.terminate()
                 server.wait()
-        return out
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def main():

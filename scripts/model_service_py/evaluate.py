@@ -17,6 +17,7 @@ usage: python -m model_service_py.evaluate --data DIR [--models model_output] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -78,7 +79,10 @@ def http_get_status(port, path):
     return c.getresponse().status
 
 
-def rust_lists(binary, model_dir, user_ids, histories_asin, c1, c2, concurrency):
+@contextlib.contextmanager
+def redis_with_profiles(user_ids, histories_asin):
+    """A redis-server of its own on a free port holding user_profile:<id> = each user's ASIN list;
+    yields (port, client) and stops the server afterwards."""
     tmp = tempfile.mkdtemp(prefix="ms-eval-")
     rport = free_port()
     redis_proc = subprocess.Popen(
@@ -94,6 +98,15 @@ def rust_lists(binary, model_dir, user_ids, histories_asin, c1, c2, concurrency)
             if n % 5000 == 4999:
                 pipe.execute()
         pipe.execute()
+        yield rport, r
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rust_lists(binary, model_dir, user_ids, histories_asin, c1, c2, concurrency):
+    with redis_with_profiles(user_ids, histories_asin) as (rport, r):
         out = {}
         for stage, _ in ROWS:
             hport = free_port()
@@ -114,10 +127,6 @@ def rust_lists(binary, model_dir, user_ids, histories_asin, c1, c2, concurrency)
                 server.terminate()
                 server.wait()
         return out
-    finally:
-        redis_proc.terminate()
-        redis_proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def request_all(port, user_ids, concurrency, k=20):
