@@ -142,32 +142,62 @@ impl IvfIndex {
     /// The `c` best-scored rows for each user vector (`users` [B, D]) among the probed lists, the
     /// rows in its `exclude` left out, best first: ([B, c] scores, [B, c] rows) on the device.
     /// Lists are probed in the order of their centroid's score, at least `probes` of them and
-    /// until they hold `c` items besides the excluded ones.
+    /// until they hold `c` items besides the excluded ones. A list several profiles of the batch
+    /// scan is read once for all of them.
     pub fn search(&self, users: &Tensor, excludes: &[&[i64]], c: usize) -> Result<(Tensor, Tensor), TchError> {
         let b = excludes.len();
         let lists = self.lists();
         let by_list = users.f_mm(&self.centroids.f_tr()?)?; // [B, lists]
         let (_, ranked) = by_list.f_sort(1, true)?;
         let ranked = host_i64(&ranked)?;
+        // the lists each profile scans, and the profiles scanning each list
+        let mut probed: Vec<Vec<usize>> = Vec::with_capacity(b);
+        let mut scanners: Vec<Vec<usize>> = vec![Vec::new(); lists];
+        for (i, exclude) in excludes.iter().enumerate() {
+            let need = c + exclude.len();
+            let (mut mine, mut items) = (Vec::new(), 0);
+            for (n, &list) in ranked[i * lists..(i + 1) * lists].iter().enumerate() {
+                if n >= self.probes && items >= need {
+                    break;
+                }
+                let list = list as usize;
+                let size = self.offsets[list + 1] - self.offsets[list];
+                if size > 0 {
+                    mine.push(list);
+                    scanners[list].push(i);
+                    items += size;
+                }
+            }
+            probed.push(mine);
+        }
+        // each scanned list read once per batch: one product with the vectors of every profile
+        // scanning it, [profiles, items of the list]
+        let mut blocks: Vec<Option<Tensor>> = (0..lists).map(|_| None).collect();
+        for (list, who) in scanners.iter().enumerate().filter(|(_, who)| !who.is_empty()) {
+            let vectors = if who.len() == 1 {
+                users.f_narrow(0, who[0] as i64, 1)?
+            } else {
+                let who: Vec<i64> = who.iter().map(|&i| i as i64).collect();
+                users.f_index_select(0, &Tensor::f_from_slice(&who)?.f_to_device(self.device)?)?
+            };
+            let (from, to) = (self.offsets[list], self.offsets[list + 1]);
+            let items = self.items.f_narrow(0, from as i64, (to - from) as i64)?;
+            blocks[list] = Some(vectors.f_mm(&items.f_tr()?)?);
+        }
         let mut best_scores = Vec::with_capacity(b * c);
         let mut best_rows = Vec::with_capacity(b * c);
         for (i, exclude) in excludes.iter().enumerate() {
-            let need = c + exclude.len();
-            let user = users.f_get(i as i64)?;
-            let mut scores = Vec::new();
+            let mut scores = Vec::with_capacity(probed[i].len());
             let mut rows: Vec<i64> = Vec::new();
-            for (probed, &list) in ranked[i * lists..(i + 1) * lists].iter().enumerate() {
-                if probed >= self.probes && rows.len() >= need {
-                    break;
-                }
-                let (from, to) = (self.offsets[list as usize], self.offsets[list as usize + 1]);
-                if from == to {
-                    continue;
-                }
-                scores.push(self.items.f_narrow(0, from as i64, (to - from) as i64)?.f_mv(&user)?);
-                rows.extend_from_slice(&self.rows[from..to]);
+            for &list in &probed[i] {
+                let at = scanners[list].iter().position(|&u| u == i).unwrap_or_default();
+                let block =
+                    blocks[list].as_ref().ok_or_else(|| TchError::Shape("an IVF list was not scored".into()))?;
+                scores.push(block.f_get(at as i64)?);
+                rows.extend_from_slice(&self.rows[self.offsets[list]..self.offsets[list + 1]]);
             }
             let scores = Tensor::f_cat(&scores, 0)?;
+            let need = c + exclude.len();
             let top = self.top(&scores, need.min(rows.len()))?;
             let mut sorted_exclude = exclude.to_vec();
             sorted_exclude.sort_unstable();
