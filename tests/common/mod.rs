@@ -623,6 +623,15 @@ impl Cluster {
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
         let cluster = Self { nodes, dir };
         cluster.wait_ok();
+        // `--cluster create` returns before every replica has taken its role: until then a
+        // replica-to-be shows as a master without slots
+        wait_until(Duration::from_secs(30), || {
+            cluster.nodes.iter().all(|node| {
+                let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut node.conn()).unwrap_or_default();
+                text.lines().filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("master"))).count()
+                    == masters
+            })
+        });
         cluster
     }
 
