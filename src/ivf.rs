@@ -8,6 +8,7 @@
 //! the candidates asked for plus the excluded ones), and keeps the best-scored items there. The
 //! index belongs to its model set and is swapped with it on reload.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{Device, Kind, TchError, Tensor};
@@ -59,10 +60,10 @@ pub struct IvfIndex {
     centroids: Tensor,
     /// [N, D] item vectors, list after list, on the device.
     items: Tensor,
-    /// Position in `items` -> catalog row.
-    rows: Vec<i64>,
+    /// Position in `items` -> catalog row (shared by the copies of the set).
+    rows: Arc<[i64]>,
     /// List `j` is `items[offsets[j]..offsets[j + 1]]`.
-    offsets: Vec<usize>,
+    offsets: Arc<[usize]>,
     probes: usize,
     device: Device,
 }
@@ -116,7 +117,14 @@ impl IvfIndex {
             ms = started.elapsed().as_millis() as u64,
             "IVF candidate index built"
         );
-        Ok(Self { centroids, items: sorted, rows, offsets, probes: spec.probes.clamp(1, lists), device })
+        Ok(Self {
+            centroids,
+            items: sorted,
+            rows: rows.into(),
+            offsets: offsets.into(),
+            probes: spec.probes.clamp(1, lists),
+            device,
+        })
     }
 
     /// Another handle on the same tensors (one per worker's copy of the models).
@@ -124,8 +132,8 @@ impl IvfIndex {
         Self {
             centroids: self.centroids.shallow_clone(),
             items: self.items.shallow_clone(),
-            rows: self.rows.clone(),
-            offsets: self.offsets.clone(),
+            rows: Arc::clone(&self.rows),
+            offsets: Arc::clone(&self.offsets),
             probes: self.probes,
             device: self.device,
         }

@@ -72,27 +72,10 @@ impl ModelSet {
                 .map_err(|reason| ConfigError::Model { dir: dir.display().to_string(), reason })?;
         }
         let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
-        let load_copies = |f: &(dyn Fn() -> Result<Models, ConfigError> + Sync)| -> Vec<Result<Models, ConfigError>> {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..spec.copies.max(1))
-                    .map(|_| {
-                        scope.spawn(|| {
-                            tch::set_num_threads(spec.torch_threads.max(1) as i32);
-                            f()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| Err(ConfigError::Load("a model loading thread panicked".into())))
-                    })
-                    .collect()
-            })
-        };
-        let mut copies = load_copies(&|| Models::load(dir, spec.device, catalog.len()))
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
+        let threads = spec.torch_threads.max(1);
+        let mut copies = each_in_a_thread((0..spec.copies.max(1)).collect(), threads, |_| {
+            Models::load(dir, spec.device, catalog.len())
+        })?;
         if spec.search.uses_index(catalog.len()) {
             // one index per set, built on the models' device with every core, shared by the copies
             tch::set_num_threads(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32);
@@ -111,15 +94,11 @@ impl ModelSet {
                 Err(reason) => return Err(err(reason)),
             }
         }
-        let slots: Vec<Mutex<Option<Models>>> = copies.into_iter().map(|m| Mutex::new(Some(m))).collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let copies: Vec<Result<Models, ConfigError>> = load_copies(&|| {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let models = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take().expect("one copy per thread");
+        let copies = each_in_a_thread(copies, threads, |models| {
             warm_up(&models, spec).map_err(|reason| err(format!("warm-up failed: {reason}")))?;
             Ok(models)
-        });
-        let copies = copies.into_iter().map(|c| c.map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+        })?;
+        let copies: Vec<Mutex<Models>> = copies.into_iter().map(Mutex::new).collect();
         let info = copies[0].lock().unwrap_or_else(|e| e.into_inner()).info.clone();
         tracing::info!(
             version = %info.version, dir = %dir.display(), copies = copies.len(),
@@ -139,6 +118,31 @@ impl ModelSet {
         let copy = &self.copies[worker % self.copies.len()];
         copy.lock().unwrap_or_else(|e| e.into_inner()).rank(histories, excludes, budget)
     }
+}
+
+/// Runs `f` on each of `inputs` in a thread of its own (with `threads` libtorch intra-op threads,
+/// as the workers use), in parallel; the first failure fails the whole.
+fn each_in_a_thread<T: Send>(
+    inputs: Vec<T>,
+    threads: usize,
+    f: impl Fn(T) -> Result<Models, ConfigError> + Sync,
+) -> Result<Vec<Models>, ConfigError> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = inputs
+            .into_iter()
+            .map(|input| {
+                scope.spawn(move || {
+                    tch::set_num_threads(threads as i32);
+                    f(input)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(ConfigError::Load("a model loading thread panicked".into()))))
+            .collect()
+    })
 }
 
 /// TorchScript's first calls are slow (profiling executor): run the cascade at the serving sizes
