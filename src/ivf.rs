@@ -3,11 +3,12 @@
 //!
 //! Built when a model set loads, from the LightGCN export's `item_table()`: k-means of the item
 //! vectors into `lists` lists (deterministic: no random draw, so every replica builds the same
-//! index) and the items stored list after list, each list dimension-major. A search scores the
-//! centroids against the user vector, scans the best `probes` lists (more when they hold fewer
-//! items than the candidates asked for plus the excluded ones), and keeps the best-scored items
-//! there: on the CPU in a loop of its own over the index's memory, elsewhere in tensor ops. The
-//! index belongs to its model set and is swapped with it on reload.
+//! index) and the items stored list after list. A search scores the centroids against the user
+//! vector, scans the best `probes` lists (more when they hold fewer items than the candidates
+//! asked for plus the excluded ones), and keeps the best-scored items there. On the CPU the scan
+//! reads one-byte codes of the vectors in a loop of its own and scores its best items again on
+//! the vectors themselves; on other devices it runs in tensor ops. The index belongs to its model
+//! set and is swapped with it on reload.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +17,10 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::models::{cpu_f32, select_top};
 
+/// The CPU scan re-scores this many times the candidates it needs on the full vectors.
+const RESCORE: usize = 2;
+/// Items per tile of the CPU scan's codes.
+const TILE: usize = 64;
 /// Items sampled per list to train the centroids.
 const SAMPLE_PER_LIST: usize = 64;
 const KMEANS_ITERATIONS: usize = 10;
@@ -59,9 +64,17 @@ impl SearchSpec {
 pub struct IvfIndex {
     /// [lists, D] on the device.
     centroids: Tensor,
-    /// The item vectors list after list, each list `j` a [D, size_j] block (dimension-major, so
-    /// scoring it is D passes over contiguous memory), flattened, on the device.
-    blocks: Tensor,
+    /// [N, D] item vectors, list after list, on the device.
+    vectors: Tensor,
+    /// On the CPU, the scan's copy of the vectors (empty elsewhere): one-byte codes, component `k`
+    /// of an item of list `j` standing for `low[j * D + k] + step[j * D + k] * code`, each list
+    /// in tiles of `TILE` items, each tile a contiguous [D, TILE] block (the last one padded), list
+    /// `j`'s tiles from byte `code_at[j]`. A quarter of the bytes of the vectors, which is what
+    /// the scan is bound by, read in order; the best items it finds are then scored on the vectors.
+    codes: Arc<[u8]>,
+    code_at: Arc<[usize]>,
+    low: Arc<[f32]>,
+    step: Arc<[f32]>,
     dim: usize,
     /// Position in `items` -> catalog row (shared by the copies of the set).
     rows: Arc<[i64]>,
@@ -109,9 +122,9 @@ impl IvfIndex {
         for c in &counts {
             offsets.push(offsets.last().copied().unwrap_or(0) + *c as usize);
         }
-        let sorted = items.f_index_select(0, &order)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let sorted = items.f_index_select(0, &order)?.f_contiguous()?;
         let dim = items.size()[1] as usize;
-        let blocks = Tensor::f_from_slice(&dimension_major(cpu_f32(&sorted)?, &offsets, dim))?.f_to_device(device)?;
+        let codes = if device == Device::Cpu { quantize(cpu_f32(&sorted)?, &offsets, dim) } else { Codes::default() };
         let rows = host_i64(&order)?;
         let largest = counts.iter().copied().max().unwrap_or(0);
         tracing::info!(
@@ -124,7 +137,11 @@ impl IvfIndex {
         );
         Ok(Self {
             centroids,
-            blocks,
+            vectors: sorted,
+            codes: codes.codes.into(),
+            code_at: codes.at.into(),
+            low: codes.low.into(),
+            step: codes.step.into(),
             dim,
             rows: rows.into(),
             offsets: offsets.into(),
@@ -137,7 +154,11 @@ impl IvfIndex {
     pub fn shallow_clone(&self) -> Self {
         Self {
             centroids: self.centroids.shallow_clone(),
-            blocks: self.blocks.shallow_clone(),
+            vectors: self.vectors.shallow_clone(),
+            codes: Arc::clone(&self.codes),
+            code_at: Arc::clone(&self.code_at),
+            low: Arc::clone(&self.low),
+            step: Arc::clone(&self.step),
             dim: self.dim,
             rows: Arc::clone(&self.rows),
             offsets: Arc::clone(&self.offsets),
@@ -208,8 +229,7 @@ impl IvfIndex {
             let kept = best[i]
                 .iter()
                 .map(|&(pos, score)| {
-                    // the list holding position `pos` of the profile's scores, and the row there
-                    let (list, start) = mine[mine.partition_point(|&(_, start)| start <= pos) - 1];
+                    let (list, start) = self.list_at(mine, pos);
                     (self.rows[self.offsets[list] + pos - start], score)
                 })
                 .filter(|(row, _)| sorted_exclude.binary_search(row).is_err())
@@ -233,27 +253,53 @@ impl IvfIndex {
         ))
     }
 
-    /// On the CPU: each scanned list scored for each profile scanning it by `score_block` on the
-    /// index's memory (a list several profiles scan is then read from cache), then each profile's
-    /// best `c + |exclude|` positions (`select_top`). No tensor op per list: at 1M items and 32
-    /// probes a batch scans hundreds of lists, and libtorch's per-op cost was most of the stage.
+    /// On the CPU: each scanned list scored on its codes for each profile scanning it
+    /// (`score_codes`; a list several profiles scan is then read from cache), each profile's best
+    /// `RESCORE` x (c + |exclude|) positions by those scores (`select_top`), and those scored
+    /// again on the vectors, of which the best c + |exclude| are kept. No tensor op per list: at
+    /// 1M items a batch scans hundreds of lists, and libtorch's per-op cost was most of the stage.
     fn best_on_cpu(&self, users: &Tensor, scan: &Scan) -> Result<Vec<Vec<(usize, f32)>>, TchError> {
         let users = users.f_contiguous()?;
-        let (u, blocks, d) = (cpu_f32(&users)?, cpu_f32(&self.blocks)?, self.dim);
-        let mut scores: Vec<Vec<f32>> = scan.probed.iter().map(|mine| vec![0f32; self.scanned(mine)]).collect();
+        let (u, vectors, d) = (cpu_f32(&users)?, cpu_f32(&self.vectors)?, self.dim);
+        let mut approx: Vec<Vec<f32>> = scan.probed.iter().map(|mine| vec![0f32; self.scanned(mine)]).collect();
+        let mut weights = vec![0f32; d];
         for (list, who) in scan.scanners.iter().enumerate().filter(|(_, who)| !who.is_empty()) {
             let (from, to) = (self.offsets[list], self.offsets[list + 1]);
-            let block = blocks.get(from * d..to * d).ok_or_else(short)?;
+            let codes = self.codes.get(self.code_at[list]..self.code_at[list] + tiles(to - from) * TILE * d);
+            let codes = codes.ok_or_else(short)?;
+            let (low, step) = (&self.low[list * d..(list + 1) * d], &self.step[list * d..(list + 1) * d]);
             for &(profile, start) in who {
                 let user = u.get(profile * d..(profile + 1) * d).ok_or_else(short)?;
-                score_block(user, block, &mut scores[profile][start..start + to - from]);
+                let mut bias = 0f32;
+                for k in 0..d {
+                    weights[k] = user[k] * step[k];
+                    bias += user[k] * low[k];
+                }
+                score_codes(&weights, bias, codes, &mut approx[profile][start..start + to - from]);
             }
         }
-        Ok(scores
-            .iter()
-            .zip(scan.excludes)
-            .map(|(s, exclude)| select_top(s, &[], (scan.c + exclude.len()).min(s.len())))
-            .collect())
+        let mut best = Vec::with_capacity(approx.len());
+        for (i, approx) in approx.iter().enumerate() {
+            let need = (scan.c + scan.excludes[i].len()).min(approx.len());
+            let user = &u[i * d..(i + 1) * d];
+            let mine = &scan.probed[i];
+            let shortlist = select_top(approx, &[], (RESCORE * need).min(approx.len()));
+            let exact: Vec<f32> = shortlist
+                .iter()
+                .map(|&(pos, _)| {
+                    let (list, start) = self.list_at(mine, pos);
+                    let at = self.offsets[list] + pos - start;
+                    dot(&vectors[at * d..(at + 1) * d], user)
+                })
+                .collect();
+            best.push(select_top(&exact, &[], need).into_iter().map(|(j, score)| (shortlist[j].0, score)).collect());
+        }
+        Ok(best)
+    }
+
+    /// The (list, start) of the profile's scanned lists `mine` holding position `pos` of its scores.
+    fn list_at(&self, mine: &[(usize, usize)], pos: usize) -> (usize, usize) {
+        mine[mine.partition_point(|&(_, start)| start <= pos) - 1]
     }
 
     /// On another device: one product per scanned list with the vectors of the profiles scanning
@@ -264,9 +310,8 @@ impl IvfIndex {
             let who: Vec<i64> = who.iter().map(|&(profile, _)| profile as i64).collect();
             let vectors = users.f_index_select(0, &Tensor::f_from_slice(&who)?.f_to_device(self.device)?)?;
             let (from, to) = (self.offsets[list] as i64, self.offsets[list + 1] as i64);
-            let d = self.dim as i64;
-            let block = self.blocks.f_narrow(0, from * d, (to - from) * d)?.f_view([d, to - from])?;
-            blocks[list] = Some(vectors.f_mm(&block)?);
+            let items = self.vectors.f_narrow(0, from, to - from)?;
+            blocks[list] = Some(vectors.f_mm(&items.f_tr()?)?);
         }
         let mut best = Vec::with_capacity(scan.probed.len());
         for (i, mine) in scan.probed.iter().enumerate() {
@@ -304,30 +349,83 @@ fn short() -> TchError {
     TchError::Shape("an IVF list lies outside the index's tensors".into())
 }
 
-/// `out[j]` = the dot product of `user` [D] with column `j` of `block` ([D, n], row-major, n =
-/// `out.len()`): D passes of `out += user[k] * block[k]` over contiguous rows, which the compiler
-/// vectorises (no reduction across lanes), compiled for AVX-512 and AVX2 as well and picked at run
-/// time (multiversion).
-#[multiversion::multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
-fn score_block(user: &[f32], block: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    out.fill(0.0);
-    for (&w, row) in user.iter().zip(block.chunks_exact(n.max(1))) {
-        for (o, &x) in out.iter_mut().zip(row) {
-            *o += w * x;
+/// `out[j]` = `bias` + the dot product of `weights` [D] with the codes of item `j`, for the items
+/// of one list in tiles (see `IvfIndex::codes`): a tile's `TILE` sums stay in registers while its
+/// D rows are read in order. Compiled for AVX-512 and AVX2 as well and picked at run time
+/// (multiversion).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2+fma", "aarch64+neon"))]
+fn score_codes(weights: &[f32], bias: f32, codes: &[u8], out: &mut [f32]) {
+    let d = weights.len();
+    for (out, tile) in out.chunks_mut(TILE).zip(codes.chunks_exact(TILE * d)) {
+        let mut acc = [bias; TILE];
+        for (&w, row) in weights.iter().zip(tile.chunks_exact(TILE)) {
+            for (a, &q) in acc.iter_mut().zip(row) {
+                *a += w * f32::from(q);
+            }
         }
+        out.copy_from_slice(&acc[..out.len()]);
     }
 }
 
-/// The [N, D] rows of `sorted` (list after list, list `j` at rows `offsets[j]..offsets[j + 1]`)
-/// with each list's rows transposed to a [D, size] block, flattened.
-fn dimension_major(sorted: &[f32], offsets: &[usize], d: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(sorted.len());
+/// Tiles of `TILE` items that `n` items take.
+fn tiles(n: usize) -> usize {
+    n.div_ceil(TILE)
+}
+
+/// The dot product of two vectors of one length, in eight lanes.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The one-byte codes of the index (see `IvfIndex::codes`).
+#[derive(Default)]
+struct Codes {
+    codes: Vec<u8>,
+    at: Vec<usize>,
+    low: Vec<f32>,
+    step: Vec<f32>,
+}
+
+/// Codes for the [N, D] rows of `sorted` (list after list, list `j` at rows `offsets[j]..offsets[j +
+/// 1]`): per list and component, 256 levels evenly between the smallest and the largest value,
+/// laid out in tiles (see `IvfIndex::codes`).
+fn quantize(sorted: &[f32], offsets: &[usize], d: usize) -> Codes {
+    let mut out = Codes::default();
     for bounds in offsets.windows(2) {
         let rows = &sorted[bounds[0] * d..bounds[1] * d];
+        let (mut low, mut step) = (Vec::with_capacity(d), Vec::with_capacity(d));
         for k in 0..d {
-            out.extend(rows.chunks_exact(d).map(|row| row[k]));
+            let column = rows.chunks_exact(d).map(|row| row[k]);
+            let (l, h) = column.fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), x| (l.min(x), h.max(x)));
+            low.push(if l.is_finite() { l } else { 0.0 });
+            step.push(if h > l { (h - l) / 255.0 } else { 0.0 });
         }
+        out.at.push(out.codes.len());
+        for tile in rows.chunks(TILE * d) {
+            for k in 0..d {
+                let codes = tile.chunks_exact(d).map(|row| {
+                    if step[k] > 0.0 {
+                        ((row[k] - low[k]) / step[k]).round().clamp(0.0, 255.0) as u8
+                    } else {
+                        0
+                    }
+                });
+                let filled = out.codes.len();
+                out.codes.extend(codes);
+                out.codes.resize(filled + TILE, 0);
+            }
+        }
+        out.low.extend(low);
+        out.step.extend(step);
     }
     out
 }
@@ -375,6 +473,29 @@ mod tests {
         assert_eq!(cpu_rows, ops_rows);
         assert!(cpu_scores.iter().zip(&ops_scores).all(|(a, b)| (a - b).abs() < 1e-4), "{cpu_scores:?} {ops_scores:?}");
         assert!(excludes.iter().zip(cpu_rows.chunks(30)).all(|(ex, rows)| rows.iter().all(|r| !ex.contains(r))));
+    }
+
+    #[test]
+    fn the_cpu_scan_on_codes_keeps_the_exact_top_candidates_of_a_large_list() {
+        // 20 lists of about 1,000 items and 20 candidates: the codes pick 40, the vectors the 20
+        tch::manual_seed(5);
+        let table = Tensor::randn([16, 20_000], (Kind::Float, Device::Cpu));
+        let spec = SearchSpec { mode: CandidateSearch::Ivf, min_items: 0, lists: 20, probes: 20 };
+        let index = IvfIndex::build(&table, &spec).unwrap();
+        let users = Tensor::randn([5, 16], (Kind::Float, Device::Cpu));
+        let excludes: [&[i64]; 5] = [&[], &[], &[], &[], &[]];
+        let (scores, rows) = lists_of(&index.search(&users, &excludes, 20).unwrap());
+        let exact: Vec<f32> = Vec::try_from(users.mm(&table).flatten(0, -1)).unwrap();
+        let mut kept = 0;
+        for i in 0..5 {
+            let want: Vec<i64> =
+                select_top(&exact[i * 20_000..(i + 1) * 20_000], &[], 20).iter().map(|&(r, _)| r as i64).collect();
+            kept += rows[i * 20..(i + 1) * 20].iter().filter(|r| want.contains(r)).count();
+            for (row, score) in rows[i * 20..(i + 1) * 20].iter().zip(&scores[i * 20..(i + 1) * 20]) {
+                assert!((exact[i * 20_000 + *row as usize] - score).abs() < 1e-4, "scores are the vectors' own");
+            }
+        }
+        assert!(kept >= 97, "{kept} of the exact 100");
     }
 
     #[test]
