@@ -78,29 +78,33 @@ const UNDECIDED: u8 = 0;
 const DECIDED_BY_LOAD: u8 = 1;
 const TIMED_OUT: u8 = 2;
 
-/// Reload threads still loading, in the whole process (see `reload_running`).
-static RELOADS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// Threads still loading a model set (the first one or a reload), in the whole process (see
+/// `load_running`).
+static LOADS_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
-/// True while a reload's loading thread runs: the process must then leave without running
+/// True while a thread loads a model set: the process must then leave without running
 /// libtorch's static destructors under it (src/main.rs).
-pub fn reload_running() -> bool {
-    RELOADS_RUNNING.load(Ordering::SeqCst) > 0
+pub fn load_running() -> bool {
+    LOADS_RUNNING.load(Ordering::SeqCst) > 0
 }
 
-/// Clears the reload flag when the loading thread ends (or the reload could not start).
-struct ReloadRunning(Arc<AtomicBool>);
+/// Held by a loading thread from before it starts until it ends; for a reload it also clears the
+/// one-reload-at-a-time flag then.
+struct LoadRunning(Option<Arc<AtomicBool>>);
 
-impl ReloadRunning {
-    fn new(flag: Arc<AtomicBool>) -> Self {
-        RELOADS_RUNNING.fetch_add(1, Ordering::SeqCst);
-        Self(flag)
+impl LoadRunning {
+    fn new(reloading: Option<Arc<AtomicBool>>) -> Self {
+        LOADS_RUNNING.fetch_add(1, Ordering::SeqCst);
+        Self(reloading)
     }
 }
 
-impl Drop for ReloadRunning {
+impl Drop for LoadRunning {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
-        RELOADS_RUNNING.fetch_sub(1, Ordering::SeqCst);
+        if let Some(reloading) = &self.0 {
+            reloading.store(false, Ordering::SeqCst);
+        }
+        LOADS_RUNNING.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -157,13 +161,17 @@ impl Engine {
         }
         let engine = Self { tx, state, reloading: Arc::new(AtomicBool::new(false)), cfg, metrics };
         let loader = engine.clone();
+        let running = LoadRunning::new(None);
         std::thread::Builder::new()
             .name("model-loader".into())
-            .spawn(move || match loader.load(&loader.cfg.model_dir) {
-                Ok(set) => loader.swap_in(Arc::new(set)),
-                Err(e) => {
-                    tracing::error!(error = %e, "model load failed");
-                    loader.state.send_replace(EngineState::Failed(e.to_string()));
+            .spawn(move || {
+                let _running = running;
+                match loader.load(&loader.cfg.model_dir) {
+                    Ok(set) => loader.swap_in(Arc::new(set)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "model load failed");
+                        loader.state.send_replace(EngineState::Failed(e.to_string()));
+                    }
                 }
             })
             .expect("spawning the model loader");
@@ -224,7 +232,7 @@ impl Engine {
         if self.reloading.swap(true, Ordering::SeqCst) {
             return Err(Error::ReloadInProgress);
         }
-        let running = ReloadRunning::new(self.reloading.clone());
+        let running = LoadRunning::new(Some(self.reloading.clone()));
         let previous = match self.state() {
             EngineState::Ready(set) => set,
             EngineState::Loading => return Err(Error::ModelsLoading),

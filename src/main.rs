@@ -40,9 +40,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    if model_service::engine::reload_running() {
-        // SIGTERM during a reload: the loading thread is still inside libtorch, and the normal
-        // exit path would run libtorch's static destructors under it (a crash). Leave at once.
+    if model_service::engine::load_running() {
+        // SIGTERM during a load (the first model set or a reload): the loading thread is still
+        // inside libtorch, and the normal exit path would run libtorch's static destructors under
+        // it (a crash). Leave at once.
         let _ = std::io::Write::flush(&mut std::io::stdout());
         // SAFETY: _exit ends the process; no Rust code runs after it.
         unsafe { libc::_exit(if code == ExitCode::SUCCESS { 0 } else { 1 }) }
@@ -109,7 +110,15 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     // listener or ingestion that cannot start, ends the process with an error.
     let work = async {
         let result = async {
-            service.engine.ready().await?;
+            let mut stopping = stop_rx.clone();
+            tokio::select! {
+                ready = service.engine.ready() => {
+                    ready?;
+                }
+                // SIGTERM before the first model set is in service: nothing to wait for (a large
+                // catalog's load and index build take seconds to minutes)
+                _ = stopping.wait_for(|stop| *stop) => return anyhow::Ok(()),
+            }
             let listening = async {
                 if listen {
                     listener::Listener::new(service.clone(), cfg.listener.clone()).run(stop_rx.clone()).await?;
