@@ -20,7 +20,11 @@ fn main() -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped. tracing-subscriber's default reports the
+        // failure with eprintln!, which panics when stderr itself is the broken pipe (a log
+        // collector that went away): the logging task or thread died, SIGTERM among them.
+        .log_internal_errors(false);
     match cli.config.log_format {
         LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => logs.init(),

@@ -327,6 +327,24 @@ fn sigterm_stops_the_server_with_exit_status_zero() {
 }
 
 #[test]
+fn a_server_whose_log_pipe_closed_keeps_answering_and_stops_on_sigterm() {
+    let redis = Redis::start();
+    let mut server = Server::start_with_closed_log(redis.port);
+    server.wait_healthy();
+    redis.set("user_profile:unlogged", &format!(r#"["{}"]"#, item(2)));
+    // each of these writes log lines into the closed pipe
+    for _ in 0..3 {
+        let (status, body) = server.post("/recommend/unlogged");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["recommendations"].as_array().map(|r| r.len()), Some(10), "{body}");
+    }
+    assert_error(&server.post("/recommend/a%20b"), 400, "invalid_user_id");
+    assert!(redis.get("recommendations:unlogged").is_some());
+    let status = server.terminate_within(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM did not end the server: {status:?}");
+}
+
+#[test]
 fn concurrent_requests_for_one_user_share_one_computation() {
     let (redis, server) = setup();
     redis.set("user_profile:popular_page", &format!(r#"["{}","{}"]"#, item(4), item(10)));

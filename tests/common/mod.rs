@@ -363,6 +363,29 @@ impl Server {
         self.child.try_wait().unwrap()
     }
 
+    /// `serve` whose log (stderr) goes into a pipe that is closed once it listens, as when the log
+    /// collector reading it has gone away.
+    pub fn start_with_closed_log(redis_port: u16) -> Self {
+        let mut cmd = Command::new(bin_path());
+        cmd.stderr(Stdio::piped());
+        let mut server = Self::spawn(cmd, redis_port, test_models(), &["serve"], &[("RUST_LOG", "info")]);
+        drop(server.child.stderr.take());
+        server
+    }
+
+    /// Sends SIGTERM and waits at most `limit` for the exit status (None: still running).
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
