@@ -30,6 +30,7 @@ import redis
 import roofline  # bench/roofline.py (run as a script, this file's directory is on the path)
 from model_service_py import data as ds
 from model_service_py import load_profiles
+from model_service_py.evaluate import start_redis
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -129,21 +130,6 @@ def measure(svc: Service, users_file: str, concurrencies: list[int], seconds: in
         print(f"  {svc.name:24s} c={c:<4d} {rows[-1]['rps']:8.1f} req/s  p50 {rows[-1]['p50_ms']:8.1f} ms  "
               f"p99 {rows[-1]['p99_ms']:8.1f} ms  status {r['status']}", flush=True)
     return rows
-
-
-def start_redis(work: str) -> tuple[subprocess.Popen, redis.Redis, int]:
-    """A redis-server of the harness's own on a free loopback port (no persistence), answering."""
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--dir", work], stdout=subprocess.DEVNULL)
-    r = redis.Redis(port=port)
-    for _ in range(50):
-        try:
-            r.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    return proc, r, port
 
 
 def load_amazon(r: redis.Redis, data_dir: str, work: str) -> tuple[str, np.ndarray]:

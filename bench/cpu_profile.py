@@ -27,7 +27,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench import Service, free_port, load_amazon, run_wrk, start_redis, wait_healthy  # noqa: E402
+from bench import Service, free_port, load_amazon, run_wrk, wait_healthy  # noqa: E402
+from model_service_py.evaluate import start_redis  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 IDLE = "idle"

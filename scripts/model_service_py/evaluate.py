@@ -79,19 +79,30 @@ def http_get_status(port, path):
     return c.getresponse().status
 
 
+def start_redis(work):
+    """A redis-server of the caller's own on a free loopback port, without persistence (its files
+    in `work`), answering: (process, client, port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", work],
+        stdout=subprocess.DEVNULL,
+    )
+    r = redis.Redis(port=port)
+    try:
+        wait_for(r.ping, 10, "redis-server")
+    except RuntimeError:
+        proc.terminate()
+        raise
+    return proc, r, port
+
+
 @contextlib.contextmanager
 def redis_with_profiles(user_ids, histories_asin):
     """A redis-server of its own on a free port holding user_profile:<id> = each user's ASIN list;
     yields (port, client) and stops the server afterwards."""
     tmp = tempfile.mkdtemp(prefix="ms-eval-")
-    rport = free_port()
-    redis_proc = subprocess.Popen(
-        ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-        stdout=subprocess.DEVNULL,
-    )
+    redis_proc, r, rport = start_redis(tmp)
     try:
-        r = redis.Redis(port=rport)
-        wait_for(r.ping, 10, "redis-server")
         pipe = r.pipeline(transaction=False)
         for n, (uid, items) in enumerate(zip(user_ids, histories_asin)):
             pipe.set(f"user_profile:{uid}", json.dumps(items))
