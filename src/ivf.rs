@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::models::{cpu_f32, select_top};
+use crate::models::{cpu_f32, host_i64, select_top};
 
 /// The CPU scan re-scores this many times the candidates it needs on the full vectors.
 const RESCORE: usize = 2;
@@ -440,10 +440,6 @@ fn assign(items: &Tensor, centroids: &Tensor) -> Result<Tensor, TchError> {
 fn strided(n: usize, k: usize, device: Device) -> Result<Tensor, TchError> {
     let rows: Vec<i64> = (0..k).map(|i| (i * n / k.max(1)) as i64).collect();
     Tensor::f_from_slice(&rows)?.f_to_device(device)
-}
-
-fn host_i64(t: &Tensor) -> Result<Vec<i64>, TchError> {
-    Vec::<i64>::try_from(t.f_to_device(Device::Cpu)?.f_contiguous()?.f_view(-1)?)
 }
 
 #[cfg(test)]

@@ -535,7 +535,7 @@ fn host_f32(t: &Tensor) -> Result<Vec<f32>, TchError> {
     Vec::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)
 }
 
-fn host_i64(t: &Tensor) -> Result<Vec<i64>, TchError> {
+pub(crate) fn host_i64(t: &Tensor) -> Result<Vec<i64>, TchError> {
     Vec::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?)
 }
 

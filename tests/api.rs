@@ -340,7 +340,9 @@ fn a_server_whose_log_pipe_closed_keeps_answering_and_stops_on_sigterm() {
     }
     assert_error(&server.post("/recommend/a%20b"), 400, "invalid_user_id");
     assert!(redis.get("recommendations:unlogged").is_some());
-    let status = server.terminate_within(Duration::from_secs(20));
+    server.sigterm();
+    wait_until(Duration::from_secs(20), || server.exited().is_some());
+    let status = server.exited();
     assert!(status.is_some_and(|s| s.success()), "SIGTERM did not end the server: {status:?}");
 }
 

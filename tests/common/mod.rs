@@ -373,26 +373,17 @@ impl Server {
         server
     }
 
-    /// Sends SIGTERM and waits at most `limit` for the exit status (None: still running).
-    pub fn terminate_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    pub fn sigterm(&self) {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.sigterm();
         self.child.wait().unwrap()
     }
 
