@@ -20,6 +20,9 @@ pub struct Store {
     pub(super) backend: Arc<Backend>,
     /// Hard bound on one operation, connecting included.
     pub(super) op_timeout: Duration,
+    /// The Redis client's bound on one command's answer (REDIS_RESPONSE_TIMEOUT_MS): the earliest
+    /// an operation can give up once its command is sent.
+    response_timeout: Duration,
     pub(super) notify_channel: String,
 }
 
@@ -30,6 +33,7 @@ impl Store {
         Ok(Self {
             backend: Arc::new(Backend::new(cfg)?),
             op_timeout: cfg.redis_connect_timeout() + cfg.redis_response_timeout(),
+            response_timeout: cfg.redis_response_timeout(),
             notify_channel: cfg.notify_channel.clone(),
         })
     }
@@ -252,9 +256,11 @@ impl Store {
         let encode = |e: serde_json::Error| Error::Internal(format!("encoding the list: {e}"));
         let value = serde_json::to_string(list.ids).map_err(encode)?;
         let scores = serde_json::to_string(list.scores).map_err(encode)?;
-        let margin = WRITE_MARGIN.min(self.op_timeout / 4);
+        // The client may give up as soon as its response timeout after sending (op_timeout only
+        // bounds connecting and answering together), so the deadline is counted from that.
+        let margin = WRITE_MARGIN.min(self.response_timeout / 4);
         let deadline_ms =
-            from.redis_ms + (from.read_at.elapsed() + self.op_timeout).saturating_sub(margin).as_millis() as u64;
+            from.redis_ms + (from.read_at.elapsed() + self.response_timeout).saturating_sub(margin).as_millis() as u64;
         let (key, list_key, meta) = (profile_key(user_id), recommendations_key(user_id), meta_key(user_id));
         let (sha, now) = (from.sha().to_string(), now_ms().to_string());
         let late = |what: &str| {
@@ -430,7 +436,8 @@ pub enum Written {
     Overtaken,
 }
 
-/// How long before the caller gives up a write must have run in Redis to count.
+/// How long before the caller can give up (the client's response timeout) a write must have run
+/// in Redis to count.
 const WRITE_MARGIN: Duration = Duration::from_millis(100);
 
 /// The start of the write scripts (KEYS[1] the profile, ARGV[1] its hash, ARGV[2] the deadline in
