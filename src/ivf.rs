@@ -10,6 +10,7 @@
 //! the vectors themselves; on other devices it runs in tensor ops. The index belongs to its model
 //! set and is swapped with it on reload.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,14 +69,17 @@ pub struct IvfIndex {
     vectors: Tensor,
     /// On the CPU, the scan's copy of the vectors (empty elsewhere): one-byte codes, component `k`
     /// of an item of list `j` standing for `low[j * D + k] + step[j * D + k] * code`, each list
-    /// in tiles of `TILE` items, each tile a contiguous [D, TILE] block (the last one padded), list
-    /// `j`'s tiles from byte `code_at[j]`. A quarter of the bytes of the vectors, which is what
-    /// the scan is bound by, read in order; the best items it finds are then scored on the vectors.
+    /// in tiles of `TILE` items, list `j`'s tiles from byte `code_at[j]`. A tile holds the
+    /// components in groups of 4 (D padded with zero codes to `padded`): group after group, each
+    /// `TILE` x 4 bytes, an item's 4 codes side by side (the operand layout of a VNNI dot product).
+    /// A quarter of the bytes of the vectors, which is what the scan is bound by, read in order;
+    /// the best items it finds are then scored on the vectors.
     codes: Arc<[u8]>,
     code_at: Arc<[usize]>,
     low: Arc<[f32]>,
     step: Arc<[f32]>,
     dim: usize,
+    padded: usize,
     /// Position in `items` -> catalog row (shared by the copies of the set).
     rows: Arc<[i64]>,
     /// List `j` is `items[offsets[j]..offsets[j + 1]]`.
@@ -143,6 +147,7 @@ impl IvfIndex {
             low: codes.low.into(),
             step: codes.step.into(),
             dim,
+            padded: padded(dim),
             rows: rows.into(),
             offsets: offsets.into(),
             probes: spec.probes.clamp(1, lists),
@@ -160,6 +165,7 @@ impl IvfIndex {
             low: Arc::clone(&self.low),
             step: Arc::clone(&self.step),
             dim: self.dim,
+            padded: self.padded,
             rows: Arc::clone(&self.rows),
             offsets: Arc::clone(&self.offsets),
             probes: self.probes,
@@ -225,13 +231,9 @@ impl IvfIndex {
         for (i, exclude) in excludes.iter().enumerate() {
             let mut sorted_exclude = exclude.to_vec();
             sorted_exclude.sort_unstable();
-            let mine = &probed[i];
             let kept = best[i]
                 .iter()
-                .map(|&(pos, score)| {
-                    let (list, start) = self.list_at(mine, pos);
-                    (self.rows[self.offsets[list] + pos - start], score)
-                })
+                .map(|&(at, score)| (self.rows[at], score))
                 .filter(|(row, _)| sorted_exclude.binary_search(row).is_err())
                 .take(c);
             let before = best_rows.len();
@@ -254,56 +256,44 @@ impl IvfIndex {
     }
 
     /// On the CPU: each scanned list scored on its codes for each profile scanning it
-    /// (`score_codes`; a list several profiles scan is then read from cache), each profile's best
-    /// `RESCORE` x (c + |exclude|) positions by those scores (`select_top`), and those scored
-    /// again on the vectors, of which the best c + |exclude| are kept. No tensor op per list: at
-    /// 1M items a batch scans hundreds of lists, and libtorch's per-op cost was most of the stage.
+    /// (`score_codes`; a list several profiles scan is then read from cache), keeping each
+    /// profile's best `RESCORE` x (c + |exclude|) items by those scores as it goes (`Best`), and
+    /// those scored again on the vectors, of which the best c + |exclude| are kept. No tensor op
+    /// per list: at 1M items a batch scans hundreds of lists, and libtorch's per-op cost was most
+    /// of the stage; no score array per profile either, only the items that could still make it.
     fn best_on_cpu(&self, users: &Tensor, scan: &Scan) -> Result<Vec<Vec<(usize, f32)>>, TchError> {
         let users = users.f_contiguous()?;
         let (u, vectors, d) = (cpu_f32(&users)?, cpu_f32(&self.vectors)?, self.dim);
-        let mut approx: Vec<Vec<f32>> = scan.probed.iter().map(|mine| vec![0f32; self.scanned(mine)]).collect();
-        let mut weights = vec![0f32; d];
+        let need = |i: usize| scan.c + scan.excludes[i].len();
+        let mut found: Vec<Best> = (0..scan.probed.len()).map(|i| Best::new(RESCORE * need(i))).collect();
+        let mut weights = vec![0i8; self.padded];
         for (list, who) in scan.scanners.iter().enumerate().filter(|(_, who)| !who.is_empty()) {
             let (from, to) = (self.offsets[list], self.offsets[list + 1]);
-            let codes = self.codes.get(self.code_at[list]..self.code_at[list] + tiles(to - from) * TILE * d);
+            let codes = self.codes.get(self.code_at[list]..self.code_at[list] + tiles(to - from) * TILE * self.padded);
             let codes = codes.ok_or_else(short)?;
             let (low, step) = (&self.low[list * d..(list + 1) * d], &self.step[list * d..(list + 1) * d]);
-            for &(profile, start) in who {
+            for &(profile, _) in who {
                 let user = u.get(profile * d..(profile + 1) * d).ok_or_else(short)?;
-                let mut bias = 0f32;
-                for k in 0..d {
-                    weights[k] = user[k] * step[k];
-                    bias += user[k] * low[k];
-                }
-                score_codes(&weights, bias, codes, &mut approx[profile][start..start + to - from]);
+                let (scale, bias) = query_codes(user, low, step, &mut weights);
+                score_codes(&weights, scale, bias, codes, from..to, &mut found[profile]);
             }
         }
-        let mut best = Vec::with_capacity(approx.len());
-        for (i, approx) in approx.iter().enumerate() {
-            let need = (scan.c + scan.excludes[i].len()).min(approx.len());
+        let mut best = Vec::with_capacity(found.len());
+        for (i, found) in found.into_iter().enumerate() {
             let user = &u[i * d..(i + 1) * d];
-            let mine = &scan.probed[i];
-            let shortlist = select_top(approx, &[], (RESCORE * need).min(approx.len()));
+            let shortlist = found.into_best();
             let exact: Vec<f32> = shortlist
                 .iter()
-                .map(|&(pos, _)| {
-                    let (list, start) = self.list_at(mine, pos);
-                    let at = self.offsets[list] + pos - start;
-                    dot(&vectors[at * d..(at + 1) * d], user)
-                })
-                .collect();
-            best.push(select_top(&exact, &[], need).into_iter().map(|(j, score)| (shortlist[j].0, score)).collect());
+                .map(|&(_, at)| vectors.get(at * d..(at + 1) * d).map(|item| dot(item, user)).ok_or_else(short))
+                .collect::<Result<_, _>>()?;
+            best.push(select_top(&exact, &[], need(i)).into_iter().map(|(j, score)| (shortlist[j].1, score)).collect());
         }
         Ok(best)
     }
 
-    /// The (list, start) of the profile's scanned lists `mine` holding position `pos` of its scores.
-    fn list_at(&self, mine: &[(usize, usize)], pos: usize) -> (usize, usize) {
-        mine[mine.partition_point(|&(_, start)| start <= pos) - 1]
-    }
-
     /// On another device: one product per scanned list with the vectors of the profiles scanning
-    /// it, each profile's scores concatenated and `topk` there.
+    /// it, each profile's scores concatenated and `topk` there. Like `best_on_cpu`, each profile's
+    /// best c + |exclude| items as (position in `vectors`, score), best first.
     fn best_on_device(&self, users: &Tensor, scan: &Scan) -> Result<Vec<Vec<(usize, f32)>>, TchError> {
         let mut blocks: Vec<Option<Tensor>> = (0..self.lists()).map(|_| None).collect();
         for (list, who) in scan.scanners.iter().enumerate().filter(|(_, who)| !who.is_empty()) {
@@ -326,7 +316,11 @@ impl IvfIndex {
             let k = (scan.c + scan.excludes[i].len()).min(self.scanned(mine)) as i64;
             let (values, positions) = scores.f_topk(k, 0, true, true)?;
             let values = Vec::<f32>::try_from(values.f_to_device(Device::Cpu)?)?;
-            best.push(host_i64(&positions)?.into_iter().map(|p| p as usize).zip(values).collect());
+            let at = |pos: i64| {
+                let (list, start) = mine[mine.partition_point(|&(_, start)| start <= pos as usize) - 1];
+                self.offsets[list] + pos as usize - start
+            };
+            best.push(host_i64(&positions)?.into_iter().map(at).zip(values).collect());
         }
         Ok(best)
     }
@@ -349,22 +343,138 @@ fn short() -> TchError {
     TchError::Shape("an IVF list lies outside the index's tensors".into())
 }
 
-/// `out[j]` = `bias` + the dot product of `weights` [D] with the codes of item `j`, for the items
-/// of one list in tiles (see `IvfIndex::codes`): a tile's `TILE` sums stay in registers while its
-/// D rows are read in order. Compiled for AVX-512 and AVX2 as well and picked at run time
-/// (multiversion).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2+fma", "aarch64+neon"))]
-fn score_codes(weights: &[f32], bias: f32, codes: &[u8], out: &mut [f32]) {
-    let d = weights.len();
-    for (out, tile) in out.chunks_mut(TILE).zip(codes.chunks_exact(TILE * d)) {
-        let mut acc = [bias; TILE];
-        for (&w, row) in weights.iter().zip(tile.chunks_exact(TILE)) {
-            for (a, &q) in acc.iter_mut().zip(row) {
-                *a += w * f32::from(q);
+/// The user vector `user` as one-byte weights on list codes with these `low` and `step`:
+/// `weights` (D padded) and (scale, bias) such that the item of codes `q` scores about
+/// `bias + scale * sum(weights[k] * q[k])`. The weights are `user[k] * step[k]` rounded to 255
+/// levels of the largest one (an error of the order of the codes' own, which the re-scoring on
+/// the vectors removes from the final scores).
+fn query_codes(user: &[f32], low: &[f32], step: &[f32], weights: &mut [i8]) -> (f32, f32) {
+    let bias: f32 = user.iter().zip(low).map(|(u, l)| u * l).sum();
+    let largest = user.iter().zip(step).fold(0f32, |m, (u, s)| m.max((u * s).abs()));
+    let scale = largest / 127.0;
+    for (k, w) in weights.iter_mut().enumerate() {
+        *w = match (user.get(k), step.get(k)) {
+            (Some(u), Some(s)) if scale > 0.0 => ((u * s) / scale).round().clamp(-127.0, 127.0) as i8,
+            _ => 0,
+        };
+    }
+    (scale, bias)
+}
+
+/// One profile's best items of the scan so far, as (approximate score, position in the index):
+/// every item scored above `floor` is taken, and when `4 x keep` are taken the best `keep` stay
+/// and the lowest of them becomes the floor. Once the floor has risen few items pass it, so the
+/// scan keeps no score per scanned item.
+struct Best {
+    keep: usize,
+    floor: f32,
+    found: Vec<(f32, usize)>,
+}
+
+impl Best {
+    fn new(keep: usize) -> Self {
+        let keep = keep.max(1);
+        Self { keep, floor: f32::NEG_INFINITY, found: Vec::with_capacity(4 * keep) }
+    }
+
+    /// The scores `scores` of the items from position `first` on (one tile), those selected by
+    /// the bits of `passed` (bit `j` set when `scores[j]` is above the floor, or not comparable).
+    fn take(&mut self, first: usize, scores: &[f32], mut passed: u64) {
+        while passed != 0 {
+            let j = passed.trailing_zeros() as usize;
+            passed &= passed - 1;
+            if let Some(&score) = scores.get(j) {
+                self.found.push((score, first + j));
             }
         }
-        out.copy_from_slice(&acc[..out.len()]);
+        if self.found.len() >= 4 * self.keep {
+            self.prune();
+        }
     }
+
+    fn prune(&mut self) {
+        if self.found.len() > self.keep {
+            self.found.select_nth_unstable_by(self.keep - 1, |a, b| b.0.total_cmp(&a.0));
+            self.found.truncate(self.keep);
+            self.floor = self.found[self.keep - 1].0;
+        }
+    }
+
+    /// The best `keep` (fewer if the scan had fewer), in no particular order.
+    fn into_best(mut self) -> Vec<(f32, usize)> {
+        self.prune();
+        self.found
+    }
+}
+
+/// Scores the items `items` (positions in the index) of one list on their codes (see
+/// `IvfIndex::codes`) and hands each tile's scores to `best`: `bias` + `scale` x the dot product
+/// of `weights` (one byte each, D padded) with an item's codes, summed in integers. With AVX-512
+/// VNNI one instruction multiplies and adds 16 items' groups of 4 components
+/// (`score_codes_vnni`); elsewhere a portable loop gives the same numbers.
+fn score_codes(weights: &[i8], scale: f32, bias: f32, codes: &[u8], items: Range<usize>, best: &mut Best) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        unsafe { score_codes_vnni(weights, scale, bias, codes, items, best) };
+        return;
+    }
+    score_codes_portable(weights, scale, bias, codes, items, best);
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn score_codes_portable(weights: &[i8], scale: f32, bias: f32, codes: &[u8], items: Range<usize>, best: &mut Best) {
+    let d = weights.len();
+    let mut sums = [0f32; TILE];
+    for (first, tile) in items.clone().step_by(TILE).zip(codes.chunks_exact(TILE * d)) {
+        let mut acc = [0i32; TILE];
+        for (w, group) in weights.chunks_exact(4).zip(tile.chunks_exact(TILE * 4)) {
+            for (a, q) in acc.iter_mut().zip(group.chunks_exact(4)) {
+                *a += (0..4).map(|b| i32::from(q[b]) * i32::from(w[b])).sum::<i32>();
+            }
+        }
+        let mut passed = 0u64;
+        for (j, (sum, a)) in sums.iter_mut().zip(acc).enumerate() {
+            *sum = (a as f32).mul_add(scale, bias);
+            passed |= u64::from(!(*sum <= best.floor)) << j;
+        }
+        best.take(first, &sums[..TILE.min(items.end - first)], passed);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn score_codes_vnni(weights: &[i8], scale: f32, bias: f32, codes: &[u8], items: Range<usize>, best: &mut Best) {
+    use std::arch::x86_64::*;
+    const LANES: usize = 16;
+    let d = weights.len();
+    let (scale, bias) = (_mm512_set1_ps(scale), _mm512_set1_ps(bias));
+    let mut sums = [0f32; TILE];
+    for (first, tile) in items.clone().step_by(TILE).zip(codes.chunks_exact(TILE * d)) {
+        let mut acc = [_mm512_setzero_si512(); TILE / LANES];
+        for (w, group) in weights.chunks_exact(4).zip(tile.chunks_exact(TILE * 4)) {
+            let w = _mm512_set1_epi32(i32::from_le_bytes([w[0], w[1], w[2], w[3]].map(|b| b as u8)));
+            for (a, items) in acc.iter_mut().zip(group.chunks_exact(LANES * 4)) {
+                // SAFETY: `items` is 64 bytes long.
+                let q = unsafe { _mm512_loadu_epi8(items.as_ptr().cast()) };
+                *a = _mm512_dpbusd_epi32(*a, q, w);
+            }
+        }
+        let floor = _mm512_set1_ps(best.floor);
+        let mut passed = 0u64;
+        for (n, (a, s)) in acc.iter().zip(sums.chunks_exact_mut(LANES)).enumerate() {
+            let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), scale, bias);
+            passed |= u64::from(_mm512_cmp_ps_mask::<_CMP_NLE_UQ>(v, floor)) << (n * LANES);
+            // SAFETY: `s` is 16 floats long.
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), v) };
+        }
+        best.take(first, &sums[..TILE.min(items.end - first)], passed);
+    }
+}
+
+/// D rounded up to whole groups of 4 components.
+fn padded(d: usize) -> usize {
+    d.div_ceil(4) * 4
 }
 
 /// Tiles of `TILE` items that `n` items take.
@@ -410,18 +520,15 @@ fn quantize(sorted: &[f32], offsets: &[usize], d: usize) -> Codes {
             step.push(if h > l { (h - l) / 255.0 } else { 0.0 });
         }
         out.at.push(out.codes.len());
+        let code = |row: &[f32], k: usize| match row.get(k) {
+            Some(&x) if step[k] > 0.0 => ((x - low[k]) / step[k]).round().clamp(0.0, 255.0) as u8,
+            _ => 0,
+        };
         for tile in rows.chunks(TILE * d) {
-            for k in 0..d {
-                let codes = tile.chunks_exact(d).map(|row| {
-                    if step[k] > 0.0 {
-                        ((row[k] - low[k]) / step[k]).round().clamp(0.0, 255.0) as u8
-                    } else {
-                        0
-                    }
-                });
+            for group in (0..padded(d)).step_by(4) {
                 let filled = out.codes.len();
-                out.codes.extend(codes);
-                out.codes.resize(filled + TILE, 0);
+                out.codes.extend(tile.chunks_exact(d).flat_map(|row| (group..group + 4).map(move |k| code(row, k))));
+                out.codes.resize(filled + TILE * 4, 0);
             }
         }
         out.low.extend(low);
@@ -492,6 +599,54 @@ mod tests {
             }
         }
         assert!(kept >= 97, "{kept} of the exact 100");
+    }
+
+    #[test]
+    fn the_vnni_scan_scores_what_the_portable_loop_scores() {
+        // 3 tiles, the last one partly filled, and D = 12 (three groups of four); nothing pruned
+        let d = 12;
+        let items = 1_000..1_000 + 2 * TILE + 5;
+        let codes: Vec<u8> = (0..3 * TILE * d).map(|i| (i * 7919 % 256) as u8).collect();
+        let weights: Vec<i8> = (0..d).map(|k| [-127, 127, -3, 0, 55, -80][k % 6]).collect();
+        let mut portable = Best::new(1_000);
+        score_codes_portable(&weights, 0.25, -1.5, &codes, items.clone(), &mut portable);
+        let wanted: Vec<(f32, usize)> = (0..items.len())
+            .map(|j| {
+                let tile = &codes[j / TILE * TILE * d..];
+                let sum: i32 = (0..d)
+                    .map(|k| i32::from(tile[k / 4 * TILE * 4 + j % TILE * 4 + k % 4]) * i32::from(weights[k]))
+                    .sum();
+                ((sum as f32).mul_add(0.25, -1.5), items.start + j)
+            })
+            .collect();
+        assert_eq!(portable.found, wanted);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
+            let mut vnni = Best::new(1_000);
+            unsafe { score_codes_vnni(&weights, 0.25, -1.5, &codes, items, &mut vnni) };
+            assert_eq!(vnni.found, wanted);
+        }
+    }
+
+    #[test]
+    fn the_scan_keeps_the_best_items_whatever_order_they_come_in() {
+        let scores: Vec<f32> = (0..1_000).map(|i| ((i * 7_919) % 1_000) as f32).collect();
+        let mut best = Best::new(10);
+        for (first, tile) in (0..1_000).step_by(TILE).zip(scores.chunks(TILE)) {
+            let passed = tile.iter().enumerate().fold(0u64, |m, (j, &v)| m | (u64::from(v > best.floor) << j));
+            best.take(first, tile, passed);
+        }
+        assert!(best.found.len() < 40, "pruned as it went");
+        let mut kept: Vec<f32> = best
+            .into_best()
+            .into_iter()
+            .map(|(score, at)| {
+                assert_eq!(scores[at], score);
+                score
+            })
+            .collect();
+        kept.sort_by(|a, b| b.total_cmp(a));
+        assert_eq!(kept, (990..1_000).rev().map(|v| v as f32).collect::<Vec<_>>());
     }
 
     #[test]
