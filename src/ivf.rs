@@ -10,6 +10,7 @@
 //! the vectors themselves; on other devices it runs in tensor ops. The index belongs to its model
 //! set and is swapped with it on reload.
 
+use std::cmp::Ordering;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -436,7 +437,8 @@ fn score_codes_portable(weights: &[i8], scale: f32, bias: f32, codes: &[u8], ite
         let mut passed = 0u64;
         for (j, (sum, a)) in sums.iter_mut().zip(acc).enumerate() {
             *sum = (a as f32).mul_add(scale, bias);
-            passed |= u64::from(!(*sum <= best.floor)) << j;
+            let at_most_floor = matches!((*sum).partial_cmp(&best.floor), Some(Ordering::Less | Ordering::Equal));
+            passed |= u64::from(!at_most_floor) << j;
         }
         best.take(first, &sums[..TILE.min(items.end - first)], passed);
     }
