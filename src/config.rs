@@ -178,11 +178,12 @@ pub struct Config {
     /// With CANDIDATE_SEARCH=auto, the smallest catalog searched through the IVF index.
     #[arg(long, env = "IVF_MIN_ITEMS", default_value_t = 200_000, global = true)]
     pub ivf_min_items: usize,
-    /// Lists of the IVF index (0: about the square root of the catalog size).
+    /// Lists of the IVF index (0: about 4 times the square root of the catalog size).
     #[arg(long, env = "IVF_LISTS", default_value_t = 0, global = true)]
     pub ivf_lists: usize,
-    /// IVF lists scanned per profile (more when they hold too few items for the candidates).
-    #[arg(long, env = "IVF_PROBES", default_value_t = 32, global = true)]
+    /// IVF lists scanned per profile (more when they hold too few items for the candidates; 0: one
+    /// list in 8).
+    #[arg(long, env = "IVF_PROBES", default_value_t = 0, global = true)]
     pub ivf_probes: usize,
     /// Candidates kept after DIN (ordered by RankNet).
     #[arg(long, env = "DIN_CANDIDATES", default_value_t = 100, global = true)]
@@ -550,7 +551,6 @@ impl Config {
             ("MAX_K", self.max_k),
             ("LIGHTGCN_CANDIDATES", self.lightgcn_candidates),
             ("DIN_CANDIDATES", self.din_candidates),
-            ("IVF_PROBES", self.ivf_probes),
             ("MAX_HISTORY", self.max_history),
             ("MAX_PROFILE_BYTES", self.max_profile_bytes),
             ("MAX_PROFILE_ITEMS", self.max_profile_items),
