@@ -1,13 +1,13 @@
 //! Approximate candidate search for LightGCN (stage 1) on large catalogs: an inverted-file (IVF)
 //! index over the item vectors, on the model's device (CPU or CUDA).
 //!
-//! Built when a model set loads, from the LightGCN export's `item_table()`: k-means of the item
-//! vectors into `lists` lists (deterministic: no random draw, so every replica builds the same
-//! index) and the items stored list after list. A search scores the centroids against the user
+//! Built when a model set loads, from the LightGCN export's `item_table()`: spherical k-means of
+//! the item vectors into `lists` lists (deterministic: no random draw, so every replica builds the
+//! same index) and the items stored list after list. A search scores the centroids against the user
 //! vector, scans the best `probes` lists (more when they hold fewer items than the candidates
 //! asked for plus the excluded ones), and keeps the best-scored items there. On the CPU the scan
-//! reads one-byte codes of the vectors in a loop of its own and scores its best items again on
-//! the vectors themselves; on other devices it runs in tensor ops. The index belongs to its model
+//! sums one-byte codes of the vectors against one-byte weights in a loop of its own (AVX-512 VNNI
+//! where the CPU has it) and scores its best items again on the vectors themselves; on other devices it runs in tensor ops. The index belongs to its model
 //! set and is swapped with it on reload.
 
 use std::cmp::Ordering;
@@ -477,8 +477,8 @@ fn score_codes_vnni(weights: &[i8], scale: f32, bias: f32, codes: &[u8], items: 
 
 /// Lists in the order a profile probes them, from their centroids' scores `scores`: the best
 /// `probes` first, in no particular order; the rest by score, best first, only when `enough`
-/// says the first ones do not hold enough items (a full sort of thousands of scores per profile
-/// cost more than the scan of small catalogs).
+/// says the first ones do not hold enough items (the probed set needs no sort of the thousands of
+/// scores).
 fn probe_order(scores: &[f32], probes: usize, enough: impl Fn(&[usize]) -> bool) -> Vec<usize> {
     let by_score = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..scores.len()).collect();
