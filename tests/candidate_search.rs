@@ -1,6 +1,7 @@
 //! The approximate candidate search (CANDIDATE_SEARCH=ivf) against the exact one, on the real
 //! binary, a real redis-server and the TorchScript test models: probing every list gives the exact
-//! lists, probing one still fills every list, /health names the search in service.
+//! lists, probing one still fills every list, /health names the search in service; SIGTERM during
+//! the first load (here the index's k-means) does not wait for it.
 
 mod common;
 
@@ -81,4 +82,19 @@ fn ivf_probing_one_list_still_returns_full_lists_without_history_items() {
             serde_json::from_str(&redis.get(&format!("recommendations:u{n}")).expect("written")).unwrap();
         assert_eq!(stored, list, "u{n}: Redis holds the list the response gave");
     }
+}
+
+#[test]
+fn sigterm_while_the_first_model_set_loads_stops_the_server_without_waiting_for_the_load() {
+    // the shipped catalog (24,915 items) in as many IVF lists: its k-means takes many seconds
+    let redis = Redis::start();
+    let env = [("CANDIDATE_SEARCH", "ivf"), ("IVF_LISTS", "24915"), ("RUST_LOG", "info")];
+    let mut server = Server::start_logged(redis.port, &shipped_models(), &env);
+    let (status, body) = server.get("/health");
+    assert_eq!((status, &body["model_loaded"]), (503, &serde_json::json!(false)), "still loading: {body}");
+    server.sigterm();
+    let (exit, log) = server.exit_and_log();
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(log.contains("shutdown signal received"), "{log}");
+    assert!(!log.contains("IVF candidate index built"), "the server finished the load before it stopped:\n{log}");
 }

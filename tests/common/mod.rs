@@ -54,6 +54,11 @@ pub fn test_models() -> &'static Path {
     DIR.get_or_init(|| make_models("test-models", &[]))
 }
 
+/// The shipped models (model_output/, the real Amazon-Book set).
+pub fn shipped_models() -> PathBuf {
+    repo().join("model_output")
+}
+
 /// A fresh directory under target/ named `name` (unique per test process), emptied if present.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = repo().join("target").join(format!("{name}-{}", std::process::id()));
@@ -371,6 +376,22 @@ impl Server {
         let mut server = Self::spawn(cmd, redis_port, test_models(), &["serve"], &[("RUST_LOG", "info")]);
         drop(server.child.stderr.take());
         server
+    }
+
+    /// `serve` with `env`, its log (stderr) kept for `exit_and_log`.
+    pub fn start_logged(redis_port: u16, model_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin_path());
+        cmd.stderr(Stdio::piped());
+        Self::spawn(cmd, redis_port, model_dir, &["serve"], env)
+    }
+
+    /// Waits for the process to exit (of a server from `start_logged`): its exit status and log.
+    pub fn exit_and_log(&mut self) -> (std::process::ExitStatus, String) {
+        let mut log = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+        }
+        (self.child.wait().unwrap(), log)
     }
 
     pub fn pid(&self) -> u32 {
