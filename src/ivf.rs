@@ -457,9 +457,9 @@ fn score_codes_vnni(weights: &[i8], scale: f32, bias: f32, codes: &[u8], items: 
         let mut acc = [_mm512_setzero_si512(); TILE / LANES];
         for (w, group) in weights.chunks_exact(4).zip(tile.chunks_exact(TILE * 4)) {
             let w = _mm512_set1_epi32(i32::from_le_bytes([w[0], w[1], w[2], w[3]].map(|b| b as u8)));
-            for (a, items) in acc.iter_mut().zip(group.chunks_exact(LANES * 4)) {
-                // SAFETY: `items` is 64 bytes long.
-                let q = unsafe { _mm512_loadu_epi8(items.as_ptr().cast()) };
+            for (a, sixteen) in acc.iter_mut().zip(group.chunks_exact(LANES * 4)) {
+                // SAFETY: `sixteen` (16 items' 4 codes) is 64 bytes long.
+                let q = unsafe { _mm512_loadu_epi8(sixteen.as_ptr().cast()) };
                 *a = _mm512_dpbusd_epi32(*a, q, w);
             }
         }
