@@ -77,7 +77,7 @@ pub struct IvfIndex {
     /// On the CPU, the scan's copy of the vectors (empty elsewhere): one-byte codes, component `k`
     /// of an item of list `j` standing for `low[j * D + k] + step[j * D + k] * code`, each list
     /// in tiles of `TILE` items, list `j`'s tiles from byte `code_at[j]`. A tile holds the
-    /// components in groups of 4 (D padded with zero codes to `padded`): group after group, each
+    /// components in groups of 4 (D padded with zero codes, `padded`): group after group, each
     /// `TILE` x 4 bytes, an item's 4 codes side by side (the operand layout of a VNNI dot product).
     /// A quarter of the bytes of the vectors, which is what the scan is bound by, read in order;
     /// the best items it finds are then scored on the vectors.
@@ -86,7 +86,6 @@ pub struct IvfIndex {
     low: Arc<[f32]>,
     step: Arc<[f32]>,
     dim: usize,
-    padded: usize,
     /// Position in `items` -> catalog row (shared by the copies of the set).
     rows: Arc<[i64]>,
     /// List `j` is `items[offsets[j]..offsets[j + 1]]`.
@@ -148,7 +147,6 @@ impl IvfIndex {
             low: codes.low.into(),
             step: codes.step.into(),
             dim,
-            padded: padded(dim),
             rows: rows.into(),
             offsets: offsets.into(),
             probes,
@@ -166,7 +164,6 @@ impl IvfIndex {
             low: Arc::clone(&self.low),
             step: Arc::clone(&self.step),
             dim: self.dim,
-            padded: self.padded,
             rows: Arc::clone(&self.rows),
             offsets: Arc::clone(&self.offsets),
             probes: self.probes,
@@ -184,8 +181,8 @@ impl IvfIndex {
 
     /// The `c` best-scored rows for each user vector (`users` [B, D]) among the probed lists, the
     /// rows in its `exclude` left out, best first: ([B, c] scores, [B, c] rows) on the device.
-    /// Lists are probed in the order of their centroid's score, at least `probes` of them and
-    /// until they hold `c` items besides the excluded ones. A list several profiles of the batch
+    /// The `probes` lists of the best centroid scores are probed, and more, best first, while they
+    /// hold fewer than `c` items besides the excluded ones. A list several profiles of the batch
     /// scan is read once for all of them.
     pub fn search(&self, users: &Tensor, excludes: &[&[i64]], c: usize) -> Result<(Tensor, Tensor), TchError> {
         self.search_with(users, excludes, c, self.device == Device::Cpu)
@@ -268,10 +265,11 @@ impl IvfIndex {
         let (u, vectors, d) = (cpu_f32(&users)?, cpu_f32(&self.vectors)?, self.dim);
         let need = |i: usize| scan.c + scan.excludes[i].len();
         let mut found: Vec<Best> = (0..scan.probed.len()).map(|i| Best::new(RESCORE * need(i))).collect();
-        let mut weights = vec![0i8; self.padded];
+        let mut weights = vec![0i8; padded(d)];
         for (list, who) in scan.scanners.iter().enumerate().filter(|(_, who)| !who.is_empty()) {
             let (from, to) = (self.offsets[list], self.offsets[list + 1]);
-            let codes = self.codes.get(self.code_at[list]..self.code_at[list] + tiles(to - from) * TILE * self.padded);
+            let codes =
+                self.codes.get(self.code_at[list]..self.code_at[list] + tiles(to - from) * TILE * weights.len());
             let codes = codes.ok_or_else(short)?;
             let (low, step) = (&self.low[list * d..(list + 1) * d], &self.step[list * d..(list + 1) * d]);
             for &(profile, _) in who {

@@ -371,9 +371,7 @@ impl Server {
     /// `serve` whose log (stderr) goes into a pipe that is closed once it listens, as when the log
     /// collector reading it has gone away.
     pub fn start_with_closed_log(redis_port: u16) -> Self {
-        let mut cmd = Command::new(bin_path());
-        cmd.stderr(Stdio::piped());
-        let mut server = Self::spawn(cmd, redis_port, test_models(), &["serve"], &[("RUST_LOG", "info")]);
+        let mut server = Self::start_logged(redis_port, test_models(), &[("RUST_LOG", "info")]);
         drop(server.child.stderr.take());
         server
     }
