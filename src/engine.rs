@@ -6,7 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,33 +78,13 @@ const UNDECIDED: u8 = 0;
 const DECIDED_BY_LOAD: u8 = 1;
 const TIMED_OUT: u8 = 2;
 
-/// Threads still loading a model set (the first one or a reload), in the whole process (see
-/// `load_running`).
-static LOADS_RUNNING: AtomicUsize = AtomicUsize::new(0);
-
-/// True while a thread loads a model set: the process must then leave without running
-/// libtorch's static destructors under it (src/main.rs).
-pub fn load_running() -> bool {
-    LOADS_RUNNING.load(Ordering::SeqCst) > 0
-}
-
-/// Held by a loading thread from before it starts until it ends; for a reload it also clears the
+/// Held by a reload's loading thread from before it starts until it ends: clears the
 /// one-reload-at-a-time flag then.
-struct LoadRunning(Option<Arc<AtomicBool>>);
+struct ReloadRunning(Arc<AtomicBool>);
 
-impl LoadRunning {
-    fn new(reloading: Option<Arc<AtomicBool>>) -> Self {
-        LOADS_RUNNING.fetch_add(1, Ordering::SeqCst);
-        Self(reloading)
-    }
-}
-
-impl Drop for LoadRunning {
+impl Drop for ReloadRunning {
     fn drop(&mut self) {
-        if let Some(reloading) = &self.0 {
-            reloading.store(false, Ordering::SeqCst);
-        }
-        LOADS_RUNNING.fetch_sub(1, Ordering::SeqCst);
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -161,17 +141,13 @@ impl Engine {
         }
         let engine = Self { tx, state, reloading: Arc::new(AtomicBool::new(false)), cfg, metrics };
         let loader = engine.clone();
-        let running = LoadRunning::new(None);
         std::thread::Builder::new()
             .name("model-loader".into())
-            .spawn(move || {
-                let _running = running;
-                match loader.load(&loader.cfg.model_dir) {
-                    Ok(set) => loader.swap_in(Arc::new(set)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "model load failed");
-                        loader.state.send_replace(EngineState::Failed(e.to_string()));
-                    }
+            .spawn(move || match loader.load(&loader.cfg.model_dir) {
+                Ok(set) => loader.swap_in(Arc::new(set)),
+                Err(e) => {
+                    tracing::error!(error = %e, "model load failed");
+                    loader.state.send_replace(EngineState::Failed(e.to_string()));
                 }
             })
             .expect("spawning the model loader");
@@ -232,7 +208,7 @@ impl Engine {
         if self.reloading.swap(true, Ordering::SeqCst) {
             return Err(Error::ReloadInProgress);
         }
-        let running = LoadRunning::new(Some(self.reloading.clone()));
+        let running = ReloadRunning(self.reloading.clone());
         let previous = match self.state() {
             EngineState::Ready(set) => set,
             EngineState::Loading => return Err(Error::ModelsLoading),

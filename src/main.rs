@@ -44,15 +44,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    if model_service::engine::load_running() {
-        // SIGTERM during a load (the first model set or a reload): the loading thread is still
-        // inside libtorch, and the normal exit path would run libtorch's static destructors under
-        // it (a crash). Leave at once.
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        // SAFETY: _exit ends the process; no Rust code runs after it.
-        unsafe { libc::_exit(if code == ExitCode::SUCCESS { 0 } else { 1 }) }
-    }
-    code
+    // Leave without running libtorch's static destructors: threads may still be inside libtorch
+    // (a model load cut short by SIGTERM, an inference worker finishing a batch whose callers
+    // have gone), and destroying its globals under them fails their work or crashes the process.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let _ = std::io::Write::flush(&mut std::io::stderr());
+    // SAFETY: _exit ends the process; no Rust code runs after it.
+    unsafe { libc::_exit(if code == ExitCode::SUCCESS { 0 } else { 1 }) }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

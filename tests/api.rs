@@ -347,6 +347,41 @@ fn a_server_whose_log_pipe_closed_keeps_answering_and_stops_on_sigterm() {
 }
 
 #[test]
+fn sigterm_while_the_workers_run_requests_whose_clients_left_exits_without_failing_them() {
+    // 250 requests queued on the shipped models (200-item histories, a few ms per batch), their
+    // clients gone before the answers: the workers are still running those batches when the
+    // process ends. libtorch's static destructors ran under them before (the batches failed with
+    // "Invalid (backend, op) pair" in each of 3 runs of this test, or the process crashed).
+    let redis = Redis::start();
+    let models = shipped_models();
+    let catalog = std::fs::read_to_string(models.join("catalog.tsv")).unwrap();
+    let asins: Vec<&str> = catalog.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    let users = 250;
+    for u in 0..users {
+        let history: Vec<&str> = (0..200).map(|i| asins[(u * 7919 + i * 104_729) % asins.len()]).collect();
+        redis.set(&format!("user_profile:left{u}"), &serde_json::to_string(&history).unwrap());
+    }
+    let mut server = Server::start_logged(redis.port, &models, &[("RUST_LOG", "info")]);
+    server.wait_healthy();
+    let address = format!("127.0.0.1:{}", server.port);
+    let clients: Vec<std::net::TcpStream> = (0..users)
+        .map(|u| {
+            let mut c = std::net::TcpStream::connect(&address).unwrap();
+            let request = format!("POST /recommend/left{u} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n");
+            std::io::Write::write_all(&mut c, request.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(clients);
+    server.sigterm();
+    let (exit, log) = server.exit_and_log();
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(log.contains("shutdown signal received"), "{log}");
+    assert!(!log.contains("inference failed"), "a batch failed while the process ended:\n{log}");
+}
+
+#[test]
 fn concurrent_requests_for_one_user_share_one_computation() {
     let (redis, server) = setup();
     redis.set("user_profile:popular_page", &format!(r#"["{}","{}"]"#, item(4), item(10)));
