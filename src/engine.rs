@@ -1,7 +1,6 @@
-//! The inference workers: threads that take jobs from one bounded queue (a job that finds worker 0
-//! idle is handed to it directly), gather what is queued (waiting at most `max_queue_delay` for a
-//! batch to fill) into one batch, run it on their own copy of the models of the job's model set,
-//! and answer each job through a oneshot channel. Also the
+//! The inference workers: threads that take jobs from one bounded queue, gather what is queued
+//! (waiting at most `max_queue_delay` for a batch to fill) into one batch, run it on their own copy
+//! of the models of the job's model set, and answer each job through a oneshot channel. Also the
 //! model set in service and its reload (load beside, validate, swap). Nothing here runs on a tokio
 //! worker thread.
 
@@ -119,9 +118,6 @@ struct Job {
 #[derive(Clone)]
 pub struct Engine {
     tx: Sender<Job>,
-    /// Hands a job straight to worker 0 while it waits idle (a zero-capacity channel: a send
-    /// succeeds only into a waiting receiver).
-    to_first: Sender<Job>,
     state: Arc<watch::Sender<EngineState>>,
     /// One reload at a time: set while a reload's loading thread runs (it clears it when it ends).
     reloading: Arc<AtomicBool>,
@@ -134,18 +130,16 @@ impl Engine {
     /// Ready once every worker's copy is loaded and warmed up.
     pub fn start(cfg: EngineConfig, metrics: Metrics) -> Self {
         let (tx, rx) = bounded(cfg.queue_capacity);
-        let (to_first, first_rx) = bounded(0);
         let state = Arc::new(watch::Sender::new(EngineState::Loading));
         let cfg = Arc::new(cfg);
         for n in 0..cfg.workers.max(1) {
             let (cfg, rx, metrics) = (cfg.clone(), rx.clone(), metrics.clone());
-            let first = (n == 0).then(|| first_rx.clone());
             std::thread::Builder::new()
                 .name(format!("inference-{n}"))
-                .spawn(move || run(n, cfg, Queues { shared: rx, first }, metrics))
+                .spawn(move || run(n, cfg, rx, metrics))
                 .expect("spawning an inference worker");
         }
-        let engine = Self { tx, to_first, state, reloading: Arc::new(AtomicBool::new(false)), cfg, metrics };
+        let engine = Self { tx, state, reloading: Arc::new(AtomicBool::new(false)), cfg, metrics };
         let loader = engine.clone();
         std::thread::Builder::new()
             .name("model-loader".into())
@@ -306,15 +300,7 @@ impl Engine {
         let queued = Instant::now();
         let deadline = queued + self.cfg.deadline;
         let (reply, answer) = oneshot::channel();
-        let job = Job { set, history, exclude, k, explain, queued, deadline, reply };
-        // A request that finds worker 0 idle goes to it, so that requests coming one at a time
-        // all run on one copy of the models, warm in the caches (the shared queue hands them to
-        // the workers in turn). Otherwise the shared queue, which every worker takes from.
-        let sent = match self.to_first.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => self.tx.try_send(job),
-        };
-        match sent {
+        match self.tx.try_send(Job { set, history, exclude, k, explain, queued, deadline, reply }) {
             Ok(()) => self.metrics.queue_depth.inc(),
             Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.cfg.queue_capacity)),
             Err(TrySendError::Disconnected(_)) => {
@@ -333,47 +319,7 @@ impl Engine {
     }
 }
 
-/// What a worker takes jobs from: the shared queue, and for worker 0 the hand-off of a job that
-/// found it idle.
-struct Queues {
-    shared: Receiver<Job>,
-    first: Option<Receiver<Job>>,
-}
-
-impl Queues {
-    /// Blocks for one job; `None` once the engine is gone and the shared queue is drained.
-    fn next(&self) -> Option<Job> {
-        let Some(first) = &self.first else { return self.shared.recv().ok() };
-        crossbeam_channel::select! {
-            recv(first) -> job => match job {
-                Ok(job) => Some(job),
-                Err(_) => self.shared.recv().ok(),
-            },
-            recv(self.shared) -> job => job.ok(),
-        }
-    }
-
-    /// Blocks for one job, then takes what is queued up to `max_batch`, waiting until `max_delay`
-    /// after the first job's arrival for the batch to fill. `None` when the engine is gone.
-    fn gather(&self, max_batch: usize, max_delay: Duration) -> Option<Vec<Job>> {
-        let first = self.next()?;
-        let until = first.queued + max_delay;
-        let mut jobs = vec![first];
-        while jobs.len() < max_batch {
-            match self.shared.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) if max_delay.is_zero() => break,
-                Err(_) => match self.shared.recv_deadline(until) {
-                    Ok(job) => jobs.push(job),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                },
-            }
-        }
-        Some(jobs)
-    }
-}
-
-fn run(worker: usize, cfg: Arc<EngineConfig>, queues: Queues, metrics: Metrics) {
+fn run(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job>, metrics: Metrics) {
     // Sets this thread's own intra-op thread count (each worker runs its batches with it).
     tch::set_num_threads(cfg.torch_threads.max(1) as i32);
     // Waiting for a batch to fill only pays under concurrent load: a worker waits (at most
@@ -382,7 +328,7 @@ fn run(worker: usize, cfg: Arc<EngineConfig>, queues: Queues, metrics: Metrics) 
     let mut under_load = false;
     loop {
         let delay = if under_load { cfg.max_queue_delay } else { Duration::ZERO };
-        let Some(jobs) = queues.gather(cfg.max_batch.max(1), delay) else { break };
+        let Some(jobs) = gather(&rx, cfg.max_batch.max(1), delay) else { break };
         under_load = jobs.len() > 1;
         let now = Instant::now();
         metrics.queue_depth.sub(jobs.len() as i64);
@@ -411,6 +357,25 @@ fn by_model_set(jobs: Vec<Job>) -> Vec<Vec<Job>> {
         }
     }
     groups
+}
+
+/// Blocks for one job, then takes what is queued up to `max_batch`, waiting until `max_delay` after
+/// the first job's arrival for the batch to fill. `None` when the queue is closed.
+fn gather(rx: &Receiver<Job>, max_batch: usize, max_delay: Duration) -> Option<Vec<Job>> {
+    let first = rx.recv().ok()?;
+    let until = first.queued + max_delay;
+    let mut jobs = vec![first];
+    while jobs.len() < max_batch {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) if max_delay.is_zero() => break,
+            Err(_) => match rx.recv_deadline(until) {
+                Ok(job) => jobs.push(job),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            },
+        }
+    }
+    Some(jobs)
 }
 
 fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
