@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Two or more builds (or settings) of model-service side by side in one run: the Amazon-Book
+profiles loaded once into a redis-server of its own, then each variant started in turn, warmed up,
+and driven by wrk over the same shuffled users at each concurrency, for several alternating rounds
+(the machine's speed drifts; compare the means of the same run).
+
+usage: scripts/py bench/ab_binaries.py --data DIR [--rounds 3] [--concurrency 1,8,32] [--seconds 10]
+           NAME=BINARY[:ENV=VALUE,ENV=VALUE] NAME=BINARY[:...] ...
+
+e.g. the committed binary against a working-tree build:
+    git stash; cargo build --release; cp target/release/model-service /tmp/ms-before; git stash pop
+    cargo build --release
+    scripts/py bench/ab_binaries.py --data ../shared/data/amazon-book before=/tmp/ms-before \\
+        after=target/release/model-service
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench import Service, free_port, load_amazon, run_wrk, wait_healthy  # noqa: E402
+from model_service_py.evaluate import start_redis  # noqa: E402
+
+ROOT = os.path.dirname(HERE)
+
+
+def variant(text: str) -> tuple[str, str, dict]:
+    name, _, rest = text.partition("=")
+    binary, _, envs = rest.partition(":")
+    if not name or not binary:
+        raise argparse.ArgumentTypeError(f"expected NAME=BINARY[:ENV=VALUE,...], got {text!r}")
+    return name, os.path.abspath(binary), dict(e.split("=", 1) for e in envs.split(",") if e)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="Amazon-Book directory")
+    p.add_argument("--model-dir", default=os.path.join(ROOT, "model_output"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--seconds", type=int, default=10, help="per concurrency level and round")
+    p.add_argument("variants", nargs="+", type=variant)
+    args = p.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    work = tempfile.mkdtemp(prefix="ms-ab-")
+    rproc, r, rport = start_redis(work)
+    results: dict[tuple[str, int], list[tuple[float, float, float, int]]] = {}
+    try:
+        users_file, _ = load_amazon(r, args.data, work)
+        for rnd in range(args.rounds):
+            for name, binary, extra in args.variants:
+                port = free_port()
+                env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": args.model_dir,
+                       "HOST": "127.0.0.1", "PORT": str(port), "RUST_LOG": "warn", **extra}
+                svc = Service(name, [binary, "serve"], env, port, os.path.join(work, f"{name}.log"))
+                try:
+                    wait_healthy(f"http://127.0.0.1:{port}/health", svc.proc)
+                    run_wrk(port, users_file, 8, 2)  # warm-up
+                    for c in concurrencies:
+                        x = run_wrk(port, users_file, c, args.seconds)
+                        rps = x["requests"] / (x["duration_us"] / 1e6)
+                        bad = sum(n for code, n in x["status"].items() if code != "200") + sum(x["errors"].values())
+                        results.setdefault((name, c), []).append((rps, x["p50_us"] / 1e3, x["p99_us"] / 1e3, bad))
+                        print(f"round {rnd + 1} {name:12s} c={c:<4d} {rps:8.1f} req/s  p50 {x['p50_us'] / 1e3:6.2f} ms  "
+                              f"p99 {x['p99_us'] / 1e3:7.2f} ms  not 200: {bad}", flush=True)
+                finally:
+                    svc.stop()
+    finally:
+        rproc.terminate()
+        rproc.wait()
+    print(f"\nmeans over {args.rounds} alternating rounds")
+    base = args.variants[0][0]
+    for c in concurrencies:
+        for name, _, _ in args.variants:
+            a = np.array(results[(name, c)])
+            ratio = a[:, 0].mean() / np.array(results[(base, c)])[:, 0].mean()
+            print(f"  c={c:<4d} {name:12s} {a[:, 0].mean():8.1f} req/s (x{ratio:.3f} {base})  p50 {a[:, 1].mean():6.2f} ms  "
+                  f"p99 {a[:, 2].mean():7.2f} ms  not 200: {int(a[:, 3].sum())}")
+
+
+if __name__ == "__main__":
+    main()
