@@ -25,7 +25,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench import Service, free_port, load_amazon, run_wrk, wait_healthy  # noqa: E402
+from bench import Service, bad_answers, free_port, load_amazon, measure  # noqa: E402
 from model_service_py.evaluate import start_redis  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -51,7 +51,7 @@ def main():
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     work = tempfile.mkdtemp(prefix="ms-ab-")
     rproc, r, rport = start_redis(work)
-    results: dict[tuple[str, int], list[tuple[float, float, float, int]]] = {}
+    rows: dict[str, list[dict]] = {name: [] for name, _, _ in args.variants}
     try:
         users_file, _ = load_amazon(r, args.data, work)
         for rnd in range(args.rounds):
@@ -59,17 +59,10 @@ def main():
                 port = free_port()
                 env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": args.model_dir,
                        "HOST": "127.0.0.1", "PORT": str(port), "RUST_LOG": "warn", **extra}
-                svc = Service(name, [binary, "serve"], env, port, os.path.join(work, f"{name}.log"))
+                svc = Service(f"{name}, round {rnd + 1}", [binary, "serve"], env, port,
+                              os.path.join(work, f"{name}-{rnd + 1}.log"))
                 try:
-                    wait_healthy(f"http://127.0.0.1:{port}/health", svc.proc)
-                    run_wrk(port, users_file, 8, 2)  # warm-up
-                    for c in concurrencies:
-                        x = run_wrk(port, users_file, c, args.seconds)
-                        rps = x["requests"] / (x["duration_us"] / 1e6)
-                        bad = sum(n for code, n in x["status"].items() if code != "200") + sum(x["errors"].values())
-                        results.setdefault((name, c), []).append((rps, x["p50_us"] / 1e3, x["p99_us"] / 1e3, bad))
-                        print(f"round {rnd + 1} {name:12s} c={c:<4d} {rps:8.1f} req/s  p50 {x['p50_us'] / 1e3:6.2f} ms  "
-                              f"p99 {x['p99_us'] / 1e3:7.2f} ms  not 200: {bad}", flush=True)
+                    rows[name] += measure(svc, users_file, concurrencies, args.seconds)
                 finally:
                     svc.stop()
     finally:
@@ -78,12 +71,12 @@ def main():
     print(f"\nmeans over {args.rounds} alternating rounds")
     base = args.variants[0][0]
     for c in concurrencies:
-        for name, _, _ in args.variants:
-            a = np.array(results[(name, c)])
-            ratio = a[:, 0].mean() / np.array(results[(base, c)])[:, 0].mean()
-            print(f"  c={c:<4d} {name:12s} {a[:, 0].mean():8.1f} req/s (x{ratio:.3f} {base})  p50 {a[:, 1].mean():6.2f} ms  "
-                  f"p99 {a[:, 2].mean():7.2f} ms  not 200: {int(a[:, 3].sum())}")
-
+        mean = {name: np.mean([row["rps"] for row in rs if row["concurrency"] == c]) for name, rs in rows.items()}
+        for name, rs in rows.items():
+            at = [row for row in rs if row["concurrency"] == c]
+            print(f"  c={c:<4d} {name:12s} {mean[name]:8.1f} req/s (x{mean[name] / mean[base]:.3f} {base})  "
+                  f"p50 {np.mean([row['p50_ms'] for row in at]):6.2f} ms  p99 {np.mean([row['p99_ms'] for row in at]):7.2f} ms  "
+                  f"not 200: {sum(bad_answers(row) for row in at)}")
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,9 @@
 //! vector, scans the best `probes` lists (more when they hold fewer items than the candidates
 //! asked for plus the excluded ones), and keeps the best-scored items there. On the CPU the scan
 //! sums one-byte codes of the vectors against one-byte weights in a loop of its own (AVX-512 VNNI
-//! where the CPU has it) and scores its best items again on the vectors themselves; on other devices it runs in tensor ops. The index belongs to its model
-//! set and is swapped with it on reload.
+//! where the CPU has it) and scores its best items again on the vectors themselves; on other
+//! devices it runs in tensor ops. The index belongs to its model set and is swapped with it on
+//! reload.
 
 use std::cmp::Ordering;
 use std::ops::Range;

@@ -354,11 +354,10 @@ fn sigterm_while_the_workers_run_requests_whose_clients_left_exits_without_faili
     // "Invalid (backend, op) pair" in each of 3 runs of this test, or the process crashed).
     let redis = Redis::start();
     let models = shipped_models();
-    let catalog = std::fs::read_to_string(models.join("catalog.tsv")).unwrap();
-    let asins: Vec<&str> = catalog.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    let asins: Vec<String> = catalog_in(&models).into_iter().map(|(id, _)| id).collect();
     let users = 250;
     for u in 0..users {
-        let history: Vec<&str> = (0..200).map(|i| asins[(u * 7919 + i * 104_729) % asins.len()]).collect();
+        let history: Vec<&String> = (0..200).map(|i| &asins[(u * 7919 + i * 104_729) % asins.len()]).collect();
         redis.set(&format!("user_profile:left{u}"), &serde_json::to_string(&history).unwrap());
     }
     let mut server = Server::start_logged(redis.port, &models, &[("RUST_LOG", "info")]);

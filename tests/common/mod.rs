@@ -114,7 +114,12 @@ pub fn item(row: usize) -> String {
 
 /// The synthetic catalog: (item id, popularity) by row.
 pub fn catalog() -> Vec<(String, u64)> {
-    std::fs::read_to_string(test_models().join("catalog.tsv"))
+    catalog_in(test_models())
+}
+
+/// The (id, popularity) lines of `model_dir`'s catalog.tsv.
+pub fn catalog_in(model_dir: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(model_dir.join("catalog.tsv"))
         .unwrap()
         .lines()
         .map(|l| {
