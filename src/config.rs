@@ -209,8 +209,9 @@ pub struct Config {
     pub max_batch: usize,
     /// How long (microseconds) an inference worker holding fewer than MAX_BATCH requests waits
     /// for more before it runs them, when under load (its previous batch held more than one
-    /// request); 0: run what is queued at once. Default measured on 2 cores (README).
-    #[arg(long, env = "MAX_QUEUE_DELAY_US", default_value_t = 2000, global = true)]
+    /// request); 0 (the default, measured on 2 cores with the shipped models: README
+    /// "Performance"): run what is queued at once.
+    #[arg(long, env = "MAX_QUEUE_DELAY_US", default_value_t = 0, global = true)]
     pub max_queue_delay_us: u64,
     /// Requests that may wait for the inference workers; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
