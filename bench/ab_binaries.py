@@ -25,7 +25,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench import Service, bad_answers, free_port, load_amazon, measure  # noqa: E402
+from bench import Service, bad_answers, free_port, load_amazon, measure, server_env  # noqa: E402
 from model_service_py.evaluate import start_redis  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -57,8 +57,7 @@ def main():
         for rnd in range(args.rounds):
             for name, binary, extra in args.variants:
                 port = free_port()
-                env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": args.model_dir,
-                       "HOST": "127.0.0.1", "PORT": str(port), "RUST_LOG": "warn", **extra}
+                env = {**server_env(rport, port, args.model_dir), **extra}
                 svc = Service(f"{name}, round {rnd + 1}", [binary, "serve"], env, port,
                               os.path.join(work, f"{name}-{rnd + 1}.log"))
                 try:

@@ -44,6 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_env(rport: int, port: int, model_dir: str) -> dict:
+    """model-service's environment against the redis-server on `rport`, answering on `port`, serving
+    `model_dir` with the candidate counts it was trained for (a previous model_output/ its own)."""
+    c1, c2 = roofline.candidates(model_dir)
+    return {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir, "HOST": "127.0.0.1",
+            "PORT": str(port), "RUST_LOG": "warn", "LIGHTGCN_CANDIDATES": str(c1), "DIN_CANDIDATES": str(c2)}
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of pid and its live descendants (uvicorn's workers)."""
     children: dict[int, list[int]] = {}
@@ -249,10 +257,8 @@ def side_by_side(args, rport: int, users_file: str, conc: list[int]) -> dict:
     rows: dict[str, list[dict]] = {"previous": [], "new": []}
     for rnd in range(args.rounds):
         for label, model_dir in (("previous", args.previous_dir), ("new", args.model_dir)):
-            c1, c2 = roofline.candidates(model_dir)
             port = free_port()
-            env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir, "HOST": "127.0.0.1",
-                   "RUST_LOG": "warn", "PORT": str(port), "LIGHTGCN_CANDIDATES": str(c1), "DIN_CANDIDATES": str(c2)}
+            env = server_env(rport, port, model_dir)
             name = f"model-service {label} models, round {rnd + 1}"
             svc = Service(name, [args.bin, "serve"], env, port,
                           os.path.join(args.work, f"side-by-side-{label}-{rnd + 1}.log"))

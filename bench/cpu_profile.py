@@ -27,8 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench import Service, free_port, load_amazon, run_wrk, wait_healthy  # noqa: E402
-from roofline import candidates  # noqa: E402
+from bench import Service, free_port, load_amazon, run_wrk, server_env, wait_healthy  # noqa: E402
 from model_service_py.evaluate import start_redis  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -73,10 +72,8 @@ def main():
     try:
         users_file, _ = load_amazon(r, args.data, work)
         port = free_port()
-        c1, c2 = candidates(args.model_dir)  # a previous model_output/ is served with its own counts
-        env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": args.model_dir, "HOST": "127.0.0.1",
-               "PORT": str(port), "RUST_LOG": "warn", "LIGHTGCN_CANDIDATES": str(c1), "DIN_CANDIDATES": str(c2)}
-        svc = Service("model-service", [args.bin, "serve"], env, port, os.path.join(work, "server.log"))
+        svc = Service("model-service", [args.bin, "serve"], server_env(rport, port, args.model_dir), port,
+                      os.path.join(work, "server.log"))
         wait_healthy(f"http://127.0.0.1:{port}/health", svc.proc)
         run_wrk(port, users_file, 8, 3)  # warm-up
         data = os.path.join(work, "perf.data")
