@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod inference_mode;
 pub mod ingest;
 pub mod ivf;
 pub mod listener;

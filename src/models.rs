@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tch::{CModule, Device, Kind, TchError, Tensor};
 
 use crate::error::ConfigError;
+use crate::inference_mode::InferenceMode;
 use crate::ivf::IvfIndex;
 
 pub const STAGES: [&str; 3] = ["lightgcn", "din", "ranknet"];
@@ -344,7 +345,7 @@ impl Models {
         excludes: &[&[i64]],
         budget: Budget,
     ) -> Result<(Vec<Ranked>, StageStats), TchError> {
-        let _guard = tch::no_grad_guard();
+        let _mode = InferenceMode::enter();
         let n = self.info.num_items;
         let longest = excludes.iter().map(|h| h.len()).max().unwrap_or(0);
         // Every row excludes at most `longest` items, so this many other items always exist.
