@@ -55,7 +55,7 @@ def main():
     dim = msmodels.item_vectors(shipped["lightgcn"]).shape[1]
     din_dim = din_sd["emb.weight"].shape[1]
     ease_k = din_sd["nbr_idx"].shape[1]
-    knn = rank_sd["nbr_idx"].shape[1]
+    knn = rank_sd["nbr_idx"].shape[1] if rank_sd["nbr_idx"].numel() else 0  # RankNet's own table, if it has one
 
     # popularity ~ Zipf: item r has weight 1/(r+10)^0.9
     weights = 1.0 / np.power(np.arange(n) + 10.0, 0.9)
@@ -85,11 +85,11 @@ def main():
     ranknet = msmodels.RankNet(
         unit,
         log_pop,
-        torch.randint(0, n, (n, knn), dtype=torch.int32),
-        torch.rand(n, knn) * 0.1,
         rank_sd["feat_mean"],
         rank_sd["feat_std"],
         hidden=rank_sd["net.0.weight"].shape[0],
+        nbr_idx=torch.randint(0, n, (n, knn), dtype=torch.int32) if knn else None,
+        nbr_val=torch.rand(n, knn) * 0.1 if knn else None,
     )
     ranknet.net.load_state_dict({k[4:]: v for k, v in rank_sd.items() if k.startswith("net.")})
     models = {}

@@ -81,7 +81,8 @@ def model_sizes(model_dir: str) -> dict:
             "H2": din["mlp.0.weight"].shape[0],
             "ease_k": din["nbr_idx"].shape[1],
             "rank_hidden": [rn["net.0.weight"].shape[0], rn["net.2.weight"].shape[0]],
-            "knn": rn["nbr_idx"].shape[1],
+            "rank_features": rn["net.0.weight"].shape[1],
+            "knn": rn["nbr_idx"].shape[1],  # 0: no neighbour-table feature
         }
     return {
         "N": n_items,
@@ -122,7 +123,8 @@ def per_request(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
 def per_request_v2(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
     """Cascade v2: LightGCN as in v1; DIN2 (bilinear attention over La = min(L, max_att) items of a
     D2-wide table, softmax, pooling, sparse-EASE sum over the whole history, row z-scores, MLP
-    F2 -> H2 -> 1); RankNet as in v1 with the sparse-EASE table as feature 7."""
+    F2 -> H2 -> 1); RankNet as in v1, with the sparse-EASE table as feature 7 where it has one, the
+    max cosine over the history's items and the mean cosine as one product with their sum."""
     N, D, D2, K2, (R1, R2), K = s["N"], s["D"], s["D2"], s["ease_k"], s["rank_hidden"], s["knn"]
     La = min(L, s["max_att"])
     F2, H2 = s["F2"], s["H2"]
@@ -135,7 +137,7 @@ def per_request_v2(s: dict, L: float, c1: int, c2: int, batch: int) -> dict:
         "bytes": (La + c1) * D2 * f4 + L * K2 * 8 + c1 * 16,
     }
     ranknet = {
-        "flops": 2 * c2 * L * D + 2 * L * K + 2 * c2 * (8 * R1 + R1 * R2 + R2),
+        "flops": 2 * c2 * L * D + L * D + 2 * c2 * D + 2 * L * K + 2 * c2 * (s["rank_features"] * R1 + R1 * R2 + R2),
         "bytes": (L + c2) * D * f4 + L * K * 8 + c2 * 8,
     }
     return {"lightgcn": lightgcn, "din": din, "ranknet": ranknet}

@@ -46,7 +46,7 @@ step din "$work/export/din/model.pt" "$PY" -W ignore -m model_service_py.train_d
     --ease-train "$work/ease/kept_50.pt" --ease-serve "$work/ease/full_50.pt" --work "$work/din" --holdout "$holdout" \
     --c1 "$c1" --epochs "${DIN_EPOCHS:-2}" --resume --out "$work/export/din"
 step ranknet "$work/export/ranknet/model.pt" "$PY" -W ignore -m model_service_py.train_ranknet --data "$data" --lightgcn "$work/export/lightgcn" \
-    --din "$work/export/din" --ease-train "$work/ease/kept_50.pt" --ease-serve "$work/ease/full_50.pt" --work "$work/ranknet" \
+    --din "$work/export/din" --ease-train "$work/ease/kept_50.pt" --work "$work/ranknet" \
     --holdout "$holdout" --c1 "$c1" --c2 "$c2" --epochs "${RANKNET_EPOCHS:-12}" --out "$work/export/ranknet"
 "$PY" -m model_service_py.assemble_models --data "$data" --lightgcn "$work/export/lightgcn" --din "$work/export/din" \
     --ranknet "$work/export/ranknet" --c1 "$c1" --c2 "$c2" --timings "$work/timings" --out "$out"

@@ -47,9 +47,7 @@ def main():
     din = msmodels.DIN2(n, nbr_idx, nbr_val.clamp(min=0), torch.log1p(pop.float()), dim=d, hidden=16)
     with torch.no_grad():
         din.emb.weight.copy_(item)
-    ranknet = msmodels.RankNet(
-        item, torch.log1p(pop.float()), nbr_idx, nbr_val.clamp(min=0), torch.zeros(8), torch.ones(8), hidden=16
-    )
+    ranknet = msmodels.RankNet(item, torch.log1p(pop.float()), torch.zeros(7), torch.ones(7), hidden=16)
     versions = {}
     for kind, module in (("lightgcn", lightgcn), ("din", din), ("ranknet", ranknet)):
         meta = msmodels.export(module, kind, os.path.join(args.out, kind), n, {"dim": d, "synthetic": True})

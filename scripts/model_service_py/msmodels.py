@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -305,30 +305,38 @@ class RankNet(nn.Module):
       0 lightgcn score            4 log(1 + |H|)
       1 din score                 5 max cosine(candidate, history) over LightGCN item vectors
       2 lightgcn rank in the list 6 mean cosine(candidate, history)
-      3 log(1 + popularity)       7 ItemKNN score: sum over history of sparse co-occurrence cosine
-    """
+      3 log(1 + popularity)       7 (with a neighbour table only) its score summed over the history
 
-    NUM_FEATURES = 8
+    The shipped RankNet has no neighbour table: DIN already weighs the sparse-EASE score, and a
+    RankNet given it again validated lower (model_output/NOTES-v2.md). Older exports carry one
+    (feature 7, ItemKNN in v1, sparse EASE in the first v2 round).
+    """
 
     def __init__(
         self,
         item_unit: torch.Tensor,
         log_pop: torch.Tensor,
-        nbr_idx: torch.Tensor,
-        nbr_val: torch.Tensor,
         feat_mean: torch.Tensor,
         feat_std: torch.Tensor,
-        hidden: int = 64,
+        hidden: int = 32,
+        nbr_idx: Optional[torch.Tensor] = None,
+        nbr_val: Optional[torch.Tensor] = None,
     ):
         super().__init__()
+        self.use_nbr = nbr_idx is not None
+        self.num_features = 8 if self.use_nbr else 7
         self.register_buffer("item_unit", item_unit.float().contiguous())
         self.register_buffer("log_pop", log_pop.float().contiguous())
-        self.register_buffer("nbr_idx", nbr_idx.to(torch.int32).contiguous())
-        self.register_buffer("nbr_val", nbr_val.float().contiguous())
+        if nbr_idx is not None and nbr_val is not None:
+            self.register_buffer("nbr_idx", nbr_idx.to(torch.int32).contiguous())
+            self.register_buffer("nbr_val", nbr_val.float().contiguous())
+        else:
+            self.register_buffer("nbr_idx", torch.zeros(0, 0, dtype=torch.int32))
+            self.register_buffer("nbr_val", torch.zeros(0, 0))
         self.register_buffer("feat_mean", feat_mean.float())
         self.register_buffer("feat_std", feat_std.float())
         self.net = nn.Sequential(
-            nn.Linear(self.NUM_FEATURES, hidden),
+            nn.Linear(self.num_features, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden // 2),
             nn.ReLU(),
@@ -344,35 +352,39 @@ class RankNet(nn.Module):
         s2: torch.Tensor,
     ) -> torch.Tensor:
         b, c = cands.shape
-        lens = mask.sum(dim=1, keepdim=True)
-        hlen = lens.to(torch.float32)  # [B, 1]
+        lens = mask.sum(dim=1)
+        hlen = lens.to(torch.float32).unsqueeze(1)  # [B, 1]
         # rank of each candidate in s1's order (0 = best), / C
         order = torch.argsort(s1, dim=1, descending=True)
         rank = torch.empty_like(s1).scatter_(1, order, torch.arange(c, device=s1.device, dtype=s1.dtype).expand(b, c))
         rank = rank / float(max(c, 1))
-        # cosine max and mean over the real history items ([B, C, L] with the padding masked out),
-        # ItemKNN over the whole batch in one scatter (ease_scores)
+        # cosines to the profile's real items only (right-padded history: row i's first n_i),
+        # row by row, so that a batch padded to its longest history costs no more; the mean as
+        # one product with the sum of the row's unit vectors
         cu = self.item_unit.index_select(0, cands.reshape(-1)).view(b, c, -1)  # [B, C, D]
-        hu = self.item_unit.index_select(0, history.reshape(-1)).view(b, history.shape[1], -1)  # [B, L, D]
-        sim = torch.bmm(cu, hu.transpose(1, 2))  # [B, C, L]
-        real = mask.unsqueeze(1)
-        max_sim = torch.where(lens > 0, sim.masked_fill(~real, float("-inf")).amax(dim=2), torch.zeros_like(s1))
-        mean_sim = (sim * real.to(sim.dtype)).sum(dim=2) / hlen.clamp(min=1.0)
-        knn = ease_scores(history, mask, cands, self.nbr_idx, self.nbr_val)
-        feats = torch.stack(
-            [
-                s1,
-                s2,
-                rank,
-                self.log_pop.index_select(0, cands.reshape(-1)).view(b, c),  # log(1 + popularity)
-                torch.log1p(hlen).expand(b, c),
-                max_sim,
-                mean_sim,
-                knn,
-            ],
-            dim=-1,
-        )
-        return (feats - self.feat_mean) / self.feat_std
+        hu = self.item_unit.index_select(0, history[mask])  # [T, D]
+        rows = torch.arange(b, device=cands.device).repeat_interleave(lens)
+        hsum = torch.zeros(b, hu.shape[1], dtype=hu.dtype, device=hu.device).index_add_(0, rows, hu)
+        mean_sim = torch.bmm(cu, hsum.unsqueeze(2)).squeeze(2) / hlen.clamp(min=1.0)
+        max_sim = torch.zeros_like(s1)
+        start = 0
+        counts: List[int] = lens.tolist()
+        for i, n in enumerate(counts):
+            if n > 0:
+                max_sim[i] = torch.mm(cu[i], hu[start : start + n].t()).amax(dim=1)
+                start += n
+        cols = [
+            s1,
+            s2,
+            rank,
+            self.log_pop.index_select(0, cands.reshape(-1)).view(b, c),  # log(1 + popularity)
+            torch.log1p(hlen).expand(b, c),
+            max_sim,
+            mean_sim,
+        ]
+        if self.use_nbr:
+            cols.append(ease_scores(history, mask, cands, self.nbr_idx, self.nbr_val))
+        return (torch.stack(cols, dim=-1) - self.feat_mean) / self.feat_std
 
     def forward(
         self,

@@ -33,9 +33,10 @@ def rebuild(stage: str, old: torch.jit.ScriptModule) -> torch.nn.Module:
         n, dim = sd["emb.weight"].shape
         module = msmodels.DIN(n, dim=dim, att_hidden=sd["att1.weight"].shape[0], mlp_hidden=sd["mlp.0.weight"].shape[0])
     else:
+        table = sd["nbr_idx"].numel() > 0  # feature 7, in exports before the table was dropped
         module = msmodels.RankNet(
-            sd["item_unit"], sd["log_pop"], sd["nbr_idx"], sd["nbr_val"], sd["feat_mean"], sd["feat_std"],
-            hidden=sd["net.0.weight"].shape[0],
+            sd["item_unit"], sd["log_pop"], sd["feat_mean"], sd["feat_std"], hidden=sd["net.0.weight"].shape[0],
+            nbr_idx=sd["nbr_idx"] if table else None, nbr_val=sd["nbr_val"] if table else None,
         )
     module.load_state_dict(sd)
     return module.eval()

@@ -4,10 +4,11 @@
 Data: half B of the held-out split (see train_din.py), users DIN did not train on. For each user
 the exported LightGCN and DIN run exactly as when serving (cascade.py); the DIN_CANDIDATES best
 are the list, held-out items in it are relevant. Features (msmodels.RankNet): the two upstream
-scores, LightGCN rank, popularity, history length, max/mean embedding cosine to the history, and the
-sparse-EASE score (feature 7; the table fitted on the kept interactions, --ease-train; the export
-carries the serving table fitted on all of train.txt, --ease-serve). (Until cascade v2 feature 7
-was an ItemKNN cosine score; itemknn_neighbours below still builds that table.)
+scores, LightGCN rank, popularity, history length, max/mean embedding cosine to the history; with
+--ease-feature also the sparse-EASE score (feature 7; the table fitted on the kept interactions,
+--ease-train; the export then carries the serving table fitted on all of train.txt, --ease-serve).
+DIN weighs that score already; RankNet given it again validated lower (model_output/NOTES-v2.md).
+(Until cascade v2 feature 7 was an ItemKNN cosine score; itemknn_neighbours below builds that table.)
 Loss: the pairwise logistic loss over every (relevant, irrelevant) pair of a list.
 """
 
@@ -92,13 +93,14 @@ def main():
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--ease-train", required=True, help="EASE neighbour table fitted on the kept interactions")
-    p.add_argument("--ease-serve", help="EASE neighbour table fitted on all of train.txt, exported with the model")
+    p.add_argument("--ease-serve", help="with --ease-feature: the EASE neighbour table fitted on all of train.txt, exported with the model")
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--holdout-seed", type=int, default=2026)
     p.add_argument("--c1", type=int, default=cascade.LIGHTGCN_CANDIDATES)
     p.add_argument("--c2", type=int, default=cascade.DIN_CANDIDATES)
     p.add_argument("--neighbours", type=int, default=50)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--ease-feature", action="store_true", help="add the sparse-EASE score as feature 7")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=512)
@@ -126,9 +128,10 @@ def main():
 
     pop = np.bincount(np.concatenate(kept), minlength=d.num_items)
     item_unit = torch.nn.functional.normalize(msmodels.item_vectors(lightgcn).clone(), dim=1)
+    f = 8 if args.ease_feature else 7
     model = msmodels.RankNet(
-        item_unit, torch.log1p(torch.from_numpy(pop).float()), nbr_idx, nbr_val,
-        torch.zeros(8), torch.ones(8), hidden=args.hidden,
+        item_unit, torch.log1p(torch.from_numpy(pop).float()), torch.zeros(f), torch.ones(f), hidden=args.hidden,
+        nbr_idx=nbr_idx if args.ease_feature else None, nbr_val=nbr_val if args.ease_feature else None,
     )
 
     t = time.time()
@@ -189,13 +192,14 @@ def main():
         print(f"exporting epoch {best[1]} (validation recall@20 {best[0]:.4f})", flush=True)
 
     hp = {k: v for k, v in vars(args).items() if k not in ("data", "work", "out", "lightgcn", "din", "ease_train", "ease_serve")}
-    hp["ease"] = serving_table(model, args.ease_serve, ease_info)
+    if args.ease_feature:
+        hp["ease"] = serving_table(model, args.ease_serve, ease_info)
     msmodels.export(
         model.eval(),
         "ranknet",
         args.out,
         d.num_items,
-        {"model": "RankNet", "dim": int(item_unit.shape[1]), "features": 8, "feature_7": "sparse EASE", "hyperparameters": hp,
+        {"model": "RankNet", "dim": int(item_unit.shape[1]), "features": f, **({"feature_7": "sparse EASE"} if args.ease_feature else {}), "hyperparameters": hp,
          "data_sha256": d.data_hash, "training_log": log, "validation_baselines": base},
     )
     print(f"exported {args.out}", flush=True)

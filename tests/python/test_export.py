@@ -37,9 +37,16 @@ def din2():
 
 def ranknet():
     torch.manual_seed(2)
+    return msmodels.RankNet(F.normalize(torch.randn(N, D), dim=1), torch.rand(N), torch.zeros(7), torch.ones(7), hidden=8).eval()
+
+
+def ranknet_with_table():
+    """The older form: feature 7 is a neighbour-table score."""
+    torch.manual_seed(2)
     idx = torch.randint(0, N, (N, 4))
     return msmodels.RankNet(
-        F.normalize(torch.randn(N, D), dim=1), torch.rand(N), idx, torch.rand(N, 4), torch.zeros(8), torch.ones(8), hidden=8
+        F.normalize(torch.randn(N, D), dim=1), torch.rand(N), torch.zeros(8), torch.ones(8), hidden=8,
+        nbr_idx=idx, nbr_val=torch.rand(N, 4),
     ).eval()
 
 
@@ -55,12 +62,13 @@ def batch(pad_value=0):
 def call(kind, module, b):
     h, m, c, s1, s2 = b
     return {"lightgcn": lambda: module(h, m), "din": lambda: module(h, m, c), "din2": lambda: module(h, m, c, s1),
-            "ranknet": lambda: module(h, m, c, s1, s2)}[kind]()
+            "ranknet": lambda: module(h, m, c, s1, s2), "ranknet_table": lambda: module(h, m, c, s1, s2)}[kind]()
 
 
 @pytest.mark.parametrize(
     "kind,make,shape",
-    [("lightgcn", lightgcn, (3, N)), ("din", din, (3, 4)), ("din2", din2, (3, 4)), ("ranknet", ranknet, (3, 4))],
+    [("lightgcn", lightgcn, (3, N)), ("din", din, (3, 4)), ("din2", din2, (3, 4)), ("ranknet", ranknet, (3, 4)),
+     ("ranknet_table", ranknet_with_table, (3, 4))],
 )
 def test_shapes_and_padding_is_ignored(kind, make, shape):
     module = make()
@@ -72,10 +80,13 @@ def test_shapes_and_padding_is_ignored(kind, make, shape):
     torch.testing.assert_close(out0, out9, msg=f"{kind}: values behind the mask changed the output")
 
 
-@pytest.mark.parametrize("kind,make", [("lightgcn", lightgcn), ("din", din), ("din2", din2), ("ranknet", ranknet)])
+@pytest.mark.parametrize(
+    "kind,make",
+    [("lightgcn", lightgcn), ("din", din), ("din2", din2), ("ranknet", ranknet), ("ranknet_table", ranknet_with_table)],
+)
 def test_export_round_trip_matches_eager(tmp_path, kind, make):
     module = make()
-    stage = "din" if kind == "din2" else kind
+    stage = {"din2": "din", "ranknet_table": "ranknet"}.get(kind, kind)
     meta = msmodels.export(module, stage, str(tmp_path / kind), N, {"dim": D})
     loaded = torch.jit.load(str(tmp_path / kind / "model.pt"))
     b = batch()
@@ -176,8 +187,9 @@ def test_ease_scores_sum_the_neighbour_weights_of_the_real_history_items():
     torch.testing.assert_close(msmodels.ease_scores(h, m, twice, idx, val), torch.cat([want[:, :2], want[:, :2]], dim=1))
 
 
-def test_ranknet_cosine_features_use_the_real_history_items_only():
-    module = ranknet()
+@pytest.mark.parametrize("make", [ranknet, ranknet_with_table])
+def test_ranknet_cosine_features_use_the_real_history_items_only(make):
+    module = make()
     h, m, c, s1, s2 = batch(pad_value=42)
     feats = module.features(h, m, c, s1, s2)  # standardised with mean 0 and std 1: the raw features
     for i in range(h.shape[0]):
@@ -188,6 +200,10 @@ def test_ranknet_cosine_features_use_the_real_history_items_only():
         sim = module.item_unit[c[i]] @ module.item_unit[real].t()
         torch.testing.assert_close(feats[i, :, 5], sim.amax(dim=1))
         torch.testing.assert_close(feats[i, :, 6], sim.mean(dim=1))
+    if module.use_nbr:
+        torch.testing.assert_close(feats[:, :, 7], msmodels.ease_scores(h, m, c, module.nbr_idx, module.nbr_val))
+    else:
+        assert feats.shape[2] == 7
 
 
 def test_lightgcn_item_vectors_read_either_layout():
