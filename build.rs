@@ -22,8 +22,9 @@ fn main() {
 }
 
 /// libtorch keeps its headers beside its lib directory, in a pip wheel (torch/include) as in the
-/// standalone archive (libtorch/include). The ABI flag follows torch-sys's choice for the same
-/// libtorch (LIBTORCH_CXX11_ABI, default 1); the guard passes no standard-library type anyway.
+/// standalone archive (libtorch/include). The ABI flag is LIBTORCH_CXX11_ABI as torch-sys reads it
+/// for a standalone libtorch (default 1, as PyTorch's wheels are built); the guard passes no
+/// standard-library type, so it does not depend on the flag.
 fn compile_inference_mode(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/inference_mode.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");

@@ -88,8 +88,7 @@ def main():
         rank_sd["feat_mean"],
         rank_sd["feat_std"],
         hidden=rank_sd["net.0.weight"].shape[0],
-        nbr_idx=torch.randint(0, n, (n, knn), dtype=torch.int32) if knn else None,
-        nbr_val=torch.rand(n, knn) * 0.1 if knn else None,
+        neighbours=(torch.randint(0, n, (n, knn), dtype=torch.int32), torch.rand(n, knn) * 0.1) if knn else None,
     )
     ranknet.net.load_state_dict({k[4:]: v for k, v in rank_sd.items() if k.startswith("net.")})
     models = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -326,24 +326,21 @@ class RankNet(nn.Module):
         feat_mean: torch.Tensor,
         feat_std: torch.Tensor,
         hidden: int = 32,
-        nbr_idx: Optional[torch.Tensor] = None,
-        nbr_val: Optional[torch.Tensor] = None,
+        neighbours: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ):
+        """`neighbours`: (nbr_idx [N, K], nbr_val [N, K]) for feature 7; None for the 7-feature
+        RankNet (its nbr_idx / nbr_val buffers are then empty)."""
         super().__init__()
-        self.use_nbr = nbr_idx is not None
-        self.num_features = 8 if self.use_nbr else 7
+        self.use_nbr = neighbours is not None
+        nbr_idx, nbr_val = neighbours if neighbours is not None else (torch.zeros(0, 0), torch.zeros(0, 0))
         self.register_buffer("item_unit", item_unit.float().contiguous())
         self.register_buffer("log_pop", log_pop.float().contiguous())
-        if nbr_idx is not None and nbr_val is not None:
-            self.register_buffer("nbr_idx", nbr_idx.to(torch.int32).contiguous())
-            self.register_buffer("nbr_val", nbr_val.float().contiguous())
-        else:
-            self.register_buffer("nbr_idx", torch.zeros(0, 0, dtype=torch.int32))
-            self.register_buffer("nbr_val", torch.zeros(0, 0))
+        self.register_buffer("nbr_idx", nbr_idx.to(torch.int32).contiguous())
+        self.register_buffer("nbr_val", nbr_val.float().contiguous())
         self.register_buffer("feat_mean", feat_mean.float())
         self.register_buffer("feat_std", feat_std.float())
         self.net = nn.Sequential(
-            nn.Linear(self.num_features, hidden),
+            nn.Linear(8 if self.use_nbr else 7, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden // 2),
             nn.ReLU(),

@@ -36,7 +36,7 @@ def rebuild(stage: str, old: torch.jit.ScriptModule) -> torch.nn.Module:
         table = sd["nbr_idx"].numel() > 0  # feature 7, in exports before the table was dropped
         module = msmodels.RankNet(
             sd["item_unit"], sd["log_pop"], sd["feat_mean"], sd["feat_std"], hidden=sd["net.0.weight"].shape[0],
-            nbr_idx=sd["nbr_idx"] if table else None, nbr_val=sd["nbr_val"] if table else None,
+            neighbours=(sd["nbr_idx"], sd["nbr_val"]) if table else None,
         )
     module.load_state_dict(sd)
     return module.eval()

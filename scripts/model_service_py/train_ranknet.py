@@ -131,7 +131,7 @@ def main():
     f = 8 if args.ease_feature else 7
     model = msmodels.RankNet(
         item_unit, torch.log1p(torch.from_numpy(pop).float()), torch.zeros(f), torch.ones(f), hidden=args.hidden,
-        nbr_idx=nbr_idx if args.ease_feature else None, nbr_val=nbr_val if args.ease_feature else None,
+        neighbours=(nbr_idx, nbr_val) if args.ease_feature else None,
     )
 
     t = time.time()

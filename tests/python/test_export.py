@@ -46,7 +46,7 @@ def ranknet_with_table():
     idx = torch.randint(0, N, (N, 4))
     return msmodels.RankNet(
         F.normalize(torch.randn(N, D), dim=1), torch.rand(N), torch.zeros(8), torch.ones(8), hidden=8,
-        nbr_idx=idx, nbr_val=torch.rand(N, 4),
+        neighbours=(idx, torch.rand(N, 4)),
     ).eval()
 
 
