@@ -8,7 +8,7 @@ scores, LightGCN rank, popularity, history length, max/mean embedding cosine to 
 --ease-feature also the sparse-EASE score (feature 7; the table fitted on the kept interactions,
 --ease-train; the export then carries the serving table fitted on all of train.txt, --ease-serve).
 DIN weighs that score already; RankNet given it again validated lower (model_output/NOTES-v2.md).
-(Until cascade v2 feature 7 was an ItemKNN cosine score; itemknn_neighbours below builds that table.)
+(Until cascade v2 feature 7 was an ItemKNN cosine score.)
 Loss: the pairwise logistic loss over every (relevant, irrelevant) pair of a list.
 """
 
@@ -27,34 +27,6 @@ from . import data as ds
 from .ease import serving_table
 from . import msmodels
 from .train_din import split_users
-
-
-def itemknn_neighbours(kept, num_users, num_items, k, block=1024):
-    """Top-k cosine neighbours of every item over the user-item co-occurrence matrix."""
-    rows = np.concatenate([np.full(len(x), u) for u, x in enumerate(kept)])
-    cols = np.concatenate(kept)
-    deg = np.bincount(cols, minlength=num_items).astype(np.float32)
-    xt = torch.sparse_coo_tensor(
-        torch.from_numpy(np.stack([cols, rows])), torch.ones(len(rows)), (num_items, num_users)
-    ).coalesce()
-    by_item = [[] for _ in range(num_items)]
-    for r, c in zip(rows, cols):
-        by_item[c].append(r)
-    inv_sqrt = torch.from_numpy(1.0 / np.sqrt(np.maximum(deg, 1.0)))
-    idx = torch.zeros(num_items, k, dtype=torch.int32)
-    val = torch.zeros(num_items, k)
-    for j0 in range(0, num_items, block):
-        j1 = min(num_items, j0 + block)
-        xb = torch.zeros(num_users, j1 - j0)
-        for j in range(j0, j1):
-            xb[by_item[j], j - j0] = 1.0
-        co = torch.sparse.mm(xt, xb)  # [N, block]
-        sim = co * inv_sqrt.unsqueeze(1) * inv_sqrt[j0:j1].unsqueeze(0)
-        sim[torch.arange(j0, j1), torch.arange(j1 - j0)] = 0.0
-        v, i = sim.topk(k, dim=0)  # [k, block]
-        idx[j0:j1] = i.t().to(torch.int32)
-        val[j0:j1] = v.t()
-    return idx, val
 
 
 @torch.inference_mode()
@@ -98,7 +70,6 @@ def main():
     p.add_argument("--holdout-seed", type=int, default=2026)
     p.add_argument("--c1", type=int, default=cascade.LIGHTGCN_CANDIDATES)
     p.add_argument("--c2", type=int, default=cascade.DIN_CANDIDATES)
-    p.add_argument("--neighbours", type=int, default=50)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--ease-feature", action="store_true", help="add the sparse-EASE score as feature 7")
     p.add_argument("--epochs", type=int, default=30)
