@@ -175,14 +175,17 @@ def ease_scores(history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, 
     with N. Both add a candidate's terms in the same order, so the sums are the same to the bit."""
     b, c = cands.shape
     n = nbr_idx.shape[0]
-    rows = torch.arange(b, device=cands.device).unsqueeze(1).expand_as(history)[mask]  # [T]
-    hist = history[mask]
+    rows = torch.arange(b, device=cands.device).unsqueeze(1).expand_as(history).masked_select(mask)  # [T]
+    hist = history.masked_select(mask)
     keys = nbr_idx.index_select(0, hist).long() + (rows * n).unsqueeze(1)  # [T, K] in the [B * N] space
     vals = nbr_val.index_select(0, hist).reshape(-1)
     offsets = (torch.arange(b, device=cands.device) * n).unsqueeze(1)
     cand_keys = (cands + offsets).reshape(-1)  # [B * C]
     if b * n <= dense_max:
-        dense = torch.zeros(b * n, dtype=torch.float32, device=cands.device)
+        # only the candidates' cells are read back, so only they need to start at 0 (zeroing the
+        # whole buffer cost more than the sums themselves)
+        dense = torch.empty(b * n, dtype=torch.float32, device=cands.device)
+        dense.index_fill_(0, cand_keys, 0.0)
         dense.index_add_(0, keys.reshape(-1), vals)
         return dense.index_select(0, cand_keys).view(b, c)
     sorted_keys, order = cand_keys.sort()
@@ -273,21 +276,22 @@ class DIN2(nn.Module):
         L = history.shape[1]
         la = min(self.max_att, L)
         lens = mask.sum(dim=1)
+        kept_t = lens.clamp(max=la)
         ar = torch.arange(la, device=history.device).unsqueeze(0)
         pos = ((lens - la).clamp(min=0).unsqueeze(1) + ar).clamp(max=L - 1)
-        eh = self.emb(history.gather(1, pos))  # [B, La, D]: row i's last min(n_i, La) items first
+        # each row's last min(n_i, La) real items, packed row after row: [T_a, D]
+        eh = self.emb(history.gather(1, pos).masked_select(ar < kept_t.unsqueeze(1)))
         q = eh @ self.att_w
         ec = self.emb(cands)  # [B, C, D]
         pooled = torch.zeros(b, c, d, dtype=ec.dtype, device=ec.device)
-        kept: List[int] = lens.clamp(max=la).tolist()
-        # per-row views made once (unbind) rather than indexed per row: fewer operator calls
-        q_rows, eh_rows, pooled_rows = q.unbind(0), eh.unbind(0), pooled.unbind(0)
+        kept: List[int] = kept_t.tolist()
+        # per-row views made once (split, unbind) rather than sliced per row: fewer operator calls
+        q_rows, eh_rows, pooled_rows = q.split(kept), eh.split(kept), pooled.unbind(0)
         ect_rows = ec.transpose(1, 2).unbind(0)  # [D, C] each
         for i in range(b):
-            n = kept[i]
-            if n > 0:
-                att = torch.softmax(torch.mm(q_rows[i][:n], ect_rows[i]), dim=0)  # [n, C]
-                torch.mm(att.t(), eh_rows[i][:n], out=pooled_rows[i])
+            if kept[i] > 0:
+                att = torch.softmax(torch.mm(q_rows[i], ect_rows[i]), dim=0)  # [n, C]
+                torch.mm(att.t(), eh_rows[i], out=pooled_rows[i])
         # The first MLP layer without the [B, C, F] feature tensor (building it, column by column
         # interleaved, was a third of DIN's time): with w = W / feat_std (the standardisation
         # folded in) over [inter (D) | inter . 1 | s1 | z(s1) | ease | z(ease) | pop | hlen], the
@@ -366,18 +370,17 @@ class RankNet(nn.Module):
         # row by row, so that a batch padded to its longest history costs no more; the mean as
         # one product with the sum of the row's unit vectors
         cu = self.item_unit.index_select(0, cands.reshape(-1)).view(b, c, -1)  # [B, C, D]
-        hu = self.item_unit.index_select(0, history[mask])  # [T, D]
+        hu = self.item_unit.index_select(0, history.masked_select(mask))  # [T, D]
         rows = torch.arange(b, device=cands.device).repeat_interleave(lens)
         hsum = torch.zeros(b, hu.shape[1], dtype=hu.dtype, device=hu.device).index_add_(0, rows, hu)
         mean_sim = torch.bmm(cu, hsum.unsqueeze(2)).squeeze(2) / hlen.clamp(min=1.0)
         max_sim = torch.zeros_like(s1)
-        cu_rows, max_rows, hu_t = cu.unbind(0), max_sim.unbind(0), hu.t()
-        start = 0
         counts: List[int] = lens.tolist()
-        for i, n in enumerate(counts):
-            if n > 0:
-                torch.amax(torch.mm(cu_rows[i], hu_t.narrow(1, start, n)), dim=1, out=max_rows[i])
-                start += n
+        # per-row views made once (unbind, split) rather than sliced per row: fewer operator calls
+        cu_rows, max_rows, hu_rows = cu.unbind(0), max_sim.unbind(0), hu.t().split(counts, dim=1)
+        for i in range(b):
+            if counts[i] > 0:
+                torch.amax(torch.mm(cu_rows[i], hu_rows[i]), dim=1, out=max_rows[i])
         cols = [
             s1,
             s2,
