@@ -160,8 +160,9 @@ class DIN(nn.Module):
 
 
 # Above this many [B, N] buffer elements ease_scores matches neighbours to candidates by binary
-# search instead: a 1M-item catalog would zero and read a 4 MB buffer even for a lone profile (a
-# third of a lone request's CPU there), where Amazon-Book's batches of up to 20 stay dense.
+# search instead: a 1M-item catalog would allocate a 4 MB buffer and touch its pages even for a
+# lone profile (when it was zeroed whole, a third of a lone request's CPU there), where
+# Amazon-Book's batches of up to 20 stay dense.
 DENSE_EASE_MAX = 500_000
 
 
