@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench import Service, bad_answers, free_port, load_amazon, measure, server_env  # noqa: E402
-from model_service_py.evaluate import start_redis  # noqa: E402
+# bench.py beside this file: Python puts the script's own folder first on its path
+from bench import Service, bad_answers, free_port, load_amazon, measure, server_env
+from model_service_py.evaluate import start_redis
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 

@@ -21,15 +21,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench import Service, free_port, load_amazon, run_wrk, server_env, wait_healthy  # noqa: E402
-from model_service_py.evaluate import start_redis  # noqa: E402
+# bench.py beside this file: Python puts the script's own folder first on its path
+from bench import Service, free_port, load_amazon, run_wrk, server_env, wait_healthy
+from model_service_py.evaluate import start_redis
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 IDLE = "idle"
 KERNEL_SYMBOLS = re.compile(r"mkl_|gemm|sgemm|omp|gomp|avx|AVX|vec::|Vectorized|cpu_kernel|kernel_impl|"
