@@ -31,8 +31,10 @@ from model_service_py.evaluate import start_redis
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 IDLE = "idle"
+# loop_inner*: the labels of fbgemm's fp16 GEMM micro-kernels (LightGCN's CPU product), which perf
+# names in place of the kernel functions
 KERNEL_SYMBOLS = re.compile(r"mkl_|gemm|sgemm|omp|gomp|avx|AVX|vec::|Vectorized|cpu_kernel|kernel_impl|"
-                            r"loop_2d|VectorizedLoop|index_select|topk|sort|reduce|binary_op|unary_op")
+                            r"loop_2d|VectorizedLoop|index_select|topk|sort|reduce|binary_op|unary_op|loop_inner")
 
 
 def bucket(comm: str, dso: str, sym: str) -> str:

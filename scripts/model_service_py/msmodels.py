@@ -36,14 +36,27 @@ class LightGCNServe(nn.Module):
     graph; scores = user @ item_emb^T. The training script decides what fold_in and item_emb hold.
     item_emb is kept transposed ([D, N] contiguous, buffer item_emb_t): the GEMM of a batch of user
     vectors then reads it in place, where the [N, D] layout made MKL copy the whole table per batch
-    (half of the stage's time at batch 16).
+    (half of the stage's time at batch 16, on Intel CPUs).
+
+    On the CPU (with fp16_table, the default) the scores come from fbgemm's GEMM over a copy of the
+    table with fp16 weights, packed once on the first call (fp32 user vectors and accumulation): the
+    stage reads half the bytes, and no BLAS repacks the table per batch, as MKL does on AMD CPUs
+    whatever its layout. The scores differ from the fp32 product by about 3e-4 of the largest one
+    (model_output/NOTES-v2.md). On other devices, and with fp16_table=False, the fp32 product.
     """
 
-    def __init__(self, fold_in: torch.Tensor, item_emb: torch.Tensor, item_norm: torch.Tensor):
+    # a real type, not the string `from __future__ import annotations` would make of it: TorchScript
+    # reads the attribute's type from here
+    __annotations__ = {"packed": Optional[torch.classes.quantized.LinearPackedParamsBase]}
+
+    def __init__(self, fold_in: torch.Tensor, item_emb: torch.Tensor, item_norm: torch.Tensor, fp16_table: bool = True):
         super().__init__()
         self.register_buffer("fold_in", fold_in.float().contiguous())
         self.register_buffer("item_emb_t", item_emb.float().t().contiguous())
         self.register_buffer("item_norm", item_norm.float().contiguous())
+        self.fp16_table = fp16_table
+        # made by the first CPU call, not exported: packing is specific to the machine's fbgemm
+        self.packed = None
 
     @torch.jit.export
     def user_vectors(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +72,14 @@ class LightGCNServe(nn.Module):
         return self.item_emb_t
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.user_vectors(history, mask) @ self.item_emb_t
+        users = self.user_vectors(history, mask)
+        if not self.fp16_table or users.device.type != "cpu":
+            return users @ self.item_emb_t
+        packed = self.packed
+        if packed is None:
+            packed = torch.ops.quantized.linear_prepack_fp16(self.item_emb_t.t().contiguous(), None)
+            self.packed = packed
+        return torch.ops.quantized.linear_dynamic_fp16(users, packed)
 
 
 def item_vectors(lightgcn) -> torch.Tensor:
@@ -439,6 +459,9 @@ def export(module: nn.Module, kind: str, out_dir: str, num_items: int, meta: Dic
     eager module on random batches (also a batch whose history is all padding), write meta.json."""
     os.makedirs(out_dir, exist_ok=True)
     module = module.eval()
+    if isinstance(module, LightGCNServe):
+        # a table packed by an eager call stays out of the file: each loader packs its own
+        module.packed = None
     scripted = torch.jit.script(module)
     path = os.path.join(out_dir, "model.pt")
     tmp = path + ".tmp"

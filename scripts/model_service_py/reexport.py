@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Re-export served stages with the current module code in msmodels.py, keeping their
 trained weights: for a change of the forward computation that leaves the function the same (for
-example a faster, algebraically identical form). Each stage is loaded from its model.pt, rebuilt
-from the weights, exported with the usual parity check (msmodels.export), checked against the old
-file on random batches, and the manifest's versions are updated.
+example a faster, algebraically identical form; for LightGCN, the fp16 item table on the CPU).
+Each stage is loaded from its model.pt, rebuilt from the weights, exported with the usual parity
+check (msmodels.export), checked against the old file on random batches (to 1e-4; LightGCN to 1e-3
+of its largest score, the fp16 table's rounding), and the manifest's versions are updated.
 
 usage: python -m model_service_py.reexport --model-dir model_output [--stage din ...]
 """
@@ -62,14 +63,15 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             new_meta = msmodels.export(module, stage, tmp, n_items, meta)
             new = torch.jit.load(os.path.join(tmp, "model.pt")).eval()
-            worst = 0.0
+            worst, scale = 0.0, 0.0
             with torch.inference_mode():
                 for seed in range(5):
                     batch = msmodels.random_batch(n_items, batch=8, max_len=40, cands=200, seed=100 + seed)
                     kind = "din2" if isinstance(module, msmodels.DIN2) else stage
                     a, b = old(*msmodels._inputs(kind, batch)), new(*msmodels._inputs(kind, batch))
                     worst = max(worst, (a - b).abs().max().item())
-            if worst > 1e-4:
+                    scale = max(scale, a.abs().max().item())
+            if worst > (1e-3 * scale if stage == "lightgcn" else 1e-4):
                 raise SystemExit(f"{stage}: the re-export differs from the served file by {worst}")
             os.replace(os.path.join(tmp, "model.pt"), path)
             os.replace(os.path.join(tmp, "meta.json"), os.path.join(args.model_dir, stage, "meta.json"))

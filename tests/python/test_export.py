@@ -18,10 +18,10 @@ from model_service_py import msmodels
 N, D = 50, 8
 
 
-def lightgcn():
+def lightgcn(fp16_table=True):
     torch.manual_seed(0)
     emb = F.normalize(torch.randn(N, D), dim=1)
-    return msmodels.LightGCNServe(torch.randn(N, D), emb, torch.rand(N) + 0.1)
+    return msmodels.LightGCNServe(torch.randn(N, D), emb, torch.rand(N) + 0.1, fp16_table=fp16_table)
 
 
 def din():
@@ -207,9 +207,24 @@ def test_ranknet_cosine_features_use_the_real_history_items_only(make):
 
 
 def test_lightgcn_item_vectors_read_either_layout():
-    m = lightgcn()
+    m = lightgcn(fp16_table=False)
     table = msmodels.item_vectors(m)
     assert tuple(table.shape) == (N, D)
     assert msmodels.item_vectors({"item_emb": table}) is table
     h, mask = torch.tensor([[3, 7]]), torch.ones(1, 2, dtype=torch.bool)
     torch.testing.assert_close(m(h, mask), m.user_vectors(h, mask) @ table.t())
+
+
+def test_lightgcn_fp16_table_scores_within_its_rounding_and_the_packed_copy_is_not_exported(tmp_path):
+    exact, fast = lightgcn(fp16_table=False), lightgcn()
+    history, mask = batch()[:2]
+    want = exact(history, mask)
+    got = fast(history, mask)
+    assert not torch.equal(got, want), "the CPU forward did not use the fp16 table"
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    msmodels.export(fast, "lightgcn", str(tmp_path), N, {})
+    loaded = torch.jit.load(str(tmp_path / "model.pt"))
+    # the export ran the module, and so packed its table; the file holds none of it
+    assert loaded.packed is None
+    torch.testing.assert_close(loaded(history, mask), got, rtol=0, atol=0)
+    assert loaded.packed is not None
