@@ -372,14 +372,15 @@ class RankNet(nn.Module):
             nn.Linear(hidden // 2, 1),
         )
 
-    def features(
+    def columns(
         self,
         history: torch.Tensor,
         mask: torch.Tensor,
         cands: torch.Tensor,
         s1: torch.Tensor,
         s2: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> List[torch.Tensor]:
+        """The features, one [B, C] tensor each, unstandardised."""
         b, c = cands.shape
         lens = mask.sum(dim=1)
         hlen = lens.to(torch.float32).unsqueeze(1)  # [B, 1]
@@ -389,12 +390,13 @@ class RankNet(nn.Module):
         rank = rank / float(max(c, 1))
         # cosines to the profile's real items only (right-padded history: row i's first n_i),
         # row by row, so that a batch padded to its longest history costs no more; the mean as
-        # one product with the sum of the row's unit vectors
+        # one product with the sum of the row's unit vectors (multiply and sum: a batched GEMV of
+        # one column costs three times as much)
         cu = self.item_unit.index_select(0, cands.reshape(-1)).view(b, c, -1)  # [B, C, D]
         hu = self.item_unit.index_select(0, history.masked_select(mask))  # [T, D]
         rows = torch.arange(b, device=cands.device).repeat_interleave(lens)
         hsum = torch.zeros(b, hu.shape[1], dtype=hu.dtype, device=hu.device).index_add_(0, rows, hu)
-        mean_sim = torch.bmm(cu, hsum.unsqueeze(2)).squeeze(2) / hlen.clamp(min=1.0)
+        mean_sim = (cu * hsum.unsqueeze(1)).sum(dim=2) / hlen.clamp(min=1.0)
         max_sim = torch.zeros_like(s1)
         counts: List[int] = lens.tolist()
         # per-row views made once (unbind, split) rather than sliced per row: fewer operator calls
@@ -413,7 +415,18 @@ class RankNet(nn.Module):
         ]
         if self.use_nbr:
             cols.append(ease_scores(history, mask, cands, self.nbr_idx, self.nbr_val))
-        return (torch.stack(cols, dim=-1) - self.feat_mean) / self.feat_std
+        return cols
+
+    def features(
+        self,
+        history: torch.Tensor,
+        mask: torch.Tensor,
+        cands: torch.Tensor,
+        s1: torch.Tensor,
+        s2: torch.Tensor,
+    ) -> torch.Tensor:
+        """[B, C, F] standardised features, the net's input as it is trained."""
+        return (torch.stack(self.columns(history, mask, cands, s1, s2), dim=-1) - self.feat_mean) / self.feat_std
 
     def forward(
         self,
@@ -423,7 +436,18 @@ class RankNet(nn.Module):
         s1: torch.Tensor,
         s2: torch.Tensor,
     ) -> torch.Tensor:
-        return self.net(self.features(history, mask, cands, s1, s2)).squeeze(-1)
+        """net(features(...)) rearranged for speed, the same function (as DIN2.forward does it):
+        the features stacked feature-major ([F, B * C], contiguous copies, where the [B, C, F]
+        stack interleaves them) enter the first layer through a transposed view, with the
+        standardisation folded into its weights."""
+        b, c = cands.shape
+        cols = self.columns(history, mask, cands, s1, s2)
+        x = torch.stack(cols).view(len(cols), b * c)
+        w = self.net[0].weight / self.feat_std  # [H, F]
+        bias = self.net[0].bias - w @ self.feat_mean
+        y = torch.relu_(torch.addmm(bias, x.t(), w.t()))
+        y = torch.relu_(torch.addmm(self.net[2].bias, y, self.net[2].weight.t()))
+        return torch.addmv(self.net[4].bias, y, self.net[4].weight[0]).view(b, c)
 
 
 # ---------------------------------------------------------------------------------------------
