@@ -170,6 +170,19 @@ def test_din2_fast_forward_is_the_trained_form():
             torch.testing.assert_close(module(h, m, c, s1), module.reference(h, m, c, s1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [ranknet, ranknet_with_table])
+def test_ranknet_fast_forward_is_the_trained_form(make):
+    module = make()
+    with torch.no_grad():
+        module.net[0].bias.normal_()
+        module.feat_mean.normal_()
+        module.feat_std.uniform_(0.5, 2.0)
+        for pad in (0, 42):
+            h, m, c, s1, s2 = batch(pad_value=pad)
+            want = module.net(module.features(h, m, c, s1, s2)).squeeze(-1)
+            torch.testing.assert_close(module(h, m, c, s1, s2), want, rtol=1e-5, atol=1e-5)
+
+
 def test_ease_scores_sum_the_neighbour_weights_of_the_real_history_items():
     torch.manual_seed(6)
     idx = torch.randint(0, N, (N, 4), dtype=torch.int32)
@@ -224,7 +237,7 @@ def test_lightgcn_fp16_table_scores_within_its_rounding_and_the_packed_copy_is_n
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
     msmodels.export(fast, "lightgcn", str(tmp_path), N, {})
     loaded = torch.jit.load(str(tmp_path / "model.pt"))
-    # the export ran the module, and so packed its table; the file holds none of it
+    # the eager call above packed the module's table; the file holds none of it
     assert loaded.packed is None
     torch.testing.assert_close(loaded(history, mask), got, rtol=0, atol=0)
     assert loaded.packed is not None
