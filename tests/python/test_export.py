@@ -29,10 +29,10 @@ def din():
     return msmodels.DIN(N, dim=D, att_hidden=8, mlp_hidden=16).eval()
 
 
-def din2():
+def din2(max_att=3):
     torch.manual_seed(5)
     idx = torch.randint(0, N, (N, 4))
-    return msmodels.DIN2(N, idx, torch.rand(N, 4), torch.rand(N), dim=D, hidden=8, max_att=3).eval()
+    return msmodels.DIN2(N, idx, torch.rand(N, 4), torch.rand(N), dim=D, hidden=8, max_att=max_att).eval()
 
 
 def ranknet():
@@ -159,8 +159,10 @@ def test_the_python_cascade_excludes_the_history_at_every_stage(tmp_path):
     assert any((a != b).any() for a, b in zip(lists[1], lists[2]))
 
 
-def test_din2_fast_forward_is_the_trained_form():
-    module = din2()
+# max_att 3: the batch's longest profile (5 items) is cut to its last 3; 50: every item is attended
+@pytest.mark.parametrize("max_att", [3, 50])
+def test_din2_fast_forward_is_the_trained_form(max_att):
+    module = din2(max_att)
     with torch.no_grad():
         module.mlp[0].bias.normal_()
         module.feat_mean.normal_()
@@ -241,3 +243,19 @@ def test_lightgcn_fp16_table_scores_within_its_rounding_and_the_packed_copy_is_n
     assert loaded.packed is None
     torch.testing.assert_close(loaded(history, mask), got, rtol=0, atol=0)
     assert loaded.packed is not None
+
+
+@pytest.mark.parametrize("kind,make", [("din2", din2), ("ranknet", ranknet)])
+def test_the_folded_first_layer_is_made_by_the_first_call_and_not_exported(tmp_path, kind, make):
+    module = make()
+    b = batch()
+    assert module.folded is None
+    with torch.inference_mode():
+        want = call(kind, module, b)
+    assert module.folded is not None
+    msmodels.export(module, "din" if kind == "din2" else kind, str(tmp_path), N, {})
+    loaded = torch.jit.load(str(tmp_path / "model.pt"))
+    assert loaded.folded is None
+    with torch.inference_mode():
+        torch.testing.assert_close(call(kind, loaded, b), want, rtol=1e-5, atol=1e-6)
+    assert loaded.folded is not None
