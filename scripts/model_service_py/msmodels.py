@@ -229,9 +229,10 @@ def ease_scores_packed(hist: torch.Tensor, rows: torch.Tensor, cands: torch.Tens
 
 
 def row_zscore(x: torch.Tensor) -> torch.Tensor:
-    """Standardise each row over its candidates (rows of one column come out 0)."""
-    mu = x.mean(dim=1, keepdim=True)
-    sd = (x - mu).pow(2).mean(dim=1, keepdim=True).sqrt().clamp(min=1e-6)
+    """Standardise each row (the last dimension: a profile's candidates; rows of one column come
+    out 0)."""
+    mu = x.mean(dim=-1, keepdim=True)
+    sd = (x - mu).pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=1e-6)
     return (x - mu) / sd
 
 
@@ -316,7 +317,7 @@ class DIN2(nn.Module):
         # the real items packed row after row, for the EASE sums and (histories of at most
         # max_att items) the attention
         hist = history.masked_select(mask)
-        rows = torch.arange(b, device=cands.device).unsqueeze(1).expand_as(history).masked_select(mask)
+        rows = torch.arange(b, device=cands.device).repeat_interleave(lens)
         ease = ease_scores_packed(hist, rows, cands, self.nbr_idx, self.nbr_val)
         if L <= self.max_att:
             kept_t = lens
@@ -331,8 +332,12 @@ class DIN2(nn.Module):
         eh = self.emb(att_items)  # [T_a, D]
         q = eh @ self.att_w
         ec = self.emb(cands)  # [B, C, D]
-        pooled = torch.zeros(b, c, d, dtype=ec.dtype, device=ec.device)
         kept: List[int] = kept_t.tolist()
+        # every row is written below unless its history is empty
+        if b > 0 and min(kept) > 0:
+            pooled = torch.empty(b, c, d, dtype=ec.dtype, device=ec.device)
+        else:
+            pooled = torch.zeros(b, c, d, dtype=ec.dtype, device=ec.device)
         # per-row views made once (split, unbind) rather than sliced per row: fewer operator calls
         q_rows, eh_rows, pooled_rows = q.split(kept), eh.split(kept), pooled.unbind(0)
         ect_rows = ec.transpose(1, 2).unbind(0)  # [D, C] each
@@ -344,15 +349,17 @@ class DIN2(nn.Module):
         # interleaved, was a third of DIN's time): with w = W / feat_std (the standardisation
         # folded in) over [inter (D) | inter . 1 | s1 | z(s1) | ease | z(ease) | pop | hlen], the
         # inter block and the dot product are one [D, H] weight, and the six per-candidate scalars
-        # are stacked feature-major ([6, B * C], contiguous copies) and enter through a transposed
-        # view: y = inter W_inter^T + X^T W_x^T + b.
+        # are stacked feature-major ([6, B * C], contiguous copies; s1 and ease standardised
+        # together, so in the order s1, ease, z(s1), z(ease), pop, hlen) and enter through a
+        # transposed view: y = inter W_inter^T + X^T W_x^T + b.
         folded = self.folded
         if folded is None:
             folded = self.folded_layers()
             self.folded = folded
         w_inter_t, w_x_t, bias = folded
         hlen = torch.log1p(lens.to(torch.float32)).unsqueeze(1).expand(b, c)
-        x = torch.stack([s1, row_zscore(s1), ease, row_zscore(ease), self.popularity(cands), hlen]).view(6, b * c)
+        scores = torch.stack([s1, ease])  # [2, B, C]
+        x = torch.cat([scores, row_zscore(scores), torch.stack([self.popularity(cands), hlen])]).view(6, b * c)
         y = torch.addmm(bias, (pooled * ec).view(b * c, d), w_inter_t)
         y = torch.relu_(y.addmm_(x.t(), w_x_t))
         return torch.addmv(self.mlp[2].bias, y, self.mlp[2].weight[0]).view(b, c)
@@ -360,12 +367,14 @@ class DIN2(nn.Module):
     def folded_layers(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first MLP layer as forward uses it, (w_inter^T [D, H], w_x^T [6, H], bias [H]): with
         w = W / feat_std, bias = b - w @ feat_mean, w_inter = w[:, :D] + w[:, D] (the inter block
-        and its dot product), w_x = w[:, D + 1:]. Made by the first forward and kept, as the
-        weights of an exported module do not change; never exported (msmodels.export)."""
+        and its dot product), w_x = w[:, D + 1:] with its columns in forward's order (s1, ease,
+        z(s1), z(ease), pop, hlen). Made by the first forward and kept, as the weights of an
+        exported module do not change; never exported (msmodels.export)."""
         d = self.dim
         w = self.mlp[0].weight / self.feat_std  # [H, F]
         bias = self.mlp[0].bias - w @ self.feat_mean
-        return (w[:, :d] + w[:, d : d + 1]).t().contiguous(), w[:, d + 1 :].t().contiguous(), bias
+        w_x = w[:, d + 1 :].index_select(1, torch.tensor([0, 2, 1, 3, 4, 5], device=w.device))
+        return (w[:, :d] + w[:, d : d + 1]).t().contiguous(), w_x.t().contiguous(), bias
 
 
 class RankNet(nn.Module):
