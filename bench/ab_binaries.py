@@ -2,7 +2,10 @@
 """Two or more builds (or settings) of model-service side by side in one run: the Amazon-Book
 profiles loaded once into a redis-server of its own, then each variant started in turn, warmed up,
 and driven by wrk over the same shuffled users at each concurrency, for several alternating rounds
-(the machine's speed drifts; compare the means of the same run).
+(the machine's speed drifts; compare the means of the same run). Each round starts one variant
+later than the one before (A B C, B C A, C A B, ...), so that a drift within a round falls on every
+variant alike: on a shared 2-core VM the last of three identical variants once served 14% more than
+the first, every round. Give a multiple of the number of variants as --rounds.
 
 usage: scripts/py bench/ab_binaries.py --data DIR [--rounds 3] [--concurrency 1,8,32] [--seconds 10]
            NAME=BINARY[:ENV=VALUE,ENV=VALUE] NAME=BINARY[:...] ...
@@ -54,7 +57,8 @@ def main():
     try:
         users_file, _ = load_amazon(r, args.data, work)
         for rnd in range(args.rounds):
-            for name, binary, extra in args.variants:
+            start = rnd % len(args.variants)
+            for name, binary, extra in args.variants[start:] + args.variants[:start]:
                 port = free_port()
                 env = {**server_env(rport, port, args.model_dir), **extra}
                 svc = Service(f"{name}, round {rnd + 1}", [binary, "serve"], env, port,

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 SCHEMA_VERSION = 2
 
@@ -360,7 +361,8 @@ class DIN2(nn.Module):
         hlen = torch.log1p(lens.to(torch.float32)).unsqueeze(1).expand(b, c)
         scores = torch.stack([s1, ease])  # [2, B, C]
         x = torch.cat([scores, row_zscore(scores), torch.stack([self.popularity(cands), hlen])]).view(6, b * c)
-        y = torch.addmm(bias, (pooled * ec).view(b * c, d), w_inter_t)
+        # linear rather than addmm, which TorchScript splits into a product and an addition
+        y = F.linear((pooled * ec).view(b * c, d), w_inter_t.t(), bias)
         y = torch.relu_(y.addmm_(x.t(), w_x_t))
         return torch.addmv(self.mlp[2].bias, y, self.mlp[2].weight[0]).view(b, c)
 
@@ -503,8 +505,9 @@ class RankNet(nn.Module):
             folded = (w.t().contiguous(), self.net[0].bias - w @ self.feat_mean)
             self.folded = folded
         w_t, bias = folded
-        y = torch.relu_(torch.addmm(bias, x.t(), w_t))
-        y = torch.relu_(torch.addmm(self.net[2].bias, y, self.net[2].weight.t()))
+        # linear rather than addmm, which TorchScript splits into a product and an addition
+        y = torch.relu_(F.linear(x.t(), w_t.t(), bias))
+        y = torch.relu_(F.linear(y, self.net[2].weight, self.net[2].bias))
         return torch.addmv(self.net[4].bias, y, self.net[4].weight[0]).view(b, c)
 
 
