@@ -198,8 +198,7 @@ def ease_scores(history: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor, 
     a binary search of the neighbours among the sorted candidates at Amazon-Book's size; above
     `dense_max` buffer elements (large catalogs) the binary search, whose cost does not grow
     with N. Both add a candidate's terms in the same order, so the sums are the same to the bit."""
-    b = cands.shape[0]
-    rows = torch.arange(b, device=cands.device).unsqueeze(1).expand_as(history).masked_select(mask)  # [T]
+    rows = torch.arange(cands.shape[0], device=cands.device).repeat_interleave(mask.sum(dim=1))  # [T]
     return ease_scores_packed(history.masked_select(mask), rows, cands, nbr_idx, nbr_val, dense_max)
 
 
