@@ -58,16 +58,21 @@ pub enum Routes {
 
 pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router {
     let token = access.api_token.clone().map(Arc::new);
+    // A route layer added later runs first: the token is checked before a byte of the body is read.
+    let read = middleware::from_fn_with_state(access.clone(), read_body);
     let mut app = Router::new();
     if let Routes::Api { .. } = routes {
-        app = app
-            .route("/recommend/{user_id}", post(recommend))
-            .route("/recommendations/{user_id}", get(recommendations))
-            .route(
-                "/recommend",
-                post(recommend_history).layer(axum::extract::DefaultBodyLimit::max(access.history_body_limit)),
-            )
-            .route_layer(middleware::from_fn_with_state(token.clone(), require_token));
+        app = app.merge(
+            Router::new()
+                .route("/recommend/{user_id}", post(recommend))
+                .route("/recommendations/{user_id}", get(recommendations))
+                .route(
+                    "/recommend",
+                    post(recommend_history).layer(axum::extract::DefaultBodyLimit::max(access.history_body_limit)),
+                )
+                .route_layer(read.clone())
+                .route_layer(middleware::from_fn_with_state(token.clone(), require_token)),
+        );
     }
     if !matches!(routes, Routes::Admin) {
         app = app
@@ -82,14 +87,16 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
         app = app.merge(
             Router::new()
                 .route("/admin/reload", post(reload))
+                .route_layer(read)
                 .route_layer(middleware::from_fn_with_state(guard, require_admin)),
         );
     }
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(access.clone(), limit_head))
+        // outermost: every answer is counted, the head checks' refusals included
         .layer(middleware::from_fn_with_state(service.clone(), track))
-        .layer(middleware::from_fn_with_state(access.clone(), limit_request))
         .with_state(service)
 }
 
@@ -148,21 +155,29 @@ async fn require_admin(State(guard): State<AdminGuard>, request: Request, next: 
     }
 }
 
-/// Bounds on the request before any route runs: 414 for a target over MAX_HEADER_BYTES, 431 when
-/// target and headers together exceed it, 501 for a transfer coding other than chunked, 413 for a
-/// body (declared or received) over what the route accepts (BODY_LIMIT; `POST /recommend` takes a
-/// history up to MAX_PROFILE_BYTES), 408 when the body does not arrive within the body read
-/// timeout. A body is read here, whole, so every route sees it already received.
-async fn limit_request(State(access): State<Access>, request: Request, next: Next) -> Response {
-    match checked(&access, request).await {
-        Ok(request) => next.run(request).await,
+/// Bounds on the request head before any route runs: 414 for a target over MAX_HEADER_BYTES, 431
+/// when target and headers together exceed it, 501 for a transfer coding other than chunked, 413
+/// for a declared body over what the route accepts (BODY_LIMIT; `POST /recommend` takes a history
+/// up to MAX_PROFILE_BYTES). No body byte is read here: `read_body` reads it under the token check.
+async fn limit_head(State(access): State<Access>, request: Request, next: Next) -> Response {
+    match check_head(&access, &request) {
+        Ok(()) => next.run(request).await,
         Err(refused) => refused.into_response(),
     }
 }
 
-async fn checked(access: &Access, request: Request) -> Result<Request, Error> {
+/// Largest body the route of `path` accepts.
+fn body_limit(access: &Access, path: &str) -> usize {
+    if path == "/recommend" {
+        access.history_body_limit
+    } else {
+        BODY_LIMIT
+    }
+}
+
+fn check_head(access: &Access, request: &Request) -> Result<(), Error> {
     let max = access.max_header_bytes;
-    let body_limit = if request.uri().path() == "/recommend" { access.history_body_limit } else { BODY_LIMIT };
+    let body_limit = body_limit(access, request.uri().path());
     let target = request.uri().to_string().len();
     if target > max {
         return Err(Error::UriTooLong(format!("the request target takes {target} bytes, at most {max} are accepted")));
@@ -174,26 +189,42 @@ async fn checked(access: &Access, request: Request) -> Result<Request, Error> {
             target + headers
         )));
     }
-    let chunked = match request.headers().get(header::TRANSFER_ENCODING) {
-        None => false,
-        Some(codings) => {
-            let codings = codings.to_str().unwrap_or("?");
-            if !codings.split(',').all(|c| c.trim().eq_ignore_ascii_case("chunked")) {
-                return Err(Error::UnsupportedTransferEncoding(format!("{codings:?}: only chunked is understood")));
-            }
-            true
+    if let Some(codings) = request.headers().get(header::TRANSFER_ENCODING) {
+        let codings = codings.to_str().unwrap_or("?");
+        if !codings.split(',').all(|c| c.trim().eq_ignore_ascii_case("chunked")) {
+            return Err(Error::UnsupportedTransferEncoding(format!("{codings:?}: only chunked is understood")));
         }
-    };
-    let declared = request
+    }
+    let declared = declared_length(request);
+    if declared > body_limit as u64 {
+        return Err(Error::PayloadTooLarge(format!("{declared} bytes, at most {body_limit} are accepted")));
+    }
+    Ok(())
+}
+
+fn declared_length(request: &Request) -> u64 {
+    request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    if declared > body_limit as u64 {
-        return Err(Error::PayloadTooLarge(format!("{declared} bytes, at most {body_limit} are accepted")));
+        .unwrap_or(0)
+}
+
+/// Reads the body whole, so the handler sees it already received: 413 past what the route
+/// accepts, 408 when it does not arrive within the body read timeout. A route layer, run after
+/// `require_token` / `require_admin`: a request without the token is refused before its body is
+/// read, so a client without it cannot hold a connection open by sending a body slowly.
+async fn read_body(State(access): State<Access>, request: Request, next: Next) -> Response {
+    match received(&access, request).await {
+        Ok(request) => next.run(request).await,
+        Err(refused) => refused.into_response(),
     }
-    if declared == 0 && !chunked {
+}
+
+async fn received(access: &Access, request: Request) -> Result<Request, Error> {
+    let body_limit = body_limit(access, request.uri().path());
+    if declared_length(&request) == 0 && !request.headers().contains_key(header::TRANSFER_ENCODING) {
         return Ok(request);
     }
     let (parts, body) = request.into_parts();

@@ -6,13 +6,17 @@
 //!   the header read timeout of its first byte (slowloris, a partial request line), when a new
 //!   connection sends no complete head within the header read timeout, and when a keep-alive
 //!   connection stays idle (not a byte of a next request) for the idle timeout after its last
-//!   response. The body read timeout is in `http::limit_request`;
-//! - at most `max_connections` are open. At the cap a new connection makes the connection idle
-//!   the longest close: no request in flight, and no response finished for the longest time (so
-//!   a socket that never completed a request, idle or dribbling a head, goes before a keep-alive
-//!   client between two requests). A `/health/live` probe thus gets through a flood of idle or
-//!   slow sockets; when every connection has a request in flight (each bounded by the request,
-//!   body and reload deadlines), the new one is closed at once rather than queued;
+//!   response. The body read timeout is in `http::read_body`;
+//! - at most `max_connections` are open. At the cap a new connection makes the connection stalled
+//!   the longest close: an idle one (no request in flight; stalled since it opened or its last
+//!   response ended, so a socket that never completed a request, idle or dribbling a head, goes
+//!   before a keep-alive client between two requests), or one whose request body is still
+//!   arriving (stalled since that request began; it is dropped at once, request and all: a body
+//!   dribbled a byte a second must not hold a place for `BODY_READ_TIMEOUT_SECS`). One order for
+//!   both, so a connection that has just opened (a `/health/live` probe before its head is in)
+//!   is the last to go. A probe thus gets through a flood of idle sockets, slow heads or slow
+//!   bodies; when every connection has a request being handled (each bounded by the request and
+//!   reload deadlines), the new one is closed at once rather than queued;
 //! - hyper answers a request it cannot parse itself, with an empty body (400, 414, 431):
 //!   `JsonParseErrors` rewrites those answers into the JSON `{"error","detail"}` of
 //!   `crate::error::Error`, with the status refined where the request line says why (505);
@@ -30,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use http_body_util::BodyExt;
+use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -96,8 +101,8 @@ pub async fn serve(
                 continue;
             }
         };
-        if open.len() >= limits.max_connections && !open.close_longest_idle() {
-            tracing::debug!(max = limits.max_connections, "every connection has a request in flight; refusing one");
+        if open.len() >= limits.max_connections && !open.make_room() {
+            tracing::debug!(max = limits.max_connections, "every connection has a request being handled; refusing one");
             continue;
         }
         tasks.spawn(serve_connection(stream, app.clone(), limits, open.add()));
@@ -115,12 +120,13 @@ pub async fn serve(
 async fn serve_connection(stream: TcpStream, app: axum::Router, limits: Limits, conn: Connection) {
     let _ = stream.set_nodelay(true);
     let state = conn.state.clone();
-    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         // In flight from the call until the response body is written (or dropped).
         let busy = Busy::enter(state.clone());
         let app = app.clone();
+        let request = request.map(|body| Body::new(Receiving::new(body, state.clone())));
         async move {
-            let response = app.oneshot(request.map(Body::new)).await?;
+            let response = app.oneshot(request).await?;
             Ok::<_, Infallible>(response.map(|body| {
                 body.map_frame(move |frame| {
                     let _in_flight = &busy;
@@ -154,8 +160,9 @@ async fn serve_connection(stream: TcpStream, app: axum::Router, limits: Limits, 
             }
         }
     }
-    if conn.state.in_flight.load(Ordering::SeqCst) == 0 {
-        return; // nothing in flight: close now
+    let shed = conn.state.shed.load(Ordering::SeqCst) && conn.state.receiving().is_some();
+    if shed || conn.state.in_flight.load(Ordering::SeqCst) == 0 {
+        return; // nothing in flight, or shed while its body still arrives: close now
     }
     connection.as_mut().graceful_shutdown();
     let _ = connection.await;
@@ -178,10 +185,14 @@ struct ConnState {
     idle_since: Mutex<Instant>,
     /// When the first byte of the request being received arrived (none since the last response).
     head_started: Mutex<Option<Instant>>,
+    /// When the request in flight began, while its body is still arriving (none without a body).
+    receiving: Mutex<Option<Instant>>,
     /// A response was written on this connection: it is a keep-alive connection between requests.
     served: AtomicBool,
     /// Asked to close (at the cap, or at shutdown).
     closing: AtomicBool,
+    /// Asked to close at the cap while its request body was arriving: close without waiting.
+    shed: AtomicBool,
     close: Notify,
 }
 
@@ -191,8 +202,10 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             head_started: Mutex::new(None),
+            receiving: Mutex::new(None),
             served: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            shed: AtomicBool::new(false),
             close: Notify::new(),
         }
     }
@@ -203,6 +216,21 @@ impl ConnState {
 
     fn head_started(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.head_started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn receiving(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.receiving.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Since when the connection has made no progress that room should be kept for: idle since
+    /// it opened or its last response ended, or receiving a request body since that request
+    /// began. None while a request is being handled.
+    fn stalled_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            Some(self.idle_since())
+        } else {
+            *self.receiving()
+        }
     }
 
     /// When the connection is to be closed, unless something happens first; none while a request
@@ -246,16 +274,21 @@ impl Connections {
         Connection { id, state, open: self.clone() }
     }
 
-    /// Asks the connection idle the longest (no request in flight) to close; false when there is
-    /// none.
-    fn close_longest_idle(&self) -> bool {
+    /// Asks the connection stalled the longest (idle, or still receiving its request body) to
+    /// close, one receiving its body at once; false when every connection has a request being
+    /// handled.
+    fn make_room(&self) -> bool {
         let registry = self.registry();
-        let idle = registry
+        let stalled = registry
             .open
             .values()
-            .filter(|c| c.in_flight.load(Ordering::SeqCst) == 0 && !c.closing.load(Ordering::SeqCst))
-            .min_by_key(|c| c.idle_since());
-        idle.is_some_and(|c| c.ask_to_close())
+            .filter(|c| !c.closing.load(Ordering::SeqCst))
+            .filter_map(|c| Some((c.stalled_since()?, c)))
+            .min_by_key(|(since, _)| *since);
+        stalled.is_some_and(|(_, c)| {
+            c.shed.store(true, Ordering::SeqCst);
+            c.ask_to_close()
+        })
     }
 
     fn close_all(&self) {
@@ -291,6 +324,59 @@ impl Drop for Busy {
     fn drop(&mut self) {
         *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request body that tells its connection when it has been received: until its end arrives
+/// (or the request is dropped) the connection counts as receiving, which `Connections::make_room`
+/// may shed.
+struct Receiving {
+    inner: Incoming,
+    state: Arc<ConnState>,
+    done: bool,
+}
+
+impl Receiving {
+    fn new(inner: Incoming, state: Arc<ConnState>) -> Self {
+        let done = inner.is_end_stream();
+        if !done {
+            *state.receiving() = Some(Instant::now());
+        }
+        Self { inner, state, done }
+    }
+
+    fn finish(&mut self) {
+        if !std::mem::replace(&mut self.done, true) {
+            *self.state.receiving() = None;
+        }
+    }
+}
+
+impl hyper::body::Body for Receiving {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
+            this.finish();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

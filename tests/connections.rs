@@ -267,3 +267,94 @@ fn many_headers(n: usize) -> Vec<u8> {
     request.push_str("\r\n");
     request.into_bytes()
 }
+
+/// `threads` sockets that each send a `POST /recommend/<id>` head declaring a 1000-byte body
+/// (with `token` as bearer token, or none) and then dribble the body a byte every 300 ms,
+/// reconnecting as soon as the server answers or closes, until `stop`. Returns the joins, each
+/// with how many connections its thread opened.
+fn slow_body_flood(
+    port: u16,
+    threads: usize,
+    token: Option<&str>,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<usize>> {
+    use std::sync::atomic::Ordering;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    (0..threads)
+        .map(|i| {
+            let (stop, auth) = (stop.clone(), auth.clone());
+            std::thread::spawn(move || {
+                let head =
+                    format!("POST /recommend/flood{i} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1000\r\n\r\n");
+                let mut opened = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    opened += 1;
+                    s.set_nonblocking(true).unwrap();
+                    let mut ok = s.write_all(head.as_bytes()).is_ok();
+                    while ok && !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(300));
+                        let mut buf = [0u8; 512];
+                        // an answer (401, 408) or the close: reconnect
+                        ok = matches!(s.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                            && s.write_all(b"x").is_ok();
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                opened
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_slow_body_flood_at_the_connection_cap_starves_neither_liveness_nor_authenticated_requests() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const TOKEN: &str = "flood-test-token";
+    let redis = Redis::start();
+    let server = Server::start_with(
+        redis.port,
+        test_models(),
+        &[
+            ("API_TOKEN", TOKEN),
+            ("MAX_CONNECTIONS", "8"),
+            // longer than the test: the 408 must not be what frees the places
+            ("BODY_READ_TIMEOUT_SECS", "60"),
+            ("INFERENCE_WORKERS", "1"),
+        ],
+    );
+    server.wait_healthy();
+    redis.set("user_profile:flooded", &format!(r#"["{}","{}"]"#, item(3), item(9)));
+    let probe =
+        reqwest::blocking::Client::builder().timeout(Duration::from_secs(3)).pool_max_idle_per_host(0).build().unwrap();
+    let started = Instant::now();
+    for flood_token in [None, Some(TOKEN)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = slow_body_flood(server.port, 16, flood_token, &stop);
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut failures = Vec::new();
+        for n in 0..10 {
+            match probe.get(server.url("/health/live")).send() {
+                Ok(r) if r.status().as_u16() == 200 => {}
+                Ok(r) => failures.push(format!("probe {n}: {}", r.status())),
+                Err(e) => failures.push(format!("probe {n}: {e}")),
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let ranked = probe.post(server.url("/recommend/flooded")).bearer_auth(TOKEN).send();
+        let ranked = ranked.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
+        stop.store(true, Ordering::SeqCst);
+        let opened: usize = flood.into_iter().map(|t| t.join().unwrap()).sum();
+        let flood = if flood_token.is_some() { "a flood with the token" } else { "a flood without the token" };
+        eprintln!("{flood}: {opened} connections opened, probes failed: {failures:?}, recommend: {ranked:?}");
+        assert!(failures.is_empty(), "{flood}: /health/live failed {} of 10 times: {failures:?}", failures.len());
+        assert_eq!(ranked, Ok(200), "{flood}: an authenticated POST /recommend/flooded");
+    }
+    assert!(redis.get("recommendations:flooded").is_some());
+    assert!(redis.keys("recommendations:flood[0-9]*").is_empty(), "a dribbled request wrote a list");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+}
