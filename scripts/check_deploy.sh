@@ -17,6 +17,7 @@ shellcheck -x start_model_service.sh scripts/*.sh scripts/py .ci/run
 echo "-- promtool"
 promtool check config deploy/prometheus.yml
 promtool check rules deploy/alerts.yml
+promtool test rules deploy/alerts_test.yml
 echo "-- kubernetes manifests"
 "$VENV/bin/kubernetes-validate" --strict --quiet deploy/k8s/*.yaml
 "$VENV/bin/yamllint" -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/k8s deploy/*.yml

@@ -97,13 +97,14 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     });
     tokio::spawn(reload_on_sighup(service.clone()));
     let grace = std::time::Duration::from_secs(cfg.listener.shutdown_grace_secs);
-    let main_server =
-        server::serve(listener, http::router(service.clone(), routes, &access), limits, stop_rx.clone(), grace);
+    let requests = service.metrics.http_requests.clone();
+    let app = http::router(service.clone(), routes, &access);
+    let main_server = server::serve(listener, app, limits, stop_rx.clone(), grace, requests.clone());
     let admin_server = async {
         match admin {
             Some(l) => {
                 let app = http::router(service.clone(), http::Routes::Admin, &access);
-                server::serve(l, app, limits, stop_rx.clone(), grace).await
+                server::serve(l, app, limits, stop_rx.clone(), grace, requests.clone()).await
             }
             None => Ok(()),
         }

@@ -19,7 +19,8 @@
 //!   reload deadlines), the new one is closed at once rather than queued;
 //! - hyper answers a request it cannot parse itself, with an empty body (400, 414, 431):
 //!   `JsonParseErrors` rewrites those answers into the JSON `{"error","detail"}` of
-//!   `crate::error::Error`, with the status refined where the request line says why (505);
+//!   `crate::error::Error`, with the status refined where the request line says why (505), and
+//!   counts them in `http_requests_total` (route `unmatched`: no route ran);
 //! - on stop, connections without a request in flight close at once; the others finish their
 //!   request within the grace period and close.
 
@@ -75,13 +76,15 @@ impl Limits {
 }
 
 /// Serves `app` on `listener` until `stop` turns true, then closes idle connections at once and
-/// waits at most `grace` for the requests in flight.
+/// waits at most `grace` for the requests in flight. `requests` (`http_requests_total`) counts
+/// the answers hyper gives itself, which no route sees.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
     stop: watch::Receiver<bool>,
     grace: Duration,
+    requests: prometheus::IntCounterVec,
 ) -> io::Result<()> {
     let open = Connections::default();
     let mut tasks = JoinSet::new();
@@ -105,7 +108,7 @@ pub async fn serve(
             tracing::debug!(max = limits.max_connections, "every connection has a request being handled; refusing one");
             continue;
         }
-        tasks.spawn(serve_connection(stream, app.clone(), limits, open.add()));
+        tasks.spawn(serve_connection(stream, app.clone(), limits, open.add(), requests.clone()));
     }
     drop(listener);
     open.close_all();
@@ -117,7 +120,13 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_connection(stream: TcpStream, app: axum::Router, limits: Limits, conn: Connection) {
+async fn serve_connection(
+    stream: TcpStream,
+    app: axum::Router,
+    limits: Limits,
+    conn: Connection,
+    requests: prometheus::IntCounterVec,
+) {
     let _ = stream.set_nodelay(true);
     let state = conn.state.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
@@ -140,7 +149,7 @@ async fn serve_connection(stream: TcpStream, app: axum::Router, limits: Limits, 
         // hyper counts from when it starts waiting for a head; the watch below is the real bound.
         .header_read_timeout(limits.header_read_timeout + limits.idle_timeout)
         .max_buf_size(MAX_HEAD_BUFFER)
-        .serve_connection(TokioIo::new(JsonParseErrors::new(stream, conn.state.clone())), service);
+        .serve_connection(TokioIo::new(JsonParseErrors::new(stream, conn.state.clone(), requests)), service);
     tokio::pin!(connection);
     loop {
         // With a request in flight there is no deadline here: look again a little later.
@@ -388,6 +397,8 @@ impl Drop for Receiving {
 struct JsonParseErrors<T> {
     inner: T,
     state: Arc<ConnState>,
+    /// `http_requests_total`: each rewritten answer counts as route `unmatched`.
+    requests: prometheus::IntCounterVec,
     /// The start of the current request (at most HEAD_SNIFF bytes).
     head: Vec<u8>,
     /// A response was written since the last read: the next bytes read start a new request.
@@ -398,8 +409,8 @@ struct JsonParseErrors<T> {
 }
 
 impl<T> JsonParseErrors<T> {
-    fn new(inner: T, state: Arc<ConnState>) -> Self {
-        Self { inner, state, head: Vec::new(), responded: false, pending: Vec::new(), sent: 0 }
+    fn new(inner: T, state: Arc<ConnState>, requests: prometheus::IntCounterVec) -> Self {
+        Self { inner, state, requests, head: Vec::new(), responded: false, pending: Vec::new(), sent: 0 }
     }
 }
 
@@ -440,8 +451,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_pending(cx))?;
-        if let Some(answer) = json_parse_error(buf, &this.head) {
+        if let Some((status, answer)) = json_parse_error(buf, &this.head) {
             // Taken whole; written by the flush hyper sends next.
+            this.requests.with_label_values(&["unmatched", status.as_str()]).inc();
             this.pending = answer;
             return Poll::Ready(Ok(buf.len()));
         }
@@ -465,8 +477,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
 }
 
 /// When `response` is hyper's bodiless answer to a request it could not parse, the JSON error
-/// response to send instead (`request`: the start of the refused request).
-fn json_parse_error(response: &[u8], request: &[u8]) -> Option<Vec<u8>> {
+/// response to send instead and its status (`request`: the start of the refused request).
+fn json_parse_error(response: &[u8], request: &[u8]) -> Option<(axum::http::StatusCode, Vec<u8>)> {
     if response.len() > 512 {
         return None;
     }
@@ -505,7 +517,7 @@ fn json_parse_error(response: &[u8], request: &[u8]) -> Option<Vec<u8>> {
     }
     answer.push_str("\r\n");
     answer.push_str(&body);
-    Some(answer.into_bytes())
+    Some((status, answer.into_bytes()))
 }
 
 /// The error for hyper's `status`, with the reason read from the start of the refused request.
@@ -567,9 +579,10 @@ mod tests {
         b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Sun, 29 Nov 2026 20:00:00 GMT\r\n\r\n";
 
     fn answer(response: &[u8], request: &[u8]) -> (String, serde_json::Value) {
-        let bytes = json_parse_error(response, request).expect("rewritten");
+        let (status, bytes) = json_parse_error(response, request).expect("rewritten");
         let text = String::from_utf8(bytes).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with(&format!("HTTP/1.1 {} ", status.as_str())), "{head}");
         (head.to_string(), serde_json::from_str(body).unwrap())
     }
 

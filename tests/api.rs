@@ -477,3 +477,46 @@ fn user_id_and_k_rules_are_what_the_readme_says() {
         assert!(redis.get(&format!("recommendations:{id}")).is_some(), "{id}");
     }
 }
+
+#[test]
+fn refusals_before_any_route_runs_are_counted_in_http_requests_total() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("BODY_READ_TIMEOUT_SECS", "1")]);
+    server.wait_healthy();
+    let port = server.port;
+    // the request limiter: a declared body over 16 KiB, a 10 KB target, a transfer coding it does
+    // not know, a body that does not arrive
+    let oversized = b"POST /recommend/u HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n";
+    assert_raw_error(&raw_exchange(port, oversized), 413, "payload_too_large");
+    let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(10_000));
+    assert_raw_error(&raw_exchange(port, long.as_bytes()), 414, "uri_too_long");
+    let gzip = b"POST /recommend/u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n";
+    assert_raw_error(&raw_exchange(port, gzip), 501, "unsupported_transfer_encoding");
+    let short = b"POST /recommend/u HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab";
+    assert_raw_error(&raw_exchange(port, short), 408, "request_timeout");
+    // hyper itself: a request line it cannot parse, 101 header fields
+    assert_raw_error(&raw_exchange(port, b"GET /<script> HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "malformed_request");
+    let mut many = String::from("GET /health/live HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..100 {
+        many.push_str(&format!("X-{i}: y\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_raw_error(&raw_exchange(port, many.as_bytes()), 431, "headers_too_large");
+
+    let (_, text) = server.get_text("/metrics");
+    for counted in [
+        r#"model_service_http_requests_total{route="/recommend/{user_id}",status="413"} 1"#,
+        r#"model_service_http_requests_total{route="unmatched",status="414"} 1"#,
+        r#"model_service_http_requests_total{route="/recommend/{user_id}",status="501"} 1"#,
+        r#"model_service_http_requests_total{route="/recommend/{user_id}",status="408"} 1"#,
+        r#"model_service_http_requests_total{route="unmatched",status="400"} 1"#,
+        r#"model_service_http_requests_total{route="unmatched",status="431"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == counted), "not counted: {counted}\n{}", http_lines(&text));
+    }
+}
+
+fn http_lines(metrics: &str) -> String {
+    metrics.lines().filter(|l| l.starts_with("model_service_http_requests_total")).collect::<Vec<_>>().join("\n")
+}
+
