@@ -13,6 +13,7 @@ pub mod inference_mode;
 pub mod ingest;
 pub mod ivf;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod model_set;
 pub mod models;

@@ -17,10 +17,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "model_service=info,warn".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        // One line per record: control characters inside a field are escaped (src/logging.rs).
+        .with_writer(model_service::logging::OneLine::new(std::io::stderr, ansi))
         // A log line that cannot be written is dropped. tracing-subscriber's default reports the
         // failure with eprintln!, which panics when stderr itself is the broken pipe (a log
         // collector that went away): the logging task or thread died, SIGTERM among them.

@@ -349,3 +349,27 @@ fn the_request_stream_and_its_dead_letters_are_trimmed() {
     assert_eq!(len("recommend_requests:dead"), 10, "the newest DEAD_LETTER_MAXLEN dead letters are kept");
     assert!((0..600).all(|n| redis.get(&format!("recommendations:s{n}")).is_some()), "trimming lost no request");
 }
+
+#[test]
+fn a_user_id_with_a_line_break_cannot_forge_a_log_line() {
+    let redis = Redis::start();
+    let mut server =
+        Server::start_logged_mode(redis.port, test_models(), &["listen"], &[("RUST_LOG", "model_service=info")]);
+    server.wait_healthy();
+    let forged = "2026-01-01T00:00:00.000000Z ERROR model_service: forged line";
+    let failed = || server.metric(r#"model_service_listener_events_total{outcome="failed",source="keyspace"}"#);
+    let t = Instant::now();
+    // written again each second: the listener may subscribe a moment after /health is ready
+    while failed() < 1.0 && t.elapsed() < Duration::from_secs(20) {
+        redis.set(&format!("user_profile:evil\n{forged}\r"), "[]");
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let processed = failed();
+    server.sigterm();
+    let (exit, log) = server.exit_and_log();
+    assert!(processed >= 1.0, "the listener did not process the key:\n{log}");
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(!log.lines().any(|l| l.starts_with(forged) || l.contains("\r")), "a forged line:\n{log}");
+    let warned = log.lines().find(|l| l.contains("profile cannot be processed")).unwrap_or_else(|| panic!("{log}"));
+    assert!(warned.contains(&format!("evil\\n{forged}\\r")), "the id, escaped, on the warning's line: {warned}");
+}

@@ -383,9 +383,14 @@ impl Server {
 
     /// `serve` with `env`, its log (stderr) kept for `exit_and_log`.
     pub fn start_logged(redis_port: u16, model_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_logged_mode(redis_port, model_dir, &["serve"], env)
+    }
+
+    /// The binary with `args` (`listen`, `serve --listen`) and `env`, its log kept for `exit_and_log`.
+    pub fn start_logged_mode(redis_port: u16, model_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(bin_path());
         cmd.stderr(Stdio::piped());
-        Self::spawn(cmd, redis_port, model_dir, &["serve"], env)
+        Self::spawn(cmd, redis_port, model_dir, args, env)
     }
 
     /// Waits for the process to exit (of a server from `start_logged`): its exit status and log.
