@@ -220,8 +220,10 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, global = true)]
     pub request_timeout_ms: u64,
 
-    /// When set, POST routes require `Authorization: Bearer <API_TOKEN>` (401 otherwise);
-    /// /health and /metrics stay open.
+    /// When set, the ranking routes (POST /recommend/{user_id}, GET /recommendations/{user_id},
+    /// POST /recommend) and the admin routes require `Authorization: Bearer <API_TOKEN>` (401
+    /// otherwise); /health and /metrics stay open (/health shows the model directory in full and
+    /// the Redis nodes' addresses only with the token).
     #[arg(long, env = "API_TOKEN", hide_env_values = true, global = true)]
     pub api_token: Option<String>,
     /// Log lines as `text` or `json` (one JSON object per line, for log shippers).

@@ -26,7 +26,7 @@ pub struct Access {
     /// Largest body of `POST /recommend` (a history sent in the request): MAX_PROFILE_BYTES plus
     /// room for the JSON around it.
     pub history_body_limit: usize,
-    /// When set, POST and admin routes require `Authorization: Bearer <token>`.
+    /// When set, the ranking and admin routes require `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
     /// Largest request target plus headers, in bytes (431 beyond; 414 for the target alone).
     pub max_header_bytes: usize,
@@ -278,6 +278,7 @@ pub struct ReloadAnswer {
         (status = 400, description = "invalid_request: the body is not {\"model_dir\": ...}", body = ErrorBody),
         (status = 401, description = "unauthorized: API_TOKEN is set and the bearer token is missing or wrong", body = ErrorBody),
         (status = 403, description = "forbidden: admin routes on the public port need API_TOKEN", body = ErrorBody),
+        (status = 408, description = "request_timeout: the body did not arrive within BODY_READ_TIMEOUT_SECS", body = ErrorBody),
         (status = 409, description = "reload_in_progress", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 422, description = "reload_refused: the directory failed validation; the old one keeps serving", body = ErrorBody),
@@ -379,8 +380,13 @@ fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejec
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)]
 struct UserIdPath {
-    /// 1..128 bytes; no whitespace, control, format (zero-width, bidi) or unassigned characters.
-    #[param(pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", max_length = 128)]
+    /// 1..128 characters (Unicode scalar values, as maxLength counts them), each printable: no
+    /// whitespace and nothing of the Unicode category Other (control, format such as zero-width
+    /// and bidirectional characters or the byte order mark, private use, unassigned). The pattern
+    /// lists the allowed characters of the Basic Multilingual Plane (generated from the server's
+    /// rule); beyond it, which the pattern leaves out, the server accepts assigned characters that
+    /// are not private use or format characters.
+    #[param(max_length = 128)]
     user_id: String,
 }
 
@@ -392,6 +398,13 @@ enum ProfileRankErrors {
     BadRequest(ErrorBody),
     #[response(status = 401, description = "unauthorized (API_TOKEN set)")]
     Unauthorized(ErrorBody),
+    #[response(
+        status = 408,
+        description = "request_timeout: a declared body did not arrive within BODY_READ_TIMEOUT_SECS"
+    )]
+    Timeout(ErrorBody),
+    #[response(status = 413, description = "payload_too_large: a body over 16 KiB (the route reads none)")]
+    TooLarge(ErrorBody),
     #[response(status = 422, description = "invalid_profile / profile_too_large / profile_too_long")]
     Unprocessable(ErrorBody),
     #[response(status = 429, description = "overloaded (Retry-After)")]
@@ -478,7 +491,26 @@ pub struct HistoryRequest {
     pub history: Vec<String>,
     /// Items to return, 1..=MAX_K (default DEFAULT_K).
     #[schema(value_type = Option<i64>, minimum = 1, maximum = 100)]
-    pub k: Option<serde_json::Number>,
+    pub k: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// The `k` of a history request: an integer in 1..=MAX_K (JSON Schema counts 30.0 among the
+/// integers); a refusal names it as the client wrote it, however large.
+fn body_k(service: &Service, k: Option<&serde_json::value::RawValue>) -> Result<usize, Error> {
+    let Some(raw) = k else { return service.parse_k(None) };
+    let text = raw.get().trim();
+    let number: serde_json::Number =
+        serde_json::from_str(text).map_err(|_| Error::InvalidK(format!("k must be an integer, got {text}")))?;
+    let integral = number
+        .as_i64()
+        .or_else(|| number.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < i64::MAX as f64).map(|f| f as i64));
+    match integral {
+        Some(k) => service.parse_k(Some(&k.to_string())),
+        None if number.as_f64().is_some_and(|f| f.fract() != 0.0) => {
+            Err(Error::InvalidK(format!("k must be an integer, got {text}")))
+        }
+        None => Err(Error::InvalidK(format!("k must be between 1 and {}, got {text}", service.max_k()))),
+    }
 }
 
 /// Ranks a history sent in the body (a shopper who is not logged in); writes nothing.
@@ -490,8 +522,9 @@ pub struct HistoryRequest {
     request_body = HistoryRequest,
     responses(
         (status = 200, description = "Computed now; nothing is written", body = Recommendation),
-        (status = 400, description = "invalid_k / invalid_request", body = ErrorBody),
+        (status = 400, description = "invalid_k / invalid_request (also: k given in the query; it goes in the body)", body = ErrorBody),
         (status = 401, description = "unauthorized (API_TOKEN set)", body = ErrorBody),
+        (status = 408, description = "request_timeout: the body did not arrive within BODY_READ_TIMEOUT_SECS", body = ErrorBody),
         (status = 413, description = "payload_too_large: over MAX_PROFILE_BYTES", body = ErrorBody),
         (status = 422, description = "invalid_body / profile_too_long", body = ErrorBody),
         (status = 429, description = "overloaded (Retry-After)", body = ErrorBody),
@@ -505,6 +538,13 @@ async fn recommend_history(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Recommendation>, Error> {
+    if let Ok(Query(pairs)) = &query {
+        if pairs.iter().any(|(name, _)| name == "k") {
+            return Err(Error::InvalidRequest(
+                "k goes in the body of POST /recommend ({\"history\": [...], \"k\": N}), not in the query".into(),
+            ));
+        }
+    }
     let Ask { explain, .. } = ask(&service, query)?;
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(e.body_text()),
@@ -513,12 +553,7 @@ async fn recommend_history(
     let request: HistoryRequest = serde_json::from_slice(&body).map_err(|e| {
         Error::InvalidBody(format!("expected {{\"history\": [\"<item id>\", ...], \"k\": <1..>}}: {e}"))
     })?;
-    // JSON Schema's integers include 30.0.
-    let k = match request.k.map(|n| n.as_i64().or(n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))) {
-        None => service.parse_k(None)?,
-        Some(Some(k)) => service.parse_k(Some(&k.to_string()))?,
-        Some(None) => return Err(Error::InvalidK("k must be an integer".into())),
-    };
+    let k = body_k(&service, request.k.as_deref())?;
     Ok(Json(service.rank_history(&request.history, Ask { k, explain }).await?))
 }
 
@@ -643,10 +678,48 @@ async fn method_not_allowed() -> Error {
     tag = "ops",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json")),
 )]
-async fn openapi_json() -> Response {
-    static DOC: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| <ApiDoc as utoipa::OpenApi>::openapi().to_json().unwrap_or_default());
-    ([(header::CONTENT_TYPE, "application/json")], DOC.as_str()).into_response()
+async fn openapi_json(State(service): State<Arc<Service>>) -> Response {
+    // one configuration per process
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| openapi_document(service.max_k()).to_string());
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
+}
+
+/// The OpenAPI document as served: `ApiDoc` with what the server decides at run time written in,
+/// so the document and the server agree: `k`'s maximum is the configured MAX_K, and the user id's
+/// pattern is generated from the rule `service::validate_user_id` applies.
+pub fn openapi_document(max_k: usize) -> serde_json::Value {
+    let mut doc = serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).unwrap_or_default();
+    let pattern = crate::service::user_id_pattern();
+    let operations = doc
+        .get_mut("paths")
+        .and_then(serde_json::Value::as_object_mut)
+        .into_iter()
+        .flat_map(|paths| paths.values_mut())
+        .filter_map(serde_json::Value::as_object_mut)
+        .flat_map(|methods| methods.values_mut());
+    for operation in operations {
+        let parameters = operation.get_mut("parameters").and_then(serde_json::Value::as_array_mut);
+        for parameter in parameters.into_iter().flatten() {
+            let name = parameter.get("name").and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+            let Some(schema) = parameter.get_mut("schema").and_then(serde_json::Value::as_object_mut) else { continue };
+            match name.as_str() {
+                "k" => {
+                    schema.insert("maximum".into(), max_k.into());
+                }
+                "user_id" => {
+                    schema.insert("pattern".into(), pattern.clone().into());
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(k) =
+        doc.pointer_mut("/components/schemas/HistoryRequest/properties/k").and_then(serde_json::Value::as_object_mut)
+    {
+        k.insert("maximum".into(), max_k.into());
+    }
+    doc
 }
 
 /// The API's OpenAPI document (served at `/openapi.json`).

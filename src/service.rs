@@ -17,7 +17,9 @@ use crate::redis::profile::ProfileRead;
 use crate::redis::store::{ProfileLimits, StoredList, Written};
 use crate::redis::Store;
 
-pub const MAX_USER_ID_BYTES: usize = 128;
+/// Longest user id, in characters (Unicode scalar values), as JSON Schema's `maxLength` counts
+/// them: the OpenAPI document states the same bound.
+pub const MAX_USER_ID_CHARS: usize = 128;
 
 /// How the list was made: the cascade on the profile, or the catalog's popularity order (no item of
 /// the profile is in the catalog).
@@ -184,24 +186,23 @@ impl Drop for Landing<'_> {
     }
 }
 
-/// A user id is 1..=128 bytes of printable characters: no whitespace (Unicode White_Space), and
+/// A user id is 1..=128 characters, all printable: no whitespace (Unicode White_Space), and
 /// nothing of the Unicode general category Other (control, format such as zero-width and
 /// bidirectional overrides, surrogate, private use, unassigned). `*`, `:`, `{` and other
 /// punctuation are allowed: keys are built by concatenation and used in plain GET/SET, never as a
 /// pattern.
 pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
-    use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
     if user_id.is_empty() {
         return Err(Error::InvalidUserId("the user id is empty".into()));
     }
-    if user_id.len() > MAX_USER_ID_BYTES {
+    let chars = user_id.chars().count();
+    if chars > MAX_USER_ID_CHARS {
         return Err(Error::InvalidUserId(format!(
-            "the user id is {} bytes, at most {MAX_USER_ID_BYTES} are allowed",
-            user_id.len()
+            "the user id is {chars} characters, at most {MAX_USER_ID_CHARS} are allowed"
         )));
     }
-    let unprintable = |c: &char| c.is_whitespace() || c.general_category_group() == GeneralCategoryGroup::Other;
-    if let Some(c) = user_id.chars().find(unprintable) {
+    if let Some(c) = user_id.chars().find(|&c| !user_id_char(c)) {
+        use unicode_properties::UnicodeGeneralCategory;
         return Err(Error::InvalidUserId(format!(
             "the user id contains the character {c:?} (U+{:04X}, {:?}): whitespace, control, format (zero-width, \
              bidirectional) and unassigned characters are not allowed",
@@ -212,9 +213,48 @@ pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The one rule for a user id's characters: printable, that is neither whitespace nor of the
+/// Unicode category Other (control, format, surrogate, private use, unassigned).
+pub fn user_id_char(c: char) -> bool {
+    use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
+    !c.is_whitespace() && c.general_category_group() != GeneralCategoryGroup::Other
+}
+
+/// `user_id_char` as a JSON Schema `pattern` (the OpenAPI document's): one character class of the
+/// allowed ranges of the Basic Multilingual Plane, each bound written `\uXXXX`, which ECMA-262,
+/// Python's `re` and Rust's regex all read alike. Characters beyond the BMP are left out of the
+/// pattern (engines see them as one code point or as two UTF-16 surrogates); the server accepts
+/// those that `user_id_char` allows (assigned, not private use), as the parameter's description says.
+pub fn user_id_pattern() -> String {
+    let mut class = String::new();
+    let mut start: Option<u32> = None;
+    // the surrogates (U+D800..U+DFFF) are no chars: they close a range like a refused character
+    for cp in 0..=0x1_0000u32 {
+        let allowed = cp < 0x1_0000 && char::from_u32(cp).is_some_and(user_id_char);
+        match (allowed, start) {
+            (true, None) => start = Some(cp),
+            (false, Some(first)) => {
+                let last = cp - 1;
+                class.push_str(&format!("\\u{first:04X}"));
+                if last > first {
+                    class.push_str(&format!("-\\u{last:04X}"));
+                }
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    format!("^[{class}]+$")
+}
+
 impl Service {
     pub fn new(store: Store, engine: Engine, metrics: Metrics, cfg: ServiceConfig) -> Self {
         Self { store, engine, metrics, cfg, in_flight: Mutex::new(HashMap::new()) }
+    }
+
+    /// The largest `k` (MAX_K).
+    pub fn max_k(&self) -> usize {
+        self.cfg.max_k
     }
 
     /// Parses `k` from a request (absent: the default).
@@ -586,7 +626,10 @@ mod tests {
         {
             assert_eq!(validate_user_id(bad).unwrap_err().status().as_u16(), 400, "{bad:?}");
         }
-        assert!(validate_user_id(&"x".repeat(129)).unwrap_err().to_string().contains("129 bytes"));
+        assert!(validate_user_id(&"x".repeat(129)).unwrap_err().to_string().contains("129 characters"));
+        // characters, not bytes: 128 two-byte characters are allowed (the OpenAPI maxLength)
+        assert!(validate_user_id(&"é".repeat(128)).is_ok());
+        assert!(validate_user_id(&"é".repeat(129)).is_err());
     }
 
     use unicode_properties::UnicodeGeneralCategory;
@@ -595,7 +638,7 @@ mod tests {
         #[test]
         fn only_ids_that_make_clean_single_line_keys_are_accepted(id in "(.|\\n|\\r|\\t|[*:{}?\\[\\]]){0,140}") {
             let ok = !id.is_empty()
-                && id.len() <= MAX_USER_ID_BYTES
+                && id.chars().count() <= MAX_USER_ID_CHARS
                 && !id.chars().any(|c| {
                     c.is_whitespace() || c.general_category_group() == unicode_properties::GeneralCategoryGroup::Other
                 });
@@ -605,5 +648,26 @@ mod tests {
                 proptest::prop_assert!(!key.contains('\n') && !key.contains('\r') && key.ends_with(&id));
             }
         }
+    }
+
+    #[test]
+    fn the_documented_pattern_admits_exactly_the_bmp_characters_the_server_does() {
+        let pattern = user_id_pattern();
+        let re = regex_automata::meta::Regex::new(&pattern).unwrap();
+        let mut admitted = 0;
+        for cp in 0..=0xFFFFu32 {
+            let Some(c) = char::from_u32(cp) else { continue };
+            let id = c.to_string();
+            let server = validate_user_id(&id).is_ok();
+            assert_eq!(re.is_match(&id), server, "U+{cp:04X} {:?}: pattern and server disagree", c.general_category());
+            admitted += usize::from(server);
+        }
+        assert!(admitted > 50_000, "{admitted}");
+        for refused in ["\u{200B}", "\u{FEFF}", "\u{0378}", "\u{E000}", "a b"] {
+            assert!(!re.is_match(refused) && validate_user_id(refused).is_err(), "{refused:?}");
+        }
+        // beyond the BMP the pattern admits nothing; the server, assigned non-private-use characters
+        assert!(!re.is_match("\u{1F600}") && validate_user_id("\u{1F600}").is_ok());
+        assert!(validate_user_id("\u{F0000}").is_err() && validate_user_id("\u{E0001}").is_err());
     }
 }

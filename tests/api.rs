@@ -520,3 +520,81 @@ fn http_lines(metrics: &str) -> String {
     metrics.lines().filter(|l| l.starts_with("model_service_http_requests_total")).collect::<Vec<_>>().join("\n")
 }
 
+#[test]
+fn help_says_the_token_guards_every_ranking_route() {
+    let help = String::from_utf8(bin().arg("--help").output().unwrap().stdout).unwrap();
+    let api_token = help.split("--api-token").nth(1).unwrap_or_default();
+    let api_token = api_token.split("\n      --").next().unwrap_or_default();
+    assert!(api_token.contains("GET /recommendations/{user_id}"), "--help on API_TOKEN: {api_token}");
+}
+
+#[test]
+fn the_openapi_document_states_max_k_and_the_user_id_rule_the_server_applies() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("MAX_K", "50")]);
+    server.wait_healthy();
+    redis.set("user_profile:u", &format!(r#"["{}"]"#, item(2)));
+    let (status, doc) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    for (path, method) in [("/recommend/{user_id}", "post"), ("/recommendations/{user_id}", "get")] {
+        let op = &doc["paths"][path][method];
+        let param = |name: &str| {
+            op["parameters"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()["schema"].clone()
+        };
+        // k's maximum is the configured MAX_K
+        assert_eq!(param("k")["maximum"], 50, "{method} {path}: {}", param("k"));
+        // the id: 128 characters, and a pattern that refuses what the server refuses
+        let id = param("user_id");
+        assert_eq!(id["maxLength"], 128, "{id}");
+        let pattern = id["pattern"].as_str().unwrap();
+        for refused in ["\\u200B", "\\uFEFF", "\\u0378"] {
+            assert!(
+                !pattern.contains(&format!("{refused}-")) && !pattern.contains(&format!("-{refused}")),
+                "{refused}"
+            );
+        }
+        assert!(pattern.starts_with("^[\\u0021-") && pattern.len() > 1000, "{pattern:.200}");
+        // a body is read on these routes too: its refusals are documented
+        for code in ["408", "413"] {
+            assert!(op["responses"].get(code).is_some(), "{method} {path} does not document {code}");
+        }
+    }
+    assert_eq!(doc["components"]["schemas"]["HistoryRequest"]["properties"]["k"]["maximum"], 50);
+    assert_error(&server.post("/recommend/u?k=51"), 400, "invalid_k");
+    assert_eq!(server.post("/recommend/u?k=50").0, 200);
+}
+
+#[test]
+fn the_user_id_length_is_counted_in_characters_as_the_document_says() {
+    let (_redis, server) = setup();
+    let (status, body) = server.post(&format!("/recommend/{}", "%C3%A9".repeat(128)));
+    assert_eq!(status, 200, "128 two-byte characters: {body}");
+    assert_error(&server.post(&format!("/recommend/{}", "%C3%A9".repeat(129))), 400, "invalid_user_id");
+}
+
+#[test]
+fn post_recommend_takes_k_in_the_body_only_and_reports_it_as_given() {
+    let (_redis, server) = setup();
+    let history = serde_json::json!({ "history": [item(2)], "k": 5 });
+    let (status, body) = server.post_json(server.port, "/recommend?k=7", &history, None);
+    assert_error(&(status, body.clone()), 400, "invalid_request");
+    assert!(body["detail"].as_str().unwrap().contains("body"), "{body}");
+    let (status, body) = server.post_json(server.port, "/recommend", &history, None);
+    assert_eq!((status, rec_ids(&body).len()), (200, 5), "{body}");
+
+    let client = reqwest::blocking::Client::new();
+    for k in ["18446744073709551617", "9223372036854775808", "-99999999999999999999", "1e30"] {
+        let r = client
+            .post(server.url("/recommend"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"history": [], "k": {k}}}"#))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{k}");
+        let body: serde_json::Value = r.json().unwrap();
+        assert_eq!(body["error"], "invalid_k", "{body}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains(k) && !detail.contains("9223372036854775807"), "k={k}: {detail}");
+    }
+}
+
