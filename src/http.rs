@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -76,9 +76,13 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
     }
     if !matches!(routes, Routes::Admin) {
         app = app
-            .route("/health", get(health))
+            .merge(
+                Router::new()
+                    .route("/health", get(health))
+                    .route("/health/ready", get(ready))
+                    .route_layer(middleware::from_fn_with_state(token.clone(), note_token)),
+            )
             .route("/health/live", get(live))
-            .route("/health/ready", get(ready))
             .route("/metrics", get(metrics))
             .route("/openapi.json", get(openapi_json));
     }
@@ -109,13 +113,20 @@ fn check_token(token: Option<&str>, request: &Request) -> Result<(), Error> {
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_credentials)
         .unwrap_or("");
-    let same =
-        given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    match (same, given.is_empty()) {
+    match (same_token(given, token), given.is_empty()) {
         (true, _) => Ok(()),
         (false, true) => Err(Error::Unauthorized("a bearer token is required".into())),
         (false, false) => Err(Error::Unauthorized("the bearer token is not valid".into())),
     }
+}
+
+/// Whether `given` is `token`, in time that depends on neither: the SHA-1 digests of both (20
+/// bytes whatever their lengths) are compared byte for byte without stopping at the first
+/// difference, so neither the token's length nor a matching prefix shows in the answer's timing.
+fn same_token(given: &str, token: &str) -> bool {
+    use sha1::{Digest, Sha1};
+    let (given, token) = (Sha1::digest(given.as_bytes()), Sha1::digest(token.as_bytes()));
+    std::hint::black_box(given.iter().zip(token.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b))) == 0
 }
 
 /// The credentials of an `Authorization: Bearer <token>` value; the scheme name is
@@ -130,6 +141,17 @@ async fn require_token(State(token): State<Option<Arc<String>>>, request: Reques
         Ok(()) => next.run(request).await,
         Err(refused) => refused.into_response(),
     }
+}
+
+/// The request carries the valid bearer token (API_TOKEN set): `/health` shows the model
+/// directory and the Redis nodes' addresses in full only then.
+#[derive(Debug, Clone, Copy)]
+struct Privileged(bool);
+
+async fn note_token(State(token): State<Option<Arc<String>>>, mut request: Request, next: Next) -> Response {
+    let privileged = token.is_some() && check_token(token.as_deref().map(String::as_str), &request).is_ok();
+    request.extensions_mut().insert(Privileged(privileged));
+    next.run(request).await
 }
 
 #[derive(Clone)]
@@ -576,6 +598,7 @@ pub struct Health {
     pub status: String,
     pub model_loaded: bool,
     pub model_version: Option<String>,
+    /// The model directory in service: in full with the API token, else its last component.
     pub model_dir: Option<String>,
     /// `ok`, or `error: <why>`.
     pub redis: String,
@@ -594,7 +617,10 @@ pub struct Health {
 }
 
 /// Models loaded and warmed up, and Redis accepting writes (`/health` and `/health/ready`).
-async fn readiness(service: &Service) -> Health {
+/// Unless `privileged`, the model directory is shown by its last component only and the Redis
+/// nodes without their addresses: the probe is open, and these name the host's layout and the
+/// network's.
+async fn readiness(service: &Service, privileged: bool) -> Health {
     let (redis, redis_topology) = tokio::join!(service.store.check_writable(), service.store.topology_report());
     let (set, engine_problem) = match service.engine.state() {
         EngineState::Ready(set) => (Some(set), None),
@@ -611,9 +637,12 @@ async fn readiness(service: &Service) -> Health {
         status: if healthy { "healthy" } else { "unhealthy" }.into(),
         model_loaded: set.is_some(),
         model_version: set.as_ref().map(|s| s.info.version.clone()),
-        model_dir: set.as_ref().map(|s| s.dir.display().to_string()),
+        model_dir: set.as_ref().map(|s| match (privileged, s.dir.file_name()) {
+            (false, Some(name)) => name.to_string_lossy().into_owned(),
+            _ => s.dir.display().to_string(),
+        }),
         redis: redis_status,
-        redis_topology,
+        redis_topology: if privileged { redis_topology } else { redis_topology.without_addresses() },
         device: set.as_ref().map(|s| s.info.device.clone()),
         catalog_items: set.as_ref().map(|s| s.catalog.len()),
         candidate_search: set.as_ref().map(|s| s.info.candidate_search.clone()),
@@ -632,8 +661,11 @@ async fn readiness(service: &Service) -> Health {
         (status = 503, description = "Not ready: the reason is in `detail`", body = Health),
     ),
 )]
-async fn health(State(service): State<Arc<Service>>) -> Response {
-    let body = readiness(&service).await;
+async fn health(
+    State(service): State<Arc<Service>>,
+    Extension(Privileged(privileged)): Extension<Privileged>,
+) -> Response {
+    let body = readiness(&service, privileged).await;
     let status = if body.error.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
@@ -648,8 +680,8 @@ async fn health(State(service): State<Arc<Service>>) -> Response {
         (status = 503, description = "Not ready: the reason is in `detail`", body = Health),
     ),
 )]
-async fn ready(state: State<Arc<Service>>) -> Response {
-    health(state).await
+async fn ready(state: State<Arc<Service>>, privileged: Extension<Privileged>) -> Response {
+    health(state, privileged).await
 }
 
 /// Prometheus text exposition.
@@ -750,5 +782,27 @@ impl utoipa::Modify for BearerScheme {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_token_itself_is_accepted_whatever_the_length_of_the_others() {
+        let token = "s3cret-token";
+        assert!(same_token(token, token));
+        let long = "x".repeat(4096);
+        for other in ["", "s", "s3cret-toke", "s3cret-token ", "s3cret-token-longer", "S3cret-token", long.as_str()] {
+            assert!(!same_token(other, token), "{other:?}");
+        }
+        let request = |authorization: &str| {
+            Request::builder().header(header::AUTHORIZATION, authorization).body(axum::body::Body::empty()).unwrap()
+        };
+        assert!(check_token(Some(token), &request("Bearer s3cret-token")).is_ok());
+        for refused in ["Bearer s3cret-tok", "Bearer s3cret-token-and-more", "Bearer ", "Bearer x"] {
+            assert!(check_token(Some(token), &request(refused)).is_err(), "{refused}");
+        }
     }
 }

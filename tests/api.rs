@@ -598,3 +598,32 @@ fn post_recommend_takes_k_in_the_body_only_and_reports_it_as_given() {
     }
 }
 
+#[test]
+fn health_shows_the_model_directory_and_redis_addresses_only_with_the_token() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", "health-token")]);
+    server.wait_healthy();
+    let dir = test_models().to_str().unwrap().to_string();
+    let name = test_models().file_name().unwrap().to_str().unwrap();
+    let addr = format!("127.0.0.1:{}", redis.port);
+    for (path, token) in [("/health", None), ("/health/ready", None), ("/health", Some("wrong-token"))] {
+        let (status, body) = match token {
+            Some(t) => server.get_authed(path, t),
+            None => server.get(path),
+        };
+        assert_eq!(status, 200, "{body}");
+        let text = body.to_string();
+        assert_eq!(body["model_dir"], name, "{path} {token:?}: {body}");
+        assert!(
+            !text.contains(&dir) && !text.contains(&addr) && !text.contains("\"addr\""),
+            "{path} {token:?}: {text}"
+        );
+        assert_eq!(body["redis_topology"]["nodes"][0]["role"], "master", "{body}");
+    }
+    for path in ["/health", "/health/ready"] {
+        let (status, body) = server.get_authed(path, "health-token");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["model_dir"], dir.as_str(), "{body}");
+        assert_eq!(body["redis_topology"]["nodes"][0]["addr"], addr.as_str(), "{body}");
+    }
+}

@@ -80,7 +80,7 @@ fn a_reload_under_continuous_load_loses_no_request_and_serves_the_new_version() 
     let stale: Vec<_> = answers.iter().filter(|a| a.0 > reloaded_at && a.2 != "synthetic-v2").collect();
     assert!(stale.is_empty(), "requests begun after the reload answered by the old version: {}", stale.len());
 
-    let (_, health) = server.get("/health");
+    let (_, health) = server.get_authed("/health", TOKEN);
     assert_eq!(health["model_version"], "synthetic-v2");
     assert_eq!(health["model_dir"], v2.to_str().unwrap());
     assert_eq!(server.metric(r#"model_service_model_reloads_total{outcome="success"}"#), 1.0);

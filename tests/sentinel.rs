@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+const TOKEN: &str = "sentinel-token";
+
 #[test]
 fn a_failover_gives_503_then_service_resumes_within_10_s_of_the_promotion_without_a_restart() {
     let mut s = Sentinels::start();
@@ -16,14 +18,15 @@ fn a_failover_gives_503_then_service_resumes_within_10_s_of_the_promotion_withou
         s.master.port,
         test_models(),
         &["serve"],
-        &[("REDIS_SENTINELS", &sentinels), ("REDIS_SENTINEL_MASTER", Sentinels::MASTER)],
+        &[("REDIS_SENTINELS", &sentinels), ("REDIS_SENTINEL_MASTER", Sentinels::MASTER), ("API_TOKEN", TOKEN)],
     );
     server.wait_healthy();
-    let (_, health) = server.get("/health");
+    // the nodes' addresses are shown to a request with the token
+    let (_, health) = server.get_authed("/health", TOKEN);
     assert_eq!(health["redis_topology"]["kind"], "sentinel", "{health}");
     assert_eq!(health["redis_topology"]["nodes"][0]["addr"], format!("127.0.0.1:{}", s.master.port), "{health}");
     s.master.set("user_profile:sen", &serde_json::to_string(&[item(0), item(1)]).unwrap());
-    let (status, body) = server.post("/recommend/sen");
+    let (status, body) = server.post_authed("/recommend/sen", TOKEN);
     assert_eq!(status, 200, "{body}");
     std::thread::sleep(Duration::from_millis(300)); // the replica has the profile
 
@@ -33,7 +36,7 @@ fn a_failover_gives_503_then_service_resumes_within_10_s_of_the_promotion_withou
     let mut during = Vec::new();
     let mut promoted: Option<Instant> = None;
     let resumed = loop {
-        let (status, body) = server.post("/recommend/sen");
+        let (status, body) = server.post_authed("/recommend/sen", TOKEN);
         if promoted.is_none() && s.master_port() == Some(replica_port) {
             promoted = Some(Instant::now());
         }
@@ -61,7 +64,7 @@ fn a_failover_gives_503_then_service_resumes_within_10_s_of_the_promotion_withou
     assert_eq!(s.master_port(), Some(replica_port));
     let stored: Option<String> = redis::cmd("GET").arg("recommendations:sen").query(&mut s.replica.conn()).unwrap();
     assert!(stored.is_some(), "the list is written to the promoted replica");
-    let (status, health) = server.get("/health/ready");
+    let (status, health) = server.get_authed("/health/ready", TOKEN);
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["redis_topology"]["nodes"][0]["addr"], format!("127.0.0.1:{replica_port}"), "{health}");
 }

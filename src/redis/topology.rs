@@ -51,8 +51,9 @@ impl std::fmt::Display for Node {
 /// One node as `/health` shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NodeState {
-    /// host:port
-    pub addr: String,
+    /// host:port; shown only to a request with the API token (`/health`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
     /// `master` or `replica`.
     pub role: String,
     /// `ok`, or what is wrong (`fail`, `pfail`, `disconnected`, `error: ...`).
@@ -70,6 +71,16 @@ pub struct TopologyReport {
     /// Why the nodes could not be listed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl TopologyReport {
+    /// The report without the nodes' addresses (for a request without the API token).
+    pub fn without_addresses(mut self) -> Self {
+        for node in &mut self.nodes {
+            node.addr = None;
+        }
+        self
+    }
 }
 
 /// A connection of any topology; the redis crate's commands, pipelines and scripts run on it.
@@ -406,13 +417,13 @@ impl Backend {
                 let name: String =
                     role.into_iter().next().and_then(|v| ::redis::from_redis_value(v).ok()).unwrap_or_default();
                 NodeState {
-                    addr,
+                    addr: Some(addr),
                     role: if name == "master" { "master".into() } else { "replica".into() },
                     state: "ok".into(),
                     slots: None,
                 }
             }
-            Err(e) => NodeState { addr, role: "unknown".into(), state: format!("error: {e}"), slots: None },
+            Err(e) => NodeState { addr: Some(addr), role: "unknown".into(), state: format!("error: {e}"), slots: None },
         })
     }
 }
@@ -460,7 +471,7 @@ fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
                     None => 1,
                 });
             let state = NodeState {
-                addr: node.to_string(),
+                addr: Some(node.to_string()),
                 role: if master { "master" } else { "replica" }.into(),
                 state: state.into(),
                 slots: master.then(|| slots.sum()),

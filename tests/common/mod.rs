@@ -354,6 +354,16 @@ impl Server {
         json_response(r)
     }
 
+    /// GET with a bearer token.
+    pub fn get_authed(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        json_response(blocking_client().get(self.url(path)).bearer_auth(token).send().unwrap())
+    }
+
+    /// POST without a body, with a bearer token.
+    pub fn post_authed(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        json_response(blocking_client().post(self.url(path)).bearer_auth(token).send().unwrap())
+    }
+
     /// POST with a JSON body and optional bearer token, to `port` (PORT or ADMIN_PORT).
     pub fn post_json(
         &self,
