@@ -388,6 +388,13 @@ impl Server {
         Self::spawn(cmd, redis_port, model_dir, &["serve"], env)
     }
 
+    /// A server in mode `args` with `env`, its log (stderr) kept for `exit_and_log`.
+    pub fn start_mode_logged(redis_port: u16, model_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin_path());
+        cmd.stderr(Stdio::piped());
+        Self::spawn(cmd, redis_port, model_dir, args, env)
+    }
+
     /// Waits for the process to exit (of a server from `start_logged`): its exit status and log.
     pub fn exit_and_log(&mut self) -> (std::process::ExitStatus, String) {
         let mut log = String::new();
