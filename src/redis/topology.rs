@@ -179,21 +179,24 @@ impl Backend {
                     .map(|(host, port)| settings.info_for(&Node { host, port }))
                     .collect::<RedisResult<Vec<_>>>()
                     .map_err(bad)?;
-                let mut builder = ClusterClientBuilder::new(nodes)
-                    .connection_timeout(connect)
-                    .response_timeout(response)
-                    .retries(3)
-                    .min_retry_wait(20)
-                    .max_retry_wait(200);
-                if let Some(certs) = &settings.certs {
-                    builder = builder.certs(certs.clone());
-                }
+                let builder = || {
+                    let mut builder = ClusterClientBuilder::new(nodes.clone())
+                        .connection_timeout(connect)
+                        .response_timeout(response)
+                        .retries(3)
+                        .min_retry_wait(20)
+                        .max_retry_wait(200);
+                    if let Some(certs) = &settings.certs {
+                        builder = builder.certs(certs.clone());
+                    }
+                    builder
+                };
                 // Blocking reads (XREADGROUP BLOCK) wait longer than a command may: their client
                 // has no overall bound of its own (the builder's would cut every idle read at the
                 // response timeout, whatever the connection's), only the connection's, set by
                 // `dedicated`.
-                let blocking = builder.clone().overall_response_timeout(None).build().map_err(bad)?;
-                (Kind::Cluster, Source::Cluster(builder.build().map_err(bad)?, blocking))
+                let blocking = builder().overall_response_timeout(None).build().map_err(bad)?;
+                (Kind::Cluster, Source::Cluster(builder().build().map_err(bad)?, blocking))
             }
             RedisTopology::Sentinel { sentinels, master } => {
                 let addrs = sentinels.into_iter().map(|(host, port)| ConnectionAddr::Tcp(host, port));
