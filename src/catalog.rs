@@ -32,15 +32,10 @@ impl Catalog {
     /// Reads `catalog.tsv`: one line per row, `item_id<TAB>popularity`; a regular file (after
     /// symlinks) of at most `max_bytes`.
     pub fn load(path: &Path, max_bytes: u64) -> Result<Self, ConfigError> {
-        use std::io::Read;
         let err = |reason: String| ConfigError::Model { dir: path.display().to_string(), reason };
-        let file =
-            crate::model_set::open_model_file(path, max_bytes).map_err(|e| err(format!("cannot read catalog: {e}")))?;
-        let mut text = String::new();
-        file.take(max_bytes + 1).read_to_string(&mut text).map_err(|e| err(format!("cannot read catalog: {e}")))?;
-        if text.len() as u64 > max_bytes {
-            return Err(err(format!("cannot read catalog: it grew over {max_bytes} bytes while being read")));
-        }
+        let bytes =
+            crate::model_set::read_model_file(path, max_bytes).map_err(|e| err(format!("cannot read catalog: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| err("cannot read catalog: it is not UTF-8 text".into()))?;
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let (id, pop) = line

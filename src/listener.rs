@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 
 use crate::config::ListenerArgs;
 use crate::error::Error;
+use crate::redis::listen::ScanOf;
 use crate::redis::stream::{StreamConsumer, StreamEntry};
 use crate::service::{Refresh, Service};
 
@@ -225,33 +226,53 @@ impl Listener {
             let _ = tokio::time::timeout(interval, self.catchup.notified()).await;
             self.overflowed.store(false, Ordering::SeqCst);
             let started = Instant::now();
-            let mut seen = 0u64;
-            let store = &self.service.store;
-            let mut cursor = match store.scan_start(None).await {
-                Ok(cursor) => cursor,
+            // Every profile; then every stored list whose profile is gone (deleted while no
+            // listener ran, so its deletion event was lost): both go through `refresh`, which
+            // rewrites a deleted profile's list as the API answers it.
+            let profiles = self.catchup_scan(ScanOf::Profiles).await;
+            let orphans = self.catchup_scan(ScanOf::Lists).await;
+            tracing::info!(profiles, orphans, seconds = started.elapsed().as_secs_f64(), "catch-up scan queued");
+        }
+    }
+
+    /// One catch-up scan of every master: queues each profile (`ScanOf::Profiles`), or each
+    /// stored list whose profile does not exist (`ScanOf::Lists`). Returns how many it queued.
+    async fn catchup_scan(&self, of: ScanOf) -> u64 {
+        let store = &self.service.store;
+        let mut queued = 0u64;
+        let mut cursor = match store.scan_start(None).await {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                tracing::warn!(error = %e, "catch-up scan failed; retrying later");
+                return queued;
+            }
+        };
+        while !cursor.is_done() {
+            let page = match store.scan_users(of, &mut cursor, SCAN_PAGE).await {
+                Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(error = %e, "catch-up scan failed; retrying later");
-                    continue;
+                    break;
                 }
             };
-            while !cursor.is_done() {
-                match store.scan_profiles(&mut cursor, SCAN_PAGE).await {
-                    Ok(page) => {
-                        self.service.metrics.scan_skipped_keys.inc_by(page.skipped);
-                        for user in page.users {
-                            seen += 1;
-                            self.count("catchup", "received");
-                            self.queue.push_wait(user, Instant::now(), "catchup").await;
-                        }
-                    }
+            self.service.metrics.scan_skipped_keys.inc_by(page.skipped);
+            let users = match of {
+                ScanOf::Profiles => page.users,
+                ScanOf::Lists => match store.without_profile(page.users).await {
+                    Ok(users) => users,
                     Err(e) => {
                         tracing::warn!(error = %e, "catch-up scan failed; retrying later");
                         break;
                     }
-                }
+                },
+            };
+            for user in users {
+                queued += 1;
+                self.count("catchup", "received");
+                self.queue.push_wait(user, Instant::now(), "catchup").await;
             }
-            tracing::info!(profiles = seen, seconds = started.elapsed().as_secs_f64(), "catch-up scan queued");
         }
+        queued
     }
 
     async fn worker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {

@@ -30,22 +30,126 @@ pub struct LoadSpec {
 }
 
 /// Opens a file of a model directory for reading, only if it is (after symlinks) a regular file
-/// of at most `max_bytes`: a FIFO would hang the reader, a device such as /dev/zero would never
-/// end. The type is checked before opening (opening a FIFO blocks) and again on the open file.
-pub fn open_model_file(path: &Path, max_bytes: u64) -> Result<std::fs::File, String> {
+/// of 1 to `max_bytes` bytes: a FIFO would hang the reader, a device such as /dev/zero would never
+/// end, and a procfs or sysfs file (`/proc/self/pagemap`) says it is regular and empty but reads
+/// without end. The type is checked before opening (opening a FIFO blocks) and again on the open
+/// file. Read it through `read_model_file` (or `take(len)`): never past the size checked here.
+pub fn open_model_file(path: &Path, max_bytes: u64) -> Result<(std::fs::File, u64), String> {
     let check = |meta: std::fs::Metadata| {
         if !meta.is_file() {
             return Err(format!("{} is not a regular file ({:?})", path.display(), meta.file_type()));
         }
+        if meta.len() == 0 {
+            return Err(format!(
+                "{} is empty (or a special file, such as one under /proc, that reports no size)",
+                path.display()
+            ));
+        }
         if meta.len() > max_bytes {
             return Err(format!("{} is {} bytes, over MAX_MODEL_FILE_BYTES ({max_bytes})", path.display(), meta.len()));
         }
-        Ok(())
+        Ok(meta.len())
     };
-    check(std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?)?;
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{} is missing", path.display()),
+        _ => format!("{}: {e}", path.display()),
+    })?;
+    check(meta)?;
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    check(file.metadata().map_err(|e| format!("{}: {e}", path.display()))?)?;
-    Ok(file)
+    let len = check(file.metadata().map_err(|e| format!("{}: {e}", path.display()))?)?;
+    Ok((file, len))
+}
+
+/// The whole of a model-directory file, read through `open_model_file`: at most the size it had
+/// when opened (a file that grows meanwhile is refused).
+pub fn read_model_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let (file, len) = open_model_file(path, max_bytes)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len + 1).read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 != len {
+        return Err(format!("{} changed size while being read ({len} -> {} bytes)", path.display(), bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// The files a model directory is made of, in the order they are hashed.
+fn set_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = vec![dir.join("manifest.json"), dir.join("catalog.tsv")];
+    files.extend(crate::models::STAGES.iter().map(|stage| dir.join(stage).join("model.pt")));
+    files
+}
+
+/// What a set serves, by content: SHA-1 over each file's name and bytes (manifest, catalog, the
+/// three stages), 12 hex digits. Two directories with one `version` but another catalog or model
+/// have different hashes, so the cache never takes one's lists for the other's. Also checks, before
+/// libtorch reads anything, that every file is a regular file within MAX_MODEL_FILE_BYTES and that
+/// the set fits in memory.
+fn content_sha(dir: &Path, spec: &LoadSpec) -> Result<String, String> {
+    use sha1::{Digest, Sha1};
+    use std::io::Read;
+    let mut hasher = Sha1::new();
+    let (mut models_bytes, mut catalog_bytes) = (0u64, 0u64);
+    for path in set_files(dir) {
+        let (file, len) = open_model_file(&path, spec.max_file_bytes)?;
+        hasher.update(path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().as_bytes());
+        hasher.update(len.to_le_bytes());
+        let read = std::io::copy(&mut file.take(len), &mut HashWriter(&mut hasher))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if read != len {
+            return Err(format!("{} changed size while being read ({len} -> {read} bytes)", path.display()));
+        }
+        if path.extension().is_some_and(|e| e == "pt") {
+            models_bytes += len;
+        } else {
+            catalog_bytes += len;
+        }
+    }
+    // Each copy holds the three stages; the catalog is held once (and parsed into about three
+    // times its size). A set that cannot fit is refused before it is loaded beside the one in
+    // service (which keeps serving).
+    let needed = models_bytes.saturating_mul(spec.copies.max(1) as u64).saturating_add(catalog_bytes.saturating_mul(4));
+    if let Some(available) = available_memory() {
+        if needed > available {
+            return Err(format!(
+                "the set needs about {needed} bytes of memory ({} copies of {models_bytes} bytes of models, and the \
+                 catalog), but only {available} are available",
+                spec.copies.max(1)
+            ));
+        }
+    }
+    Ok(format!("{:x}", hasher.finalize())[..12].to_string())
+}
+
+struct HashWriter<'a>(&'a mut sha1::Sha1);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha1::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Memory this process may still take: the smaller of the machine's MemAvailable and the room
+/// left under a cgroup v2 limit (a container's). `None` when neither can be read.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    });
+    let read = |name: &str| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(name)).ok();
+    let cgroup = read("memory.max")
+        .and_then(|max| max.trim().parse::<u64>().ok())
+        .map(|max| max.saturating_sub(read("memory.current").and_then(|c| c.trim().parse().ok()).unwrap_or(0)));
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 pub struct ModelSet {
@@ -63,18 +167,13 @@ impl ModelSet {
     /// whole directory.
     pub fn load(dir: &Path, spec: &LoadSpec) -> Result<Self, ConfigError> {
         let started = Instant::now();
-        let catalog = Catalog::load(&dir.join("catalog.tsv"), spec.max_file_bytes)?;
-        // What Models::load reads, checked the same way before libtorch opens it.
-        let read_by_models = std::iter::once(dir.join("manifest.json"))
-            .chain(crate::models::STAGES.iter().map(|stage| dir.join(stage).join("model.pt")));
-        for file in read_by_models.filter(|f| f.exists()) {
-            open_model_file(&file, spec.max_file_bytes)
-                .map_err(|reason| ConfigError::Model { dir: dir.display().to_string(), reason })?;
-        }
         let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
+        let sha = content_sha(dir, spec).map_err(err)?;
+        let catalog = Catalog::load(&dir.join("catalog.tsv"), spec.max_file_bytes)?;
+        let manifest = read_model_file(&dir.join("manifest.json"), spec.max_file_bytes).map_err(err)?;
         let threads = spec.torch_threads.max(1);
         let mut copies = each_in_a_thread((0..spec.copies.max(1)).collect(), threads, |_| {
-            Models::load(dir, spec.device, catalog.len())
+            Models::load(dir, &manifest, spec.device, catalog.len())
         })?;
         if spec.search.uses_index(catalog.len()) {
             // one index per set, built on the models' device with every core, shared by the copies
@@ -99,9 +198,10 @@ impl ModelSet {
             Ok(models)
         })?;
         let copies: Vec<Mutex<Models>> = copies.into_iter().map(Mutex::new).collect();
-        let info = copies[0].lock().unwrap_or_else(|e| e.into_inner()).info.clone();
+        let mut info = copies[0].lock().unwrap_or_else(|e| e.into_inner()).info.clone();
+        info.content_sha = sha;
         tracing::info!(
-            version = %info.version, dir = %dir.display(), copies = copies.len(),
+            version = %info.version, sha = %info.content_sha, dir = %dir.display(), copies = copies.len(),
             ms = started.elapsed().as_millis() as u64, "model directory loaded and warmed up"
         );
         Ok(Self { catalog, info, dir: dir.to_path_buf(), copies })

@@ -111,6 +111,9 @@ struct CatalogManifest {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelInfo {
     pub version: String,
+    /// The set's content hash (every file it is loaded from): what the cache knows it by, with
+    /// the version.
+    pub content_sha: String,
     pub stages: Vec<StageInfo>,
     pub num_items: usize,
     pub device: String,
@@ -180,15 +183,12 @@ pub struct Models {
 }
 
 impl Models {
-    /// Reads manifest.json, loads the three stages onto `device` and checks them with a smoke
-    /// batch against the catalog size.
-    pub fn load(dir: &Path, device: Device, catalog_len: usize) -> Result<Self, ConfigError> {
+    /// Parses manifest.json (`manifest`: its bytes, read with a cap by the caller), loads the
+    /// three stages onto `device` and checks them with a smoke batch against the catalog size.
+    pub fn load(dir: &Path, manifest: &[u8], device: Device, catalog_len: usize) -> Result<Self, ConfigError> {
         let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
-        let manifest_path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest_path)
-            .map_err(|e| err(format!("cannot read {}: {e}", manifest_path.display())))?;
         let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| err(format!("manifest.json is not valid: {e}")))?;
+            serde_json::from_slice(manifest).map_err(|e| err(format!("manifest.json is not valid: {e}")))?;
         if u32::try_from(catalog_len).is_err() {
             return Err(err(format!("catalog.tsv has {catalog_len} items; at most {} are supported", u32::MAX)));
         }
@@ -221,6 +221,7 @@ impl Models {
         let lightgcn = modules.pop().expect("three modules");
         let info = ModelInfo {
             version: manifest.version,
+            content_sha: String::new(),
             stages,
             num_items: catalog_len,
             device: device_name(device),

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::model_set::ModelSet;
 use crate::redis::profile::ProfileRead;
-use crate::redis::store::{ProfileLimits, StoredList, Written};
+use crate::redis::store::{ModelId, ProfileLimits, StoredList, Written};
 use crate::redis::Store;
 
 /// Longest user id, in characters (Unicode scalar values), as JSON Schema's `maxLength` counts
@@ -325,7 +325,7 @@ impl Service {
             }
             self.metrics.cache_answers.with_label_values(&["miss"]).inc();
         }
-        let key = (user_id.to_string(), ask, read.sha().to_string(), set.info.version.clone());
+        let key = (user_id.to_string(), ask, read.sha().to_string(), set.info.content_sha.clone());
         loop {
             let (leader, mut flight) = {
                 let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,10 +372,9 @@ impl Service {
         set: &ModelSet,
         started: Instant,
     ) -> Option<Recommendation> {
-        let (sha, version) = read.computed_from.as_ref()?;
         let stored = read.stored.as_ref()?;
         let strategy = Strategy::parse(&stored.strategy)?;
-        if sha != read.sha() || *version != set.info.version || stored.items.len() < k {
+        if !is_fresh(read, set) || stored.items.len() < k {
             return None;
         }
         let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
@@ -392,7 +391,7 @@ impl Service {
             recommendations,
             strategy,
             source: Some(Source::Cache),
-            model_version: version.clone(),
+            model_version: set.info.version.clone(),
             unknown_items: history.unknown,
             truncated_items: history.truncated,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -481,8 +480,8 @@ impl Service {
         let ids: Vec<&str> = ranking.items.iter().map(|i| i.item_id.as_str()).collect();
         let scores: Vec<f32> = ranking.items.iter().map(|i| i.score).collect();
         let list = StoredList { ids: &ids, scores: &scores, strategy: ranking.strategy.as_str() };
-        let written =
-            self.store.write_recommendations(user_id, &list, self.cfg.ttl_secs, read, &set.info.version).await?;
+        let model = ModelId { version: &set.info.version, sha: &set.info.content_sha };
+        let written = self.store.write_recommendations(user_id, &list, self.cfg.ttl_secs, read, &model).await?;
         self.observe_stage("redis_write", t);
         if let Some(e) = explain.as_mut() {
             e.stage_ms.redis_write = Some(ms(t.elapsed()));
@@ -600,9 +599,14 @@ impl Ranking {
 /// How often `refresh` recomputes a user whose write a profile change overtook.
 const OVERTAKEN_RETRIES: usize = 3;
 
-/// The stored list was computed from this profile value by this model version.
+/// The stored list was computed from this profile value by this model set: the same version and
+/// the same content (a directory changed under an unchanged version is another set).
 fn is_fresh(read: &ProfileRead, set: &ModelSet) -> bool {
-    read.computed_from.as_ref().is_some_and(|(sha, v)| sha == read.sha() && *v == set.info.version)
+    read.computed_from.as_ref().is_some_and(|c| {
+        c.profile_sha == read.sha()
+            && c.model_version == set.info.version
+            && c.model_sha.as_deref() == Some(set.info.content_sha.as_str())
+    })
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -178,7 +178,7 @@ fn listen_refuses_to_start_when_notifications_are_off_and_may_not_be_enabled() {
     let _default_port = std::net::TcpListener::bind(("0.0.0.0", 8001)).ok();
     let out = run_cli(redis.port, test_models(), &["--configure-notifications", "false", "listen"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("add the line `notify-keyspace-events K$gx` to redis.conf"), "{err}");
+    assert!(err.contains("add the line `notify-keyspace-events K$gxhlszt` to redis.conf"), "{err}");
 }
 
 #[test]
@@ -372,4 +372,91 @@ fn a_user_id_with_a_line_break_cannot_forge_a_log_line() {
     assert!(!log.lines().any(|l| l.starts_with(forged) || l.contains("\r")), "a forged line:\n{log}");
     let warned = log.lines().find(|l| l.contains("profile cannot be processed")).unwrap_or_else(|| panic!("{log}"));
     assert!(warned.contains(&format!("evil\\n{forged}\\r")), "the id, escaped, on the warning's line: {warned}");
+}
+
+#[test]
+fn lists_of_profiles_deleted_while_no_listener_ran_are_rewritten_by_the_next_catch_up() {
+    let redis = Redis::start();
+    let mut listener = listen(&redis, &[("CATCHUP_INTERVAL_SECS", "2")]);
+    let expected: Vec<(String, String)> = (0..300).map(|n| (format!("gone{n}"), profile(n, 0))).collect();
+    let mut conn = redis.conn();
+    for (user, value) in &expected {
+        redis::cmd("SET").arg(format!("user_profile:{user}")).arg(value).query::<()>(&mut conn).unwrap();
+    }
+    wait_all_up_to_date(&redis, &expected, Duration::from_secs(120));
+    listener.kill9();
+    // deleted while no listener runs: their deletion events are lost
+    let deleted: Vec<&String> = expected.iter().map(|(u, _)| u).step_by(3).collect();
+    for user in &deleted {
+        redis::cmd("DEL").arg(format!("user_profile:{user}")).query::<()>(&mut conn).unwrap();
+    }
+    let _listener = listen(&redis, &[("CATCHUP_INTERVAL_SECS", "2")]);
+    // what the API answers for a user without a profile: the popular list, from no profile
+    let server = Server::start(redis.port);
+    server.wait_healthy();
+    let (status, answer) = server.post("/recommend/never-had-a-profile");
+    assert_eq!((status, answer["strategy"].as_str()), (200, Some("popular")), "{answer}");
+    let popular = serde_json::to_string(&rec_ids(&answer)).unwrap();
+    wait_until(Duration::from_secs(30), || {
+        deleted.iter().all(|u| {
+            redis.hget(&format!("recommendations_meta:{u}"), "profile_sha").as_deref() == Some("missing")
+                && redis.get(&format!("recommendations:{u}")).as_deref() == Some(popular.as_str())
+        })
+    });
+    // the others kept theirs
+    let kept: Vec<(String, String)> =
+        expected.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, p)| p.clone()).collect();
+    assert!(kept.iter().all(|(u, v)| up_to_date(&redis, u, v)));
+}
+
+#[test]
+fn a_profile_re_created_as_another_type_loses_its_list_without_waiting_for_catch_up() {
+    let redis = Redis::start();
+    let _listener = listen(&redis, &[("CATCHUP_INTERVAL_SECS", "3600")]);
+    let users: Vec<(String, String)> = (0..4).map(|n| (format!("retyped{n}"), profile(n, 0))).collect();
+    for (user, value) in &users {
+        redis.set(&format!("user_profile:{user}"), value);
+    }
+    wait_all_up_to_date(&redis, &users, Duration::from_secs(60));
+    let mut conn = redis.conn();
+    let recreate: [&[&str]; 4] =
+        [&["HSET", "f", "v"], &["RPUSH", "a"], &["SADD", "a"], &["XADD", "*", "f", "v"]];
+    for ((user, _), cmd) in users.iter().zip(recreate) {
+        let key = format!("user_profile:{user}");
+        redis::cmd("DEL").arg(&key).query::<()>(&mut conn).unwrap();
+        let mut c = redis::cmd(cmd[0]);
+        c.arg(&key).arg(&cmd[1..]);
+        c.query::<redis::Value>(&mut conn).unwrap();
+    }
+    // the API answers 422 for such a profile, so no list may stay beside it
+    wait_until(Duration::from_secs(10), || {
+        users.iter().all(|(u, _)| redis.get(&format!("recommendations:{u}")).is_none())
+    });
+}
+
+#[test]
+fn a_list_deleted_or_replaced_beside_its_meta_is_recomputed_not_skipped_or_served() {
+    let redis = Redis::start();
+    let server = Server::start(redis.port);
+    server.wait_healthy();
+    redis.set("user_profile:evicted", &profile(1, 0));
+    redis.set("user_profile:foreign", &profile(2, 0));
+    for user in ["evicted", "foreign"] {
+        assert_eq!(server.post(&format!("/recommend/{user}")).0, 200);
+    }
+    let computed = redis.get("recommendations:evicted").unwrap();
+    // eviction removes keys one at a time: the list goes, its meta stays
+    redis::cmd("DEL").arg("recommendations:evicted").query::<()>(&mut redis.conn()).unwrap();
+    // someone else writes a list beside the meta
+    redis.set("recommendations:foreign", r#"["not-a-list-we-wrote"]"#);
+
+    let (status, answer) = server.get("/recommendations/foreign");
+    assert_eq!((status, answer["source"].as_str()), (200, Some("computed")), "a foreign list is not served: {answer}");
+    assert_ne!(redis.get("recommendations:foreign").as_deref(), Some(r#"["not-a-list-we-wrote"]"#));
+
+    let out = run_cli(redis.port, test_models(), &["backfill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((summary["written"].as_u64(), summary["unchanged"].as_u64()), (Some(1), Some(1)), "{summary}");
+    assert_eq!(redis.get("recommendations:evicted"), Some(computed), "backfill rewrote the evicted list");
 }

@@ -237,7 +237,7 @@ fn reload_with_deadline(server: &Server, dir: &std::path::Path) -> (u16, serde_j
 }
 
 #[test]
-fn a_reload_refuses_fifos_devices_and_oversized_files_at_once() {
+fn a_reload_refuses_fifos_devices_procfs_and_oversized_files_at_once() {
     let redis = Redis::start();
     let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", TOKEN)]);
     server.wait_healthy();
@@ -256,7 +256,16 @@ fn a_reload_refuses_fifos_devices_and_oversized_files_at_once() {
     let huge = copy_models("reload-huge");
     // sparse: 5 GiB by its size, no disk
     std::fs::OpenOptions::new().write(true).open(huge.join("catalog.tsv")).unwrap().set_len(5 << 30).unwrap();
+    // procfs says regular and empty, and reads without end (RSS 0.5 -> 3 GB in 10 s, unbounded)
+    let procfs = copy_models("reload-procfs");
+    std::fs::remove_file(procfs.join("manifest.json")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/pagemap", procfs.join("manifest.json")).unwrap();
+    let procfs_model = copy_models("reload-procfs-model");
+    std::fs::remove_file(procfs_model.join("ranknet/model.pt")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/pagemap", procfs_model.join("ranknet/model.pt")).unwrap();
     let cases = [
+        (&procfs, "reports no size"),
+        (&procfs_model, "reports no size"),
         (&fifo, "not a regular file"),
         (&fifo_model, "not a regular file"),
         (&zero, "not a regular file"),
@@ -309,4 +318,40 @@ fn a_timed_out_reload_holds_409_until_its_load_ends_and_sigterm_still_exits() {
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "exit took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_set_changed_under_the_same_version_is_another_set_to_the_cache() {
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, test_models(), &[("API_TOKEN", TOKEN)]);
+    server.wait_healthy();
+    seed_profiles(&redis, 3);
+    let (status, first) = server.post_json(server.port, "/recommend/load1", &json!(null), Some(TOKEN));
+    assert_eq!(status, 200, "{first}");
+    let authed_get = |path: &str| {
+        let r = reqwest::blocking::Client::new().get(server.url(path)).bearer_auth(TOKEN).send().unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    assert_eq!(authed_get("/recommendations/load1").1["source"], "cache");
+    let (_, cold) = authed_get("/recommendations/nobody");
+    assert_eq!(authed_get("/recommendations/nobody").1["source"], "cache");
+
+    // the same manifest (same version), the popularity column reversed
+    let changed = copy_models("reload-same-version");
+    let catalog = std::fs::read_to_string(changed.join("catalog.tsv")).unwrap();
+    let rows: Vec<(&str, &str)> = catalog.lines().map(|l| l.split_once('\t').unwrap()).collect();
+    let reversed: Vec<String> =
+        rows.iter().zip(rows.iter().rev()).map(|((id, _), (_, pop))| format!("{id}\t{pop}")).collect();
+    std::fs::write(changed.join("catalog.tsv"), reversed.join("\n") + "\n").unwrap();
+    let (status, body) =
+        server.post_json(server.port, "/admin/reload", &json!({"model_dir": changed.to_str().unwrap()}), Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model_version"], "synthetic-test");
+
+    let (_, after) = authed_get("/recommendations/load1");
+    assert_eq!(after["source"], "computed", "a list of the old set is not served as current: {after}");
+    let (_, cold_after) = authed_get("/recommendations/nobody");
+    assert_eq!(cold_after["source"], "computed", "{cold_after}");
+    assert_ne!(rec_ids(&cold_after), rec_ids(&cold), "the new popularity orders the popular list");
+    assert_eq!(authed_get("/recommendations/nobody").1["source"], "cache", "and is cached for the new set");
 }

@@ -36,5 +36,8 @@ pub fn claim_key(user_id: &str) -> String {
 
 pub const PROFILE_PREFIX: &str = "user_profile:";
 
+/// The prefix of `meta_key`: catch-up scans it for lists whose profile is gone.
+pub const META_PREFIX: &str = "recommendations_meta:";
+
 /// A short-lived key the readiness check writes (proof that Redis accepts writes).
 pub const HEALTH_KEY: &str = "model_service:health";

@@ -9,19 +9,37 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
-use super::keys::PROFILE_PREFIX;
+use super::keys::{profile_key, META_PREFIX, PROFILE_PREFIX};
 use super::store::Store;
 use super::topology::{Kind, Node};
 use crate::error::Error;
 
 /// The keyspace-event classes the listener needs: `K` keyspace channel, `$` string writes (SET),
-/// `g` generic commands (DEL, RENAME), `x` expiry.
-const NEEDED_EVENTS: [char; 4] = ['K', '$', 'g', 'x'];
+/// `g` generic commands (DEL, RENAME), `x` expiry, and the writes of every other type (`h` hash,
+/// `l` list, `s` set, `z` sorted set, `t` stream): a profile deleted and re-created as another
+/// type (`HSET` after `DEL`) must be seen, or its old list outlives it while the API answers 422.
+const NEEDED_EVENTS: [char; 9] = ['K', '$', 'g', 'x', 'h', 'l', 's', 'z', 't'];
 
 /// How often a cluster's masters are listed while subscribed, to follow failovers.
 const TOPOLOGY_POLL: Duration = Duration::from_secs(1);
 
-/// One SCAN page of profile keys.
+/// What a scan walks: the keys of profiles, or the metas of stored lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanOf {
+    Profiles,
+    Lists,
+}
+
+impl ScanOf {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Profiles => PROFILE_PREFIX,
+            Self::Lists => META_PREFIX,
+        }
+    }
+}
+
+/// One SCAN page of profile (or meta) keys, as user ids.
 #[derive(Debug, Default)]
 pub struct ScanPage {
     pub users: Vec<String>,
@@ -58,8 +76,8 @@ impl ScanCursor {
 }
 
 impl Store {
-    /// Makes sure Redis publishes the keyspace events of profile writes, deletions and expiries
-    /// (`K$gx`) on every node that holds data or may after a failover (a cluster's masters and
+    /// Makes sure Redis publishes the keyspace events of profile writes (of any type), deletions
+    /// and expiries (`K$gxhlszt`) on every node that holds data or may after a failover (a cluster's masters and
     /// replicas); enables them with CONFIG SET when they are off and that is allowed. Called at
     /// start and on every re-subscription (a restarted Redis forgets a CONFIG SET).
     pub async fn ensure_keyspace_notifications(&self, may_configure: bool) -> Result<(), String> {
@@ -200,6 +218,12 @@ impl Store {
     /// The next SCAN page of profile keys: from the first node of `cursor` not done yet, whose
     /// cursor it advances.
     pub async fn scan_profiles(&self, cursor: &mut ScanCursor, count: usize) -> Result<ScanPage, Error> {
+        self.scan_users(ScanOf::Profiles, cursor, count).await
+    }
+
+    /// The next SCAN page of the keys `of` names, as user ids (see `scan_profiles`).
+    pub async fn scan_users(&self, of: ScanOf, cursor: &mut ScanCursor, count: usize) -> Result<ScanPage, Error> {
+        let prefix = of.prefix();
         let Some((node, position)) = cursor.nodes.iter_mut().find(|(_, c)| c.is_some()) else {
             return Ok(ScanPage::default());
         };
@@ -207,21 +231,37 @@ impl Store {
         let (next, keys): (u64, Vec<Vec<u8>>) = self
             .on_node(
                 node,
-                ::redis::cmd("SCAN").arg(at).arg("MATCH").arg(format!("{PROFILE_PREFIX}*")).arg("COUNT").arg(count),
+                ::redis::cmd("SCAN").arg(at).arg("MATCH").arg(format!("{prefix}*")).arg("COUNT").arg(count),
             )
             .await?;
         *position = (next != 0).then_some(next);
         let mut page = ScanPage::default();
         for key in keys {
             match String::from_utf8(key) {
-                Ok(key) => page.users.extend(key.strip_prefix(PROFILE_PREFIX).map(str::to_string)),
+                Ok(key) => page.users.extend(key.strip_prefix(prefix).map(str::to_string)),
                 Err(e) => {
                     page.skipped += 1;
-                    tracing::warn!(key = %String::from_utf8_lossy(e.as_bytes()), "skipping a profile key whose name is not UTF-8");
+                    tracing::warn!(key = ?String::from_utf8_lossy(e.as_bytes()), "skipping a key whose name is not UTF-8");
                 }
             }
         }
         Ok(page)
+    }
+}
+
+impl Store {
+    /// The users of `users` whose profile key does not exist (one EXISTS each, a few in flight:
+    /// on a cluster the keys lie in different slots).
+    pub async fn without_profile(&self, users: Vec<String>) -> Result<Vec<String>, Error> {
+        let checks = futures_util::stream::iter(users)
+            .map(|user| async move {
+                let exists: i64 = self.query(::redis::cmd("EXISTS").arg(profile_key(&user))).await?;
+                Ok::<_, Error>((exists == 0).then_some(user))
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        checks.into_iter().filter_map(Result::transpose).collect()
     }
 }
 

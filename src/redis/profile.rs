@@ -16,8 +16,10 @@ pub const MISSING_PROFILE_SHA: &str = "missing";
 #[derive(Debug, Clone)]
 pub struct ProfileRead {
     pub profile: Option<Profile>,
-    /// `(profile_sha, model_version)` of the stored list, if any.
-    pub computed_from: Option<(String, String)>,
+    /// What the stored list was computed from, when there is one and its meta names it (the
+    /// list's hash, `list_sha`, is the stored list's: a list deleted, evicted or written by
+    /// another beside its meta counts as none).
+    pub computed_from: Option<ComputedFrom>,
     /// Redis's clock at the read, in ms (a write's deadline is expressed in it).
     pub redis_ms: u64,
     /// This process's clock at the read.
@@ -27,6 +29,15 @@ pub struct ProfileRead {
     /// The stored list with its scores and strategy, when asked for (cache-first reads) and
     /// present and well-formed.
     pub stored: Option<StoredRead>,
+}
+
+/// The meta of a stored list: the profile value and the model set it was computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputedFrom {
+    pub profile_sha: String,
+    pub model_version: String,
+    /// The set's content hash (absent in metas written before it was recorded).
+    pub model_sha: Option<String>,
 }
 
 /// `recommendations:<id>` as read back, with the scores and strategy kept in its meta.

@@ -11,7 +11,7 @@ use ::redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, V
 use sha1::{Digest, Sha1};
 
 use super::keys::{claim_key, meta_key, profile_key, recommendations_key, HEALTH_KEY};
-use super::profile::{parse_profile, Profile, ProfileRead, StoredRead};
+use super::profile::{parse_profile, ComputedFrom, Profile, ProfileRead, StoredRead};
 use super::topology::{Backend, Conn, Kind, TopologyReport};
 use crate::config::Config;
 use crate::error::{ConfigError, Error};
@@ -130,9 +130,10 @@ impl Store {
     /// without being transferred), what the stored recommendations were computed from, Redis's
     /// clock and, with `with_stored_list`, the stored list with its scores. On one node that is one
     /// MULTI. On a cluster the profile (with the clock of its node) is one MULTI in its slot, and
-    /// the meta and the list are read beside it; the meta counts only when it names the hash of
-    /// the list read (`list_sha`), so a list and a meta of two different writes never pass for
-    /// one. The profile is parsed here, with its item cap.
+    /// the meta and the list are read beside it. On both the meta counts only when it names the
+    /// hash of the list read (`list_sha`): a list deleted or evicted beside its meta, written by
+    /// someone else, or of another write than the meta never passes for computed, so it is
+    /// recomputed rather than skipped or served. The profile is parsed here, with its item cap.
     pub async fn read_profile(
         &self,
         user_id: &str,
@@ -146,6 +147,7 @@ impl Store {
         profile.cmd("GETRANGE").arg(&key).arg(0).arg(limits.max_bytes);
         let mut hmget = ::redis::cmd("HMGET");
         hmget.arg(&meta).arg("profile_sha").arg("model_version").arg("scores").arg("strategy").arg("list_sha");
+        hmget.arg("model_sha");
         let mut get_list = ::redis::cmd("GET");
         get_list.arg(recommendations_key(user_id));
         let read_at = Instant::now();
@@ -171,10 +173,7 @@ impl Store {
             })
             .await?
         } else {
-            profile.add_command(hmget).cmd("TIME");
-            if with_stored_list {
-                profile.add_command(get_list);
-            }
+            profile.add_command(hmget).cmd("TIME").add_command(get_list);
             self.run(|mut c| {
                 let profile = &profile;
                 async move { profile.query_async(&mut c).await }
@@ -187,8 +186,9 @@ impl Store {
         // A key of another type fails these two; `kind` names it below.
         let len: Option<u64> = next().ok().and_then(from_or_none);
         let head: Option<Vec<u8>> = next().ok().and_then(from_or_none);
-        type Meta = (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>);
-        let (sha, version, scores, strategy, list_sha): Meta = match next() {
+        type Meta =
+            (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>);
+        let (sha, version, scores, strategy, list_sha, model_sha): Meta = match next() {
             Ok(v) => from(v).unwrap_or_default(),
             // Not a hash (written by something else): treated as absent; the next write replaces it.
             Err(e) => {
@@ -200,9 +200,12 @@ impl Store {
         // Read back as written by `write_recommendations`; anything else is no stored list.
         let list: Option<String> = next().ok().and_then(from_or_none);
         let list_matches = list.as_deref().map(|l| profile_sha(l.as_bytes())) == list_sha;
-        let computed_from = sha.zip(version).filter(|_| !sharded || list_matches);
+        let computed_from = sha
+            .zip(version)
+            .filter(|_| list_matches)
+            .map(|(profile_sha, model_version)| ComputedFrom { profile_sha, model_version, model_sha });
         let stored = (|| {
-            if sharded && !list_matches {
+            if !list_matches {
                 return None;
             }
             Some(StoredRead {
@@ -251,7 +254,7 @@ impl Store {
         list: &StoredList<'_>,
         ttl_secs: u64,
         from: &ProfileRead,
-        model_version: &str,
+        model: &ModelId<'_>,
     ) -> Result<Written, Error> {
         let encode = |e: serde_json::Error| Error::Internal(format!("encoding the list: {e}"));
         let value = serde_json::to_string(list.ids).map_err(encode)?;
@@ -273,8 +276,8 @@ impl Store {
                 .run(|mut c| {
                     let mut call = WRITE_SCRIPT.prepare_invoke();
                     call.key(&key).key(&list_key).key(&meta);
-                    call.arg(&sha).arg(deadline_ms).arg(&value).arg(ttl_secs).arg(model_version).arg(&now);
-                    call.arg(&self.notify_channel).arg(user_id).arg(&scores).arg(list.strategy);
+                    call.arg(&sha).arg(deadline_ms).arg(&value).arg(ttl_secs).arg(model.version).arg(&now);
+                    call.arg(&self.notify_channel).arg(user_id).arg(&scores).arg(list.strategy).arg(model.sha);
                     async move { call.invoke_async(&mut c).await }
                 })
                 .await?;
@@ -297,7 +300,7 @@ impl Store {
         let args = [
             deadline,
             sha.clone(),
-            model_version.to_string(),
+            model.version.to_string(),
             now,
             scores,
             list.strategy.to_string(),
@@ -305,6 +308,7 @@ impl Store {
             ttl_secs.to_string(),
             self.notify_channel.clone(),
             user_id.to_string(),
+            model.sha.to_string(),
         ];
         if self.script(&SET_META_SCRIPT, &meta, &args).await? != 1 {
             return Err(late("the list was written without its meta, so it counts as not computed"));
@@ -417,6 +421,14 @@ pub struct StoredList<'a> {
     pub strategy: &'a str,
 }
 
+/// The model set a list is computed by: its version and its content hash (both recorded in the
+/// meta; a list counts as current only for the same pair).
+#[derive(Debug, Clone, Copy)]
+pub struct ModelId<'a> {
+    pub version: &'a str,
+    pub sha: &'a str,
+}
+
 /// Bounds on reading one profile.
 #[derive(Debug, Clone, Copy)]
 pub struct ProfileLimits {
@@ -451,15 +463,15 @@ if v then sha = redis.sha1hex(v) end
 if sha ~= ARGV[1] then return 0 end";
 
 /// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
-/// model version, computed-at ms, notify channel, user id, scores JSON, strategy. Returns 1
-/// written, 0 profile changed, -1 past the deadline.
+/// model version, computed-at ms, notify channel, user id, scores JSON, strategy, model content
+/// hash. Returns 1 written, 0 profile changed, -1 past the deadline.
 static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PROFILE_GUARD_LUA}
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'profile_sha', ARGV[1], 'model_version', ARGV[5], 'computed_at_ms', ARGV[6],
-  'scores', ARGV[9], 'strategy', ARGV[10], 'list_sha', redis.sha1hex(ARGV[3]))
+  'scores', ARGV[9], 'strategy', ARGV[10], 'list_sha', redis.sha1hex(ARGV[3]), 'model_sha', ARGV[11])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return 1
@@ -502,8 +514,8 @@ return 1
 });
 
 /// Cluster write, step 3. KEYS: meta. ARGV: deadline, profile hash, model version, computed-at ms,
-/// scores JSON, strategy, list hash, TTL, notify channel, user id. Returns 1 written, -1 past the
-/// deadline.
+/// scores JSON, strategy, list hash, TTL, notify channel, user id, model content hash. Returns 1
+/// written, -1 past the deadline.
 static SET_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -511,7 +523,7 @@ local t = redis.call('TIME')
 if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[1]) then return -1 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'profile_sha', ARGV[2], 'model_version', ARGV[3], 'computed_at_ms', ARGV[4],
-  'scores', ARGV[5], 'strategy', ARGV[6], 'list_sha', ARGV[7])
+  'scores', ARGV[5], 'strategy', ARGV[6], 'list_sha', ARGV[7], 'model_sha', ARGV[11])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('PUBLISH', ARGV[9], ARGV[10])
 return 1

@@ -124,7 +124,8 @@ impl ConnectionLike for Conn {
 
 enum Source {
     Single(Client),
-    Cluster(ClusterClient),
+    /// The client of every command, and the one of blocking stream reads.
+    Cluster(ClusterClient, ClusterClient),
     Sentinel(tokio::sync::Mutex<SentinelClient>),
 }
 
@@ -189,16 +190,24 @@ impl Backend {
                     .map(|(host, port)| settings.info_for(&Node { host, port }))
                     .collect::<RedisResult<Vec<_>>>()
                     .map_err(bad)?;
-                let mut builder = ClusterClientBuilder::new(nodes)
-                    .connection_timeout(connect)
-                    .response_timeout(response)
-                    .retries(3)
-                    .min_retry_wait(20)
-                    .max_retry_wait(200);
-                if let Some(certs) = &settings.certs {
-                    builder = builder.certs(certs.clone());
-                }
-                (Kind::Cluster, Source::Cluster(builder.build().map_err(bad)?))
+                let builder = || {
+                    let mut builder = ClusterClientBuilder::new(nodes.clone())
+                        .connection_timeout(connect)
+                        .response_timeout(response)
+                        .retries(3)
+                        .min_retry_wait(20)
+                        .max_retry_wait(200);
+                    if let Some(certs) = &settings.certs {
+                        builder = builder.certs(certs.clone());
+                    }
+                    builder
+                };
+                // Blocking reads (XREADGROUP BLOCK) wait longer than a command may: their client
+                // has no overall bound of its own (the builder's would cut every idle read at the
+                // response timeout, whatever the connection's), only the connection's, set by
+                // `dedicated`.
+                let blocking = builder().overall_response_timeout(None).build().map_err(bad)?;
+                (Kind::Cluster, Source::Cluster(builder().build().map_err(bad)?, blocking))
             }
             RedisTopology::Sentinel { sentinels, master } => {
                 let addrs = sentinels.into_iter().map(|(host, port)| ConnectionAddr::Tcp(host, port));
@@ -254,7 +263,7 @@ impl Backend {
                 self.master_client().await?,
                 self.manager_config.clone(),
             )?),
-            Source::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+            Source::Cluster(client, _) => Conn::Cluster(client.get_async_connection().await?),
         };
         *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
@@ -270,7 +279,7 @@ impl Backend {
     pub async fn dedicated(&self, response_timeout: Duration) -> RedisResult<Conn> {
         let connect = self.response_timeout.max(Duration::from_millis(100));
         match &self.source {
-            Source::Cluster(client) => {
+            Source::Cluster(_, client) => {
                 let config =
                     ClusterConfig::new().set_connection_timeout(connect).set_response_timeout(response_timeout);
                 Ok(Conn::Cluster(client.get_async_connection_with_config(config).await?))
@@ -290,7 +299,7 @@ impl Backend {
         match &self.source {
             Source::Single(client) => Ok(client.clone()),
             Source::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
-            Source::Cluster(_) => {
+            Source::Cluster(..) => {
                 Err(RedisError::from((::redis::ErrorKind::InvalidClientConfig, "a cluster has no single master")))
             }
         }
@@ -306,7 +315,7 @@ impl Backend {
     /// The nodes that hold data: every master serving slots (one node outside a cluster).
     pub async fn masters(&self) -> RedisResult<Vec<Node>> {
         match &self.source {
-            Source::Cluster(_) => {
+            Source::Cluster(..) => {
                 let mut masters: Vec<Node> = self
                     .cluster_nodes()
                     .await?
@@ -324,7 +333,7 @@ impl Backend {
     /// Every node that may publish keyspace events now or after a failover: masters and replicas.
     pub async fn data_nodes(&self) -> RedisResult<Vec<Node>> {
         match &self.source {
-            Source::Cluster(_) => Ok(self.cluster_nodes().await?.into_iter().map(|n| n.node).collect()),
+            Source::Cluster(..) => Ok(self.cluster_nodes().await?.into_iter().map(|n| n.node).collect()),
             _ => self.masters().await,
         }
     }
@@ -399,7 +408,7 @@ impl Backend {
     /// The nodes and their state, for `/health`.
     pub async fn report(&self) -> TopologyReport {
         let nodes = match &self.source {
-            Source::Cluster(_) => self.cluster_nodes().await.map(|nodes| nodes.into_iter().map(|n| n.state).collect()),
+            Source::Cluster(..) => self.cluster_nodes().await.map(|nodes| nodes.into_iter().map(|n| n.state).collect()),
             _ => self.master_state().await.map(|n| vec![n]),
         };
         match nodes {
