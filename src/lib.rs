@@ -6,6 +6,7 @@ pub mod app;
 pub mod backfill;
 pub mod catalog;
 pub mod config;
+pub mod docs;
 pub mod engine;
 pub mod error;
 pub mod http;
