@@ -20,3 +20,4 @@ pub mod models;
 pub mod redis;
 pub mod server;
 pub mod service;
+pub mod webhook;
