@@ -453,7 +453,8 @@ async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>, concurrency:
         }
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-            _ = phase.changed() => continue,
+            // every handle dropped: nothing can be queued any more
+            changed = phase.changed() => if changed.is_err() { break } else { continue },
         };
         let job = if current == Phase::Draining {
             match rx.try_recv() {
@@ -463,7 +464,7 @@ async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>, concurrency:
         } else {
             tokio::select! {
                 job = rx.recv() => match job { Some(job) => job, None => break },
-                _ = phase.changed() => continue,
+                changed = phase.changed() => if changed.is_err() { break } else { continue },
             }
         };
         let shared = shared.clone();
