@@ -16,6 +16,8 @@ echo "== cargo test"
 cargo test --release -- --test-threads 2
 echo "== HTTP contract (openapi-spec-validator, schemathesis)"
 scripts/contract_test.sh
+echo "== /docs in headless Chromium"
+scripts/docs_browser_test.sh
 echo "== deployment files"
 scripts/check_deploy.sh
 echo "== python tests"

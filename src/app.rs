@@ -10,6 +10,7 @@ use crate::models::DeviceChoice;
 use crate::redis::store::ProfileLimits;
 use crate::redis::Store;
 use crate::service::{Service, ServiceConfig};
+use crate::webhook::Webhooks;
 
 /// The engine's settings from the configuration.
 pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
@@ -49,6 +50,8 @@ pub fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
         profile_limits: ProfileLimits { max_bytes: cfg.max_profile_bytes, max_items: cfg.max_profile_items },
     };
     let metrics = Metrics::new();
+    // the dead-letter stream's own client: its writes never queue behind the request path's
+    let webhooks = Webhooks::start(&cfg.webhook, Store::new(cfg)?, metrics.clone())?;
     let engine = Engine::start(engine_cfg, metrics.clone());
-    Ok(Arc::new(Service::new(store, engine, metrics, service_cfg)))
+    Ok(Arc::new(Service::new(store, engine, metrics, service_cfg).with_webhooks(webhooks)))
 }

@@ -63,7 +63,7 @@ pub async fn run(service: Arc<Service>, restart: bool, concurrency: usize) -> an
         let results: Vec<_> = futures_util::stream::iter(page.users)
             .map(|user| {
                 let service = service.clone();
-                async move { service.refresh(&user).await }
+                async move { service.refresh_from(&user, crate::webhook::Origin::Backfill).await }
             })
             .buffer_unordered(concurrency.max(1))
             .collect()

@@ -236,6 +236,8 @@ pub struct Config {
     pub listener: ListenerArgs,
     #[command(flatten)]
     pub ingest: IngestArgs,
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookArgs,
 }
 
 /// The Redis deployment the settings name.
@@ -623,6 +625,7 @@ impl Config {
         self.listen_addr()?;
         self.admin_addr()?;
         self.ingest.validate()?;
+        self.webhook.validate()?;
         crate::models::DeviceChoice::parse(&self.device)?;
         Ok(())
     }

@@ -84,7 +84,8 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
             )
             .route("/health/live", get(live))
             .route("/metrics", get(metrics))
-            .route("/openapi.json", get(openapi_json));
+            .route("/openapi.json", get(openapi_json))
+            .merge(crate::docs::routes());
     }
     if matches!(routes, Routes::Api { admin: true } | Routes::Ops { admin: true } | Routes::Admin) {
         let guard = AdminGuard { token, open_without_token: routes == Routes::Admin };

@@ -149,6 +149,8 @@ async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         result
     };
     let (served, admin_served, worked) = tokio::join!(main_server, admin_server, work);
+    // listener and ingestion have stopped: deliver the webhooks still queued (bounded)
+    service.webhooks.shutdown(cfg.webhook.drain()).await;
     worked?;
     served.context("HTTP server")?;
     admin_served.context("admin HTTP server")?;
@@ -179,7 +181,9 @@ async fn reload_on_sighup(service: Arc<Service>) {
 
 async fn run_backfill(cfg: Config, restart: bool) -> anyhow::Result<ExitCode> {
     let service = build_service(&cfg)?;
-    let summary = backfill::run(service, restart, cfg.listener.listener_concurrency).await?;
+    let summary = backfill::run(service.clone(), restart, cfg.listener.listener_concurrency).await;
+    service.webhooks.shutdown(cfg.webhook.drain()).await;
+    let summary = summary?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -204,7 +208,9 @@ async fn recommend_once(cfg: Config, user_id: String, k: Option<usize>) -> anyho
     let service = build_service(&cfg)?;
     service.engine.ready().await?;
     let k = k.unwrap_or(cfg.default_k);
-    match service.recommend(&user_id, model_service::service::Ask { k, explain: false }).await {
+    let answer = service.recommend(&user_id, model_service::service::Ask { k, explain: false }).await;
+    service.webhooks.shutdown(cfg.webhook.drain()).await;
+    match answer {
         Ok(rec) => {
             println!("{}", serde_json::to_string_pretty(&rec)?);
             Ok(ExitCode::SUCCESS)

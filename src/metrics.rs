@@ -35,6 +35,9 @@ pub struct Metrics {
     pub ingest_consumer_lag: IntGaugeVec,
     pub ingest_freshness: Histogram,
     pub ingest_assigned_partitions: IntGauge,
+    pub webhook_deliveries: IntCounterVec,
+    pub webhook_attempt_duration: HistogramVec,
+    pub webhook_queue: IntGauge,
     model_info: IntGaugeVec,
 }
 
@@ -168,6 +171,33 @@ impl Metrics {
         let ingest_assigned_partitions =
             IntGauge::new("ingest_assigned_partitions", "Partitions of the topic assigned to this consumer")
                 .expect("metric");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "webhook_deliveries_total",
+                "Webhooks by outcome: delivered, retried (an attempt failed and another follows), dead_lettered, \
+                 dropped (queue full or shutting down), lost (the dead letter itself could not be written)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
+        // exported at 0 from the start (alerts and rate() see the series before the first webhook)
+        for outcome in ["delivered", "retried", "dead_lettered", "dropped", "lost"] {
+            webhook_deliveries.with_label_values(&[outcome]);
+        }
+        let webhook_attempt_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "webhook_attempt_duration_seconds",
+                "One webhook POST, by result: 2xx, 3xx, 4xx, 5xx, timeout, connect, error",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["result"],
+        )
+        .expect("metric");
+        let webhook_queue = IntGauge::new(
+            "webhook_queue_depth",
+            "Webhooks accepted and not yet delivered or dead-lettered (queued, in flight or waiting to retry)",
+        )
+        .expect("metric");
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "Models in service (value 1)"),
             &["version", "device", "lightgcn", "din", "ranknet"],
@@ -197,6 +227,9 @@ impl Metrics {
             Box::new(ingest_consumer_lag.clone()),
             Box::new(ingest_freshness.clone()),
             Box::new(ingest_assigned_partitions.clone()),
+            Box::new(webhook_deliveries.clone()),
+            Box::new(webhook_attempt_duration.clone()),
+            Box::new(webhook_queue.clone()),
             Box::new(model_info.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -226,6 +259,9 @@ impl Metrics {
             ingest_consumer_lag,
             ingest_freshness,
             ingest_assigned_partitions,
+            webhook_deliveries,
+            webhook_attempt_duration,
+            webhook_queue,
             model_info,
         }
     }

@@ -16,6 +16,7 @@ use crate::model_set::ModelSet;
 use crate::redis::profile::ProfileRead;
 use crate::redis::store::{ModelId, ProfileLimits, StoredList, Written};
 use crate::redis::Store;
+use crate::webhook::{ListWritten, Origin, WebhookItem, Webhooks};
 
 /// Longest user id, in characters (Unicode scalar values), as JSON Schema's `maxLength` counts
 /// them: the OpenAPI document states the same bound.
@@ -169,6 +170,8 @@ pub struct Service {
     pub store: Store,
     pub engine: Engine,
     pub metrics: Metrics,
+    /// Announces written lists to WEBHOOK_URL (disabled unless set; see `with_webhooks`).
+    pub webhooks: Webhooks,
     cfg: ServiceConfig,
     /// Computations in flight: single flight.
     in_flight: Mutex<HashMap<FlightKey, Flight>>,
@@ -249,7 +252,13 @@ pub fn user_id_pattern() -> String {
 
 impl Service {
     pub fn new(store: Store, engine: Engine, metrics: Metrics, cfg: ServiceConfig) -> Self {
-        Self { store, engine, metrics, cfg, in_flight: Mutex::new(HashMap::new()) }
+        Self { store, engine, metrics, webhooks: Webhooks::disabled(), cfg, in_flight: Mutex::new(HashMap::new()) }
+    }
+
+    /// Announces every list this service writes to `webhooks` (src/webhook.rs).
+    pub fn with_webhooks(mut self, webhooks: Webhooks) -> Self {
+        self.webhooks = webhooks;
+        self
     }
 
     /// The largest `k` (MAX_K).
@@ -340,16 +349,17 @@ impl Service {
             };
             if let Some(tx) = leader {
                 let _landing = Landing { map: &self.in_flight, key };
-                let result = match self.compute_and_write(user_id, ask, &read, set.clone(), started).await {
-                    Ok((rec, Written::Overtaken)) => {
-                        // The answer stands for the profile it read; Redis gets the new one's list.
-                        if let Err(e) = self.refresh(user_id).await {
-                            tracing::warn!(%user_id, error = %e, "recomputing an overtaken write failed");
+                let result =
+                    match self.compute_and_write(user_id, ask, &read, set.clone(), started, Origin::Request).await {
+                        Ok((rec, Written::Overtaken)) => {
+                            // The answer stands for the profile it read; Redis gets the new one's list.
+                            if let Err(e) = self.refresh_from(user_id, Origin::Request).await {
+                                tracing::warn!(%user_id, error = %e, "recomputing an overtaken write failed");
+                            }
+                            Ok(rec)
                         }
-                        Ok(rec)
-                    }
-                    other => other.map(|(rec, _)| rec),
-                };
+                        other => other.map(|(rec, _)| rec),
+                    };
                 tx.send_replace(Some(result.clone()));
                 return result;
             }
@@ -405,7 +415,15 @@ impl Service {
     ///
     /// A write overtaken by a profile change (a cluster, where the check and the write are
     /// separate steps) is recomputed at once, a few times at most.
+    ///
+    /// The listener's call: a written list is announced with the source `listen`; ingest and
+    /// backfill call `refresh_from` with their own.
     pub async fn refresh(&self, user_id: &str) -> Result<Refresh, Error> {
+        self.refresh_from(user_id, Origin::Listen).await
+    }
+
+    /// `refresh`, naming what asked for it (the webhook's `source`).
+    pub async fn refresh_from(&self, user_id: &str, origin: Origin) -> Result<Refresh, Error> {
         validate_user_id(user_id)?;
         for _ in 0..OVERTAKEN_RETRIES {
             let started = Instant::now();
@@ -415,7 +433,7 @@ impl Service {
                 return Ok(Refresh::Unchanged);
             }
             let ask = Ask { k: self.cfg.default_k, explain: false };
-            match self.compute_and_write(user_id, ask, &read, set, started).await?.1 {
+            match self.compute_and_write(user_id, ask, &read, set, started, origin).await?.1 {
                 Written::Stored => return Ok(Refresh::Written),
                 Written::Superseded => return Ok(Refresh::Superseded),
                 Written::Overtaken => continue,
@@ -469,6 +487,7 @@ impl Service {
         read: &ProfileRead,
         set: Arc<ModelSet>,
         started: Instant,
+        origin: Origin,
     ) -> Result<(Recommendation, Written), Error> {
         let mut explain = ask.explain.then(|| Explanation {
             stage_ms: StageTimes { redis_read: Some(ms(read.took)), ..Default::default() },
@@ -488,6 +507,19 @@ impl Service {
         }
         if written != Written::Stored {
             self.metrics.writes_superseded.inc();
+        } else if self.webhooks.wants(origin) {
+            self.webhooks.list_written(ListWritten {
+                user_id: user_id.to_string(),
+                model_version: set.info.version.clone(),
+                items: ranking
+                    .items
+                    .iter()
+                    .map(|i| WebhookItem { item_id: i.item_id.clone(), score: i.score })
+                    .collect(),
+                strategy: ranking.strategy.as_str(),
+                origin,
+                computed_at_ms: crate::webhook::now_ms(),
+            });
         }
         Ok((ranking.into_answer(Some(user_id), &set, started, explain), written))
     }

@@ -337,7 +337,9 @@ impl Ingest {
     async fn recompute(&self, users: HashMap<&str, Vec<u64>>) -> Result<(), IngestError> {
         let concurrency = self.args.ingest_concurrency.max(1);
         let results: Vec<_> = futures_util::stream::iter(users)
-            .map(|(user, stamps)| async move { (user, stamps, self.service.refresh(user).await) })
+            .map(|(user, stamps)| async move {
+                (user, stamps, self.service.refresh_from(user, crate::webhook::Origin::Ingest).await)
+            })
             .buffer_unordered(concurrency)
             .collect()
             .await;

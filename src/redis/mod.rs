@@ -2,6 +2,7 @@
 //! request stream, the append of ingested behaviour events and the topology (one node, a cluster,
 //! or Sentinel). It knows nothing of models or HTTP.
 
+pub mod append;
 pub mod ingest;
 pub mod keys;
 pub mod listen;
