@@ -460,3 +460,60 @@ fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_r
     assert_eq!(metric(&server, "dead_lettered"), 0.0);
     assert_eq!(metric(&server, "applied") as usize, evs.iter().filter(|e| e.event != "wishlist").count());
 }
+
+#[test]
+fn on_a_redis_cluster_user_ids_with_braces_are_ingested_and_recomputed() {
+    let cluster = Cluster::start_with(3, 0);
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    let ids = ["a}b", "{x}", "{}y", "a{b}c", "}{", "{", "{{a}}", "plain1", "plain2"];
+    let evs: Vec<Ev> = (0..90)
+        .map(|i| Ev {
+            event_id: format!("b-{i}"),
+            user: ids[i % ids.len()].to_string(),
+            item: item((i * 13) % 300),
+            event: "view",
+        })
+        .collect();
+    let want = expected(&evs);
+    produce(&kafka, &evs);
+    let brokers = kafka.brokers();
+    let (seeds, max) = (cluster.seeds(), MAX_ITEMS.to_string());
+    let env = [
+        ("REDIS_CLUSTER_NODES", seeds.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_TOPIC", TOPIC),
+        ("KAFKA_DEAD_LETTER_TOPIC", DEAD),
+        ("MAX_PROFILE_ITEMS", max.as_str()),
+    ];
+    let server = Server::start_mode(cluster.nodes[0].port, test_models(), &["ingest"], &env);
+    server.wait_healthy();
+    let mut conn = cluster.conn();
+    let mut wrong = Vec::new();
+    let t = Instant::now();
+    loop {
+        wrong.clear();
+        for (user, profile) in &want {
+            let stored: Option<String> =
+                redis::cmd("GET").arg(format!("user_profile:{user}")).query(&mut conn).unwrap();
+            let sha_of: Option<String> = redis::cmd("HGET")
+                .arg(format!("recommendations_meta:{user}"))
+                .arg("profile_sha")
+                .query(&mut conn)
+                .unwrap();
+            let exact =
+                stored.as_deref().map(|s| serde_json::from_str::<Vec<String>>(s).unwrap()).as_ref() == Some(profile);
+            if !exact || sha_of != stored.as_deref().map(sha) {
+                wrong.push(format!("{user}: {stored:?}, want {profile:?}"));
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{} users wrong: {wrong:?}", wrong.len());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(metric(&server, "applied"), evs.len() as f64);
+    assert_eq!(metric(&server, "retried"), 0.0);
+}
