@@ -284,10 +284,11 @@ fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
     wait_profiles(&redis, &want, Duration::from_secs(300));
     let users: Vec<&String> = want.keys().collect();
     wait_recomputed(&redis, &users, Duration::from_secs(120));
-    // each event applied once: the user's event-id memory holds each of its events exactly once
-    let mut by_user: HashMap<&str, Vec<&str>> = HashMap::new();
+    // each event applied once: the user's event memory holds each of its events exactly once
+    // (`<event id> <item id>`, newest first)
+    let mut by_user: HashMap<&str, Vec<String>> = HashMap::new();
     for e in evs.iter().filter(|e| e.event != "wishlist") {
-        by_user.entry(e.user.as_str()).or_default().insert(0, &e.event_id);
+        by_user.entry(e.user.as_str()).or_default().insert(0, format!("{} {}", e.event_id, e.item));
     }
     for (user, ids) in &by_user {
         let stored: Vec<String> = redis::cmd("LRANGE")
@@ -459,6 +460,72 @@ fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_r
     assert!(per_master.iter().all(|&n| n > 100), "keys per master: {per_master:?}");
     assert_eq!(metric(&server, "dead_lettered"), 0.0);
     assert_eq!(metric(&server, "applied") as usize, evs.iter().filter(|e| e.event != "wishlist").count());
+}
+
+
+
+
+
+
+#[test]
+fn a_profile_over_the_byte_cap_is_refused_without_being_parsed_and_others_are_applied() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    // 30 MB of valid JSON (the API refuses it with 422 without reading it)
+    let huge: Vec<String> = (0..2_000_000).map(|i| format!("H{i:011}")).collect();
+    let huge = serde_json::to_string(&huge).unwrap();
+    redis.set("user_profile:huge", &huge);
+    let server = ingest(&redis, &kafka, &[]);
+    let mut evs = events("h", 20, 100, 8);
+    evs.insert(10, Ev { event_id: "huge-1".into(), user: "huge".into(), item: item(1), event: "view" });
+    let t = Instant::now();
+    produce(&kafka, &evs);
+    let others: Vec<Ev> = evs.iter().filter(|e| e.user != "huge").cloned().collect();
+    wait_profiles(&redis, &expected(&others), Duration::from_secs(60));
+    let dead = kafka.read_all(DEAD, 1, Duration::from_secs(30));
+    let took = t.elapsed();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0].1.iter().find(|(k, _)| k == "reason").map(|(_, v)| v.clone()).unwrap_or_default();
+    assert!(
+        reason.contains(&format!("{} bytes", huge.len())) && reason.contains("MAX_PROFILE_BYTES"),
+        "the reason should name the size and the cap: {reason}"
+    );
+    assert_eq!(redis.get("user_profile:huge").map(|v| v.len()), Some(huge.len()), "the profile is left as it is");
+    assert_eq!(metric(&server, "retried"), 0.0);
+    eprintln!("a {} byte profile: its event dead-lettered ({reason}) after {took:.2?}", huge.len());
+}
+
+#[test]
+fn an_event_id_reused_with_another_item_is_dead_lettered_and_a_true_duplicate_is_not() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    // a user remembered by the first version: its entries hold the event id only
+    redis.cmd(&["LPUSH", "ingested_events:{user_profile:r2}", "old-1"]);
+    let server = ingest(&redis, &kafka, &[]);
+    let ev = |id: &str, user: &str, row: usize| Ev {
+        event_id: id.into(),
+        user: user.into(),
+        item: item(row),
+        event: "view",
+    };
+    produce(&kafka, &[ev("r-1", "r1", 1), ev("r-2", "r1", 2)]);
+    wait_profiles(&redis, &expected(&[ev("r-1", "r1", 1), ev("r-2", "r1", 2)]), Duration::from_secs(30));
+    // the same event again (a producer retry), an id reused with another item, an old-style entry
+    produce(&kafka, &[ev("r-1", "r1", 1), ev("r-2", "r1", 3), ev("old-1", "r2", 4), ev("r-4", "r1", 5)]);
+    let dead = kafka.read_all(DEAD, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0].1.iter().find(|(k, _)| k == "reason").map(|(_, v)| v.clone()).unwrap_or_default();
+    assert!(reason.contains("event_id reused with a different item"), "{reason}");
+    let want = expected(&[ev("r-1", "r1", 1), ev("r-2", "r1", 2), ev("r-4", "r1", 5)]);
+    wait_profiles(&redis, &want, Duration::from_secs(30));
+    assert_eq!(redis.get("user_profile:r2"), None, "an id remembered by the first version is a duplicate");
+    wait_until(Duration::from_secs(10), || metric(&server, "duplicate") == 2.0);
+    assert_eq!(metric(&server, "dead_lettered"), 1.0);
+    assert_eq!(metric(&server, "applied"), 3.0);
 }
 
 #[test]

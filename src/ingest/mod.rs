@@ -76,6 +76,9 @@ impl Outcome {
 #[derive(Default)]
 struct Progress {
     outcomes: HashMap<(i32, i64), Outcome>,
+    /// Events the append script refused, with the reason: a retried attempt dead-letters them
+    /// without applying them again (the script may since see their offset as applied).
+    refused: HashMap<(i32, i64), String>,
 }
 
 pub struct Ingest {
@@ -233,6 +236,10 @@ impl Ingest {
             if progress.outcomes.get(&key) == Some(&Outcome::DeadLettered) {
                 continue;
             }
+            if let Some(why) = progress.refused.get(&key) {
+                dead.push((m, why.clone()));
+                continue;
+            }
             match Event::parse(m.payload()) {
                 Ok(e) if !self.event_types.contains(&e.event) => {
                     progress.outcomes.insert(key, Outcome::Ignored);
@@ -259,6 +266,7 @@ impl Ingest {
         let mut users: HashMap<&str, Vec<u64>> = HashMap::new();
         for ((append, ts), result) in appends.iter().zip(applied) {
             let key = (append.partition, append.offset);
+            let mut refused = None;
             match result {
                 Applied::Appended { .. } => {
                     progress.outcomes.insert(key, Outcome::Applied);
@@ -277,10 +285,13 @@ impl Ingest {
                         stamps.push(*ts);
                     }
                 }
-                Applied::BadProfile(why) => {
-                    let m = batch.iter().find(|m| (m.partition(), m.offset()) == key).expect("from the batch");
-                    dead.push((m, format!("profile: {why}")));
-                }
+                Applied::BadProfile(why) => refused = Some(format!("profile: {why}")),
+                Applied::Refused(why) => refused = Some(why),
+            }
+            if let Some(why) = refused {
+                let m = batch.iter().find(|m| (m.partition(), m.offset()) == key).expect("from the batch");
+                progress.refused.insert(key, why.clone());
+                dead.push((m, why));
             }
         }
         self.dead_letter(&dead, producer, progress).await?;
