@@ -35,6 +35,9 @@ pub struct Metrics {
     pub ingest_consumer_lag: IntGaugeVec,
     pub ingest_freshness: Histogram,
     pub ingest_assigned_partitions: IntGauge,
+    pub ingest_dead_letter_failures: IntCounterVec,
+    pub ingest_dead_letter_failing: IntGauge,
+    pub ingest_dead_letter_fallbacks: IntCounterVec,
     model_info: IntGaugeVec,
 }
 
@@ -168,6 +171,33 @@ impl Metrics {
         let ingest_assigned_partitions =
             IntGauge::new("ingest_assigned_partitions", "Partitions of the topic assigned to this consumer")
                 .expect("metric");
+        let ingest_dead_letter_failures = IntCounterVec::new(
+            Opts::new(
+                "ingest_dead_letter_failures_total",
+                "Sends to the dead-letter topic that failed, by reason (unknown_topic, message_too_large, \
+                 authorization, invalid_record: not retried; transient: retried up to 3 times)",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        let ingest_dead_letter_failing = IntGauge::new(
+            "ingest_dead_letter_failing",
+            "1 while the last send to the dead-letter topic failed (events go to the dead-letter file), else 0",
+        )
+        .expect("metric");
+        let ingest_dead_letter_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "ingest_dead_letter_fallbacks_total",
+                "Dead letters the topic did not take, by where they went: file (INGEST_DEAD_LETTER_FILE) \
+                 or log (no file, or writing it failed: only an ERROR log line)",
+            ),
+            &["to"],
+        )
+        .expect("metric");
+        // exported from the start (at 0), so that an alert's increase() sees the first one
+        for to in ["file", "log"] {
+            ingest_dead_letter_fallbacks.with_label_values(&[to]);
+        }
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "Models in service (value 1)"),
             &["version", "device", "lightgcn", "din", "ranknet"],
@@ -197,6 +227,9 @@ impl Metrics {
             Box::new(ingest_consumer_lag.clone()),
             Box::new(ingest_freshness.clone()),
             Box::new(ingest_assigned_partitions.clone()),
+            Box::new(ingest_dead_letter_failures.clone()),
+            Box::new(ingest_dead_letter_failing.clone()),
+            Box::new(ingest_dead_letter_fallbacks.clone()),
             Box::new(model_info.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -226,6 +259,9 @@ impl Metrics {
             ingest_consumer_lag,
             ingest_freshness,
             ingest_assigned_partitions,
+            ingest_dead_letter_failures,
+            ingest_dead_letter_failing,
+            ingest_dead_letter_fallbacks,
             model_info,
         }
     }

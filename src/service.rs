@@ -167,6 +167,8 @@ pub struct Service {
     pub store: Store,
     pub engine: Engine,
     pub metrics: Metrics,
+    /// What `/health` says of the Kafka ingestion's dead letters (set by the ingestion).
+    pub ingest_dead_letter: crate::ingest::dead_letter::DeadLetterHealth,
     cfg: ServiceConfig,
     /// Computations in flight: single flight.
     in_flight: Mutex<HashMap<FlightKey, Flight>>,
@@ -214,7 +216,14 @@ pub fn validate_user_id(user_id: &str) -> Result<(), Error> {
 
 impl Service {
     pub fn new(store: Store, engine: Engine, metrics: Metrics, cfg: ServiceConfig) -> Self {
-        Self { store, engine, metrics, cfg, in_flight: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            engine,
+            metrics,
+            ingest_dead_letter: Default::default(),
+            cfg,
+            in_flight: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Parses `k` from a request (absent: the default).

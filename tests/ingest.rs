@@ -462,10 +462,102 @@ fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_r
     assert_eq!(metric(&server, "applied") as usize, evs.iter().filter(|e| e.event != "wishlist").count());
 }
 
+/// The dead-letter file's lines, as JSON.
+fn file_letters(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
 
+fn unbase64(value: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(value.as_str().unwrap()).unwrap()
+}
 
+fn dead_letter_file(name: &str) -> std::path::PathBuf {
+    let dir = scratch_dir(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("dead-letters.jsonl")
+}
 
+#[test]
+fn without_a_dead_letter_topic_a_malformed_event_goes_to_the_file_and_every_batch_is_applied() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    // no dead-letter topic: the broker does not create it (as Kafka with auto-creation off)
+    let file = dead_letter_file("dead-file");
+    let path = file.to_str().unwrap();
+    let server = ingest(&redis, &kafka, &[("INGEST_BATCH", "300"), ("INGEST_DEAD_LETTER_FILE", path)]);
+    wait_until(Duration::from_secs(10), || server.get("/health").1["ingest_dead_letter"] == "ok");
+    let good = events("n", 100, 1200, 6);
+    let ts = now_ms();
+    let mut messages: Vec<(String, Vec<u8>)> = good.iter().map(|e| e.message(ts)).collect();
+    messages.insert(100, ("n1".into(), b"not json".to_vec()));
+    let t = Instant::now();
+    kafka.produce(&kafka.producer(), TOPIC, &messages);
+    let took = wait_profiles(&redis, &expected(&good), Duration::from_secs(60));
+    eprintln!("1,200 events and one malformed, no dead-letter topic: every profile exact after {took:.2?}");
+    wait_until(Duration::from_secs(10), || !file_letters(&file).is_empty());
+    let letters = file_letters(&file);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(unbase64(&letter["payload_base64"]), b"not json");
+    assert_eq!(unbase64(&letter["key_base64"]), b"n1");
+    assert!(letter["reason"].as_str().unwrap().contains("not an event"), "{letter}");
+    assert_eq!(letter["source_topic"], TOPIC);
+    assert!(letter["source_offset"].as_i64().is_some() && letter["ts_ms"].as_u64().is_some(), "{letter}");
+    assert!(!letter["dead_letter_error"].as_str().unwrap().is_empty(), "{letter}");
+    assert_eq!(metric(&server, "dead_lettered"), 1.0);
+    assert_eq!(server.metric("model_service_ingest_dead_letter_fallbacks_total{to=\"file\"}"), 1.0);
+    assert_eq!(server.metric("model_service_ingest_dead_letter_failing"), 1.0);
+    let (_, text) = server.get_text("/metrics");
+    assert!(text.contains("model_service_ingest_dead_letter_failures_total{reason="), "{text}");
+    let (status, health) = server.get("/health");
+    assert_eq!(status, 200, "{health}");
+    let said = health["ingest_dead_letter"].as_str().unwrap();
+    assert!(said.starts_with("failing: ") && said.ends_with(&format!("fallback: file {path}")), "{said}");
+    eprintln!("the malformed event went to the file after {:.2?}: {letter}; /health: {said}", t.elapsed());
+}
 
+#[test]
+fn a_dead_letter_too_large_for_the_topic_goes_to_the_file_and_later_events_are_applied() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    // one partition: every later event sits behind the large one
+    kafka.create_topic(TOPIC, 1);
+    kafka.create_topic(DEAD, 1);
+    let file = dead_letter_file("dead-large");
+    let path = file.to_str().unwrap();
+    let server = ingest(&redis, &kafka, &[("INGEST_DEAD_LETTER_FILE", path)]);
+    // 1.1 MB: over the 1 MB the dead-letter producer sends (librdkafka's message.max.bytes)
+    let large = vec![b'x'; 1_100_000];
+    let producer: rdkafka::producer::BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    kafka.produce(&producer, TOPIC, &[("big".into(), large.clone())]);
+    let later = events("l", 5, 20, 7);
+    let t = Instant::now();
+    produce(&kafka, &later);
+    wait_profiles(&redis, &expected(&later), Duration::from_secs(40));
+    wait_until(Duration::from_secs(10), || !file_letters(&file).is_empty());
+    let letters = file_letters(&file);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(unbase64(&letters[0]["payload_base64"]), large);
+    assert!(letters[0]["reason"].as_str().unwrap().contains("1100000 bytes"), "{}", letters[0]["reason"]);
+    assert_eq!(server.metric("model_service_ingest_dead_letter_failures_total{reason=\"message_too_large\"}"), 1.0);
+    let said = server.get("/health").1["ingest_dead_letter"].as_str().unwrap().to_string();
+    assert!(said.starts_with("failing: "), "{said}");
+    eprintln!(
+        "a 1.1 MB event: in the dead-letter file ({}), the 20 later events applied after {:.2?}",
+        letters[0]["dead_letter_error"],
+        t.elapsed()
+    );
+}
 
 #[test]
 fn a_profile_over_the_byte_cap_is_refused_without_being_parsed_and_others_are_applied() {
