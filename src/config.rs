@@ -318,6 +318,12 @@ pub struct IngestArgs {
     /// Where malformed events go, with the reason in the `reason` header.
     #[arg(long, env = "KAFKA_DEAD_LETTER_TOPIC", default_value = "user-behavior-dead-letter", global = true)]
     pub kafka_dead_letter_topic: String,
+    /// Local JSON-lines file for the malformed events the dead-letter topic refuses (it does not
+    /// exist, the message is too large, no authorization...) or fails to take 3 times: appended and
+    /// synced, then the batch is committed. Unset: such an event is only logged at ERROR (with its
+    /// offset) and counted. Ingestion goes on either way.
+    #[arg(long, env = "INGEST_DEAD_LETTER_FILE", global = true)]
+    pub ingest_dead_letter_file: Option<PathBuf>,
     /// plaintext | ssl | sasl_plaintext | sasl_ssl.
     #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", default_value = "plaintext", global = true)]
     pub kafka_security_protocol: String,

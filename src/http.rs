@@ -609,6 +609,10 @@ pub struct Health {
     pub catalog_items: Option<usize>,
     /// Stage 1's candidate search: `exact`, or `ivf lists=L probes=P` (the approximate index).
     pub candidate_search: Option<String>,
+    /// With the Kafka ingestion in this process: `ok`, or `failing: <why>; fallback: file <path>`
+    /// (or `none`) while dead letters cannot be written to the topic (ingestion goes on; status 200).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingest_dead_letter: Option<String>,
     /// `unhealthy`, when unhealthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -647,6 +651,7 @@ async fn readiness(service: &Service, privileged: bool) -> Health {
         device: set.as_ref().map(|s| s.info.device.clone()),
         catalog_items: set.as_ref().map(|s| s.catalog.len()),
         candidate_search: set.as_ref().map(|s| s.info.candidate_search.clone()),
+        ingest_dead_letter: service.ingest_dead_letter.report(),
         error: (!healthy).then(|| "unhealthy".into()),
         detail: (!healthy).then(|| problems.join("; ")),
     }

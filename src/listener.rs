@@ -413,6 +413,9 @@ impl Listener {
         }
         let results = futures_util::future::join_all(entries.iter().map(|entry| async move {
             match entry.fields.get("user_id") {
+                None if entry.binary.contains_key("user_id") => {
+                    Err(Error::InvalidUserId("the stream entry's user_id is not UTF-8".into()))
+                }
                 None => Err(Error::InvalidUserId("the stream entry has no user_id field".into())),
                 Some(user) => self.service.refresh(user).await,
             }

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub webhook_attempt_duration: HistogramVec,
     pub webhook_queue: IntGauge,
+    pub ingest_dead_letter_failures: IntCounterVec,
+    pub ingest_dead_letter_failing: IntGauge,
+    pub ingest_dead_letter_fallbacks: IntCounterVec,
     model_info: IntGaugeVec,
 }
 
@@ -198,6 +201,33 @@ impl Metrics {
             "Webhooks accepted and not yet delivered or dead-lettered (queued, in flight or waiting to retry)",
         )
         .expect("metric");
+        let ingest_dead_letter_failures = IntCounterVec::new(
+            Opts::new(
+                "ingest_dead_letter_failures_total",
+                "Sends to the dead-letter topic that failed, by reason (unknown_topic, message_too_large, \
+                 authorization, invalid_record: not retried; transient: retried up to 3 times)",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        let ingest_dead_letter_failing = IntGauge::new(
+            "ingest_dead_letter_failing",
+            "1 while the last send to the dead-letter topic failed (events go to the dead-letter file), else 0",
+        )
+        .expect("metric");
+        let ingest_dead_letter_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "ingest_dead_letter_fallbacks_total",
+                "Dead letters the topic did not take, by where they went: file (INGEST_DEAD_LETTER_FILE) \
+                 or log (no file, or writing it failed: only an ERROR log line)",
+            ),
+            &["to"],
+        )
+        .expect("metric");
+        // exported from the start (at 0), so that an alert's increase() sees the first one
+        for to in ["file", "log"] {
+            ingest_dead_letter_fallbacks.with_label_values(&[to]);
+        }
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "Models in service (value 1)"),
             &["version", "device", "lightgcn", "din", "ranknet"],
@@ -230,6 +260,9 @@ impl Metrics {
             Box::new(webhook_deliveries.clone()),
             Box::new(webhook_attempt_duration.clone()),
             Box::new(webhook_queue.clone()),
+            Box::new(ingest_dead_letter_failures.clone()),
+            Box::new(ingest_dead_letter_failing.clone()),
+            Box::new(ingest_dead_letter_fallbacks.clone()),
             Box::new(model_info.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -262,6 +295,9 @@ impl Metrics {
             webhook_deliveries,
             webhook_attempt_duration,
             webhook_queue,
+            ingest_dead_letter_failures,
+            ingest_dead_letter_failing,
+            ingest_dead_letter_fallbacks,
             model_info,
         }
     }

@@ -172,6 +172,8 @@ pub struct Service {
     pub metrics: Metrics,
     /// Announces written lists to WEBHOOK_URL (disabled unless set; see `with_webhooks`).
     pub webhooks: Webhooks,
+    /// What `/health` says of the Kafka ingestion's dead letters (set by the ingestion).
+    pub ingest_dead_letter: crate::ingest::dead_letter::DeadLetterHealth,
     cfg: ServiceConfig,
     /// Computations in flight: single flight.
     in_flight: Mutex<HashMap<FlightKey, Flight>>,
@@ -252,7 +254,15 @@ pub fn user_id_pattern() -> String {
 
 impl Service {
     pub fn new(store: Store, engine: Engine, metrics: Metrics, cfg: ServiceConfig) -> Self {
-        Self { store, engine, metrics, webhooks: Webhooks::disabled(), cfg, in_flight: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            engine,
+            metrics,
+            webhooks: Webhooks::disabled(),
+            ingest_dead_letter: Default::default(),
+            cfg,
+            in_flight: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Announces every list this service writes to `webhooks` (src/webhook.rs).

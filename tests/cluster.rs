@@ -254,6 +254,28 @@ fn listen_on_a_cluster_follows_every_master_through_a_failover_and_a_reshard() {
 }
 
 #[test]
+fn listen_on_a_cluster_recomputes_users_whose_ids_hold_braces() {
+    let cluster = Cluster::start_with(3, 0);
+    let listener = start(&cluster, &["listen"], &[]);
+    let ids = ["a}b", "{x}", "{}y", "a{b}c", "}{", "{{a}}"];
+    for (n, id) in ids.iter().enumerate() {
+        cluster.set(&format!("user_profile:{id}"), &profile(n, 0));
+    }
+    let mut conn = cluster.conn();
+    wait_until(Duration::from_secs(30), || {
+        ids.iter().enumerate().all(|(n, id)| {
+            let sha: Option<String> = redis::cmd("HGET")
+                .arg(format!("recommendations_meta:{id}"))
+                .arg("profile_sha")
+                .query(&mut conn)
+                .unwrap();
+            sha == Some(sha1(&profile(n, 0)))
+        })
+    });
+    assert_eq!(listener.metric(r#"model_service_listener_events_total{outcome="failed",source="keyspace"}"#), 0.0);
+}
+
+#[test]
 fn three_listener_replicas_share_the_work_and_lose_nothing_when_one_is_killed() {
     let cluster = Cluster::start();
     let replicas: Vec<Server> = (0..3)

@@ -284,10 +284,11 @@ fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
     wait_profiles(&redis, &want, Duration::from_secs(300));
     let users: Vec<&String> = want.keys().collect();
     wait_recomputed(&redis, &users, Duration::from_secs(120));
-    // each event applied once: the user's event-id memory holds each of its events exactly once
-    let mut by_user: HashMap<&str, Vec<&str>> = HashMap::new();
+    // each event applied once: the user's event memory holds each of its events exactly once
+    // (`<event id> <item id>`, newest first)
+    let mut by_user: HashMap<&str, Vec<String>> = HashMap::new();
     for e in evs.iter().filter(|e| e.event != "wishlist") {
-        by_user.entry(e.user.as_str()).or_default().insert(0, &e.event_id);
+        by_user.entry(e.user.as_str()).or_default().insert(0, format!("{} {}", e.event_id, e.item));
     }
     for (user, ids) in &by_user {
         let stored: Vec<String> = redis::cmd("LRANGE")
@@ -459,4 +460,223 @@ fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_r
     assert!(per_master.iter().all(|&n| n > 100), "keys per master: {per_master:?}");
     assert_eq!(metric(&server, "dead_lettered"), 0.0);
     assert_eq!(metric(&server, "applied") as usize, evs.iter().filter(|e| e.event != "wishlist").count());
+}
+
+/// The dead-letter file's lines, as JSON.
+fn file_letters(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn unbase64(value: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(value.as_str().unwrap()).unwrap()
+}
+
+fn dead_letter_file(name: &str) -> std::path::PathBuf {
+    let dir = scratch_dir(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("dead-letters.jsonl")
+}
+
+#[test]
+fn without_a_dead_letter_topic_a_malformed_event_goes_to_the_file_and_every_batch_is_applied() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    // no dead-letter topic: the broker does not create it (as Kafka with auto-creation off)
+    let file = dead_letter_file("dead-file");
+    let path = file.to_str().unwrap();
+    let server = ingest(&redis, &kafka, &[("INGEST_BATCH", "300"), ("INGEST_DEAD_LETTER_FILE", path)]);
+    let good = events("n", 100, 1200, 6);
+    let ts = now_ms();
+    let mut messages: Vec<(String, Vec<u8>)> = good.iter().map(|e| e.message(ts)).collect();
+    messages.insert(100, ("n1".into(), b"not json".to_vec()));
+    let t = Instant::now();
+    kafka.produce(&kafka.producer(), TOPIC, &messages);
+    let took = wait_profiles(&redis, &expected(&good), Duration::from_secs(60));
+    let users: Vec<String> = expected(&good).into_keys().collect();
+    wait_recomputed(&redis, &users.iter().collect::<Vec<_>>(), Duration::from_secs(30));
+    eprintln!("1,200 events and one malformed, no dead-letter topic: every profile exact after {took:.2?}");
+    wait_until(Duration::from_secs(10), || !file_letters(&file).is_empty());
+    let letters = file_letters(&file);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(unbase64(&letter["payload_base64"]), b"not json");
+    assert_eq!(unbase64(&letter["key_base64"]), b"n1");
+    assert!(letter["reason"].as_str().unwrap().contains("not an event"), "{letter}");
+    assert_eq!(letter["source_topic"], TOPIC);
+    assert!(letter["source_offset"].as_i64().is_some() && letter["ts_ms"].as_u64().is_some(), "{letter}");
+    assert!(!letter["dead_letter_error"].as_str().unwrap().is_empty(), "{letter}");
+    assert_eq!(metric(&server, "dead_lettered"), 1.0);
+    assert_eq!(server.metric("model_service_ingest_dead_letter_fallbacks_total{to=\"file\"}"), 1.0);
+    assert_eq!(server.metric("model_service_ingest_dead_letter_failing"), 1.0);
+    let (_, text) = server.get_text("/metrics");
+    assert!(text.contains("model_service_ingest_dead_letter_failures_total{reason="), "{text}");
+    let (status, health) = server.get("/health");
+    assert_eq!(status, 200, "{health}");
+    let said = health["ingest_dead_letter"].as_str().unwrap();
+    assert!(said.starts_with("failing: ") && said.ends_with(&format!("fallback: file {path}")), "{said}");
+    eprintln!("the malformed event went to the file after {:.2?}: {letter}; /health: {said}", t.elapsed());
+}
+
+#[test]
+fn a_dead_letter_too_large_for_the_topic_goes_to_the_file_and_later_events_are_applied() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    // one partition: every later event sits behind the large one
+    kafka.create_topic(TOPIC, 1);
+    kafka.create_topic(DEAD, 1);
+    let file = dead_letter_file("dead-large");
+    let path = file.to_str().unwrap();
+    let server = ingest(&redis, &kafka, &[("INGEST_DEAD_LETTER_FILE", path)]);
+    // 1.1 MB: over the 1 MB the dead-letter producer sends (librdkafka's message.max.bytes)
+    let large = vec![b'x'; 1_100_000];
+    let producer: rdkafka::producer::BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    kafka.produce(&producer, TOPIC, &[("big".into(), large.clone())]);
+    let later = events("l", 5, 20, 7);
+    let t = Instant::now();
+    produce(&kafka, &later);
+    wait_profiles(&redis, &expected(&later), Duration::from_secs(40));
+    // applied, recomputed and committed: nothing waits behind the large event
+    let users: Vec<String> = expected(&later).into_keys().collect();
+    wait_recomputed(&redis, &users.iter().collect::<Vec<_>>(), Duration::from_secs(30));
+    wait_until(Duration::from_secs(10), || !file_letters(&file).is_empty());
+    let letters = file_letters(&file);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(unbase64(&letters[0]["payload_base64"]), large);
+    assert!(letters[0]["reason"].as_str().unwrap().contains("1100000 bytes"), "{}", letters[0]["reason"]);
+    assert_eq!(server.metric("model_service_ingest_dead_letter_failures_total{reason=\"message_too_large\"}"), 1.0);
+    let said = server.get("/health").1["ingest_dead_letter"].as_str().unwrap().to_string();
+    assert!(said.starts_with("failing: "), "{said}");
+    eprintln!(
+        "a 1.1 MB event: in the dead-letter file ({}), the 20 later events applied after {:.2?}",
+        letters[0]["dead_letter_error"],
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_profile_over_the_byte_cap_is_refused_without_being_parsed_and_others_are_applied() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    // 30 MB of valid JSON (the API refuses it with 422 without reading it)
+    let huge: Vec<String> = (0..2_000_000).map(|i| format!("H{i:011}")).collect();
+    let huge = serde_json::to_string(&huge).unwrap();
+    redis.set("user_profile:huge", &huge);
+    let server = ingest(&redis, &kafka, &[]);
+    let mut evs = events("h", 20, 100, 8);
+    evs.insert(10, Ev { event_id: "huge-1".into(), user: "huge".into(), item: item(1), event: "view" });
+    let t = Instant::now();
+    produce(&kafka, &evs);
+    let others: Vec<Ev> = evs.iter().filter(|e| e.user != "huge").cloned().collect();
+    wait_profiles(&redis, &expected(&others), Duration::from_secs(60));
+    let dead = kafka.read_all(DEAD, 1, Duration::from_secs(30));
+    let took = t.elapsed();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0].1.iter().find(|(k, _)| k == "reason").map(|(_, v)| v.clone()).unwrap_or_default();
+    assert!(
+        reason.contains(&format!("{} bytes", huge.len())) && reason.contains("MAX_PROFILE_BYTES"),
+        "the reason should name the size and the cap: {reason}"
+    );
+    assert_eq!(redis.get("user_profile:huge").map(|v| v.len()), Some(huge.len()), "the profile is left as it is");
+    assert_eq!(metric(&server, "retried"), 0.0);
+    eprintln!("a {} byte profile: its event dead-lettered ({reason}) after {took:.2?}", huge.len());
+}
+
+#[test]
+fn an_event_id_reused_with_another_item_is_dead_lettered_and_a_true_duplicate_is_not() {
+    let redis = Redis::start();
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    // a user remembered by the first version: its entries hold the event id only
+    redis.cmd(&["LPUSH", "ingested_events:{user_profile:r2}", "old-1"]);
+    let server = ingest(&redis, &kafka, &[]);
+    let ev = |id: &str, user: &str, row: usize| Ev {
+        event_id: id.into(),
+        user: user.into(),
+        item: item(row),
+        event: "view",
+    };
+    produce(&kafka, &[ev("r-1", "r1", 1), ev("r-2", "r1", 2)]);
+    wait_profiles(&redis, &expected(&[ev("r-1", "r1", 1), ev("r-2", "r1", 2)]), Duration::from_secs(30));
+    // the same event again (a producer retry), an id reused with another item, an old-style entry
+    produce(&kafka, &[ev("r-1", "r1", 1), ev("r-2", "r1", 3), ev("old-1", "r2", 4), ev("r-4", "r1", 5)]);
+    let dead = kafka.read_all(DEAD, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0].1.iter().find(|(k, _)| k == "reason").map(|(_, v)| v.clone()).unwrap_or_default();
+    assert!(reason.contains("event_id reused with a different item"), "{reason}");
+    let want = expected(&[ev("r-1", "r1", 1), ev("r-2", "r1", 2), ev("r-4", "r1", 5)]);
+    wait_profiles(&redis, &want, Duration::from_secs(30));
+    assert_eq!(redis.get("user_profile:r2"), None, "an id remembered by the first version is a duplicate");
+    wait_until(Duration::from_secs(10), || metric(&server, "duplicate") == 2.0);
+    assert_eq!(metric(&server, "dead_lettered"), 1.0);
+    assert_eq!(metric(&server, "applied"), 3.0);
+}
+
+#[test]
+fn on_a_redis_cluster_user_ids_with_braces_are_ingested_and_recomputed() {
+    let cluster = Cluster::start_with(3, 0);
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    let ids = ["a}b", "{x}", "{}y", "a{b}c", "}{", "{", "{{a}}", "plain1", "plain2"];
+    let evs: Vec<Ev> = (0..90)
+        .map(|i| Ev {
+            event_id: format!("b-{i}"),
+            user: ids[i % ids.len()].to_string(),
+            item: item((i * 13) % 300),
+            event: "view",
+        })
+        .collect();
+    let want = expected(&evs);
+    produce(&kafka, &evs);
+    let brokers = kafka.brokers();
+    let (seeds, max) = (cluster.seeds(), MAX_ITEMS.to_string());
+    let env = [
+        ("REDIS_CLUSTER_NODES", seeds.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_TOPIC", TOPIC),
+        ("KAFKA_DEAD_LETTER_TOPIC", DEAD),
+        ("MAX_PROFILE_ITEMS", max.as_str()),
+    ];
+    let server = Server::start_mode(cluster.nodes[0].port, test_models(), &["ingest"], &env);
+    server.wait_healthy();
+    let mut conn = cluster.conn();
+    let mut wrong = Vec::new();
+    let t = Instant::now();
+    loop {
+        wrong.clear();
+        for (user, profile) in &want {
+            let stored: Option<String> =
+                redis::cmd("GET").arg(format!("user_profile:{user}")).query(&mut conn).unwrap();
+            let sha_of: Option<String> = redis::cmd("HGET")
+                .arg(format!("recommendations_meta:{user}"))
+                .arg("profile_sha")
+                .query(&mut conn)
+                .unwrap();
+            let exact =
+                stored.as_deref().map(|s| serde_json::from_str::<Vec<String>>(s).unwrap()).as_ref() == Some(profile);
+            if !exact || sha_of != stored.as_deref().map(sha) {
+                wrong.push(format!("{user}: {stored:?}, want {profile:?}"));
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{} users wrong: {wrong:?}", wrong.len());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(metric(&server, "applied"), evs.len() as f64);
+    assert_eq!(metric(&server, "retried"), 0.0);
 }

@@ -168,6 +168,27 @@ fn a_malformed_profile_is_dead_lettered_with_its_reason_and_the_listener_goes_on
 }
 
 #[test]
+fn a_request_whose_user_id_is_not_utf8_is_dead_lettered_as_such() {
+    let redis = Redis::start();
+    let _listener = listen(&redis, &[]);
+    redis.set("user_profile:fine", &profile(3, 0));
+    let mut conn = redis.conn();
+    let bytes: &[u8] = b"u\xff\xfe";
+    redis::cmd("XADD").arg("recommend_requests").arg("*").arg("user_id").arg(bytes).query::<()>(&mut conn).unwrap();
+    redis::cmd("XADD").arg("recommend_requests").arg("*").arg("user_id").arg("fine").query::<()>(&mut conn).unwrap();
+    wait_until(Duration::from_secs(30), || {
+        redis::cmd("XLEN").arg("recommend_requests:dead").query::<u64>(&mut redis.conn()).unwrap() == 1
+    });
+    let dead: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg("recommend_requests:dead").arg("-").arg("+").query(&mut conn).unwrap();
+    let reason: String = dead.ids[0].get("reason").unwrap();
+    assert!(reason.contains("user_id is not UTF-8"), "{reason}");
+    // the dead letter keeps the bytes as they came
+    assert_eq!(dead.ids[0].get::<Vec<u8>>("user_id").as_deref(), Some(bytes));
+    wait_until(Duration::from_secs(30), || up_to_date(&redis, "fine", &profile(3, 0)));
+}
+
+#[test]
 fn listen_refuses_to_start_when_notifications_are_off_and_may_not_be_enabled() {
     let redis = Redis::start();
     let mut server =

@@ -1,8 +1,9 @@
 //! Behaviour events from Kafka: the streaming ingestion path. A consumer in the group KAFKA_GROUP
 //! reads KAFKA_TOPIC in batches; each batch is
 //!
-//! 1. parsed: a malformed event is sent to KAFKA_DEAD_LETTER_TOPIC with the reason, an event
-//!    whose type is not in INGEST_EVENT_TYPES is counted as ignored;
+//! 1. parsed: a malformed event is sent to KAFKA_DEAD_LETTER_TOPIC with the reason (or, when the
+//!    topic refuses it, to INGEST_DEAD_LETTER_FILE: see `dead_letter`), an event whose type is not
+//!    in INGEST_EVENT_TYPES is counted as ignored;
 //! 2. applied to Redis, one script per user with that user's events in order (`redis::ingest`):
 //!    each item moves to the end of `user_profile:<user_id>`, deduplicated, capped, idempotent by
 //!    the user's offset watermark and by event id;
@@ -12,8 +13,11 @@
 //!
 //! A failed step (Redis or the brokers away) retries the whole batch with backoff: applying it
 //! again changes nothing that was applied, so delivery is at least once and the effect on the
-//! profiles exactly once. SIGTERM finishes the batch in hand, commits synchronously and returns.
+//! profiles exactly once. No single event can hold a batch back for good: a dead letter the topic
+//! refuses, or fails to take `dead_letter::MAX_ATTEMPTS` times, goes to the file (or the log).
+//! SIGTERM finishes the batch in hand, commits synchronously and returns.
 
+pub mod dead_letter;
 pub mod event;
 pub mod kafka;
 
@@ -76,6 +80,11 @@ impl Outcome {
 #[derive(Default)]
 struct Progress {
     outcomes: HashMap<(i32, i64), Outcome>,
+    /// Sends of a message's dead letter to the topic that failed (transiently).
+    dead_letter_failures: HashMap<(i32, i64), u32>,
+    /// Events the append script refused, with the reason: a retried attempt dead-letters them
+    /// without applying them again (the script may since see their offset as applied).
+    refused: HashMap<(i32, i64), String>,
 }
 
 pub struct Ingest {
@@ -108,6 +117,8 @@ impl Ingest {
         self.service.engine.ready().await?;
         let consumer = kafka::consumer(&self.args, self.service.metrics.clone())?;
         let producer = kafka::dead_letter_producer(&self.args)?;
+        self.service.ingest_dead_letter.start(self.args.ingest_dead_letter_file.as_deref());
+        self.service.metrics.ingest_dead_letter_failing.set(0);
         tracing::info!(brokers = %self.args.kafka_brokers, topic = %self.args.kafka_topic,
             group = %self.args.kafka_group, "ingest started");
         // partition -> the next offset to commit (the last processed + 1)
@@ -233,6 +244,10 @@ impl Ingest {
             if progress.outcomes.get(&key) == Some(&Outcome::DeadLettered) {
                 continue;
             }
+            if let Some(why) = progress.refused.get(&key) {
+                dead.push((m, why.clone()));
+                continue;
+            }
             match Event::parse(m.payload()) {
                 Ok(e) if !self.event_types.contains(&e.event) => {
                     progress.outcomes.insert(key, Outcome::Ignored);
@@ -259,6 +274,7 @@ impl Ingest {
         let mut users: HashMap<&str, Vec<u64>> = HashMap::new();
         for ((append, ts), result) in appends.iter().zip(applied) {
             let key = (append.partition, append.offset);
+            let mut refused = None;
             match result {
                 Applied::Appended { .. } => {
                     progress.outcomes.insert(key, Outcome::Applied);
@@ -277,10 +293,13 @@ impl Ingest {
                         stamps.push(*ts);
                     }
                 }
-                Applied::BadProfile(why) => {
-                    let m = batch.iter().find(|m| (m.partition(), m.offset()) == key).expect("from the batch");
-                    dead.push((m, format!("profile: {why}")));
-                }
+                Applied::BadProfile(why) => refused = Some(format!("profile: {why}")),
+                Applied::Refused(why) => refused = Some(why),
+            }
+            if let Some(why) = refused {
+                let m = batch.iter().find(|m| (m.partition(), m.offset()) == key).expect("from the batch");
+                progress.refused.insert(key, why.clone());
+                dead.push((m, why));
             }
         }
         self.dead_letter(&dead, producer, progress).await?;
@@ -288,7 +307,10 @@ impl Ingest {
     }
 
     /// Sends the malformed events to the dead-letter topic (the original key and value, the
-    /// reason and the source in headers) and waits for the brokers' acknowledgement.
+    /// reason and the source in headers) and waits for the brokers' acknowledgement. A refusal
+    /// that retrying cannot change, or a transient failure for the `MAX_ATTEMPTS`th time, sends
+    /// the event to the dead-letter file instead (or only to the log); other failures fail the
+    /// attempt (the batch is retried).
     async fn dead_letter(
         &self,
         dead: &[(&OwnedMessage, String)],
@@ -312,21 +334,89 @@ impl Ingest {
                 record = record.payload(payload);
             }
             let sent = producer.send(record, Duration::from_secs(5)).await;
-            ((m.partition(), m.offset()), why, sent.map(|_| ()).map_err(|(e, _)| e))
+            (*m, why, sent.map(|_| ()).map_err(|(e, _)| e))
         });
+        let health = &self.service.ingest_dead_letter;
+        let metrics = &self.service.metrics;
         let mut failed = None;
-        for (key, why, sent) in futures_util::future::join_all(sends).await {
+        let mut fallback: Vec<(&OwnedMessage, &String, String)> = Vec::new();
+        for (m, why, sent) in futures_util::future::join_all(sends).await {
+            let key = (m.partition(), m.offset());
             match sent {
                 Ok(()) => {
                     progress.outcomes.insert(key, Outcome::DeadLettered);
+                    health.topic_ok();
+                    metrics.ingest_dead_letter_failing.set(0);
                     tracing::warn!(partition = key.0, offset = key.1, reason = %why, "event dead-lettered");
                 }
-                Err(e) => failed = Some(e),
+                Err(e) => {
+                    let (label, permanent) = dead_letter::classify(&e);
+                    metrics.ingest_dead_letter_failures.with_label_values(&[label]).inc();
+                    metrics.ingest_dead_letter_failing.set(1);
+                    health.topic_failed(&e.to_string());
+                    let attempts = progress.dead_letter_failures.entry(key).or_default();
+                    *attempts += 1;
+                    if permanent || *attempts >= dead_letter::MAX_ATTEMPTS {
+                        let error = if permanent { e.to_string() } else { format!("{e} ({attempts} attempts)") };
+                        fallback.push((m, why, error));
+                    } else {
+                        tracing::warn!(partition = key.0, offset = key.1, error = %e, attempts = *attempts,
+                            "sending a dead letter failed; retrying the batch");
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
+        if !fallback.is_empty() {
+            self.dead_letter_locally(&fallback).await;
+            for (m, _, _) in &fallback {
+                progress.outcomes.insert((m.partition(), m.offset()), Outcome::DeadLettered);
             }
         }
         match failed {
             Some(e) => Err(IngestError::DeadLetter(e.to_string())),
             None => Ok(()),
+        }
+    }
+
+    /// The dead letters the topic would not take: appended to INGEST_DEAD_LETTER_FILE, or, without
+    /// one or when writing it fails, logged at ERROR. Either way they count as done.
+    async fn dead_letter_locally(&self, letters: &[(&OwnedMessage, &String, String)]) {
+        let topic = &self.args.kafka_dead_letter_topic;
+        let metrics = &self.service.metrics;
+        let written = match &self.args.ingest_dead_letter_file {
+            Some(path) => {
+                let now = now_ms();
+                let lines: Vec<String> =
+                    letters.iter().map(|(m, why, error)| dead_letter::record(m, why, topic, error, now)).collect();
+                let path = path.clone();
+                let result = tokio::task::spawn_blocking(move || dead_letter::append(&path, &lines))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    .map_err(|e| e.to_string());
+                self.service.ingest_dead_letter.file_written(result.as_ref().map(|_| ()).map_err(String::as_str));
+                result
+            }
+            None => Err("INGEST_DEAD_LETTER_FILE is not set".to_string()),
+        };
+        for (m, why, error) in letters {
+            let (partition, offset) = (m.partition(), m.offset());
+            match &written {
+                Ok(()) => {
+                    metrics.ingest_dead_letter_fallbacks.with_label_values(&["file"]).inc();
+                    tracing::warn!(partition, offset, reason = %why, dead_letter_error = %error,
+                        "event dead-lettered to the dead-letter file: the dead-letter topic did not take it");
+                }
+                Err(file_error) => {
+                    metrics.ingest_dead_letter_fallbacks.with_label_values(&["log"]).inc();
+                    let payload = m.payload().unwrap_or_default();
+                    tracing::error!(source_topic = %m.topic(), partition, offset, reason = %why,
+                        dead_letter_error = %error, %file_error, payload_bytes = payload.len(),
+                        payload = %String::from_utf8_lossy(&payload[..payload.len().min(1024)]),
+                        "an event could not be dead-lettered (neither the topic nor the file took it); \
+                         it is skipped and recorded only in this line");
+                }
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! Ingested behaviour events: the append of a batch's items to `user_profile:<user_id>`, in one
 //! Lua script per user (that user's events in order), so the read-modify-write is atomic against
-//! the frontend's own writes of the key and against other ingest instances. The script's three keys
-//! share the profile's hash tag, so on a cluster they lie in one slot.
+//! the frontend's own writes of the key and against other ingest instances. The script's two bookkeeping
+//! keys are named to lie in the profile key's slot (`keys::companion`), so on a cluster the three
+//! lie in one slot whatever the user id.
 //!
 //! Idempotence, in the same script as the profile write (so it can never disagree with it):
 //! - per user, a watermark `<topic>:<partition>` -> the highest offset applied to this user
@@ -10,9 +11,14 @@
 //!   of a batch are applied together or not at all, so an offset at or below the user's watermark
 //!   has been applied already: a redelivery (after a crash, a rebalance or a retried batch)
 //!   changes nothing;
-//! - the user's most recent event ids (`ingested_events:{user_profile:<id>}`, `INGEST_DEDUPE_IDS`
-//!   of them, `INGEST_DEDUPE_TTL_SECS`): the same event produced twice (a producer retry, at two
-//!   offsets) is applied once.
+//! - the user's most recent events (`ingested_events:{user_profile:<id>}`, `INGEST_DEDUPE_IDS`
+//!   of them, `INGEST_DEDUPE_TTL_SECS`), each its event id and item id: the same event produced
+//!   twice (a producer retry, at two offsets) is applied once; an event id that comes again with
+//!   another item is not the same event and not silently dropped either: it is refused (and
+//!   dead-lettered) with the reason.
+//!
+//! A stored profile over MAX_PROFILE_BYTES is refused before it is read (STRLEN), as the API
+//! refuses it: parsing megabytes in a script would block Redis for every other client.
 //!
 //! Both keys expire `INGEST_DEDUPE_TTL_SECS` after the user's last event.
 
@@ -56,9 +62,11 @@ pub enum Applied {
     DuplicateOffset,
     /// The event id was applied before (the event was produced twice).
     DuplicateEvent,
-    /// The stored profile is not a JSON array of strings (or not a string key): the frontend's
-    /// value is left alone and the event is refused with the reason.
+    /// The stored profile is over MAX_PROFILE_BYTES, not a JSON array of strings (or not a string
+    /// key): the frontend's value is left alone and the event is refused with the reason.
     BadProfile(String),
+    /// The event is refused with the reason: its event id was applied before with another item.
+    Refused(String),
 }
 
 /// One user's event indices in the batch, and what the script did with each.
@@ -141,6 +149,7 @@ impl Store {
                 1 => Applied::Appended { items: detail.parse().unwrap_or_default() },
                 0 if detail == "offset" => Applied::DuplicateOffset,
                 0 => Applied::DuplicateEvent,
+                -2 => Applied::Refused(detail),
                 _ => Applied::BadProfile(detail),
             })
             .collect())
@@ -151,14 +160,32 @@ impl Store {
 /// ARGV: topic, max items, max bytes, ids remembered, their TTL; then per event, in order: item id,
 /// event id, partition, offset.
 /// Returns per event {1, items in the profile afterwards} appended, {0, "offset" | "event_id"} a
-/// duplicate, {-1, reason} refused: the stored profile is not a JSON array of strings (left as it
-/// is; nothing of the call is written) or a bookkeeping key was overwritten with another type.
+/// duplicate, {-1, reason} refused: the stored profile is over MAX_PROFILE_BYTES (measured with
+/// STRLEN, never read) or not a JSON array of strings (left as it is; nothing of the call is
+/// written) or a bookkeeping key was overwritten with another type; {-2, reason} the event itself
+/// refused: its id was applied before with another item.
+/// The remembered events are entries `<event id> <item id>` (neither holds whitespace); an entry of
+/// the first version holds the id only and still marks that id as applied.
 static APPEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local topic, max_items, max_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local keep_ids, ttl = tonumber(ARGV[4]), ARGV[5]
 local out, marks, moved, seen, pending = {}, {}, {}, {}, {}
+-- the user's remembered events, id -> item (true for an entry of the first version: the id only),
+-- read once and only when needed
+local known
+local function remembered(id)
+  if known == nil then
+    known = {}
+    for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+      local eid, item = string.match(entry, '^(%S+) (%S+)$')
+      if eid == nil then eid, item = entry, true end
+      if known[eid] == nil then known[eid] = item end
+    end
+  end
+  return known[id]
+end
 local function refuse(reason)
   for i = 1, #out do
     if out[i][1] == 1 then out[i] = {-1, reason} end
@@ -180,12 +207,15 @@ for i = 6, #ARGV, 4 do
   else
     marks[field] = offset
     moved[field] = true
-    if seen[id] or redis.call('LPOS', KEYS[2], id) then
-      out[#out + 1] = {0, 'event_id'}
-    else
-      seen[id] = true
+    local before = seen[id] or remembered(id)
+    if before == nil then
+      seen[id] = item
       out[#out + 1] = {1, ''}
       pending[#pending + 1] = {item, id}
+    elseif before == true or before == item then
+      out[#out + 1] = {0, 'event_id'}
+    else
+      out[#out + 1] = {-2, 'event_id reused with a different item: ' .. item .. ' (applied before with ' .. before .. ')'}
     end
   end
 end
@@ -193,6 +223,11 @@ if #pending > 0 then
   local items = {}
   local kind = redis.call('TYPE', KEYS[1])['ok']
   if kind == 'string' then
+    -- never parse what the API would not read (a huge value would block Redis for seconds)
+    local size = redis.call('STRLEN', KEYS[1])
+    if size > max_bytes then
+      return refuse('the stored profile is ' .. size .. ' bytes, at most ' .. max_bytes .. ' are accepted (MAX_PROFILE_BYTES)')
+    end
     local raw = redis.call('GET', KEYS[1])
     if not string.find(raw, '^%s*%[') then
       return refuse('the stored profile is not a JSON array of item ids')
@@ -235,7 +270,7 @@ if #pending > 0 then
   for i = 1, #out do
     if out[i][1] == 1 then out[i][2] = tostring(#ordered) end
   end
-  for _, p in ipairs(pending) do redis.call('LPUSH', KEYS[2], p[2]) end
+  for _, p in ipairs(pending) do redis.call('LPUSH', KEYS[2], p[2] .. ' ' .. p[1]) end
   redis.call('LTRIM', KEYS[2], 0, keep_ids - 1)
   redis.call('EXPIRE', KEYS[2], ttl)
 end

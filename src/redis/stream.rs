@@ -44,7 +44,11 @@ impl Store {
 #[derive(Debug, Clone)]
 pub struct StreamEntry {
     pub id: String,
+    /// The fields whose value is UTF-8 text.
     pub fields: HashMap<String, String>,
+    /// The fields whose value is not UTF-8 (kept apart, so that a `user_id` of bytes is told from
+    /// a missing one, and kept as they are in a dead letter).
+    pub binary: HashMap<String, Vec<u8>>,
 }
 
 impl StreamEntry {
@@ -76,12 +80,20 @@ fn stream_err(e: RedisError) -> Error {
 fn entries(ids: Vec<::redis::streams::StreamId>) -> Vec<StreamEntry> {
     ids.into_iter()
         .map(|sid| {
-            let fields = sid
-                .map
-                .iter()
-                .filter_map(|(k, v)| ::redis::from_redis_value::<String>(v.clone()).ok().map(|v| (k.clone(), v)))
-                .collect();
-            StreamEntry { id: sid.id, fields }
+            let (mut fields, mut binary) = (HashMap::new(), HashMap::new());
+            for (k, v) in sid.map {
+                match ::redis::from_redis_value::<String>(v.clone()) {
+                    Ok(text) => {
+                        fields.insert(k, text);
+                    }
+                    Err(_) => {
+                        if let Ok(bytes) = ::redis::from_redis_value::<Vec<u8>>(v) {
+                            binary.insert(k, bytes);
+                        }
+                    }
+                }
+            }
+            StreamEntry { id: sid.id, fields, binary }
         })
         .collect()
 }
@@ -146,10 +158,12 @@ impl StreamConsumer {
         entry: &StreamEntry,
         reason: &str,
     ) -> Result<(), Error> {
-        let mut fields: Vec<(String, String)> = entry.fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut fields: Vec<(String, Vec<u8>)> =
+            entry.fields.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+        fields.extend(entry.binary.iter().map(|(k, v)| (k.clone(), v.clone())));
         fields.push(("reason".into(), reason.into()));
-        fields.push(("source_stream".into(), self.stream.clone()));
-        fields.push(("source_id".into(), entry.id.clone()));
+        fields.push(("source_stream".into(), self.stream.clone().into_bytes()));
+        fields.push(("source_id".into(), entry.id.clone().into_bytes()));
         if self.sharded {
             self.conn
                 .xadd_maxlen::<_, _, _, _, ()>(dead_stream, StreamMaxlen::Equals(dead_maxlen), "*", &fields)
@@ -215,7 +229,7 @@ mod tests {
 
     #[test]
     fn stream_entry_time_comes_from_its_id() {
-        let e = StreamEntry { id: "1700000000123-4".into(), fields: HashMap::new() };
+        let e = StreamEntry { id: "1700000000123-4".into(), fields: HashMap::new(), binary: HashMap::new() };
         assert_eq!(e.added_ms(), Some(1_700_000_000_123));
     }
 }
