@@ -380,7 +380,11 @@ fn a_cluster_with_a_database_other_than_zero_is_refused_at_start() {
 fn listen_on_a_cluster_waits_quietly_on_an_idle_request_stream_and_takes_each_entry_at_once() {
     let cluster = Cluster::start();
     let seeds = cluster.seeds();
-    let env = [("REDIS_CLUSTER_NODES", seeds.as_str()), ("RUST_LOG", "model_service=info"), ("CATCHUP_INTERVAL_SECS", "3600")];
+    let env = [
+        ("REDIS_CLUSTER_NODES", seeds.as_str()),
+        ("RUST_LOG", "model_service=info"),
+        ("CATCHUP_INTERVAL_SECS", "3600"),
+    ];
     let mut server = Server::start_logged_mode(cluster.nodes[0].port, test_models(), &["listen"], &env);
     server.wait_healthy();
     // idle for a while: a blocking read that ends with nothing is not a failure
@@ -390,7 +394,13 @@ fn listen_on_a_cluster_waits_quietly_on_an_idle_request_stream_and_takes_each_en
     for n in 0..12 {
         let user = format!("idle-stream{n}");
         let t = Instant::now();
-        redis::cmd("XADD").arg("recommend_requests").arg("*").arg("user_id").arg(&user).query::<String>(&mut conn).unwrap();
+        redis::cmd("XADD")
+            .arg("recommend_requests")
+            .arg("*")
+            .arg("user_id")
+            .arg(&user)
+            .query::<String>(&mut conn)
+            .unwrap();
         wait_until(Duration::from_secs(15), || cluster.get(&format!("recommendations:{user}")).is_some());
         slowest = slowest.max(t.elapsed());
         std::thread::sleep(Duration::from_millis(300));

@@ -440,14 +440,15 @@ fn a_profile_re_created_as_another_type_loses_its_list_without_waiting_for_catch
     }
     wait_all_up_to_date(&redis, &users, Duration::from_secs(60));
     let mut conn = redis.conn();
-    let recreate: [&[&str]; 4] =
-        [&["HSET", "f", "v"], &["RPUSH", "a"], &["SADD", "a"], &["XADD", "*", "f", "v"]];
+    let recreate: [&[&str]; 4] = [&["HSET", "f", "v"], &["RPUSH", "a"], &["SADD", "a"], &["XADD", "*", "f", "v"]];
     for (user, _) in &users {
         redis::cmd("DEL").arg(format!("user_profile:{user}")).query::<()>(&mut conn).unwrap();
     }
     // the deletion is seen: each gets the popular list, as the API answers for no profile
     wait_until(Duration::from_secs(10), || {
-        users.iter().all(|(u, _)| redis.hget(&format!("recommendations_meta:{u}"), "profile_sha").as_deref() == Some("missing"))
+        users
+            .iter()
+            .all(|(u, _)| redis.hget(&format!("recommendations_meta:{u}"), "profile_sha").as_deref() == Some("missing"))
     });
     for ((user, _), cmd) in users.iter().zip(recreate) {
         let key = format!("user_profile:{user}");

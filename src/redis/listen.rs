@@ -229,10 +229,7 @@ impl Store {
         };
         let at = position.unwrap_or(0);
         let (next, keys): (u64, Vec<Vec<u8>>) = self
-            .on_node(
-                node,
-                ::redis::cmd("SCAN").arg(at).arg("MATCH").arg(format!("{prefix}*")).arg("COUNT").arg(count),
-            )
+            .on_node(node, ::redis::cmd("SCAN").arg(at).arg("MATCH").arg(format!("{prefix}*")).arg("COUNT").arg(count))
             .await?;
         *position = (next != 0).then_some(next);
         let mut page = ScanPage::default();

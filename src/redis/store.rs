@@ -186,8 +186,7 @@ impl Store {
         // A key of another type fails these two; `kind` names it below.
         let len: Option<u64> = next().ok().and_then(from_or_none);
         let head: Option<Vec<u8>> = next().ok().and_then(from_or_none);
-        type Meta =
-            (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>);
+        type Meta = (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>);
         let (sha, version, scores, strategy, list_sha, model_sha): Meta = match next() {
             Ok(v) => from(v).unwrap_or_default(),
             // Not a hash (written by something else): treated as absent; the next write replaces it.

@@ -125,7 +125,7 @@ impl ConnectionLike for Conn {
 enum Source {
     Single(Client),
     /// The client of every command, and the one of blocking stream reads.
-    Cluster(ClusterClient, ClusterClient),
+    Cluster(ClusterClient, Box<ClusterClient>),
     Sentinel(tokio::sync::Mutex<SentinelClient>),
 }
 
@@ -207,7 +207,7 @@ impl Backend {
                 // response timeout, whatever the connection's), only the connection's, set by
                 // `dedicated`.
                 let blocking = builder().overall_response_timeout(None).build().map_err(bad)?;
-                (Kind::Cluster, Source::Cluster(builder().build().map_err(bad)?, blocking))
+                (Kind::Cluster, Source::Cluster(builder().build().map_err(bad)?, Box::new(blocking)))
             }
             RedisTopology::Sentinel { sentinels, master } => {
                 let addrs = sentinels.into_iter().map(|(host, port)| ConnectionAddr::Tcp(host, port));
