@@ -254,25 +254,59 @@ fn listen_on_a_cluster_follows_every_master_through_a_failover_and_a_reshard() {
 }
 
 #[test]
-fn listen_on_a_cluster_recomputes_users_whose_ids_hold_braces() {
+fn every_mode_on_a_cluster_works_for_user_ids_holding_braces() {
     let cluster = Cluster::start_with(3, 0);
-    let listener = start(&cluster, &["listen"], &[]);
+    let server = start(&cluster, &["serve", "--listen"], &[]);
     let ids = ["a}b", "{x}", "{}y", "a{b}c", "}{", "{{a}}"];
+    let meta_sha = |id: &str| -> Option<String> {
+        redis::cmd("HGET")
+            .arg(format!("recommendations_meta:{id}"))
+            .arg("profile_sha")
+            .query(&mut cluster.conn())
+            .unwrap()
+    };
+    // listen: profile writes are recomputed (the claim key lies in the profile's slot)
     for (n, id) in ids.iter().enumerate() {
         cluster.set(&format!("user_profile:{id}"), &profile(n, 0));
     }
-    let mut conn = cluster.conn();
     wait_until(Duration::from_secs(30), || {
-        ids.iter().enumerate().all(|(n, id)| {
-            let sha: Option<String> = redis::cmd("HGET")
-                .arg(format!("recommendations_meta:{id}"))
-                .arg("profile_sha")
-                .query(&mut conn)
-                .unwrap();
-            sha == Some(sha1(&profile(n, 0)))
-        })
+        ids.iter().enumerate().all(|(n, id)| meta_sha(id) == Some(sha1(&profile(n, 0))))
     });
-    assert_eq!(listener.metric(r#"model_service_listener_events_total{outcome="failed",source="keyspace"}"#), 0.0);
+    assert_eq!(server.metric(r#"model_service_listener_events_total{outcome="failed",source="keyspace"}"#), 0.0);
+    // serve: POST computes and writes, GET answers from the cache
+    let encode = |id: &str| id.replace('{', "%7B").replace('}', "%7D");
+    for id in ids {
+        let (status, body) = server.post(&format!("/recommend/{}", encode(id)));
+        assert_eq!(status, 200, "{id}: {body}");
+        let stored: Vec<String> =
+            serde_json::from_str(&cluster.get(&format!("recommendations:{id}")).unwrap()).unwrap();
+        assert_eq!(stored, rec_ids(&body), "{id}");
+        let (status, body) = server.get(&format!("/recommendations/{}", encode(id)));
+        assert_eq!((status, body["source"].as_str()), (200, Some("cache")), "{id}: {body}");
+    }
+    // recommend and backfill
+    let seeds = cluster.seeds();
+    let cli = |args: &[&str]| {
+        let mut cmd = bin();
+        base_env(&mut cmd, cluster.nodes[0].port, test_models());
+        cmd.env("REDIS_CLUSTER_NODES", &seeds).env("HOST", "127.0.0.1").env("PORT", free_port().to_string());
+        cmd.args(args).output().unwrap()
+    };
+    let out = cli(&["recommend", "a}b"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(server);
+    for (n, id) in ids.iter().enumerate() {
+        cluster.set(&format!("user_profile:{id}"), &profile(n, 1));
+    }
+    let out = cli(&["backfill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(ids.len() as u64), Some(0)),
+        "{summary}"
+    );
+    assert!(ids.iter().enumerate().all(|(n, id)| meta_sha(id) == Some(sha1(&profile(n, 1)))));
 }
 
 #[test]
