@@ -75,7 +75,7 @@ pub fn read_model_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
 
 /// The files a model directory is made of, in the order they are hashed.
 fn set_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files = vec![dir.join("manifest.json"), dir.join("catalog.tsv")];
+    let mut files = vec![dir.join("catalog.tsv"), dir.join("manifest.json")];
     files.extend(crate::models::STAGES.iter().map(|stage| dir.join(stage).join("model.pt")));
     files
 }
