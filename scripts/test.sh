@@ -13,7 +13,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --all-targets --quiet -- -D warnings
 echo "== cargo test"
-cargo test --release -- --test-threads 2
+cargo test --release --no-fail-fast -- --test-threads 2
 echo "== HTTP contract (openapi-spec-validator, schemathesis)"
 scripts/contract_test.sh
 echo "== /docs in headless Chromium"

@@ -85,13 +85,20 @@ fn profiles_over_the_caps_get_422_and_leave_no_list_behind() {
 fn a_request_after_a_profile_rewrite_never_gets_the_list_of_the_old_profile() {
     let redis = Redis::start();
     // One worker, one request per batch: a queue of long profiles keeps request A in flight.
-    let env =
-        [("INFERENCE_WORKERS", "1"), ("MAX_BATCH", "1"), ("QUEUE_CAPACITY", "1000"), ("REQUEST_TIMEOUT_MS", "120000")];
+    // The synthetic models rank a filler in about 0.15 ms: 1,500 of them keep the worker busy for
+    // a few times the ~60 ms the test takes between A's read and B (400 were sometimes all done).
+    let env = [
+        ("INFERENCE_WORKERS", "1"),
+        ("MAX_BATCH", "1"),
+        ("QUEUE_CAPACITY", "4000"),
+        ("MAX_CONNECTIONS", "4000"),
+        ("REQUEST_TIMEOUT_MS", "120000"),
+    ];
     let server = serve(&redis, &env);
     let old = profile_of([0, 6, 12]); // one cluster of the synthetic catalog
     let new = profile_of([3, 9, 15, 21]); // another
     redis.set("user_profile:shopper", &old);
-    let fillers = 400;
+    let fillers = 1500;
     let mut pipe = redis::pipe();
     for n in 0..fillers {
         pipe.set(format!("user_profile:filler{n}"), profile_of((0..200).map(|i| (i * 3 + n) % 300))).ignore();
