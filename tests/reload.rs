@@ -113,7 +113,7 @@ fn a_broken_model_directory_is_refused_and_the_old_version_keeps_serving() {
     let cases = [
         (junk.to_str().unwrap().to_string(), "not a loadable TorchScript file"),
         (short.to_str().unwrap().to_string(), "300 items but catalog.tsv has 299"),
-        ("/nonexistent/models".to_string(), "cannot read catalog"),
+        ("/nonexistent/models".to_string(), "catalog.tsv is missing"),
     ];
     for (dir, why) in &cases {
         let resp = server.post_json(server.port, "/admin/reload", &json!({ "model_dir": dir }), Some(TOKEN));
