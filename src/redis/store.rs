@@ -259,10 +259,15 @@ impl Store {
         let value = serde_json::to_string(list.ids).map_err(encode)?;
         let scores = serde_json::to_string(list.scores).map_err(encode)?;
         // The client may give up as soon as its response timeout after sending (op_timeout only
-        // bounds connecting and answering together), so the deadline is counted from that.
+        // bounds connecting and answering together), so the deadline is counted from that. Redis's
+        // clock read `redis_ms` before the read's answer came back, so the local time since that
+        // answer (not since the read was sent: a read queued behind a blocked Redis would then
+        // count its wait twice and let a write land after its client gave up) added to `redis_ms`
+        // never passes Redis's own clock.
         let margin = WRITE_MARGIN.min(self.response_timeout / 4);
+        let since_read = (from.read_at + from.took).elapsed();
         let deadline_ms =
-            from.redis_ms + (from.read_at.elapsed() + self.response_timeout).saturating_sub(margin).as_millis() as u64;
+            from.redis_ms + (since_read + self.response_timeout).saturating_sub(margin).as_millis() as u64;
         let (key, list_key, meta) = (profile_key(user_id), recommendations_key(user_id), meta_key(user_id));
         let (sha, now) = (from.sha().to_string(), now_ms().to_string());
         let late = |what: &str| {
