@@ -89,6 +89,14 @@ fn keys_per_master(cluster: &Cluster) -> Vec<i64> {
     cluster.master_ports().into_iter().map(|p| redis::cmd("DBSIZE").query(&mut cluster.on(p).conn()).unwrap()).collect()
 }
 
+/// Runs the binary with `args` against the cluster to completion (`recommend`, `check`, `backfill`).
+fn cli(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    let mut cmd = bin();
+    base_env(&mut cmd, cluster.nodes[0].port, test_models());
+    cmd.env("REDIS_CLUSTER_NODES", cluster.seeds()).env("HOST", "127.0.0.1").env("PORT", free_port().to_string());
+    cmd.args(args).output().unwrap()
+}
+
 #[test]
 fn the_walk_through_recommend_check_and_backfill_work_on_a_cluster_for_users_in_every_slot() {
     let cluster = Cluster::start();
@@ -127,13 +135,7 @@ fn the_walk_through_recommend_check_and_backfill_work_on_a_cluster_for_users_in_
     assert_eq!((status, body["source"].as_str()), (200, Some("cache")), "{body}");
 
     // recommend and check
-    let seeds = cluster.seeds();
-    let cli = |args: &[&str]| {
-        let mut cmd = bin();
-        base_env(&mut cmd, cluster.nodes[0].port, test_models());
-        cmd.env("REDIS_CLUSTER_NODES", &seeds).env("HOST", "127.0.0.1").env("PORT", free_port().to_string());
-        cmd.args(args).output().unwrap()
-    };
+    let cli = |args: &[&str]| cli(&cluster, args);
     let out = cli(&["recommend", "walk3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -285,13 +287,7 @@ fn every_mode_on_a_cluster_works_for_user_ids_holding_braces() {
         assert_eq!((status, body["source"].as_str()), (200, Some("cache")), "{id}: {body}");
     }
     // recommend and backfill
-    let seeds = cluster.seeds();
-    let cli = |args: &[&str]| {
-        let mut cmd = bin();
-        base_env(&mut cmd, cluster.nodes[0].port, test_models());
-        cmd.env("REDIS_CLUSTER_NODES", &seeds).env("HOST", "127.0.0.1").env("PORT", free_port().to_string());
-        cmd.args(args).output().unwrap()
-    };
+    let cli = |args: &[&str]| cli(&cluster, args);
     let out = cli(&["recommend", "a}b"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     drop(server);

@@ -405,15 +405,8 @@ fn two_instances_in_one_group_split_the_partitions_and_apply_every_event_once() 
     wait_recomputed(&redis, &users, Duration::from_secs(120));
 }
 
-#[test]
-fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_recommendations() {
-    let cluster = Cluster::start_with(3, 0);
-    let kafka = Kafka::start();
-    kafka.create_topic(TOPIC, 3);
-    kafka.create_topic(DEAD, 1);
-    let evs = events("c", 300, 3000, 5);
-    let want = expected(&evs);
-    produce(&kafka, &evs);
+/// `ingest` against the cluster and the broker, on TOPIC with DEAD as its dead-letter topic.
+fn ingest_on_cluster(cluster: &Cluster, kafka: &Kafka) -> Server {
     let brokers = kafka.brokers();
     let (seeds, max) = (cluster.seeds(), MAX_ITEMS.to_string());
     let env = [
@@ -425,32 +418,49 @@ fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_r
     ];
     let server = Server::start_mode(cluster.nodes[0].port, test_models(), &["ingest"], &env);
     server.wait_healthy();
+    server
+}
+
+/// Waits until every user of `want` has exactly that profile on the cluster and a list computed
+/// from it; fails with the users that have not after `limit`.
+fn wait_cluster_profiles(cluster: &Cluster, want: &HashMap<String, Vec<String>>, limit: Duration) {
     let mut conn = cluster.conn();
-    let mut wrong = Vec::new();
-    let stale = |conn: &mut redis::cluster::ClusterConnection, wrong: &mut Vec<String>| {
-        wrong.clear();
-        for (user, profile) in &want {
-            let stored: Option<String> = redis::cmd("GET").arg(format!("user_profile:{user}")).query(conn).unwrap();
-            let sha_of: Option<String> =
-                redis::cmd("HGET").arg(format!("recommendations_meta:{user}")).arg("profile_sha").query(conn).unwrap();
+    let t = Instant::now();
+    loop {
+        let mut wrong = Vec::new();
+        for (user, profile) in want {
+            let stored: Option<String> =
+                redis::cmd("GET").arg(format!("user_profile:{user}")).query(&mut conn).unwrap();
+            let sha_of: Option<String> = redis::cmd("HGET")
+                .arg(format!("recommendations_meta:{user}"))
+                .arg("profile_sha")
+                .query(&mut conn)
+                .unwrap();
             let exact =
                 stored.as_deref().map(|s| serde_json::from_str::<Vec<String>>(s).unwrap()).as_ref() == Some(profile);
             if !exact || sha_of != stored.as_deref().map(sha) {
                 wrong.push(format!("{user}: {stored:?}, want {profile:?}, meta {sha_of:?}"));
             }
         }
-        wrong.is_empty()
-    };
-    let t = Instant::now();
-    while !stale(&mut conn, &mut wrong) {
-        assert!(
-            t.elapsed() < Duration::from_secs(300),
-            "{} users wrong, e.g. {:?}",
-            wrong.len(),
-            &wrong[..3.min(wrong.len())]
-        );
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(t.elapsed() < limit, "{} users wrong, e.g. {:?}", wrong.len(), &wrong[..3.min(wrong.len())]);
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn on_a_redis_cluster_every_user_in_every_slot_gets_an_exact_profile_and_fresh_recommendations() {
+    let cluster = Cluster::start_with(3, 0);
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, 3);
+    kafka.create_topic(DEAD, 1);
+    let evs = events("c", 300, 3000, 5);
+    let want = expected(&evs);
+    produce(&kafka, &evs);
+    let server = ingest_on_cluster(&cluster, &kafka);
+    wait_cluster_profiles(&cluster, &want, Duration::from_secs(300));
     // the users' profiles (and so their bookkeeping keys) lie on every master
     let per_master: Vec<i64> = cluster
         .master_ports()
@@ -641,42 +651,8 @@ fn on_a_redis_cluster_user_ids_with_braces_are_ingested_and_recomputed() {
         .collect();
     let want = expected(&evs);
     produce(&kafka, &evs);
-    let brokers = kafka.brokers();
-    let (seeds, max) = (cluster.seeds(), MAX_ITEMS.to_string());
-    let env = [
-        ("REDIS_CLUSTER_NODES", seeds.as_str()),
-        ("KAFKA_BROKERS", brokers.as_str()),
-        ("KAFKA_TOPIC", TOPIC),
-        ("KAFKA_DEAD_LETTER_TOPIC", DEAD),
-        ("MAX_PROFILE_ITEMS", max.as_str()),
-    ];
-    let server = Server::start_mode(cluster.nodes[0].port, test_models(), &["ingest"], &env);
-    server.wait_healthy();
-    let mut conn = cluster.conn();
-    let mut wrong = Vec::new();
-    let t = Instant::now();
-    loop {
-        wrong.clear();
-        for (user, profile) in &want {
-            let stored: Option<String> =
-                redis::cmd("GET").arg(format!("user_profile:{user}")).query(&mut conn).unwrap();
-            let sha_of: Option<String> = redis::cmd("HGET")
-                .arg(format!("recommendations_meta:{user}"))
-                .arg("profile_sha")
-                .query(&mut conn)
-                .unwrap();
-            let exact =
-                stored.as_deref().map(|s| serde_json::from_str::<Vec<String>>(s).unwrap()).as_ref() == Some(profile);
-            if !exact || sha_of != stored.as_deref().map(sha) {
-                wrong.push(format!("{user}: {stored:?}, want {profile:?}"));
-            }
-        }
-        if wrong.is_empty() {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "{} users wrong: {wrong:?}", wrong.len());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let server = ingest_on_cluster(&cluster, &kafka);
+    wait_cluster_profiles(&cluster, &want, Duration::from_secs(60));
     assert_eq!(metric(&server, "applied"), evs.len() as f64);
     assert_eq!(metric(&server, "retried"), 0.0);
 }
