@@ -16,37 +16,13 @@ if ! "$PY" -c "import schemathesis, openapi_spec_validator" 2>/dev/null; then
     echo "[contract] installing tests/contract/requirements.txt into $VENV"
     "$PY" -m pip install -q -r tests/contract/requirements.txt
 fi
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-redis_port=$(free_port)
-http_port=$(free_port)
-work=$(mktemp -d)
-cleanup() {
-    if [ -n "${server_pid:-}" ]; then kill "$server_pid" 2>/dev/null || true; fi
-    if [ -n "${redis_pid:-}" ]; then kill "$redis_pid" 2>/dev/null || true; fi
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
-redis_pid=$!
-for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 # a few stored profiles: a real history, an empty one, unknown items
-redis-cli -p "$redis_port" set user_profile:A3RTKL9KB8KLID '["0553092626","0393316041"]' >/dev/null
-redis-cli -p "$redis_port" set user_profile:empty '[]' >/dev/null
-redis-cli -p "$redis_port" set user_profile:unknown '["nope","0553092626"]' >/dev/null
-
-token="contract-$RANDOM$RANDOM"
-REDIS_HOST=127.0.0.1 REDIS_PORT="$redis_port" HOST=127.0.0.1 PORT="$http_port" DEVICE=cpu API_TOKEN="$token" \
-    MODEL_DIR=model_output RUST_LOG=model_service=error "$BIN" serve >"$work/server.log" 2>&1 &
-server_pid=$!
-base="http://127.0.0.1:$http_port"
-for _ in $(seq 600); do
-    curl -fs "$base/health" >/dev/null 2>&1 && break
-    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log"; exit 1; }
-    sleep 0.1
-done
-curl -fs "$base/health" >/dev/null
+# shellcheck source=scripts/live_server.sh
+source scripts/live_server.sh
+start_live_server contract error \
+    user_profile:A3RTKL9KB8KLID '["0553092626","0393316041"]' \
+    user_profile:empty '[]' \
+    user_profile:unknown '["nope","0553092626"]'
 
 echo "== openapi-spec-validator"
 curl -fs "$base/openapi.json" >"$work/openapi.json"
