@@ -171,7 +171,7 @@ pub struct Config {
     pub lightgcn_candidates: usize,
     /// How LightGCN finds its candidates: exact (score every item), ivf (search an inverted-file
     /// index over its item vectors, built when the model set loads: approximate, for large
-    /// catalogs; README "Approximate candidate search" has its measured recall), auto (ivf from
+    /// catalogs; docs/performance.md "Approximate candidate search" has its measured recall), auto (ivf from
     /// IVF_MIN_ITEMS items).
     #[arg(long, env = "CANDIDATE_SEARCH", value_enum, default_value = "exact", global = true)]
     pub candidate_search: crate::ivf::CandidateSearch,
@@ -209,8 +209,8 @@ pub struct Config {
     pub max_batch: usize,
     /// How long (microseconds) an inference worker holding fewer than MAX_BATCH requests waits
     /// for more before it runs them, when under load (its previous batch held more than one
-    /// request); 0 (the default, measured on 2 cores with the shipped models: README
-    /// "Performance"): run what is queued at once.
+    /// request); 0 (the default, measured on 2 cores with the shipped models:
+    /// docs/performance.md): run what is queued at once.
     #[arg(long, env = "MAX_QUEUE_DELAY_US", default_value_t = 0, global = true)]
     pub max_queue_delay_us: u64,
     /// Requests that may wait for the inference workers; beyond that requests get 429.
