@@ -5,6 +5,7 @@
 pub mod app;
 pub mod backfill;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod docs;
 pub mod engine;

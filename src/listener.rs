@@ -17,12 +17,13 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
+use crate::clock::now_ms;
 use crate::config::ListenerArgs;
 use crate::error::Error;
 use crate::redis::listen::ScanOf;
@@ -117,10 +118,6 @@ fn outcome(result: &Result<Refresh, Error>) -> &'static str {
 /// Errors that retrying cannot fix: the entry goes to the dead-letter stream at once.
 fn is_permanent(e: &Error) -> bool {
     e.is_profile_problem() || matches!(e, Error::InvalidUserId(_) | Error::InvalidK(_))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
 pub struct Listener {

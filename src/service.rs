@@ -528,7 +528,7 @@ impl Service {
                     .collect(),
                 strategy: ranking.strategy.as_str(),
                 origin,
-                computed_at_ms: crate::webhook::now_ms(),
+                computed_at_ms: crate::clock::now_ms(),
             });
         }
         Ok((ranking.into_answer(Some(user_id), &set, started, explain), written))

@@ -23,7 +23,7 @@ pub mod kafka;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer as _};
@@ -33,6 +33,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::config::IngestArgs;
 use crate::error::Error;
 use crate::redis::ingest::{Append, AppendLimits, Applied};
@@ -93,10 +94,6 @@ pub struct Ingest {
     limits: AppendLimits,
     event_types: HashSet<String>,
     grace: Duration,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
 impl Ingest {

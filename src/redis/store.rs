@@ -13,6 +13,7 @@ use sha1::{Digest, Sha1};
 use super::keys::{claim_key, meta_key, profile_key, recommendations_key, HEALTH_KEY};
 use super::profile::{parse_profile, ComputedFrom, Profile, ProfileRead, StoredRead};
 use super::topology::{Backend, Conn, Kind, TopologyReport};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::error::{ConfigError, Error};
 
@@ -604,10 +605,6 @@ return 0
 /// so a script can check that a profile is unchanged. Change detection, not security.
 pub fn profile_sha(bytes: &[u8]) -> String {
     format!("{:x}", Sha1::digest(bytes))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
 fn from<T: FromRedisValue>(v: Value) -> Result<T, Error> {
