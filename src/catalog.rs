@@ -29,12 +29,10 @@ pub struct History {
 }
 
 impl Catalog {
-    /// Reads `catalog.tsv`: one line per row, `item_id<TAB>popularity`; a regular file (after
-    /// symlinks) of at most `max_bytes`.
-    pub fn load(path: &Path, max_bytes: u64) -> Result<Self, ConfigError> {
+    /// Parses `catalog.tsv` as read from `path` (`model_set::read_model_file`): one line per row,
+    /// `item_id<TAB>popularity`.
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, ConfigError> {
         let err = |reason: String| ConfigError::Model { dir: path.display().to_string(), reason };
-        let bytes =
-            crate::model_set::read_model_file(path, max_bytes).map_err(|e| err(format!("cannot read catalog: {e}")))?;
         let text = String::from_utf8(bytes).map_err(|_| err("cannot read catalog: it is not UTF-8 text".into()))?;
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate() {

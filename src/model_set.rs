@@ -73,24 +73,23 @@ pub fn read_model_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// The files a model directory is made of, in the order they are hashed.
-fn set_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files = vec![dir.join("catalog.tsv"), dir.join("manifest.json")];
-    files.extend(crate::models::STAGES.iter().map(|stage| dir.join(stage).join("model.pt")));
-    files
-}
-
-/// What a set serves, by content: SHA-1 over each file's name and bytes (manifest, catalog, the
-/// three stages), 12 hex digits. Two directories with one `version` but another catalog or model
-/// have different hashes, so the cache never takes one's lists for the other's. Also checks, before
-/// libtorch reads anything, that every file is a regular file within MAX_MODEL_FILE_BYTES and that
-/// the set fits in memory.
-fn content_sha(dir: &Path, spec: &LoadSpec) -> Result<String, String> {
+/// What a set serves, by content: SHA-1 over each file's name and bytes (the catalog and
+/// manifest as already read, then the three stages, streamed), 12 hex digits. Two directories with
+/// one `version` but another catalog or model have different hashes, so the cache never takes
+/// one's lists for the other's. Also checks, before libtorch reads anything, that every stage file
+/// is a regular file within MAX_MODEL_FILE_BYTES and that the set fits in memory.
+fn content_sha(dir: &Path, catalog: &[u8], manifest: &[u8], spec: &LoadSpec) -> Result<String, String> {
     use sha1::{Digest, Sha1};
     use std::io::Read;
     let mut hasher = Sha1::new();
-    let (mut models_bytes, mut catalog_bytes) = (0u64, 0u64);
-    for path in set_files(dir) {
+    for (name, bytes) in [("catalog.tsv", catalog), ("manifest.json", manifest)] {
+        hasher.update(name.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    let mut models_bytes = 0u64;
+    for stage in crate::models::STAGES {
+        let path = dir.join(stage).join("model.pt");
         let (file, len) = open_model_file(&path, spec.max_file_bytes)?;
         hasher.update(path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().as_bytes());
         hasher.update(len.to_le_bytes());
@@ -99,15 +98,12 @@ fn content_sha(dir: &Path, spec: &LoadSpec) -> Result<String, String> {
         if read != len {
             return Err(format!("{} changed size while being read ({len} -> {read} bytes)", path.display()));
         }
-        if path.extension().is_some_and(|e| e == "pt") {
-            models_bytes += len;
-        } else {
-            catalog_bytes += len;
-        }
+        models_bytes += len;
     }
     // Each copy holds the three stages; the catalog is held once (and parsed into about three
     // times its size). A set that cannot fit is refused before it is loaded beside the one in
     // service (which keeps serving).
+    let catalog_bytes = (catalog.len() + manifest.len()) as u64;
     let needed = models_bytes.saturating_mul(spec.copies.max(1) as u64).saturating_add(catalog_bytes.saturating_mul(4));
     if let Some(available) = available_memory() {
         if needed > available {
@@ -168,9 +164,13 @@ impl ModelSet {
     pub fn load(dir: &Path, spec: &LoadSpec) -> Result<Self, ConfigError> {
         let started = Instant::now();
         let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
-        let sha = content_sha(dir, spec).map_err(err)?;
-        let catalog = Catalog::load(&dir.join("catalog.tsv"), spec.max_file_bytes)?;
+        // Each file is read once: the catalog and the manifest here, the stages by the hash and
+        // then by libtorch.
+        let catalog_path = dir.join("catalog.tsv");
+        let catalog_bytes = read_model_file(&catalog_path, spec.max_file_bytes).map_err(err)?;
         let manifest = read_model_file(&dir.join("manifest.json"), spec.max_file_bytes).map_err(err)?;
+        let sha = content_sha(dir, &catalog_bytes, &manifest, spec).map_err(err)?;
+        let catalog = Catalog::parse(&catalog_path, catalog_bytes)?;
         let threads = spec.torch_threads.max(1);
         let mut copies = each_in_a_thread((0..spec.copies.max(1)).collect(), threads, |_| {
             Models::load(dir, &manifest, spec.device, catalog.len())
