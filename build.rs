@@ -2,7 +2,7 @@
 //! an rpath to the libtorch it was built against (so no LD_LIBRARY_PATH is needed), and, when the
 //! libtorch is CUDA-enabled, `--no-as-needed` around torch_cuda so the linker keeps it even though
 //! no symbol of it is referenced directly (otherwise CUDA is never available at run time); and
-//! src/inference_mode.cpp, the one libtorch guard tch does not expose, compiled against the same
+//! src/inference/mode.cpp, the one libtorch guard tch does not expose, compiled against the same
 //! libtorch headers.
 use std::path::PathBuf;
 
@@ -26,7 +26,7 @@ fn main() {
 /// for a standalone libtorch (default 1, as PyTorch's wheels are built); the guard passes no
 /// standard-library type, so it does not depend on the flag.
 fn compile_inference_mode(lib: &std::path::Path) {
-    println!("cargo:rerun-if-changed=src/inference_mode.cpp");
+    println!("cargo:rerun-if-changed=src/inference/mode.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
@@ -36,6 +36,6 @@ fn compile_inference_mode(lib: &std::path::Path) {
         .include(&include)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file("src/inference_mode.cpp")
+        .file("src/inference/mode.cpp")
         .compile("model_service_inference_mode");
 }

@@ -336,7 +336,7 @@ def main():
                  {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn", "MAX_BATCH": "1"}, [32]),
             ]
             if scale != "amazon-book":
-                # the approximate candidate search (src/ivf.rs) beside the exact one; its recall is
+                # the approximate candidate search (src/inference/ivf.rs) beside the exact one; its recall is
                 # measured by model_service_py.ann_recall
                 plan.append(("model-service ivf", [args.bin, "serve"],
                              {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn", "CANDIDATE_SEARCH": "ivf"}, [1, 32]))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Vendors Swagger UI for GET /docs from npm's swagger-ui-dist at a pinned version: the bundle
 # (with its presets), the stylesheet and the licence are copied into assets/swagger-ui/ (committed)
-# and embedded into the binary at build time (src/docs.rs), so /docs needs no network at run time.
+# and embedded into the binary at build time (src/api/docs.rs), so /docs needs no network at run time.
 # Run again after changing VERSION, then commit assets/swagger-ui/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

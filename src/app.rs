@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineConfig};
-use crate::ivf::SearchSpec;
+use crate::inference::device::DeviceChoice;
+use crate::inference::engine::{Engine, EngineConfig};
+use crate::inference::ivf::SearchSpec;
 use crate::metrics::Metrics;
-use crate::models::DeviceChoice;
 use crate::redis::store::ProfileLimits;
 use crate::redis::Store;
 use crate::service::{Service, ServiceConfig};

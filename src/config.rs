@@ -174,7 +174,7 @@ pub struct Config {
     /// catalogs; docs/performance.md "Approximate candidate search" has its measured recall), auto (ivf from
     /// IVF_MIN_ITEMS items).
     #[arg(long, env = "CANDIDATE_SEARCH", value_enum, default_value = "exact", global = true)]
-    pub candidate_search: crate::ivf::CandidateSearch,
+    pub candidate_search: crate::inference::ivf::CandidateSearch,
     /// With CANDIDATE_SEARCH=auto, the smallest catalog searched through the IVF index.
     #[arg(long, env = "IVF_MIN_ITEMS", default_value_t = 200_000, global = true)]
     pub ivf_min_items: usize,
@@ -191,7 +191,7 @@ pub struct Config {
     /// The stage whose order is returned: ranknet (the full cascade), or din / lightgcn to stop
     /// early (ablations, the quality table).
     #[arg(long, env = "LAST_STAGE", value_enum, default_value = "ranknet", global = true)]
-    pub last_stage: crate::models::Stage,
+    pub last_stage: crate::inference::models::Stage,
     /// Profile items used: the most recent (last in the JSON array) are kept.
     #[arg(long, env = "MAX_HISTORY", default_value_t = 200, global = true)]
     pub max_history: usize,
@@ -632,7 +632,7 @@ impl Config {
         self.admin_addr()?;
         self.ingest.validate()?;
         self.webhook.validate()?;
-        crate::models::DeviceChoice::parse(&self.device)?;
+        crate::inference::device::DeviceChoice::parse(&self.device)?;
         Ok(())
     }
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
+use model_service::api::{routes as http, server};
 use model_service::app::{build_service, engine_config};
 use model_service::config::{Cli, Command, Config, LogFormat};
-use model_service::model_set::{LoadSpec, ModelSet};
+use model_service::inference::model_set::{LoadSpec, ModelSet};
 use model_service::service::Service;
-use model_service::{backfill, http, ingest, listener, server};
+use model_service::workers::{backfill, ingest, listener};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -5,7 +5,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::models::ModelInfo;
+use crate::inference::models::ModelInfo;
 
 const PREFIX: &str = "model_service";
 

@@ -8,11 +8,11 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::engine::Engine;
-use crate::engine::EngineState;
 use crate::error::Error;
+use crate::inference::engine::Engine;
+use crate::inference::engine::EngineState;
+use crate::inference::model_set::ModelSet;
 use crate::metrics::Metrics;
-use crate::model_set::ModelSet;
 use crate::redis::profile::ProfileRead;
 use crate::redis::store::{ModelId, ProfileLimits, StoredList, Written};
 use crate::redis::Store;
@@ -173,7 +173,7 @@ pub struct Service {
     /// Announces written lists to WEBHOOK_URL (disabled unless set; see `with_webhooks`).
     pub webhooks: Webhooks,
     /// What `/health` says of the Kafka ingestion's dead letters (set by the ingestion).
-    pub ingest_dead_letter: crate::ingest::dead_letter::DeadLetterHealth,
+    pub ingest_dead_letter: crate::workers::ingest::dead_letter::DeadLetterHealth,
     cfg: ServiceConfig,
     /// Computations in flight: single flight.
     in_flight: Mutex<HashMap<FlightKey, Flight>>,

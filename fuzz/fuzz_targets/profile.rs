@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use model_service::catalog::Catalog;
+use model_service::inference::catalog::Catalog;
 use model_service::redis::profile::parse_profile;
 
 fn catalog() -> &'static Catalog {

@@ -15,7 +15,7 @@ use axum::http::{Method, Request};
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 use model_service::config::Cli;
-use model_service::http::{router, Access, Routes};
+use model_service::api::routes::{router, Access, Routes};
 use tower::ServiceExt;
 
 const TOKEN: &str = "fuzz-token";

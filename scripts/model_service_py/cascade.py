@@ -1,5 +1,5 @@
 """The serving cascade in Python, over the exported TorchScript files: the same steps, candidate
-counts and history handling as the Rust server (src/models.rs), used to build training data for
+counts and history handling as the Rust server (src/inference/models.rs), used to build training data for
 stages 2 and 3 and to evaluate."""
 
 from __future__ import annotations

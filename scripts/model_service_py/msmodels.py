@@ -5,7 +5,7 @@ Every module takes batched tensors with a leading batch dimension B:
   mask     bool  [B, L]  True where history holds a real item
   cands    int64 [B, C]  candidate item rows (DIN and RankNet)
 and returns float32 scores (higher is better). model_output/README.md documents the contract;
-the Rust server (src/models.rs) is the other side of it.
+the Rust server (src/inference/models.rs) is the other side of it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 SCHEMA_VERSION = 2
 
 # The forward arguments of each stage (interface v2), recorded as models.<stage>.inputs in
-# manifest.json and checked by the server at load (src/models.rs); v1's DIN took no s1.
+# manifest.json and checked by the server at load (src/inference/models.rs); v1's DIN took no s1.
 STAGE_INPUTS = {
     "lightgcn": ["history", "mask"],
     "din": ["history", "mask", "cands", "s1"],

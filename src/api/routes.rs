@@ -12,8 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tracing::Instrument;
 
-use crate::engine::{EngineState, Reloaded};
 use crate::error::{Error, ErrorBody};
+use crate::inference::engine::{EngineState, Reloaded};
 use crate::redis::topology::TopologyReport;
 use crate::service::{Ask, Recommendation, Service};
 
@@ -85,7 +85,7 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
             .route("/health/live", get(live))
             .route("/metrics", get(metrics))
             .route("/openapi.json", get(openapi_json))
-            .merge(crate::docs::routes());
+            .merge(crate::api::docs::routes());
     }
     if matches!(routes, Routes::Api { admin: true } | Routes::Ops { admin: true } | Routes::Admin) {
         let guard = AdminGuard { token, open_without_token: routes == Routes::Admin };

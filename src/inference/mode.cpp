@@ -1,6 +1,6 @@
 // libtorch's InferenceMode for the Rust side (tch 0.24 exposes only the no-grad guard).
 // Inside it, operators skip autograd's view and version-counter bookkeeping as well as the graph:
-// the per-operator cost that dominates the cascade's many small tensors. src/inference_mode.rs
+// the per-operator cost that dominates the cascade's many small tensors. src/inference/mode.rs
 // holds the guard.
 #include <c10/core/InferenceMode.h>
 

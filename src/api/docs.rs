@@ -11,13 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-const INDEX_HTML: &[u8] = include_bytes!("../assets/docs/index.html");
-const INIT_JS: &[u8] = include_bytes!("../assets/docs/init.js");
-const BUNDLE_JS: &[u8] = include_bytes!("../assets/swagger-ui/swagger-ui-bundle.js");
-const CSS: &[u8] = include_bytes!("../assets/swagger-ui/swagger-ui.css");
-const LICENSE: &[u8] = include_bytes!("../assets/swagger-ui/LICENSE");
+const INDEX_HTML: &[u8] = include_bytes!("../../assets/docs/index.html");
+const INIT_JS: &[u8] = include_bytes!("../../assets/docs/init.js");
+const BUNDLE_JS: &[u8] = include_bytes!("../../assets/swagger-ui/swagger-ui-bundle.js");
+const CSS: &[u8] = include_bytes!("../../assets/swagger-ui/swagger-ui.css");
+const LICENSE: &[u8] = include_bytes!("../../assets/swagger-ui/LICENSE");
 /// The vendored Swagger UI version (part of the assets' cache validator).
-pub const SWAGGER_UI_VERSION: &str = include_str!("../assets/swagger-ui/VERSION");
+pub const SWAGGER_UI_VERSION: &str = include_str!("../../assets/swagger-ui/VERSION");
 
 /// Only this server: scripts and styles from /docs/, requests to this origin, images inline.
 /// Swagger UI sets inline styles, hence 'unsafe-inline' for styles (not for scripts).

@@ -15,10 +15,11 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{ConfigError, Error};
-use crate::ivf::SearchSpec;
+use crate::inference::device::DeviceChoice;
+use crate::inference::ivf::SearchSpec;
+use crate::inference::model_set::{LoadSpec, ModelSet};
+use crate::inference::models::{Budget, Ranked, Stage, StageStats};
 use crate::metrics::Metrics;
-use crate::model_set::{LoadSpec, ModelSet};
-use crate::models::{Budget, DeviceChoice, Ranked, Stage, StageStats};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -390,7 +391,7 @@ fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
         std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, &excludes, cfg.budget(k, explain))));
     let result = match outcome {
         Ok(Ok(result)) => Ok(result),
-        Ok(Err(e)) => Err(crate::models::torch_error(&e)),
+        Ok(Err(e)) => Err(crate::inference::models::torch_error(&e)),
         Err(_) => Err("the inference worker caught a panic".to_string()),
     };
     match result {

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use tch::Device;
 
-use crate::catalog::Catalog;
 use crate::error::ConfigError;
-use crate::ivf::{CandidateSearch, IvfIndex, SearchSpec};
-use crate::models::{Budget, ModelInfo, Models, Ranked, StageStats};
+use crate::inference::catalog::Catalog;
+use crate::inference::ivf::{CandidateSearch, IvfIndex, SearchSpec};
+use crate::inference::models::{Budget, ModelInfo, Models, Ranked, StageStats};
 
 /// How to load a set: where, on what, how many copies, and the serving sizes to warm up at.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ fn content_sha(dir: &Path, catalog: &[u8], manifest: &[u8], spec: &LoadSpec) -> 
         hasher.update(bytes);
     }
     let mut models_bytes = 0u64;
-    for stage in crate::models::STAGES {
+    for stage in crate::inference::models::STAGES {
         let path = dir.join(stage).join("model.pt");
         let (file, len) = open_model_file(&path, spec.max_file_bytes)?;
         hasher.update(path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().as_bytes());
@@ -181,7 +181,7 @@ impl ModelSet {
             match copies[0].item_table() {
                 Ok(table) => {
                     let index = IvfIndex::build(&table, &spec.search).map_err(|e| {
-                        err(format!("building the IVF index failed: {}", crate::models::torch_error(&e)))
+                        err(format!("building the IVF index failed: {}", crate::inference::models::torch_error(&e)))
                     })?;
                     for copy in &mut copies {
                         copy.use_index(index.shallow_clone());
@@ -253,7 +253,7 @@ fn warm_up(models: &Models, spec: &LoadSpec) -> Result<(), String> {
         (0..spec.warm_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
     let refs: Vec<&[i64]> = warm.iter().map(|h| h.as_slice()).collect();
     for _ in 0..3 {
-        models.rank(&refs, &refs, spec.warm_budget).map_err(|e| crate::models::torch_error(&e))?;
+        models.rank(&refs, &refs, spec.warm_budget).map_err(|e| crate::inference::models::torch_error(&e))?;
     }
     Ok(())
 }

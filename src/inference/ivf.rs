@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::models::{cpu_f32, host_i64, select_top};
+use crate::inference::topk::{cpu_f32, host_i64, select_top};
 
 /// The CPU scan re-scores this many times the candidates it needs on the full vectors.
 const RESCORE: usize = 2;

@@ -10,58 +10,12 @@ use serde::Deserialize;
 use tch::{CModule, Device, Kind, TchError, Tensor};
 
 use crate::error::ConfigError;
-use crate::inference_mode::InferenceMode;
-use crate::ivf::IvfIndex;
+use crate::inference::device::device_name;
+use crate::inference::ivf::IvfIndex;
+use crate::inference::mode::InferenceMode;
+use crate::inference::topk::{cpu_f32, host_f32, host_i64, select_top};
 
 pub const STAGES: [&str; 3] = ["lightgcn", "din", "ranknet"];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl DeviceChoice {
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let t = text.trim().to_ascii_lowercase();
-        match t.as_str() {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => {
-                t.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(|| {
-                    ConfigError::Invalid(format!("DEVICE must be auto, cpu, cuda or cuda:N, got {text:?}"))
-                })
-            }
-        }
-    }
-
-    /// Picks the device; `cuda_devices` is how many CUDA devices libtorch sees.
-    pub fn resolve(self, cuda_devices: usize) -> Result<Device, ConfigError> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Auto if cuda_devices > 0 => Ok(Device::Cuda(0)),
-            Self::Auto => {
-                tracing::info!("DEVICE=auto: no CUDA device available, running on CPU");
-                Ok(Device::Cpu)
-            }
-            Self::Cuda(n) if n < cuda_devices => Ok(Device::Cuda(n)),
-            Self::Cuda(n) => Err(ConfigError::Device(format!(
-                "DEVICE=cuda:{n} was asked for but libtorch sees {cuda_devices} CUDA device(s) \
-                 (no driver, no GPU, or a CPU-only libtorch); use DEVICE=cpu or DEVICE=auto"
-            ))),
-        }
-    }
-}
-
-pub fn device_name(device: Device) -> String {
-    match device {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(n) => format!("cuda:{n}"),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
 
 #[derive(Debug, Clone, Deserialize)]
 struct Manifest {
@@ -419,113 +373,6 @@ impl Models {
     }
 }
 
-/// The values of a contiguous float32 CPU tensor, borrowed for as long as the tensor.
-pub(crate) fn cpu_f32(t: &Tensor) -> Result<&[f32], TchError> {
-    if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
-        return Err(TchError::Kind(format!(
-            "expected a contiguous float32 CPU tensor, got {:?} on {:?}",
-            t.kind(),
-            t.device()
-        )));
-    }
-    let len = t.numel();
-    if len == 0 {
-        return Ok(&[]);
-    }
-    // SAFETY: a contiguous float32 CPU tensor holds `numel` initialised f32 values at `data_ptr`;
-    // the returned slice borrows `t`, which keeps the storage alive, and nothing writes to it
-    // meanwhile (the tensor is local to one inference call).
-    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, len) })
-}
-
-/// The `c` highest scores of one row with their positions, best first (ties: lower position
-/// first), leaving out the positions in `exclude`; NaN ranks below every number.
-///
-/// Two passes instead of a sort: the value of rank `r` in an evenly strided sample of the row is a
-/// threshold that about `2 (c + |exclude|)` entries reach, one pass keeps those, and only they are
-/// ordered, as integer keys (`rank_key`) rather than through a float comparator. Should too few
-/// reach it (an unlucky sample), the sample rank grows until the whole row is taken.
-pub fn select_top(scores: &[f32], exclude: &[i64], c: usize) -> Vec<(usize, f32)> {
-    if c == 0 {
-        return Vec::new();
-    }
-    let mut excluded: Vec<usize> = exclude.iter().filter_map(|&r| usize::try_from(r).ok()).collect();
-    excluded.sort_unstable();
-    let n = scores.len();
-    let want = 2 * (c + excluded.len());
-    let mut rank = 32;
-    let mut picked: Vec<u64> = Vec::new();
-    loop {
-        // sample m entries so that rank r of the sample stands for about `want` entries of the row
-        let m = (rank * n).div_ceil(want.max(1));
-        let take_all = m >= n;
-        picked.clear();
-        if take_all {
-            picked.extend(scores.iter().enumerate().map(|(pos, &v)| rank_key(pos, v)));
-        } else {
-            let stride = n / m;
-            let mut sample: Vec<f32> = scores.iter().step_by(stride).copied().filter(|v| !v.is_nan()).collect();
-            if sample.len() > rank {
-                let (_, t, _) = sample.select_nth_unstable_by(rank, |x, y| y.total_cmp(x));
-                let t = *t;
-                keep_at_least(scores, t, &mut picked);
-            }
-        }
-        picked.retain(|&key| excluded.binary_search(&key_position(key)).is_err());
-        if picked.len() >= c || take_all {
-            break;
-        }
-        rank *= 4;
-    }
-    if picked.len() > c {
-        picked.select_nth_unstable(c);
-        picked.truncate(c);
-    }
-    picked.sort_unstable();
-    picked.into_iter().map(key_position).map(|pos| (pos, scores[pos])).collect()
-}
-
-/// Appends the `rank_key` of every score `>= t` (never NaN), in position order. The comparisons
-/// of 16 scores are packed into a bit mask first, which the compiler vectorises, so the pass
-/// branches once per 16 scores instead of once per score (about 30% faster over a 25k-item row).
-fn keep_at_least(scores: &[f32], t: f32, out: &mut Vec<u64>) {
-    let mut chunks = scores.chunks_exact(16);
-    let mut base = 0;
-    for chunk in &mut chunks {
-        let mut bits = chunk.iter().enumerate().fold(0u32, |bits, (j, &v)| bits | u32::from(v >= t) << j);
-        while bits != 0 {
-            let j = bits.trailing_zeros() as usize;
-            out.push(rank_key(base + j, chunk[j]));
-            bits &= bits - 1;
-        }
-        base += 16;
-    }
-    for (j, &v) in chunks.remainder().iter().enumerate() {
-        if v >= t {
-            out.push(rank_key(base + j, v));
-        }
-    }
-}
-
-/// A key whose integer order is `select_top`'s: higher score first, NaN after every number, then
-/// the lower position (catalog rows fit in 32 bits).
-fn rank_key(pos: usize, score: f32) -> u64 {
-    let bits = score.to_bits();
-    // the float's order as an unsigned integer's (negative numbers reversed); NaN lowest
-    let ascending = if score.is_nan() {
-        0
-    } else if bits >> 31 == 1 {
-        !bits
-    } else {
-        bits | 0x8000_0000
-    };
-    (u64::from(!ascending) << 32) | pos as u64
-}
-
-fn key_position(key: u64) -> usize {
-    (key & 0xFFFF_FFFF) as usize
-}
-
 /// libtorch's message without the C++ stack trace it appends (for logs and error bodies).
 pub fn torch_error(e: &TchError) -> String {
     let text = e.to_string();
@@ -552,15 +399,6 @@ fn to_ranked(rows: &Tensor, scores: &Tensor) -> Result<Vec<Ranked>, TchError> {
         .zip(scores.chunks(k))
         .map(|(r, s)| Ranked { rows: r.to_vec(), scores: s.to_vec(), trace: None })
         .collect())
-}
-
-/// The rows of a [B, n] tensor on the host, as f32 or i64.
-fn host_f32(t: &Tensor) -> Result<Vec<f32>, TchError> {
-    Vec::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)
-}
-
-pub(crate) fn host_i64(t: &Tensor) -> Result<Vec<i64>, TchError> {
-    Vec::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?)
 }
 
 /// Fills `Ranked::trace`: where each returned item stood after each stage. `s1` holds LightGCN's
@@ -630,77 +468,5 @@ mod tests {
         assert!(check_inputs("din", Some(&v(&["history", "mask", "cands", "s2"]))).is_err());
         assert!(check_inputs("ranknet", Some(&v(&DIN_INPUTS_V2))).is_err());
         assert!(check_inputs("lightgcn", Some(&v(&["history"]))).is_err());
-    }
-
-    #[test]
-    fn select_top_matches_a_full_sort_without_the_excluded_rows() {
-        let mut seed = 7u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (seed >> 33) as f32 / (1u64 << 31) as f32
-        };
-        for (n, c) in [(1000, 200), (50, 50), (30, 10), (5, 1)] {
-            // coarse values so that ties occur
-            let scores: Vec<f32> = (0..n).map(|_| (next() * 20.0).floor()).collect();
-            let exclude: Vec<i64> = (0..n as i64).filter(|i| i % 7 == 3).collect();
-            let mut want: Vec<(usize, f32)> =
-                scores.iter().copied().enumerate().filter(|(p, _)| !exclude.contains(&(*p as i64))).collect();
-            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            want.truncate(c);
-            assert_eq!(select_top(&scores, &exclude, c), want, "n={n} c={c}");
-        }
-    }
-
-    #[test]
-    fn select_top_holds_for_rows_that_fool_the_sample() {
-        let n = 30_000usize;
-        let patterns: Vec<(&str, Vec<f32>)> = vec![
-            ("ascending", (0..n).map(|i| i as f32).collect()),
-            ("descending", (0..n).map(|i| -(i as f32)).collect()),
-            ("constant", vec![0.5; n]),
-            ("sawtooth 7", (0..n).map(|i| (i % 7) as f32).collect()),
-            ("high off the grid", (0..n).map(|i| if i % 64 == 0 { 0.0 } else { (i % 977) as f32 }).collect()),
-            ("mostly NaN", (0..n).map(|i| if i % 1000 == 0 { i as f32 } else { f32::NAN }).collect()),
-        ];
-        let exclude: Vec<i64> = (0..n as i64).step_by(101).collect();
-        for (name, scores) in patterns {
-            let mut want: Vec<(usize, f32)> =
-                scores.iter().copied().enumerate().filter(|(p, _)| !exclude.contains(&(*p as i64))).collect();
-            want.sort_by(|a, b| (!b.1.is_nan()).cmp(&!a.1.is_nan()).then(b.1.total_cmp(&a.1)).then(a.0.cmp(&b.0)));
-            want.truncate(200);
-            let got = select_top(&scores, &exclude, 200);
-            assert_eq!(got.len(), 200, "{name}");
-            let same = got.iter().zip(&want).all(|(g, w)| g.0 == w.0 && (g.1 == w.1 || (g.1.is_nan() && w.1.is_nan())));
-            assert!(same, "{name}: {:?} vs {:?}", &got[..5], &want[..5]);
-        }
-    }
-
-    #[test]
-    fn select_top_ranks_nan_last_and_returns_what_there_is() {
-        let scores = [f32::NAN, 1.0, f32::NEG_INFINITY, 3.0, f32::NAN, 2.0];
-        assert_eq!(select_top(&scores, &[3], 3), vec![(5, 2.0), (1, 1.0), (2, f32::NEG_INFINITY)]);
-        let all = select_top(&scores, &[], 10);
-        assert_eq!(all.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 5, 1, 2, 0, 4]);
-        assert!(select_top(&scores, &[], 0).is_empty());
-    }
-
-    #[test]
-    fn device_strings_parse() {
-        assert_eq!(DeviceChoice::parse("auto").unwrap(), DeviceChoice::Auto);
-        assert_eq!(DeviceChoice::parse("CPU").unwrap(), DeviceChoice::Cpu);
-        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(0));
-        assert_eq!(DeviceChoice::parse("cuda:3").unwrap(), DeviceChoice::Cuda(3));
-        assert!(DeviceChoice::parse("cuda:x").is_err());
-        assert!(DeviceChoice::parse("gpu").is_err());
-    }
-
-    #[test]
-    fn auto_falls_back_to_cpu_and_explicit_cuda_fails_without_a_gpu() {
-        assert_eq!(DeviceChoice::Auto.resolve(0).unwrap(), Device::Cpu);
-        assert_eq!(DeviceChoice::Auto.resolve(2).unwrap(), Device::Cuda(0));
-        assert_eq!(DeviceChoice::Cuda(1).resolve(2).unwrap(), Device::Cuda(1));
-        let err = DeviceChoice::Cuda(0).resolve(0).unwrap_err().to_string();
-        assert!(err.contains("DEVICE=cuda:0") && err.contains("0 CUDA device"), "{err}");
-        assert!(DeviceChoice::Cuda(2).resolve(2).is_err());
     }
 }

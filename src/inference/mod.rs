@@ -1,0 +1,12 @@
+//! Inference: the model directory as a unit (catalog, the three TorchScript stages, the IVF index)
+//! and the engine that serves it (bounded queue, batching workers, reload). Knows nothing of Redis
+//! or HTTP.
+
+pub mod catalog;
+pub mod device;
+pub mod engine;
+pub mod ivf;
+pub mod mode;
+pub mod model_set;
+pub mod models;
+pub mod topk;
