@@ -40,7 +40,7 @@ pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
 /// The service with its Redis store and inference engine (the models load in the background).
 pub fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
     // Everything that can be refused without the models is checked before they start loading.
-    let store = Store::new(cfg)?;
+    let store = Store::new(&cfg.redis)?;
     let engine_cfg = engine_config(cfg)?;
     let service_cfg = ServiceConfig {
         default_k: cfg.default_k,
@@ -51,7 +51,7 @@ pub fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
     };
     let metrics = Metrics::new();
     // the dead-letter stream's own client: its writes never queue behind the request path's
-    let webhooks = Webhooks::start(&cfg.webhook, Store::new(cfg)?, metrics.clone())?;
+    let webhooks = Webhooks::start(&cfg.webhook, Store::new(&cfg.redis)?, metrics.clone())?;
     let engine = Engine::start(engine_cfg, metrics.clone());
     Ok(Arc::new(Service::new(store, engine, metrics, service_cfg).with_webhooks(webhooks)))
 }

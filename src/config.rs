@@ -62,46 +62,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Full Redis URL (redis:// or rediss://); overrides the REDIS_HOST/PORT/DB/PASSWORD settings.
-    #[arg(long, env = "REDIS_URL", global = true)]
-    pub redis_url: Option<String>,
-    #[arg(long, env = "REDIS_HOST", default_value = "localhost", global = true)]
-    pub redis_host: String,
-    #[arg(long, env = "REDIS_PORT", default_value_t = 6379, global = true)]
-    pub redis_port: u16,
-    #[arg(long, env = "REDIS_DB", default_value_t = 0, global = true)]
-    pub redis_db: i64,
-    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true, global = true)]
-    pub redis_password: Option<String>,
-    /// Connect to REDIS_HOST:REDIS_PORT over TLS (as a rediss:// REDIS_URL does).
-    #[arg(long, env = "REDIS_TLS", default_value_t = false, action = clap::ArgAction::Set, global = true)]
-    pub redis_tls: bool,
-    /// PEM file of the CA(s) that sign the Redis server's certificate (default: the system's roots).
-    #[arg(long, env = "REDIS_TLS_CA_CERT", global = true)]
-    pub redis_tls_ca_cert: Option<PathBuf>,
-    /// PEM client certificate and key, for Redis servers that require client certificates
-    /// (tls-auth-clients yes).
-    #[arg(long, env = "REDIS_TLS_CLIENT_CERT", requires = "redis_tls_client_key", global = true)]
-    pub redis_tls_client_cert: Option<PathBuf>,
-    #[arg(long, env = "REDIS_TLS_CLIENT_KEY", requires = "redis_tls_client_cert", global = true)]
-    pub redis_tls_client_key: Option<PathBuf>,
-    /// Redis Cluster: seed nodes as `host:port,host:port,...` (any reachable ones; the rest of the
-    /// cluster is discovered). Password and TLS settings apply to every node; REDIS_DB must be 0.
-    #[arg(long, env = "REDIS_CLUSTER_NODES", global = true)]
-    pub redis_cluster_nodes: Option<String>,
-    /// Redis Sentinel: the sentinels as `host:port,host:port,...`; the service talks to the master
-    /// they name for REDIS_SENTINEL_MASTER and follows failovers.
-    #[arg(long, env = "REDIS_SENTINELS", global = true)]
-    pub redis_sentinels: Option<String>,
-    /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
-    #[arg(long, env = "REDIS_SENTINEL_MASTER", global = true)]
-    pub redis_sentinel_master: Option<String>,
-    /// Bound on connecting to Redis, in milliseconds.
-    #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 300, global = true)]
-    pub redis_connect_timeout_ms: u64,
-    /// Bound on one Redis command, in milliseconds.
-    #[arg(long, env = "REDIS_RESPONSE_TIMEOUT_MS", default_value_t = 500, global = true)]
-    pub redis_response_timeout_ms: u64,
+    #[command(flatten)]
+    pub redis: crate::redis::settings::RedisArgs,
 
     /// Directory with manifest.json, catalog.tsv and lightgcn/, din/, ranknet/.
     #[arg(long, env = "MODEL_DIR", default_value = "./model_output", global = true)]
@@ -229,26 +191,12 @@ pub struct Config {
     /// Log lines as `text` or `json` (one JSON object per line, for log shippers).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
     pub log_format: LogFormat,
-    /// Channel on which the user id is published after each write of recommendations.
-    #[arg(long, env = "NOTIFY_CHANNEL", default_value = "recommendations_updated", global = true)]
-    pub notify_channel: String,
     #[command(flatten)]
     pub listener: ListenerArgs,
     #[command(flatten)]
     pub ingest: IngestArgs,
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
-}
-
-/// The Redis deployment the settings name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisTopology {
-    /// One node: REDIS_URL or REDIS_HOST/PORT.
-    Single,
-    /// Redis Cluster, from these seed nodes.
-    Cluster(Vec<(String, u16)>),
-    /// The master that these sentinels name for `master`.
-    Sentinel { sentinels: Vec<(String, u16)>, master: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -459,73 +407,6 @@ impl Config {
         Ok(Some(SocketAddr::new(ip, port)))
     }
 
-    /// Which Redis topology the settings describe; a cluster with a database other than 0, or
-    /// both a cluster and sentinels, is refused.
-    pub fn redis_topology(&self) -> Result<RedisTopology, ConfigError> {
-        let list = |name: &str, value: &str| -> Result<Vec<(String, u16)>, ConfigError> {
-            let nodes = value
-                .split(',')
-                .map(str::trim)
-                .filter(|n| !n.is_empty())
-                .map(|n| {
-                    let (host, port) = n
-                        .rsplit_once(':')
-                        .ok_or_else(|| ConfigError::Invalid(format!("{name}: {n:?} is not host:port")))?;
-                    let port = port.parse().map_err(|_| ConfigError::Invalid(format!("{name}: bad port in {n:?}")))?;
-                    Ok((host.trim_matches(['[', ']']).to_string(), port))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if nodes.is_empty() {
-                return Err(ConfigError::Invalid(format!("{name} is set but names no host:port")));
-            }
-            Ok(nodes)
-        };
-        // Set but empty (a compose file's `${REDIS_CLUSTER_NODES:-}`) counts as unset.
-        fn given(v: &Option<String>) -> Option<&String> {
-            v.as_ref().filter(|v| !v.trim().is_empty())
-        }
-        let (cluster, sentinels, master) =
-            (given(&self.redis_cluster_nodes), given(&self.redis_sentinels), given(&self.redis_sentinel_master));
-        match (cluster, sentinels, master) {
-            (Some(_), Some(_), _) => Err(ConfigError::Invalid(
-                "REDIS_CLUSTER_NODES and REDIS_SENTINELS are both set: choose one topology".into(),
-            )),
-            (Some(nodes), None, _) => {
-                let db = self.redis_url_db().unwrap_or(self.redis_db);
-                if db != 0 {
-                    return Err(ConfigError::Invalid(format!(
-                        "REDIS_CLUSTER_NODES is set with database {db}: a Redis Cluster has only database 0 \
-                         (unset REDIS_DB or set it to 0)"
-                    )));
-                }
-                Ok(RedisTopology::Cluster(list("REDIS_CLUSTER_NODES", nodes)?))
-            }
-            (None, Some(sentinels), Some(master)) => {
-                Ok(RedisTopology::Sentinel { sentinels: list("REDIS_SENTINELS", sentinels)?, master: master.clone() })
-            }
-            (None, Some(_), None) => {
-                Err(ConfigError::Invalid("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER".into()))
-            }
-            (None, None, _) => Ok(RedisTopology::Single),
-        }
-    }
-
-    /// The database of REDIS_URL's path (`redis://host/3`), when it names one.
-    fn redis_url_db(&self) -> Option<i64> {
-        let url = self.redis_url.as_deref()?;
-        let rest = url.split_once("://")?.1;
-        let path = rest.split_once('/')?.1.split(['?', '#']).next()?;
-        path.parse().ok()
-    }
-
-    pub fn redis_connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis_connect_timeout_ms)
-    }
-
-    pub fn redis_response_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis_response_timeout_ms)
-    }
-
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
@@ -627,7 +508,7 @@ impl Config {
                 ));
             }
         }
-        self.redis_topology()?;
+        self.redis.topology()?;
         self.listen_addr()?;
         self.admin_addr()?;
         self.ingest.validate()?;
@@ -650,7 +531,7 @@ mod tests {
         let cli = parse(&["model-service", "serve"]);
         assert!(matches!(cli.command, Command::Serve { listen: false, ingest: false }));
         let c = cli.config;
-        assert_eq!((c.redis_host.as_str(), c.redis_port, c.redis_db), ("localhost", 6379, 0));
+        assert_eq!((c.redis.redis_host.as_str(), c.redis.redis_port, c.redis.redis_db), ("localhost", 6379, 0));
         assert_eq!(c.listen_addr().unwrap().to_string(), "0.0.0.0:8001");
         assert_eq!((c.recommendation_ttl, c.default_k, c.max_k), (3600, 10, 100));
         assert!(c.validate().is_ok());
@@ -733,11 +614,11 @@ mod tests {
     #[test]
     fn the_redis_topology_comes_from_the_settings() {
         let single = parse(&["model-service", "serve"]).config;
-        assert_eq!(single.redis_topology().unwrap(), RedisTopology::Single);
+        assert_eq!(single.redis.topology().unwrap(), crate::redis::settings::RedisTopology::Single);
         let cluster = parse(&["model-service", "--redis-cluster-nodes", "a:7000, [::1]:7001", "serve"]).config;
         assert_eq!(
-            cluster.redis_topology().unwrap(),
-            RedisTopology::Cluster(vec![("a".into(), 7000), ("::1".into(), 7001)])
+            cluster.redis.topology().unwrap(),
+            crate::redis::settings::RedisTopology::Cluster(vec![("a".into(), 7000), ("::1".into(), 7001)])
         );
         for args in [
             &["model-service", "--redis-cluster-nodes", "a:7000", "--redis-db", "2", "serve"][..],
@@ -751,13 +632,16 @@ mod tests {
         let sentinel =
             parse(&["model-service", "--redis-sentinels", "s:26379", "--redis-sentinel-master", "m", "serve"]).config;
         assert_eq!(
-            sentinel.redis_topology().unwrap(),
-            RedisTopology::Sentinel { sentinels: vec![("s".into(), 26379)], master: "m".into() }
+            sentinel.redis.topology().unwrap(),
+            crate::redis::settings::RedisTopology::Sentinel {
+                sentinels: vec![("s".into(), 26379)],
+                master: "m".into()
+            }
         );
         let nameless = parse(&["model-service", "--redis-sentinels", "s:1", "serve"]).config;
         assert!(nameless.validate().unwrap_err().to_string().contains("REDIS_SENTINEL_MASTER"));
         let empty = parse(&["model-service", "--redis-cluster-nodes", "", "--redis-sentinels", " ", "serve"]).config;
-        assert_eq!(empty.redis_topology().unwrap(), RedisTopology::Single);
+        assert_eq!(empty.redis.topology().unwrap(), crate::redis::settings::RedisTopology::Single);
     }
 
     #[test]

@@ -217,7 +217,7 @@ async fn recommend_once(cfg: Config, user_id: String, k: Option<usize>) -> anyho
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("{}", serde_json::to_string_pretty(&e.body())?);
+            println!("{}", serde_json::to_string_pretty(&model_service::api::error::ApiError::from(e).body())?);
             Ok(ExitCode::FAILURE)
         }
     }

@@ -5,8 +5,6 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::inference::models::ModelInfo;
-
 const PREFIX: &str = "model_service";
 
 #[derive(Clone)]
@@ -302,12 +300,11 @@ impl Metrics {
         }
     }
 
-    pub fn set_model_info(&self, info: &ModelInfo) {
+    /// `model_info`: the set in service, with each stage's version (lightgcn, din, ranknet).
+    pub fn set_model_info(&self, version: &str, device: &str, stage_versions: [&str; 3]) {
         self.model_info.reset();
-        let version_of =
-            |stage: &str| info.stages.iter().find(|s| s.stage == stage).map(|s| s.version.clone()).unwrap_or_default();
-        let (l, d, r) = (version_of("lightgcn"), version_of("din"), version_of("ranknet"));
-        self.model_info.with_label_values(&[info.version.as_str(), info.device.as_str(), &l, &d, &r]).set(1);
+        let [l, d, r] = stage_versions;
+        self.model_info.with_label_values(&[version, device, l, d, r]).set(1);
     }
 
     pub fn render(&self) -> String {

@@ -2,5 +2,6 @@
 //! document and the interactive docs.
 
 pub mod docs;
+pub mod error;
 pub mod routes;
 pub mod server;

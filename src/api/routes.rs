@@ -12,7 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tracing::Instrument;
 
-use crate::error::{Error, ErrorBody};
+use crate::api::error::{ApiError, ErrorBody};
+use crate::error::Error;
 use crate::inference::engine::{EngineState, Reloaded};
 use crate::redis::topology::TopologyReport;
 use crate::service::{Ask, Recommendation, Service};
@@ -106,7 +107,7 @@ pub fn router(service: Arc<Service>, routes: Routes, access: &Access) -> Router 
 }
 
 /// `Ok` when no token is configured or the request carries it (constant-time comparison).
-fn check_token(token: Option<&str>, request: &Request) -> Result<(), Error> {
+fn check_token(token: Option<&str>, request: &Request) -> Result<(), ApiError> {
     let Some(token) = token else { return Ok(()) };
     let given = request
         .headers()
@@ -116,8 +117,8 @@ fn check_token(token: Option<&str>, request: &Request) -> Result<(), Error> {
         .unwrap_or("");
     match (same_token(given, token), given.is_empty()) {
         (true, _) => Ok(()),
-        (false, true) => Err(Error::Unauthorized("a bearer token is required".into())),
-        (false, false) => Err(Error::Unauthorized("the bearer token is not valid".into())),
+        (false, true) => Err(ApiError::Unauthorized("a bearer token is required".into())),
+        (false, false) => Err(ApiError::Unauthorized("the bearer token is not valid".into())),
     }
 }
 
@@ -166,7 +167,7 @@ struct AdminGuard {
 /// loopback-only admin port (403 on the public port).
 async fn require_admin(State(guard): State<AdminGuard>, request: Request, next: Next) -> Response {
     if guard.token.is_none() && !guard.open_without_token {
-        return Error::Forbidden(
+        return ApiError::Forbidden(
             "admin routes on the public port need API_TOKEN; set API_TOKEN, or ADMIN_PORT to serve them on loopback"
                 .into(),
         )
@@ -198,16 +199,18 @@ fn body_limit(access: &Access, path: &str) -> usize {
     }
 }
 
-fn check_head(access: &Access, request: &Request) -> Result<(), Error> {
+fn check_head(access: &Access, request: &Request) -> Result<(), ApiError> {
     let max = access.max_header_bytes;
     let body_limit = body_limit(access, request.uri().path());
     let target = request.uri().to_string().len();
     if target > max {
-        return Err(Error::UriTooLong(format!("the request target takes {target} bytes, at most {max} are accepted")));
+        return Err(ApiError::UriTooLong(format!(
+            "the request target takes {target} bytes, at most {max} are accepted"
+        )));
     }
     let headers: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
     if target + headers > max {
-        return Err(Error::HeadersTooLarge(format!(
+        return Err(ApiError::HeadersTooLarge(format!(
             "the request target and headers take {} bytes, at most {max} are accepted",
             target + headers
         )));
@@ -215,12 +218,12 @@ fn check_head(access: &Access, request: &Request) -> Result<(), Error> {
     if let Some(codings) = request.headers().get(header::TRANSFER_ENCODING) {
         let codings = codings.to_str().unwrap_or("?");
         if !codings.split(',').all(|c| c.trim().eq_ignore_ascii_case("chunked")) {
-            return Err(Error::UnsupportedTransferEncoding(format!("{codings:?}: only chunked is understood")));
+            return Err(ApiError::UnsupportedTransferEncoding(format!("{codings:?}: only chunked is understood")));
         }
     }
     let declared = declared_length(request);
     if declared > body_limit as u64 {
-        return Err(Error::PayloadTooLarge(format!("{declared} bytes, at most {body_limit} are accepted")));
+        return Err(ApiError::PayloadTooLarge(format!("{declared} bytes, at most {body_limit} are accepted")));
     }
     Ok(())
 }
@@ -245,7 +248,7 @@ async fn read_body(State(access): State<Access>, request: Request, next: Next) -
     }
 }
 
-async fn received(access: &Access, request: Request) -> Result<Request, Error> {
+async fn received(access: &Access, request: Request) -> Result<Request, ApiError> {
     let body_limit = body_limit(access, request.uri().path());
     if declared_length(&request) == 0 && !request.headers().contains_key(header::TRANSFER_ENCODING) {
         return Ok(request);
@@ -258,13 +261,13 @@ async fn received(access: &Access, request: Request) -> Result<Request, Error> {
             let too_large =
                 std::error::Error::source(&e).is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>());
             return Err(if too_large {
-                Error::PayloadTooLarge(format!("the body is over {body_limit} bytes"))
+                ApiError::PayloadTooLarge(format!("the body is over {body_limit} bytes"))
             } else {
-                Error::MalformedRequest(format!("the body could not be read: {e}"))
+                ApiError::MalformedRequest(format!("the body could not be read: {e}"))
             });
         }
         Err(_) => {
-            return Err(Error::RequestTimeout(format!(
+            return Err(ApiError::RequestTimeout(format!(
                 "the body did not arrive within {} s (BODY_READ_TIMEOUT_SECS)",
                 timeout.as_secs_f64()
             )))
@@ -312,17 +315,17 @@ pub struct ReloadAnswer {
 async fn reload(
     State(service): State<Arc<Service>>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, Error> {
+) -> Result<Response, ApiError> {
     let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(format!("at most {BODY_LIMIT} bytes are accepted")),
-        _ => Error::InvalidRequest(e.body_text()),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!("at most {BODY_LIMIT} bytes are accepted")),
+        _ => ApiError::InvalidRequest(e.body_text()),
     })?;
     let request: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReloadRequest::default()
     } else {
         serde_json::from_slice::<Option<ReloadRequest>>(&body)
             .map_err(|e| {
-                Error::InvalidRequest(format!("the body must be empty or {{\"model_dir\": \"<path>\"}}: {e}"))
+                ApiError::InvalidRequest(format!("the body must be empty or {{\"model_dir\": \"<path>\"}}: {e}"))
             })?
             .unwrap_or_default()
     };
@@ -383,15 +386,15 @@ pub struct RankQuery {
 }
 
 /// The ask from the query string: `k` and `explain`, each at most once.
-fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Ask, Error> {
+fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Ask, ApiError> {
     let Query(pairs) =
         query.map_err(|e| Error::InvalidK(format!("the query string is not valid: {}", e.body_text())))?;
     let k = service.parse_k(k_param(&pairs)?)?;
-    let explain = match single(&pairs, "explain").map_err(Error::InvalidRequest)? {
+    let explain = match single(&pairs, "explain").map_err(ApiError::InvalidRequest)? {
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {
-            return Err(Error::InvalidRequest(format!("explain must be true or false, got {other:?}")));
+            return Err(ApiError::InvalidRequest(format!("explain must be true or false, got {other:?}")));
         }
     };
     Ok(Ask { k, explain })
@@ -458,7 +461,7 @@ async fn recommend(
     State(service): State<Arc<Service>>,
     user_id: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<Recommendation>, Error> {
+) -> Result<Json<Recommendation>, ApiError> {
     let user_id = user(user_id)?;
     let ask = ask(&service, query)?;
     Ok(Json(service.recommend(&user_id, ask).await?))
@@ -479,7 +482,7 @@ async fn recommendations(
     State(service): State<Arc<Service>>,
     user_id: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<Recommendation>, Error> {
+) -> Result<Json<Recommendation>, ApiError> {
     let user_id = user(user_id)?;
     let ask = ask(&service, query)?;
     Ok(Json(service.recommendations(&user_id, ask).await?))
@@ -560,21 +563,21 @@ async fn recommend_history(
     State(service): State<Arc<Service>>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<Recommendation>, Error> {
+) -> Result<Json<Recommendation>, ApiError> {
     if let Ok(Query(pairs)) = &query {
         if pairs.iter().any(|(name, _)| name == "k") {
-            return Err(Error::InvalidRequest(
+            return Err(ApiError::InvalidRequest(
                 "k goes in the body of POST /recommend ({\"history\": [...], \"k\": N}), not in the query".into(),
             ));
         }
     }
     let Ask { explain, .. } = ask(&service, query)?;
     let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(e.body_text()),
-        _ => Error::InvalidBody(e.body_text()),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(e.body_text()),
+        _ => ApiError::InvalidBody(e.body_text()),
     })?;
     let request: HistoryRequest = serde_json::from_slice(&body).map_err(|e| {
-        Error::InvalidBody(format!("expected {{\"history\": [\"<item id>\", ...], \"k\": <1..>}}: {e}"))
+        ApiError::InvalidBody(format!("expected {{\"history\": [\"<item id>\", ...], \"k\": <1..>}}: {e}"))
     })?;
     let k = body_k(&service, request.k.as_deref())?;
     Ok(Json(service.rank_history(&request.history, Ask { k, explain }).await?))
@@ -701,12 +704,12 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], service.metrics.render()).into_response()
 }
 
-async fn not_found(request: Request) -> Error {
-    Error::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
 }
 
-async fn method_not_allowed() -> Error {
-    Error::MethodNotAllowed
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// This document: OpenAPI 3.1, generated from the route and type definitions.

@@ -44,7 +44,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-use crate::error::Error;
+use crate::api::error::ApiError;
 
 /// Largest request head hyper buffers per connection (beyond: 431). Room for a 64 KiB request
 /// target, which hyper refuses with 414 on its own.
@@ -521,11 +521,11 @@ fn json_parse_error(response: &[u8], request: &[u8]) -> Option<(axum::http::Stat
 }
 
 /// The error for hyper's `status`, with the reason read from the start of the refused request.
-fn parse_error(status: u16, request: &[u8]) -> Error {
+fn parse_error(status: u16, request: &[u8]) -> ApiError {
     match status {
-        414 => return Error::UriTooLong("the request target is over 64 KiB".into()),
+        414 => return ApiError::UriTooLong("the request target is over 64 KiB".into()),
         431 => {
-            return Error::HeadersTooLarge(format!(
+            return ApiError::HeadersTooLarge(format!(
                 "the request head is over {} KiB or has more than 100 header fields",
                 MAX_HEAD_BUFFER / 1024
             ))
@@ -537,12 +537,12 @@ fn parse_error(status: u16, request: &[u8]) -> Error {
     let words: Vec<&str> = line.split(' ').collect();
     match words.as_slice() {
         [_, _] => {
-            return Error::HttpVersionNotSupported(
+            return ApiError::HttpVersionNotSupported(
                 "the request line has no HTTP version (HTTP/0.9); HTTP/1.1 and HTTP/1.0 are served".into(),
             )
         }
         [_, _, version] if version.starts_with("HTTP/") && !matches!(*version, "HTTP/1.1" | "HTTP/1.0") => {
-            return Error::HttpVersionNotSupported(format!(
+            return ApiError::HttpVersionNotSupported(format!(
                 "{}; HTTP/1.1 and HTTP/1.0 are served",
                 version.escape_debug()
             ))
@@ -568,7 +568,7 @@ fn parse_error(status: u16, request: &[u8]) -> Error {
          target or a field, or a line that is not `name: value`)"
             .to_string()
     };
-    Error::MalformedRequest(reason)
+    ApiError::MalformedRequest(reason)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::error::ConfigError;
+use super::error::LoadError;
 
 #[derive(Debug)]
 pub struct Catalog {
@@ -31,8 +31,8 @@ pub struct History {
 impl Catalog {
     /// Parses `catalog.tsv` as read from `path` (`model_set::read_model_file`): one line per row,
     /// `item_id<TAB>popularity`.
-    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError::Model { dir: path.display().to_string(), reason };
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, LoadError> {
+        let err = |reason: String| LoadError::Model { dir: path.display().to_string(), reason };
         let text = String::from_utf8(bytes).map_err(|_| err("cannot read catalog: it is not UTF-8 text".into()))?;
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate() {

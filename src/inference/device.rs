@@ -3,7 +3,7 @@
 
 use tch::Device;
 
-use crate::error::ConfigError;
+use super::error::LoadError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -13,7 +13,7 @@ pub enum DeviceChoice {
 }
 
 impl DeviceChoice {
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+    pub fn parse(text: &str) -> Result<Self, LoadError> {
         let t = text.trim().to_ascii_lowercase();
         match t.as_str() {
             "auto" => Ok(Self::Auto),
@@ -21,14 +21,14 @@ impl DeviceChoice {
             "cuda" => Ok(Self::Cuda(0)),
             _ => {
                 t.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(|| {
-                    ConfigError::Invalid(format!("DEVICE must be auto, cpu, cuda or cuda:N, got {text:?}"))
+                    LoadError::Invalid(format!("DEVICE must be auto, cpu, cuda or cuda:N, got {text:?}"))
                 })
             }
         }
     }
 
     /// Picks the device; `cuda_devices` is how many CUDA devices libtorch sees.
-    pub fn resolve(self, cuda_devices: usize) -> Result<Device, ConfigError> {
+    pub fn resolve(self, cuda_devices: usize) -> Result<Device, LoadError> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Auto if cuda_devices > 0 => Ok(Device::Cuda(0)),
@@ -37,7 +37,7 @@ impl DeviceChoice {
                 Ok(Device::Cpu)
             }
             Self::Cuda(n) if n < cuda_devices => Ok(Device::Cuda(n)),
-            Self::Cuda(n) => Err(ConfigError::Device(format!(
+            Self::Cuda(n) => Err(LoadError::Device(format!(
                 "DEVICE=cuda:{n} was asked for but libtorch sees {cuda_devices} CUDA device(s) \
                  (no driver, no GPU, or a CPU-only libtorch); use DEVICE=cpu or DEVICE=auto"
             ))),

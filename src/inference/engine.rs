@@ -5,7 +5,7 @@
 //! worker thread.
 
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,11 +14,11 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 
 use tokio::sync::{oneshot, watch};
 
-use crate::error::{ConfigError, Error};
+use super::error::{InferenceError, LoadError};
 use crate::inference::device::DeviceChoice;
 use crate::inference::ivf::SearchSpec;
 use crate::inference::model_set::{LoadSpec, ModelSet};
-use crate::inference::models::{Budget, Ranked, Stage, StageStats};
+use crate::inference::models::{Budget, ModelInfo, Ranked, Stage, StageStats};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -52,7 +52,7 @@ impl EngineConfig {
     }
 
     /// How a model set is loaded for these workers (the device resolved against what libtorch sees).
-    pub fn load_spec(&self) -> Result<LoadSpec, ConfigError> {
+    pub fn load_spec(&self) -> Result<LoadSpec, LoadError> {
         Ok(LoadSpec {
             device: self.device.resolve(tch::Cuda::device_count().max(0) as usize)?,
             copies: self.workers.max(1),
@@ -65,12 +65,62 @@ impl EngineConfig {
     }
 }
 
+/// What the engine serves and reloads: a model set (`ModelSet`, the cascade on libtorch), or a
+/// fake in the unit tests below. Called on the inference worker threads only.
+pub trait Ranker: Send + Sync + 'static {
+    /// Ranks one batch on `worker`'s copy of the models: for each history the top
+    /// `budget.k` rows, leaving out that history's `excludes`. An error fails the whole batch.
+    fn rank(
+        &self,
+        worker: usize,
+        histories: &[&[i64]],
+        excludes: &[&[i64]],
+        budget: Budget,
+    ) -> Result<(Vec<Ranked>, StageStats), String>;
+    /// What is in service (`/health`, `/metrics`, reload answers).
+    fn info(&self) -> &ModelInfo;
+    /// The directory it was loaded from (a reload without one reloads this).
+    fn dir(&self) -> &Path;
+}
+
+impl Ranker for ModelSet {
+    fn rank(
+        &self,
+        worker: usize,
+        histories: &[&[i64]],
+        excludes: &[&[i64]],
+        budget: Budget,
+    ) -> Result<(Vec<Ranked>, StageStats), String> {
+        ModelSet::rank(self, worker, histories, excludes, budget).map_err(|e| crate::inference::models::torch_error(&e))
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Loads the model directory it is given (at start, and at each reload).
+pub type Loader<R> = Arc<dyn Fn(&Path) -> Result<R, LoadError> + Send + Sync>;
+
 /// Where the engine is: loading the first model set, serving one, or failed to load at start.
-#[derive(Clone)]
-pub enum EngineState {
+pub enum EngineState<R = ModelSet> {
     Loading,
-    Ready(Arc<ModelSet>),
+    Ready(Arc<R>),
     Failed(String),
+}
+
+impl<R> Clone for EngineState<R> {
+    fn clone(&self) -> Self {
+        match self {
+            EngineState::Loading => EngineState::Loading,
+            EngineState::Ready(set) => EngineState::Ready(set.clone()),
+            EngineState::Failed(reason) => EngineState::Failed(reason.clone()),
+        }
+    }
 }
 
 /// Who decided a reload's outcome: nobody yet, the loading thread (it swapped the set in or
@@ -104,32 +154,54 @@ pub struct Reloaded {
     pub elapsed_ms: f64,
 }
 
-struct Job {
+struct Job<R> {
     /// The set whose catalog mapped `history`; the batch runs on the same set.
-    set: Arc<ModelSet>,
+    set: Arc<R>,
     history: Vec<i64>,
     exclude: Vec<i64>,
     k: usize,
     explain: bool,
     queued: Instant,
     deadline: Instant,
-    reply: oneshot::Sender<Result<Scored, Error>>,
+    reply: oneshot::Sender<Result<Scored, InferenceError>>,
 }
 
-#[derive(Clone)]
-pub struct Engine {
-    tx: Sender<Job>,
-    state: Arc<watch::Sender<EngineState>>,
+pub struct Engine<R: Ranker = ModelSet> {
+    tx: Sender<Job<R>>,
+    state: Arc<watch::Sender<EngineState<R>>>,
     /// One reload at a time: set while a reload's loading thread runs (it clears it when it ends).
     reloading: Arc<AtomicBool>,
     cfg: Arc<EngineConfig>,
     metrics: Metrics,
+    load: Loader<R>,
 }
 
-impl Engine {
-    /// Starts the inference workers and loads the model set on a background thread; `state()` is
-    /// Ready once every worker's copy is loaded and warmed up.
+impl<R: Ranker> Clone for Engine<R> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            state: self.state.clone(),
+            reloading: self.reloading.clone(),
+            cfg: self.cfg.clone(),
+            metrics: self.metrics.clone(),
+            load: self.load.clone(),
+        }
+    }
+}
+
+impl Engine<ModelSet> {
+    /// Starts the inference workers and loads `cfg.model_dir` on a background thread; `state()`
+    /// is Ready once every worker's copy is loaded and warmed up.
     pub fn start(cfg: EngineConfig, metrics: Metrics) -> Self {
+        let spec = cfg.clone();
+        let load: Loader<ModelSet> = Arc::new(move |dir: &Path| ModelSet::load(dir, &spec.load_spec()?));
+        Self::start_with(cfg, metrics, load)
+    }
+}
+
+impl<R: Ranker> Engine<R> {
+    /// Starts the inference workers, and `load`s `cfg.model_dir` on a background thread.
+    pub fn start_with(cfg: EngineConfig, metrics: Metrics, load: Loader<R>) -> Self {
         let (tx, rx) = bounded(cfg.queue_capacity);
         let state = Arc::new(watch::Sender::new(EngineState::Loading));
         let cfg = Arc::new(cfg);
@@ -140,7 +212,7 @@ impl Engine {
                 .spawn(move || run(n, cfg, rx, metrics))
                 .expect("spawning an inference worker");
         }
-        let engine = Self { tx, state, reloading: Arc::new(AtomicBool::new(false)), cfg, metrics };
+        let engine = Self { tx, state, reloading: Arc::new(AtomicBool::new(false)), cfg, metrics, load };
         let loader = engine.clone();
         std::thread::Builder::new()
             .name("model-loader".into())
@@ -155,12 +227,12 @@ impl Engine {
         engine
     }
 
-    pub fn state(&self) -> EngineState {
+    pub fn state(&self) -> EngineState<R> {
         self.state.borrow().clone()
     }
 
     /// The model set in service, if any.
-    pub fn current(&self) -> Option<Arc<ModelSet>> {
+    pub fn current(&self) -> Option<Arc<R>> {
         match &*self.state.borrow() {
             EngineState::Ready(set) => Some(set.clone()),
             _ => None,
@@ -168,29 +240,32 @@ impl Engine {
     }
 
     /// Waits until the first model set is loaded and warmed up, or failed to load.
-    pub async fn ready(&self) -> Result<Arc<ModelSet>, ConfigError> {
+    pub async fn ready(&self) -> Result<Arc<R>, LoadError> {
         let mut state = self.state.subscribe();
         loop {
             match &*state.borrow_and_update() {
                 EngineState::Ready(set) => return Ok(set.clone()),
-                EngineState::Failed(reason) => return Err(ConfigError::Load(reason.clone())),
+                EngineState::Failed(reason) => return Err(LoadError::Load(reason.clone())),
                 EngineState::Loading => {}
             }
             if state.changed().await.is_err() {
-                return Err(ConfigError::Load("the model loader stopped".into()));
+                return Err(LoadError::Load("the model loader stopped".into()));
             }
         }
     }
 
-    fn load(&self, dir: &std::path::Path) -> Result<ModelSet, ConfigError> {
-        ModelSet::load(dir, &self.cfg.load_spec()?)
+    fn load(&self, dir: &Path) -> Result<R, LoadError> {
+        (self.load)(dir)
     }
 
-    fn swap_in(&self, set: Arc<ModelSet>) {
-        self.metrics.set_model_info(&set.info);
+    fn swap_in(&self, set: Arc<R>) {
+        let info = set.info();
+        let version_of = |stage: &str| info.stages.iter().find(|s| s.stage == stage).map_or("", |s| s.version.as_str());
+        let stages = [version_of("lightgcn"), version_of("din"), version_of("ranknet")];
+        self.metrics.set_model_info(&info.version, &info.device, stages);
         tracing::info!(
-            version = %set.info.version, dir = %set.dir.display(), device = %set.info.device,
-            items = set.info.num_items, workers = self.cfg.workers, torch_threads = self.cfg.torch_threads,
+            version = %info.version, dir = %set.dir().display(), device = %info.device,
+            items = info.num_items, workers = self.cfg.workers, torch_threads = self.cfg.torch_threads,
             "models in service"
         );
         self.state.send_replace(EngineState::Ready(set));
@@ -205,19 +280,19 @@ impl Engine {
     /// gives up, or the timeout, does not end the load, so further reloads get 409 until it has
     /// really ended. Past `reload_timeout` the caller gets `ReloadTimeout` and the load's result
     /// is discarded. The thread is not joined: SIGTERM ends the process during a reload.
-    pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Reloaded, Error> {
+    pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Reloaded, InferenceError> {
         if self.reloading.swap(true, Ordering::SeqCst) {
-            return Err(Error::ReloadInProgress);
+            return Err(InferenceError::ReloadInProgress);
         }
         let running = ReloadRunning(self.reloading.clone());
         let previous = match self.state() {
             EngineState::Ready(set) => set,
-            EngineState::Loading => return Err(Error::ModelsLoading),
+            EngineState::Loading => return Err(InferenceError::ModelsLoading),
             EngineState::Failed(reason) => {
-                return Err(Error::EngineStopped(format!("the models failed to load: {reason}")))
+                return Err(InferenceError::EngineStopped(format!("the models failed to load: {reason}")))
             }
         };
-        let dir = dir.unwrap_or_else(|| previous.dir.clone());
+        let dir = dir.unwrap_or_else(|| previous.dir().to_path_buf());
         let decided = Arc::new(AtomicU8::new(UNDECIDED));
         let (reply, outcome) = oneshot::channel();
         let (engine, decider) = (self.clone(), decided.clone());
@@ -229,10 +304,12 @@ impl Engine {
                 let loaded = engine.load(&dir);
                 let _ = reply.send(engine.finish_reload(loaded, &dir, &previous, started, &decider));
             })
-            .map_err(|e| Error::ReloadRefused(format!("cannot start the loading thread: {e}")))?;
+            .map_err(|e| InferenceError::ReloadRefused(format!("cannot start the loading thread: {e}")))?;
         let timeout = self.cfg.reload_timeout;
         match tokio::time::timeout(timeout, outcome).await {
-            Ok(outcome) => outcome.unwrap_or_else(|_| Err(Error::ReloadRefused("the loading thread failed".into()))),
+            Ok(outcome) => {
+                outcome.unwrap_or_else(|_| Err(InferenceError::ReloadRefused("the loading thread failed".into())))
+            }
             Err(_) if decided.compare_exchange(UNDECIDED, TIMED_OUT, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
                 self.metrics.reloads.with_label_values(&["timeout"]).inc();
                 tracing::error!(
@@ -240,31 +317,31 @@ impl Engine {
                     "reload timed out; the models in service keep \
                     serving, and reloads are refused until the load has ended"
                 );
-                Err(Error::ReloadTimeout(timeout.as_secs_f64()))
+                Err(InferenceError::ReloadTimeout(timeout.as_secs_f64()))
             }
             // The thread decided just in time: its answer is on the way.
-            Err(_) => Err(Error::ReloadTimeout(timeout.as_secs_f64())),
+            Err(_) => Err(InferenceError::ReloadTimeout(timeout.as_secs_f64())),
         }
     }
 
     /// On the loading thread: swaps a loaded set in unless the reload timed out.
     fn finish_reload(
         &self,
-        loaded: Result<ModelSet, ConfigError>,
-        dir: &std::path::Path,
-        previous: &ModelSet,
+        loaded: Result<R, LoadError>,
+        dir: &Path,
+        previous: &R,
         started: Instant,
         decided: &AtomicU8,
-    ) -> Result<Reloaded, Error> {
+    ) -> Result<Reloaded, InferenceError> {
         let in_time = decided.compare_exchange(UNDECIDED, DECIDED_BY_LOAD, Ordering::SeqCst, Ordering::SeqCst).is_ok();
         match loaded {
             Ok(set) if in_time => {
                 let set = Arc::new(set);
                 let outcome = Reloaded {
-                    model_version: set.info.version.clone(),
-                    model_dir: set.dir.display().to_string(),
-                    previous_version: previous.info.version.clone(),
-                    previous_dir: previous.dir.display().to_string(),
+                    model_version: set.info().version.clone(),
+                    model_dir: set.dir().display().to_string(),
+                    previous_version: previous.info().version.clone(),
+                    previous_dir: previous.dir().display().to_string(),
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                 };
                 self.swap_in(set);
@@ -272,17 +349,17 @@ impl Engine {
                 Ok(outcome)
             }
             Ok(set) => {
-                tracing::warn!(dir = %dir.display(), version = %set.info.version,
+                tracing::warn!(dir = %dir.display(), version = %set.info().version,
                     "a timed-out reload finished loading; discarded");
-                Err(Error::ReloadTimeout(self.cfg.reload_timeout.as_secs_f64()))
+                Err(InferenceError::ReloadTimeout(self.cfg.reload_timeout.as_secs_f64()))
             }
             Err(e) => {
                 if in_time {
                     self.metrics.reloads.with_label_values(&["refused"]).inc();
                 }
-                tracing::error!(dir = %dir.display(), error = %e, version = %previous.info.version,
+                tracing::error!(dir = %dir.display(), error = %e, version = %previous.info().version,
                     "reload refused; the models in service keep serving");
-                Err(Error::ReloadRefused(e.to_string()))
+                Err(InferenceError::ReloadRefused(e.to_string()))
             }
         }
     }
@@ -292,35 +369,37 @@ impl Engine {
     /// (with each item's per-stage trace when `explain`).
     pub async fn rank(
         &self,
-        set: Arc<ModelSet>,
+        set: Arc<R>,
         history: Vec<i64>,
         exclude: Vec<i64>,
         k: usize,
         explain: bool,
-    ) -> Result<Scored, Error> {
+    ) -> Result<Scored, InferenceError> {
         let queued = Instant::now();
         let deadline = queued + self.cfg.deadline;
         let (reply, answer) = oneshot::channel();
         match self.tx.try_send(Job { set, history, exclude, k, explain, queued, deadline, reply }) {
             Ok(()) => self.metrics.queue_depth.inc(),
-            Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.cfg.queue_capacity)),
+            Err(TrySendError::Full(_)) => return Err(InferenceError::Overloaded(self.cfg.queue_capacity)),
             Err(TrySendError::Disconnected(_)) => {
-                return Err(Error::EngineStopped("the inference workers have exited".into()))
+                return Err(InferenceError::EngineStopped("the inference workers have exited".into()))
             }
         }
-        let late = Error::DeadlineExceeded(self.cfg.deadline.as_millis() as u64);
+        let late = InferenceError::DeadlineExceeded(self.cfg.deadline.as_millis() as u64);
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(result)) => result,
             // A worker answers every job it takes (late ones with DeadlineExceeded); a reply
             // dropped unanswered means the worker thread itself is gone.
             Ok(Err(_)) if Instant::now() >= deadline => Err(late),
-            Ok(Err(_)) => Err(Error::EngineStopped("an inference worker exited while running the request".into())),
+            Ok(Err(_)) => {
+                Err(InferenceError::EngineStopped("an inference worker exited while running the request".into()))
+            }
             Err(_) => Err(late),
         }
     }
 }
 
-fn run(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job>, metrics: Metrics) {
+fn run<R: Ranker>(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job<R>>, metrics: Metrics) {
     // Sets this thread's own intra-op thread count (each worker runs its batches with it).
     tch::set_num_threads(cfg.torch_threads.max(1) as i32);
     // Waiting for a batch to fill only pays under concurrent load: a worker waits (at most
@@ -336,10 +415,10 @@ fn run(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job>, metrics: Metric
         for job in &jobs {
             metrics.queue_wait.observe(now.duration_since(job.queued).as_secs_f64());
         }
-        let (live, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline > now);
+        let (live, late): (Vec<Job<R>>, Vec<Job<R>>) = jobs.into_iter().partition(|j| j.deadline > now);
         for job in late {
             // Its caller answers 503 deadline_exceeded at the same moment, if it has not already.
-            let _ = job.reply.send(Err(Error::DeadlineExceeded(cfg.deadline.as_millis() as u64)));
+            let _ = job.reply.send(Err(InferenceError::DeadlineExceeded(cfg.deadline.as_millis() as u64)));
         }
         for same_set in by_model_set(live) {
             metrics.batch_size.observe(same_set.len() as f64);
@@ -349,8 +428,8 @@ fn run(worker: usize, cfg: Arc<EngineConfig>, rx: Receiver<Job>, metrics: Metric
 }
 
 /// Groups jobs by the model set they were mapped with (more than one only around a reload).
-fn by_model_set(jobs: Vec<Job>) -> Vec<Vec<Job>> {
-    let mut groups: Vec<Vec<Job>> = Vec::new();
+fn by_model_set<R>(jobs: Vec<Job<R>>) -> Vec<Vec<Job<R>>> {
+    let mut groups: Vec<Vec<Job<R>>> = Vec::new();
     for job in jobs {
         match groups.iter_mut().find(|g| Arc::ptr_eq(&g[0].set, &job.set)) {
             Some(group) => group.push(job),
@@ -362,7 +441,7 @@ fn by_model_set(jobs: Vec<Job>) -> Vec<Vec<Job>> {
 
 /// Blocks for one job, then takes what is queued up to `max_batch`, waiting until `max_delay` after
 /// the first job's arrival for the batch to fill. `None` when the queue is closed.
-fn gather(rx: &Receiver<Job>, max_batch: usize, max_delay: Duration) -> Option<Vec<Job>> {
+fn gather<R>(rx: &Receiver<Job<R>>, max_batch: usize, max_delay: Duration) -> Option<Vec<Job<R>>> {
     let first = rx.recv().ok()?;
     let until = first.queued + max_delay;
     let mut jobs = vec![first];
@@ -379,7 +458,7 @@ fn gather(rx: &Receiver<Job>, max_batch: usize, max_delay: Duration) -> Option<V
     Some(jobs)
 }
 
-fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
+fn run_batch<R: Ranker>(worker: usize, cfg: &EngineConfig, jobs: Vec<Job<R>>) {
     let k = jobs.iter().map(|j| j.k).max().unwrap_or(1);
     // Tracing the stages costs a few copies per batch; only batches that hold a request asking pay.
     let explain = jobs.iter().any(|j| j.explain);
@@ -391,7 +470,7 @@ fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
         std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, &excludes, cfg.budget(k, explain))));
     let result = match outcome {
         Ok(Ok(result)) => Ok(result),
-        Ok(Err(e)) => Err(crate::inference::models::torch_error(&e)),
+        Ok(Err(reason)) => Err(reason),
         Err(_) => Err("the inference worker caught a panic".to_string()),
     };
     match result {
@@ -409,8 +488,156 @@ fn run_batch(worker: usize, cfg: &EngineConfig, jobs: Vec<Job>) {
         Err(reason) => {
             tracing::error!(%reason, batch, "inference failed");
             for job in jobs {
-                let _ = job.reply.send(Err(Error::Inference(reason.clone())));
+                let _ = job.reply.send(Err(InferenceError::Failed(reason.clone())));
             }
         }
+    }
+}
+
+/// The engine on a fake ranker (`super::fake`): batching, deadlines, the queue bound, failing
+/// batches and reloads, in seconds and without model files.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::fake::{self, Fake, Seen, FAIL, PANIC, SLOW};
+
+    async fn started(cfg: EngineConfig) -> (Engine<Fake>, Arc<Seen>) {
+        let seen = Arc::new(Seen::default());
+        let engine = Engine::start_with(cfg, Metrics::new(), fake::loader(seen.clone()));
+        engine.ready().await.expect("the fake set loads");
+        (engine, seen)
+    }
+
+    async fn rank(engine: &Engine<Fake>, first: i64) -> Result<Vec<i64>, InferenceError> {
+        let set = engine.current().expect("a set in service");
+        engine.rank(set, vec![first, 1], vec![], 10, false).await.map(|s| s.ranked.rows)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_burst_is_ranked_in_batches_and_each_caller_gets_its_own_answer() {
+        let (engine, seen) = started(fake::config("v1")).await;
+        let calls: Vec<_> = (0..24)
+            .map(|i| {
+                tokio::spawn({
+                    let engine = engine.clone();
+                    async move { (i, rank(&engine, i).await) }
+                })
+            })
+            .collect();
+        for call in calls {
+            let (i, rows) = call.await.unwrap();
+            assert_eq!(rows.unwrap(), vec![1, i], "request {i} got another request's answer");
+        }
+        let batches = seen.batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 24, "{batches:?}");
+        assert!(batches.iter().all(|&b| b <= 4), "a batch above MAX_BATCH: {batches:?}");
+        assert!(batches.iter().any(|&b| b > 1), "requests queued behind a busy worker were never batched: {batches:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn requests_past_their_deadline_get_deadline_exceeded_and_later_ones_are_served() {
+        let mut cfg = fake::config("v1");
+        cfg.deadline = Duration::from_millis(100);
+        cfg.max_batch = 1;
+        let (engine, seen) = started(cfg).await;
+        let slow = tokio::spawn({
+            let engine = engine.clone();
+            async move { rank(&engine, SLOW).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // queued behind the slow batch: its deadline passes before a worker takes it
+        let queued = rank(&engine, 7).await;
+        assert!(matches!(slow.await.unwrap(), Err(InferenceError::DeadlineExceeded(100))));
+        assert!(matches!(queued, Err(InferenceError::DeadlineExceeded(100))), "{queued:?}");
+        tokio::time::sleep(Duration::from_millis(fake::SLOW_MS)).await;
+        assert_eq!(rank(&engine, 8).await.unwrap(), vec![1, 8]);
+        // the late job was answered without running: only the slow one and the last one ran
+        assert_eq!(seen.ranked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_full_queue_answers_overloaded_at_once() {
+        let mut cfg = fake::config("v1");
+        cfg.queue_capacity = 2;
+        cfg.max_batch = 1;
+        let (engine, _) = started(cfg).await;
+        let busy = tokio::spawn({
+            let engine = engine.clone();
+            async move { rank(&engine, SLOW).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await; // the worker holds the slow job
+        let waiting: Vec<_> = (0..2)
+            .map(|i| {
+                tokio::spawn({
+                    let engine = engine.clone();
+                    async move { rank(&engine, i).await }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started_at = Instant::now();
+        assert!(matches!(rank(&engine, 9).await, Err(InferenceError::Overloaded(2))));
+        assert!(started_at.elapsed() < Duration::from_millis(100), "refusing waited for the queue");
+        assert_eq!(busy.await.unwrap().unwrap(), vec![1, SLOW]);
+        for w in waiting {
+            assert!(w.await.unwrap().is_ok());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failing_or_panicking_batch_fails_its_callers_and_the_worker_serves_on() {
+        let (engine, _) = started(fake::config("v1")).await;
+        let failed = rank(&engine, FAIL).await;
+        assert!(matches!(&failed, Err(InferenceError::Failed(r)) if r.contains("fake failed")), "{failed:?}");
+        let panicked = rank(&engine, PANIC).await;
+        assert!(matches!(&panicked, Err(InferenceError::Failed(r)) if r.contains("panic")), "{panicked:?}");
+        assert_eq!(rank(&engine, 3).await.unwrap(), vec![1, 3], "the worker died with the panic");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_reload_lets_requests_on_the_old_set_finish_there_and_later_ones_get_the_new_set() {
+        let (engine, _) = started(fake::config("v1")).await;
+        let on_old = tokio::spawn({
+            let engine = engine.clone();
+            async move { rank(&engine, SLOW).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let reloaded = engine.reload(Some("v2".into())).await.expect("v2 loads");
+        assert_eq!((reloaded.previous_version.as_str(), reloaded.model_version.as_str()), ("v1", "v2"));
+        assert_eq!(on_old.await.unwrap().unwrap(), vec![1, SLOW], "the in-flight request changed sets");
+        assert_eq!(rank(&engine, 4).await.unwrap(), vec![2, 4]);
+        assert_eq!(engine.current().unwrap().info().version, "v2");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_broken_directory_is_refused_and_the_set_in_service_keeps_serving() {
+        let (engine, _) = started(fake::config("v1")).await;
+        let refused = engine.reload(Some("broken".into())).await;
+        assert!(matches!(&refused, Err(InferenceError::ReloadRefused(r)) if r.contains("not a fake")), "{refused:?}");
+        assert_eq!(rank(&engine, 5).await.unwrap(), vec![1, 5]);
+        assert_eq!(engine.current().unwrap().info().version, "v1");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_reload_past_its_timeout_is_discarded_and_no_second_reload_starts_while_it_loads() {
+        let mut cfg = fake::config("v1");
+        cfg.reload_timeout = Duration::from_millis(100);
+        let (engine, _) = started(cfg).await;
+        let timed_out = engine.reload(Some("slow-v3".into())).await;
+        assert!(matches!(timed_out, Err(InferenceError::ReloadTimeout(_))), "{timed_out:?}");
+        assert!(matches!(engine.reload(Some("v2".into())).await, Err(InferenceError::ReloadInProgress)));
+        tokio::time::sleep(Duration::from_millis(500)).await; // the slow load ends, discarded
+        assert_eq!(engine.current().unwrap().info().version, "v1");
+        assert_eq!(engine.reload(Some("v2".into())).await.unwrap().model_version, "v2");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_directory_that_fails_at_start_fails_ready_and_refuses_reloads() {
+        let seen = Arc::new(Seen::default());
+        let engine = Engine::start_with(fake::config("broken"), Metrics::new(), fake::loader(seen));
+        let Err(err) = engine.ready().await else { panic!("a broken directory cannot be ready") };
+        assert!(err.to_string().contains("not a fake model set"), "{err}");
+        assert!(engine.current().is_none());
+        assert!(matches!(engine.reload(None).await, Err(InferenceError::EngineStopped(_))));
     }
 }

@@ -5,6 +5,9 @@
 pub mod catalog;
 pub mod device;
 pub mod engine;
+pub mod error;
+#[cfg(test)]
+pub mod fake;
 pub mod ivf;
 pub mod mode;
 pub mod model_set;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tch::Device;
 
-use crate::error::ConfigError;
+use super::error::LoadError;
 use crate::inference::catalog::Catalog;
 use crate::inference::ivf::{CandidateSearch, IvfIndex, SearchSpec};
 use crate::inference::models::{Budget, ModelInfo, Models, Ranked, StageStats};
@@ -161,9 +161,9 @@ impl ModelSet {
     /// Reads the catalog, loads `spec.copies` copies of the three stages (in parallel, each
     /// checked by a smoke batch) and warms each up at the serving sizes. Any failure refuses the
     /// whole directory.
-    pub fn load(dir: &Path, spec: &LoadSpec) -> Result<Self, ConfigError> {
+    pub fn load(dir: &Path, spec: &LoadSpec) -> Result<Self, LoadError> {
         let started = Instant::now();
-        let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
+        let err = |reason: String| LoadError::Model { dir: dir.display().to_string(), reason };
         // Each file is read once: the catalog and the manifest here, the stages by the hash and
         // then by libtorch.
         let catalog_path = dir.join("catalog.tsv");
@@ -225,8 +225,8 @@ impl ModelSet {
 fn each_in_a_thread<T: Send>(
     inputs: Vec<T>,
     threads: usize,
-    f: impl Fn(T) -> Result<Models, ConfigError> + Sync,
-) -> Result<Vec<Models>, ConfigError> {
+    f: impl Fn(T) -> Result<Models, LoadError> + Sync,
+) -> Result<Vec<Models>, LoadError> {
     std::thread::scope(|scope| {
         let f = &f;
         let handles: Vec<_> = inputs
@@ -240,7 +240,7 @@ fn each_in_a_thread<T: Send>(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(ConfigError::Load("a model loading thread panicked".into()))))
+            .map(|h| h.join().unwrap_or_else(|_| Err(LoadError::Load("a model loading thread panicked".into()))))
             .collect()
     })
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tch::{CModule, Device, Kind, TchError, Tensor};
 
-use crate::error::ConfigError;
+use super::error::LoadError;
 use crate::inference::device::device_name;
 use crate::inference::ivf::IvfIndex;
 use crate::inference::mode::InferenceMode;
@@ -139,8 +139,8 @@ pub struct Models {
 impl Models {
     /// Parses manifest.json (`manifest`: its bytes, read with a cap by the caller), loads the
     /// three stages onto `device` and checks them with a smoke batch against the catalog size.
-    pub fn load(dir: &Path, manifest: &[u8], device: Device, catalog_len: usize) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError::Model { dir: dir.display().to_string(), reason };
+    pub fn load(dir: &Path, manifest: &[u8], device: Device, catalog_len: usize) -> Result<Self, LoadError> {
+        let err = |reason: String| LoadError::Model { dir: dir.display().to_string(), reason };
         let manifest: Manifest =
             serde_json::from_slice(manifest).map_err(|e| err(format!("manifest.json is not valid: {e}")))?;
         if u32::try_from(catalog_len).is_err() {

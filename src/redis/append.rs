@@ -1,7 +1,7 @@
 //! Appending an entry to a capped stream (the webhooks' dead letters, src/webhook.rs).
 
+use super::error::Error;
 use super::Store;
-use crate::error::Error;
 
 impl Store {
     /// `XADD <stream> MAXLEN ~ <maxlen> * field value ...`: the stream keeps about its newest

@@ -27,9 +27,9 @@ use std::sync::LazyLock;
 use ::redis::Script;
 use futures_util::StreamExt;
 
+use super::error::Error;
 use super::keys::{ingest_offsets_key, ingested_events_key, profile_key};
 use super::store::Store;
-use crate::error::Error;
 
 /// One event to append: who, what, and where it sits in Kafka.
 #[derive(Debug, Clone)]
@@ -110,7 +110,7 @@ impl Store {
         for result in results {
             let (indices, applied) = result?;
             if applied.len() != indices.len() {
-                return Err(Error::Redis(format!(
+                return Err(Error::Refused(format!(
                     "expected {} results of the append script, got {}",
                     indices.len(),
                     applied.len()

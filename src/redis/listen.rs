@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
+use super::error::Error;
 use super::keys::{profile_key, META_PREFIX, PROFILE_PREFIX};
 use super::store::Store;
 use super::topology::{Kind, Node};
-use crate::error::Error;
 
 /// The keyspace-event classes the listener needs: `K` keyspace channel, `$` string writes (SET),
 /// `g` generic commands (DEL, RENAME), `x` expiry, and the writes of every other type (`h` hash,
@@ -129,9 +129,7 @@ impl Store {
         }
         match tokio::time::timeout(self.op_timeout, self.backend.on_node(node, cmd)).await {
             Ok(result) => result.map_err(|e| self.classify(e)),
-            Err(_) => {
-                Err(Error::RedisUnavailable(format!("{node}: no answer within {} ms", self.op_timeout.as_millis())))
-            }
+            Err(_) => Err(Error::Unavailable(format!("{node}: no answer within {} ms", self.op_timeout.as_millis()))),
         }
     }
 
@@ -139,13 +137,13 @@ impl Store {
     /// every master, until a subscription drops or (on a cluster) the set of masters changes: the
     /// stream then ends, and the caller subscribes again and catches up.
     pub async fn profile_changes(&self) -> Result<BoxStream<'static, String>, Error> {
-        let unavailable = |e: ::redis::RedisError| Error::RedisUnavailable(e.to_string());
+        let unavailable = |e: ::redis::RedisError| Error::Unavailable(e.to_string());
         let masters = tokio::time::timeout(self.op_timeout, self.backend.masters())
             .await
-            .map_err(|_| Error::RedisUnavailable("listing the masters timed out".into()))?
+            .map_err(|_| Error::Unavailable("listing the masters timed out".into()))?
             .map_err(unavailable)?;
         if masters.is_empty() {
-            return Err(Error::RedisUnavailable("no master serves any slot".into()));
+            return Err(Error::Unavailable("no master serves any slot".into()));
         }
         let prefix = format!("__keyspace@{}__:{PROFILE_PREFIX}", self.backend.db);
         let pattern = format!("{prefix}*");
@@ -154,7 +152,7 @@ impl Store {
             let client = self.backend.node_client(node).map_err(unavailable)?;
             let mut pubsub = tokio::time::timeout(self.op_timeout, client.get_async_pubsub())
                 .await
-                .map_err(|_| Error::RedisUnavailable(format!("subscribing to {node} timed out")))?
+                .map_err(|_| Error::Unavailable(format!("subscribing to {node} timed out")))?
                 .map_err(unavailable)?;
             pubsub.psubscribe(&pattern).await.map_err(unavailable)?;
             let prefix = prefix.clone();
@@ -202,7 +200,7 @@ impl Store {
     pub async fn scan_start(&self, saved: Option<&str>) -> Result<ScanCursor, Error> {
         let masters = tokio::time::timeout(self.op_timeout, self.backend.masters())
             .await
-            .map_err(|_| Error::RedisUnavailable("listing the masters timed out".into()))?
+            .map_err(|_| Error::Unavailable("listing the masters timed out".into()))?
             .map_err(|e| self.classify(e))?;
         let saved = saved.map(ScanCursor::decode).unwrap_or_default();
         let nodes = masters

@@ -3,12 +3,15 @@
 //! or Sentinel). It knows nothing of models or HTTP.
 
 pub mod append;
+pub mod error;
 pub mod ingest;
 pub mod keys;
 pub mod listen;
 pub mod profile;
+pub mod settings;
 pub mod store;
 pub mod stream;
 pub mod topology;
 
+pub use error::Error;
 pub use store::Store;

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use ::redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, Value};
 use sha1::{Digest, Sha1};
 
+use super::error::{Error, ProfileError, SettingsError};
 use super::keys::{claim_key, meta_key, profile_key, recommendations_key, HEALTH_KEY};
 use super::profile::{parse_profile, ComputedFrom, Profile, ProfileRead, StoredRead};
+use super::settings::RedisArgs;
 use super::topology::{Backend, Conn, Kind, TopologyReport};
 use crate::clock::now_ms;
-use crate::config::Config;
-use crate::error::{ConfigError, Error};
 
 pub struct Store {
     pub(super) backend: Arc<Backend>,
@@ -30,11 +30,11 @@ pub struct Store {
 impl Store {
     /// Builds the clients; nothing connects until the first command, so the service starts (and
     /// reports unhealthy) while Redis is down.
-    pub fn new(cfg: &Config) -> Result<Self, ConfigError> {
+    pub fn new(cfg: &RedisArgs) -> Result<Self, SettingsError> {
         Ok(Self {
             backend: Arc::new(Backend::new(cfg)?),
-            op_timeout: cfg.redis_connect_timeout() + cfg.redis_response_timeout(),
-            response_timeout: cfg.redis_response_timeout(),
+            op_timeout: cfg.connect_timeout() + cfg.response_timeout(),
+            response_timeout: cfg.response_timeout(),
             notify_channel: cfg.notify_channel.clone(),
         })
     }
@@ -64,7 +64,7 @@ impl Store {
             Ok(Err(e)) => Err(self.classify(e)),
             Err(_) => {
                 self.backend.reset();
-                Err(Error::RedisUnavailable(format!("no answer within {} ms", self.op_timeout.as_millis())))
+                Err(Error::Unavailable(format!("no answer within {} ms", self.op_timeout.as_millis())))
             }
         }
     }
@@ -74,19 +74,19 @@ impl Store {
     pub(super) fn classify(&self, e: RedisError) -> Error {
         if is_connection_error(&e) {
             self.backend.reset();
-            Error::RedisUnavailable(e.to_string())
+            Error::Unavailable(e.to_string())
         } else if is_transient(&e) {
             // Redis is up but cannot serve yet (loading its data after a restart, a cluster
             // without a master for a slot, ...): try again soon.
-            Error::RedisUnavailable(e.to_string())
+            Error::Unavailable(e.to_string())
         } else if e.code() == Some("READONLY") {
             self.backend.reset();
-            Error::RedisUnavailable(format!("{e} (the node is a replica now; the next command looks for the master)"))
+            Error::Unavailable(format!("{e} (the node is a replica now; the next command looks for the master)"))
         } else if matches!(e.code(), Some("MOVED" | "ASK")) && self.backend.kind() != Kind::Cluster {
-            Error::Redis(format!("{e} (the node is part of a Redis Cluster: set REDIS_CLUSTER_NODES)"))
+            Error::Refused(format!("{e} (the node is part of a Redis Cluster: set REDIS_CLUSTER_NODES)"))
         } else {
             // Redis answered with an error (WRONGTYPE, NOAUTH, OOM, ...).
-            Error::Redis(e.to_string())
+            Error::Refused(e.to_string())
         }
     }
 
@@ -117,10 +117,8 @@ impl Store {
     pub async fn check_writable(&self) -> Result<(), Error> {
         match tokio::time::timeout(self.op_timeout, self.backend.serving()).await {
             Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(Error::RedisUnavailable(reason)),
-            Err(_) => {
-                return Err(Error::RedisUnavailable(format!("no answer within {} ms", self.op_timeout.as_millis())))
-            }
+            Ok(Err(reason)) => return Err(Error::Unavailable(reason)),
+            Err(_) => return Err(Error::Unavailable(format!("no answer within {} ms", self.op_timeout.as_millis()))),
         }
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(HEALTH_KEY).arg(now_ms()).arg("PX").arg(10_000);
@@ -220,15 +218,16 @@ impl Store {
             ("none", ..) => None,
             ("string", Some(len), Some(bytes)) => {
                 if len > limits.max_bytes as u64 || bytes.len() > limits.max_bytes {
-                    return Err(Error::ProfileTooLarge { key, bytes: len, max: limits.max_bytes });
+                    return Err(ProfileError::TooLarge { key, bytes: len, max: limits.max_bytes }.into());
                 }
                 Some(Profile { items: parse_profile(&key, &bytes, limits.max_items)?, sha: profile_sha(&bytes) })
             }
             (kind, ..) => {
-                return Err(Error::InvalidProfile {
+                return Err(ProfileError::Invalid {
                     key,
                     reason: format!("the key holds a Redis {kind}, expected a string with a JSON array of item ids"),
-                })
+                }
+                .into())
             }
         };
         Ok(ProfileRead { profile, computed_from, redis_ms, read_at, took: read_at.elapsed(), stored })
@@ -272,9 +271,7 @@ impl Store {
         let (key, list_key, meta) = (profile_key(user_id), recommendations_key(user_id), meta_key(user_id));
         let (sha, now) = (from.sha().to_string(), now_ms().to_string());
         let late = |what: &str| {
-            Error::RedisUnavailable(format!(
-                "Redis ran the write after its deadline; {what} (Redis is slow or blocked)"
-            ))
+            Error::Unavailable(format!("Redis ran the write after its deadline; {what} (Redis is slow or blocked)"))
         };
         if self.backend.kind() != Kind::Cluster {
             let outcome: i64 = self
@@ -608,7 +605,7 @@ pub fn profile_sha(bytes: &[u8]) -> String {
 }
 
 fn from<T: FromRedisValue>(v: Value) -> Result<T, Error> {
-    ::redis::from_redis_value(v).map_err(|e| Error::Redis(format!("unexpected reply: {e}")))
+    ::redis::from_redis_value(v).map_err(|e| Error::Refused(format!("unexpected reply: {e}")))
 }
 
 fn from_or_none<T: FromRedisValue>(v: Value) -> Option<T> {

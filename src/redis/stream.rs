@@ -9,9 +9,9 @@ use ::redis::streams::{
 };
 use ::redis::{AsyncCommands, RedisError, Script};
 
+use super::error::Error;
 use super::store::{is_connection_error, is_transient, Store};
 use super::topology::{Conn, Kind};
-use crate::error::Error;
 
 impl Store {
     /// A consumer of the request stream in a consumer group, on its own connection (blocking reads
@@ -20,8 +20,8 @@ impl Store {
         let block = Duration::from_millis(1000);
         let mut conn = tokio::time::timeout(self.op_timeout, self.backend.dedicated(block + self.op_timeout))
             .await
-            .map_err(|_| Error::RedisUnavailable("connecting timed out".into()))?
-            .map_err(|e| Error::RedisUnavailable(e.to_string()))?;
+            .map_err(|_| Error::Unavailable("connecting timed out".into()))?
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
         let created: Result<(), RedisError> = conn.xgroup_create_mkstream(stream, group, "0").await;
         match created {
             Ok(()) => {}
@@ -71,9 +71,9 @@ pub struct StreamConsumer {
 
 fn stream_err(e: RedisError) -> Error {
     if is_connection_error(&e) || is_transient(&e) {
-        Error::RedisUnavailable(e.to_string())
+        Error::Unavailable(e.to_string())
     } else {
-        Error::Redis(e.to_string())
+        Error::Refused(e.to_string())
     }
 }
 

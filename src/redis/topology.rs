@@ -19,8 +19,8 @@ use ::redis::{
 };
 use serde::Serialize;
 
-use crate::config::{Config, RedisTopology};
-use crate::error::ConfigError;
+use super::error::SettingsError;
+use super::settings::{RedisArgs, RedisTopology};
 
 /// The kind of Redis deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -171,11 +171,11 @@ pub struct Backend {
 impl Backend {
     /// Builds the clients; nothing connects until the first command, so the service starts (and
     /// reports unhealthy) while Redis is down.
-    pub fn new(cfg: &Config) -> Result<Self, ConfigError> {
-        let bad = |e: RedisError| ConfigError::Invalid(format!("redis: {e}"));
+    pub fn new(cfg: &RedisArgs) -> Result<Self, SettingsError> {
+        let bad = |e: RedisError| SettingsError(format!("redis: {e}"));
         let settings = node_settings(cfg)?;
-        let (connect, response) = (cfg.redis_connect_timeout(), cfg.redis_response_timeout());
-        let (kind, source) = match cfg.redis_topology()? {
+        let (connect, response) = (cfg.connect_timeout(), cfg.response_timeout());
+        let (kind, source) = match cfg.topology()? {
             RedisTopology::Single => {
                 let client = match &settings.certs {
                     Some(certs) => Client::build_with_tls(settings.info.clone(), certs.clone()),
@@ -493,8 +493,8 @@ fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
 /// The address, password, database and TLS settings: REDIS_URL, or REDIS_HOST/PORT/DB/PASSWORD
 /// (over TLS with REDIS_TLS); a CA file or client certificate when given (TLS only). On a cluster
 /// or behind Sentinel, the password, database and TLS apply to every node.
-fn node_settings(cfg: &Config) -> Result<NodeSettings, ConfigError> {
-    let bad = |e: RedisError| ConfigError::Invalid(format!("redis address: {e}"));
+fn node_settings(cfg: &RedisArgs) -> Result<NodeSettings, SettingsError> {
+    let bad = |e: RedisError| SettingsError(format!("redis address: {e}"));
     let info = match &cfg.redis_url {
         Some(url) => url.as_str().into_connection_info().map_err(bad)?,
         None => {
@@ -512,7 +512,7 @@ fn node_settings(cfg: &Config) -> Result<NodeSettings, ConfigError> {
     };
     let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
     let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path).map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", path.display())))
+        std::fs::read(path).map_err(|e| SettingsError(format!("{what} {}: {e}", path.display())))
     };
     let root_cert = cfg.redis_tls_ca_cert.as_deref().map(|p| read(p, "REDIS_TLS_CA_CERT")).transpose()?;
     let client_tls = match (&cfg.redis_tls_client_cert, &cfg.redis_tls_client_key) {
@@ -526,7 +526,7 @@ fn node_settings(cfg: &Config) -> Result<NodeSettings, ConfigError> {
         return Ok(NodeSettings { info, certs: None });
     }
     if !tls {
-        return Err(ConfigError::Invalid(
+        return Err(SettingsError(
             "REDIS_TLS_CA_CERT / REDIS_TLS_CLIENT_CERT are set but the Redis address is not TLS \
              (use a rediss:// REDIS_URL or REDIS_TLS=true)"
                 .into(),

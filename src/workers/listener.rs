@@ -115,11 +115,6 @@ fn outcome(result: &Result<Refresh, Error>) -> &'static str {
     }
 }
 
-/// Errors that retrying cannot fix: the entry goes to the dead-letter stream at once.
-fn is_permanent(e: &Error) -> bool {
-    e.is_profile_problem() || matches!(e, Error::InvalidUserId(_) | Error::InvalidK(_))
-}
-
 pub struct Listener {
     service: Arc<Service>,
     cfg: ListenerArgs,
@@ -293,7 +288,7 @@ impl Listener {
                     .with_label_values(&[source])
                     .observe(queued_at.elapsed().as_secs_f64()),
                 Ok(Refresh::Unchanged | Refresh::Superseded) => {}
-                Err(e) if is_permanent(e) => tracing::warn!(%user, error = %e, "profile cannot be processed"),
+                Err(e) if e.is_permanent() => tracing::warn!(%user, error = %e, "profile cannot be processed"),
                 Err(e) => {
                     tracing::warn!(%user, error = %e, "recomputation failed; a catch-up scan will retry it");
                     self.catchup.notify_one();
@@ -314,7 +309,7 @@ impl Listener {
             match store.claim_user(user, &self.consumer, self.cfg.user_claim_ms).await {
                 Ok(true) => {}
                 Ok(false) => return first,
-                Err(e) => return Some(first.unwrap_or(Err(e))),
+                Err(e) => return Some(first.unwrap_or(Err(e.into()))),
             }
             let result = self.service.refresh(user).await;
             if let Err(e) = store.release_user(user, &self.consumer).await {
@@ -430,7 +425,7 @@ impl Listener {
                         self.service.metrics.listener_lag.with_label_values(&["stream"]).observe(lag);
                     }
                 }
-                Err(e) if is_permanent(&e) => {
+                Err(e) if e.is_permanent() => {
                     c.dead_letter(&self.cfg.dead_letter_stream, self.cfg.dead_letter_maxlen, entry, &e.to_string())
                         .await?;
                     self.count("stream", "dead_lettered");

@@ -265,7 +265,8 @@ impl Ingest {
             appends.push((append, e.ts));
         }
         let just: Vec<Append<'_>> = appends.iter().map(|(a, _)| a.clone()).collect();
-        let applied = self.service.store.append_events(&self.args.kafka_topic, &just, self.limits).await?;
+        let applied =
+            self.service.store.append_events(&self.args.kafka_topic, &just, self.limits).await.map_err(Error::from)?;
         let set = self.service.engine.current();
         // user -> timestamps of the events applied to it (by this batch, any attempt)
         let mut users: HashMap<&str, Vec<u64>> = HashMap::new();
@@ -441,7 +442,7 @@ impl Ingest {
                 }
                 // the profile changed meanwhile: its writer's recomputation follows
                 Ok(Refresh::Superseded) => {}
-                Err(e) if e.is_profile_problem() || matches!(e, Error::InvalidUserId(_)) => {
+                Err(e) if e.is_permanent() => {
                     tracing::warn!(%user, error = %e, "the profile cannot be ranked; its events are applied");
                 }
                 Err(e) => transient = Some(e),

@@ -1,22 +1,26 @@
 //! Making a recommendation: validate -> read profile -> rank -> write. HTTP and the `recommend`
 //! command call `Service::recommend`; the listener and backfill call `Service::refresh`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use tokio::sync::watch;
+
+pub mod ingest_health;
+pub mod single_flight;
 
 use crate::error::Error;
 use crate::inference::engine::Engine;
 use crate::inference::engine::EngineState;
+use crate::inference::error::InferenceError;
 use crate::inference::model_set::ModelSet;
 use crate::metrics::Metrics;
+use crate::redis::error::ProfileError;
 use crate::redis::profile::ProfileRead;
 use crate::redis::store::{ModelId, ProfileLimits, StoredList, Written};
 use crate::redis::Store;
 use crate::webhook::{ListWritten, Origin, WebhookItem, Webhooks};
+use single_flight::SingleFlight;
 
 /// Longest user id, in characters (Unicode scalar values), as JSON Schema's `maxLength` counts
 /// them: the OpenAPI document states the same bound.
@@ -159,9 +163,6 @@ pub struct ServiceConfig {
     pub profile_limits: ProfileLimits,
 }
 
-/// The outcome of one computation, watched by the requests that share it.
-type Flight = watch::Receiver<Option<Result<Recommendation, Error>>>;
-
 /// Requests share a computation only when they read the same profile value and would rank it
 /// with the same models for the same question: (user id, ask, profile hash, model version).
 type FlightKey = (String, Ask, String, String);
@@ -173,22 +174,10 @@ pub struct Service {
     /// Announces written lists to WEBHOOK_URL (disabled unless set; see `with_webhooks`).
     pub webhooks: Webhooks,
     /// What `/health` says of the Kafka ingestion's dead letters (set by the ingestion).
-    pub ingest_dead_letter: crate::workers::ingest::dead_letter::DeadLetterHealth,
+    pub ingest_dead_letter: ingest_health::DeadLetterHealth,
     cfg: ServiceConfig,
     /// Computations in flight: single flight.
-    in_flight: Mutex<HashMap<FlightKey, Flight>>,
-}
-
-/// Removes a flight from the map when its leader finishes or is cancelled (client gone).
-struct Landing<'a> {
-    map: &'a Mutex<HashMap<FlightKey, Flight>>,
-    key: FlightKey,
-}
-
-impl Drop for Landing<'_> {
-    fn drop(&mut self) {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
-    }
+    in_flight: SingleFlight<FlightKey, Result<Recommendation, Error>>,
 }
 
 /// A user id is 1..=128 characters, all printable: no whitespace (Unicode White_Space), and
@@ -261,7 +250,7 @@ impl Service {
             webhooks: Webhooks::disabled(),
             ingest_dead_letter: Default::default(),
             cfg,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: SingleFlight::default(),
         }
     }
 
@@ -323,7 +312,7 @@ impl Service {
         self.check_k(i64::try_from(ask.k).unwrap_or(i64::MAX))?;
         let max = self.cfg.profile_limits.max_items;
         if history.len() > max {
-            return Err(Error::ProfileTooLong { key: "the request body".into(), items: history.len(), max });
+            return Err(ProfileError::TooLong { key: "the request body".into(), items: history.len(), max }.into());
         }
         let set = self.model_set()?;
         let mut explain = ask.explain.then(Explanation::default);
@@ -345,41 +334,23 @@ impl Service {
             self.metrics.cache_answers.with_label_values(&["miss"]).inc();
         }
         let key = (user_id.to_string(), ask, read.sha().to_string(), set.info.content_sha.clone());
-        loop {
-            let (leader, mut flight) = {
-                let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                match map.get(&key) {
-                    Some(flight) => (None, flight.clone()),
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        map.insert(key.clone(), rx.clone());
-                        (Some(tx), rx)
+        let compute = || async {
+            match self.compute_and_write(user_id, ask, &read, set.clone(), started, Origin::Request).await {
+                Ok((rec, Written::Overtaken)) => {
+                    // The answer stands for the profile it read; Redis gets the new one's list.
+                    if let Err(e) = self.refresh_from(user_id, Origin::Request).await {
+                        tracing::warn!(%user_id, error = %e, "recomputing an overtaken write failed");
                     }
+                    Ok(rec)
                 }
-            };
-            if let Some(tx) = leader {
-                let _landing = Landing { map: &self.in_flight, key };
-                let result =
-                    match self.compute_and_write(user_id, ask, &read, set.clone(), started, Origin::Request).await {
-                        Ok((rec, Written::Overtaken)) => {
-                            // The answer stands for the profile it read; Redis gets the new one's list.
-                            if let Err(e) = self.refresh_from(user_id, Origin::Request).await {
-                                tracing::warn!(%user_id, error = %e, "recomputing an overtaken write failed");
-                            }
-                            Ok(rec)
-                        }
-                        other => other.map(|(rec, _)| rec),
-                    };
-                tx.send_replace(Some(result.clone()));
-                return result;
+                other => other.map(|(rec, _)| rec),
             }
+        };
+        let (result, shared) = self.in_flight.run(key, compute).await;
+        if shared {
             self.metrics.single_flight_shared.inc();
-            let shared = flight.wait_for(Option::is_some).await.ok().and_then(|outcome| outcome.clone());
-            if let Some(result) = shared {
-                return result;
-            }
-            // the leader was cancelled before it finished: try again (one of us leads)
         }
+        result
     }
 
     /// The stored list as an answer, when it is fresh: computed from this profile value by the
@@ -466,8 +437,10 @@ impl Service {
     fn model_set(&self) -> Result<Arc<ModelSet>, Error> {
         match self.engine.state() {
             EngineState::Ready(set) => Ok(set),
-            EngineState::Loading => Err(Error::ModelsLoading),
-            EngineState::Failed(reason) => Err(Error::EngineStopped(format!("the models failed to load: {reason}"))),
+            EngineState::Loading => Err(InferenceError::ModelsLoading.into()),
+            EngineState::Failed(reason) => {
+                Err(InferenceError::EngineStopped(format!("the models failed to load: {reason}")).into())
+            }
         }
     }
 
@@ -476,10 +449,11 @@ impl Service {
     /// give now.
     async fn read(&self, user_id: &str, with_stored_list: bool) -> Result<ProfileRead, Error> {
         let t = Instant::now();
-        let read = self.store.read_profile(user_id, self.cfg.profile_limits, with_stored_list).await;
+        let read =
+            self.store.read_profile(user_id, self.cfg.profile_limits, with_stored_list).await.map_err(Error::from);
         self.observe_stage("redis_read", t);
         if let Err(e) = &read {
-            if e.is_profile_problem() {
+            if matches!(e, Error::Profile(_)) {
                 match self.store.drop_stale_recommendations(user_id).await {
                     Ok(true) => tracing::info!(%user_id, "removed the stored list of a profile that cannot be ranked"),
                     Ok(false) => {}
@@ -670,7 +644,7 @@ mod tests {
         for bad in
             ["", " a", "a b", "a\nb", "a\u{7}", "tab\t", "a\u{A0}b", "a\u{2028}", "a\u{E000}"].iter().chain(&format)
         {
-            assert_eq!(validate_user_id(bad).unwrap_err().status().as_u16(), 400, "{bad:?}");
+            assert!(matches!(validate_user_id(bad), Err(Error::InvalidUserId(_))), "{bad:?}");
         }
         assert!(validate_user_id(&"x".repeat(129)).unwrap_err().to_string().contains("129 characters"));
         // characters, not bytes: 128 two-byte characters are allowed (the OpenAPI maxLength)
