@@ -1,8 +1,6 @@
 //! The `recommend` and `check` subcommands.
 
-mod common;
-
-use common::*;
+use testkit::*;
 
 #[test]
 fn recommend_command_prints_the_response_and_writes_redis() {
