@@ -79,17 +79,25 @@ fn serve_exits_nonzero_when_the_models_cannot_load() {
     assert!(!server.exited().unwrap().success());
 }
 
+/// Without a CUDA device, DEVICE=cuda refuses to start and names the way out, and DEVICE=auto
+/// falls back to the CPU. `CUDA_VISIBLE_DEVICES=""` hides every GPU from libtorch, so this holds on
+/// a GPU machine too (with a CPU-only libtorch there is none to hide).
 #[test]
 fn explicit_cuda_without_a_gpu_fails_at_start() {
-    if std::process::Command::new("nvidia-smi").output().is_ok() {
-        return; // this check is about machines without a GPU
-    }
-    let mut cmd = bin();
-    base_env(&mut cmd, 1, test_models());
-    let out = cmd.env("DEVICE", "cuda").arg("check").output().unwrap();
+    let no_gpu = |device: &str| {
+        let mut cmd = bin();
+        base_env(&mut cmd, 1, test_models());
+        cmd.env("CUDA_VISIBLE_DEVICES", "").env("DEVICE", device).arg("check").output().unwrap()
+    };
+    let out = no_gpu("cuda");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("DEVICE=cuda:0") && err.contains("DEVICE=cpu"), "{err}");
+
+    let out = no_gpu("auto");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["device"], "cpu");
 }
 
 #[test]
