@@ -138,7 +138,7 @@ fn json_logs_carry_the_request_id() {
 fn the_binary_finds_libtorch_by_rpath_and_keeps_torch_cuda_linked() {
     let out = bin().env_remove("LD_LIBRARY_PATH").arg("--version").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let elf = std::process::Command::new("readelf").args(["-d", env!("CARGO_BIN_EXE_model-service")]).output().unwrap();
+    let elf = std::process::Command::new("readelf").arg("-d").arg(bin_path()).output().unwrap();
     let text = String::from_utf8_lossy(&elf.stdout);
     let runpath = text
         .lines()
@@ -150,4 +150,15 @@ fn the_binary_finds_libtorch_by_rpath_and_keeps_torch_cuda_linked() {
     if lib.join("libtorch_cuda.so").exists() {
         assert!(text.contains("[libtorch_cuda.so]"), "a CUDA libtorch must stay linked (--no-as-needed):\n{text}");
     }
+}
+
+/// The harness finds the binary at run time (testkit is a library, built without this package's
+/// CARGO_BIN_EXE_model-service): it must be the one cargo built for these tests, or MODEL_SERVICE_BIN.
+#[test]
+fn the_harness_runs_the_binary_cargo_built() {
+    let want = std::env::var_os("MODEL_SERVICE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_model-service").into());
+    assert_eq!(bin_path(), want);
+    assert!(want.is_file(), "{}", want.display());
 }
