@@ -521,9 +521,6 @@ fn a_receiver_answering_after_five_seconds_does_not_slow_recomputation() {
 
 #[test]
 fn ingest_sends_webhooks_with_source_ingest() {
-    if std::env::var_os("SKIP_KAFKA_TESTS").is_some() {
-        return;
-    }
     let redis = Redis::start();
     let receiver = Receiver::start(free_port(), Answer::Ok);
     let url = receiver.url();
