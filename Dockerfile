@@ -19,6 +19,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
 COPY .cargo .cargo
 COPY src src
+# The integration tests' harness: a dev-dependency and workspace member, so cargo reads its manifest.
+COPY testkit testkit
 RUN cargo build --release --locked
 # Collect the shared libraries at the paths the rpaths name.
 RUN set -eu; sp=/opt/venv/lib/python3.11/site-packages; mkdir -p /export$sp/torch; \

@@ -1,11 +1,9 @@
 //! HTTP API against a real redis-server and the real binary with TorchScript test models.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 fn setup() -> (Redis, Server) {
     let redis = Redis::start();

@@ -3,11 +3,9 @@
 //! lists, probing one still fills every list, /health names the search in service; SIGTERM during
 //! the first load (here the index's k-means) does not wait for it.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::*;
+use testkit::*;
 
 fn profile(n: usize) -> Vec<String> {
     (0..3 + n % 5).map(|j| item((n * 13 + j * 29) % 300)).collect()

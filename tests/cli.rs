@@ -1,8 +1,6 @@
 //! The `recommend` and `check` subcommands.
 
-mod common;
-
-use common::*;
+use testkit::*;
 
 #[test]
 fn recommend_command_prints_the_response_and_writes_redis() {
@@ -81,17 +79,25 @@ fn serve_exits_nonzero_when_the_models_cannot_load() {
     assert!(!server.exited().unwrap().success());
 }
 
+/// Without a CUDA device, DEVICE=cuda refuses to start and names the way out, and DEVICE=auto
+/// falls back to the CPU. `CUDA_VISIBLE_DEVICES=""` hides every GPU from libtorch, so this holds on
+/// a GPU machine too (with a CPU-only libtorch there is none to hide).
 #[test]
 fn explicit_cuda_without_a_gpu_fails_at_start() {
-    if std::process::Command::new("nvidia-smi").output().is_ok() {
-        return; // this check is about machines without a GPU
-    }
-    let mut cmd = bin();
-    base_env(&mut cmd, 1, test_models());
-    let out = cmd.env("DEVICE", "cuda").arg("check").output().unwrap();
+    let no_gpu = |device: &str| {
+        let mut cmd = bin();
+        base_env(&mut cmd, 1, test_models());
+        cmd.env("CUDA_VISIBLE_DEVICES", "").env("DEVICE", device).arg("check").output().unwrap()
+    };
+    let out = no_gpu("cuda");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("DEVICE=cuda:0") && err.contains("DEVICE=cpu"), "{err}");
+
+    let out = no_gpu("auto");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["device"], "cpu");
 }
 
 #[test]
@@ -132,7 +138,7 @@ fn json_logs_carry_the_request_id() {
 fn the_binary_finds_libtorch_by_rpath_and_keeps_torch_cuda_linked() {
     let out = bin().env_remove("LD_LIBRARY_PATH").arg("--version").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let elf = std::process::Command::new("readelf").args(["-d", env!("CARGO_BIN_EXE_model-service")]).output().unwrap();
+    let elf = std::process::Command::new("readelf").arg("-d").arg(bin_path()).output().unwrap();
     let text = String::from_utf8_lossy(&elf.stdout);
     let runpath = text
         .lines()
@@ -144,4 +150,15 @@ fn the_binary_finds_libtorch_by_rpath_and_keeps_torch_cuda_linked() {
     if lib.join("libtorch_cuda.so").exists() {
         assert!(text.contains("[libtorch_cuda.so]"), "a CUDA libtorch must stay linked (--no-as-needed):\n{text}");
     }
+}
+
+/// The harness finds the binary at run time (testkit is a library, built without this package's
+/// CARGO_BIN_EXE_model-service): it must be the one cargo built for these tests, or MODEL_SERVICE_BIN.
+#[test]
+fn the_harness_runs_the_binary_cargo_built() {
+    let want = std::env::var_os("MODEL_SERVICE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_model-service").into());
+    assert_eq!(bin_path(), want);
+    assert!(want.is_file(), "{}", want.display());
 }

@@ -4,14 +4,12 @@
 //! and a reshard, three replicas sharing the work with one killed, and readiness against a cluster
 //! that cannot serve every key.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 fn sha1(value: &str) -> String {
     use sha1::{Digest, Sha1};

@@ -2,13 +2,11 @@
 //! connections open) and the JSON answers to requests the HTTP layer cannot parse, over raw
 //! sockets against a real redis-server and the real binary.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 fn connect(port: u16) -> TcpStream {
     let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

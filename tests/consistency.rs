@@ -3,12 +3,10 @@
 //! answer 503, keys of the wrong type, model loading, deadlines, Redis restarts and readiness.
 //! Real redis-server, real binary, TorchScript test models.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 fn serve(redis: &Redis, env: &[(&str, &str)]) -> Server {
     let server = Server::start_with(redis.port, test_models(), env);

@@ -2,12 +2,10 @@
 //! reference only metric names the server exports (with every metric family populated), and the
 //! committed manifests and results name no path of the machine that produced them.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use testkit::*;
 
 /// Every `model_service_*` identifier in a text.
 fn metric_names(text: &str) -> BTreeSet<String> {

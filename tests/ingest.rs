@@ -3,13 +3,11 @@
 //! dedupe, cap), recommendations recomputed from the final profiles, kill -9 and restart, dead
 //! letters, a broker outage, two instances in one group.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
 use sha1::{Digest, Sha1};
+use testkit::*;
 
 const TOPIC: &str = "user-behavior";
 const DEAD: &str = "user-behavior-dead-letter";

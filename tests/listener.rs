@@ -1,12 +1,10 @@
 //! Listener mode against a real redis-server: keyspace notifications, the request stream through
 //! a consumer group, catch-up after a crash, dead letters, shutdown, and backfill.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use sha1::{Digest, Sha1};
+use testkit::*;
 
 fn sha(value: &str) -> String {
     format!("{:x}", Sha1::digest(value.as_bytes()))

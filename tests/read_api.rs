@@ -1,11 +1,9 @@
 //! The API a frontend and an ML engineer expect: cache-first reads, anonymous sessions, per-stage
 //! explanations and the OpenAPI document. Real redis-server, real binary, TorchScript test models.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::*;
+use testkit::*;
 
 fn setup(env: &[(&str, &str)]) -> (Redis, Server) {
     let redis = Redis::start();

@@ -1,13 +1,11 @@
 //! Redis over TLS (rediss://, REDIS_TLS) with AUTH and client certificates, against a real
 //! redis-server started with --tls-port and certificates made by openssl for the test.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use testkit::*;
 
 const PASSWORD: &str = "tls-secret";
 

@@ -1,14 +1,12 @@
 //! Model reload without downtime (POST /admin/reload, SIGHUP), the admin port, and header limits,
 //! against a real redis-server and the real binary.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::json;
+use testkit::*;
 
 const TOKEN: &str = "admin-token-1";
 

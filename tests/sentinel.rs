@@ -2,11 +2,9 @@
 //! sentinels run with `--sentinel`); the real binary with REDIS_SENTINELS and
 //! REDIS_SENTINEL_MASTER follows a failover without a restart.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 const TOKEN: &str = "sentinel-token";
 

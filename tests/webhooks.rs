@@ -4,8 +4,6 @@
 //! write), signatures verified as docs/webhooks.md tells a receiver to, a receiver down then up,
 //! refusals dead-lettered without retry, and recomputation throughput with a slow receiver.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use testkit::*;
 
 const SECRET: &str = "test-webhook-secret-0123456789";
 const DEAD: &str = "webhooks:dead";
@@ -523,9 +521,6 @@ fn a_receiver_answering_after_five_seconds_does_not_slow_recomputation() {
 
 #[test]
 fn ingest_sends_webhooks_with_source_ingest() {
-    if std::env::var_os("SKIP_KAFKA_TESTS").is_some() {
-        return;
-    }
     let redis = Redis::start();
     let receiver = Receiver::start(free_port(), Answer::Ok);
     let url = receiver.url();

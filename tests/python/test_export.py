@@ -119,7 +119,7 @@ def test_lightgcn_fold_in_user_is_the_normalised_propagation():
 
 
 def make_test_models(out, *args):
-    """Runs the test-model generator as the Rust tests do (tests/common/mod.rs): `python -m`, with
+    """Runs the test-model generator as the Rust tests do (testkit/src/models.rs): `python -m`, with
     the package's parent directory on PYTHONPATH."""
     scripts = os.path.dirname(os.path.dirname(os.path.abspath(model_service_py.__file__)))
     path = os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH")) if p)
