@@ -12,6 +12,27 @@ use std::io::{self, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
 
+/// Installs the log subscriber: `RUST_LOG` filters (default `model_service=info,warn`), one line
+/// per record on stderr (control characters escaped), as text or as JSON objects.
+pub fn init(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "model_service=info,warn".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(OneLine::new(std::io::stderr, ansi))
+        // A log line that cannot be written is dropped. tracing-subscriber's default reports the
+        // failure with eprintln!, which panics when stderr itself is the broken pipe (a log
+        // collector that went away): the logging task or thread died, SIGTERM among them.
+        .log_internal_errors(false);
+    if json {
+        logs.json().flatten_event(true).with_current_span(true).init()
+    } else {
+        logs.init()
+    }
+}
+
 /// Makes the writers of `inner` escape control characters inside each record. With
 /// `keep_ansi` (colours on a terminal) the escape character is kept.
 pub struct OneLine<M> {
