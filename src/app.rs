@@ -8,54 +8,20 @@ use anyhow::Context;
 
 use crate::api::{routes as http, server};
 use crate::config::Config;
-use crate::inference::device::DeviceChoice;
-use crate::inference::engine::{Engine, EngineConfig};
-use crate::inference::ivf::SearchSpec;
+use crate::inference::engine::Engine;
 use crate::inference::model_set::{LoadSpec, ModelSet};
 use crate::metrics::Metrics;
-use crate::redis::store::ProfileLimits;
 use crate::redis::Store;
-use crate::service::{Service, ServiceConfig};
+use crate::service::Service;
 use crate::webhook::Webhooks;
 use crate::workers::{backfill, ingest, listener};
-
-/// The engine's settings from the configuration.
-pub fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
-    Ok(EngineConfig {
-        model_dir: cfg.model_dir.clone(),
-        device: DeviceChoice::parse(&cfg.device)?,
-        workers: cfg.inference_workers,
-        torch_threads: cfg.torch_threads_per_worker(),
-        max_batch: cfg.max_batch,
-        max_queue_delay: std::time::Duration::from_micros(cfg.max_queue_delay_us),
-        queue_capacity: cfg.queue_capacity,
-        deadline: cfg.request_timeout(),
-        lightgcn_candidates: cfg.lightgcn_candidates,
-        din_candidates: cfg.din_candidates,
-        search: SearchSpec {
-            mode: cfg.candidate_search,
-            min_items: cfg.ivf_min_items,
-            lists: cfg.ivf_lists,
-            probes: cfg.ivf_probes,
-        },
-        last_stage: cfg.last_stage,
-        reload_timeout: cfg.reload_timeout(),
-        max_file_bytes: cfg.max_model_file_bytes,
-    })
-}
 
 /// The service with its Redis store and inference engine (the models load in the background).
 pub fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
     // Everything that can be refused without the models is checked before they start loading.
     let store = Store::new(&cfg.redis)?;
-    let engine_cfg = engine_config(cfg)?;
-    let service_cfg = ServiceConfig {
-        default_k: cfg.default_k,
-        max_k: cfg.max_k,
-        max_history: cfg.max_history,
-        ttl_secs: cfg.recommendation_ttl,
-        profile_limits: ProfileLimits { max_bytes: cfg.max_profile_bytes, max_items: cfg.max_profile_items },
-    };
+    let engine_cfg = cfg.engine.engine_config()?;
+    let service_cfg = cfg.service.service_config();
     let metrics = Metrics::new();
     // the dead-letter stream's own client: its writes never queue behind the request path's
     let webhooks = Webhooks::start(&cfg.webhook, Store::new(&cfg.redis)?, metrics.clone())?;
@@ -83,14 +49,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let access = http::Access::from_config(&cfg);
-    let limits = server::Limits::from_config(&cfg);
-    let admin_here = cfg.admin_port.is_none();
+    let access = http::Access::new(&cfg.http, cfg.service.max_profile_bytes);
+    let limits = server::Limits::new(&cfg.http);
+    let admin_here = cfg.http.admin_port.is_none();
     let (routes, listen, ingest) = match mode {
         Mode::Api { listen, ingest } => (http::Routes::Api { admin: admin_here }, listen, ingest),
         Mode::Ops { listen, ingest } => (http::Routes::Ops { admin: admin_here }, listen, ingest),
     };
-    let admin = match cfg.admin_addr()? {
+    let admin = match cfg.http.admin_addr()? {
         Some(admin_addr) => {
             let l = tokio::net::TcpListener::bind(admin_addr)
                 .await
@@ -101,7 +67,7 @@ pub async fn run(
         None => None,
     };
     let service = build_service(&cfg)?;
-    tracing::info!(%addr, ?mode, model_dir = %cfg.model_dir.display(), "listening");
+    tracing::info!(%addr, ?mode, model_dir = %cfg.engine.model_dir.display(), "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
     let on_signal = stop_tx.clone();
@@ -110,7 +76,7 @@ pub async fn run(
         let _ = on_signal.send(true);
     });
     tokio::spawn(reload_on_sighup(service.clone()));
-    let grace = std::time::Duration::from_secs(cfg.listener.shutdown_grace_secs);
+    let grace = cfg.http.shutdown_grace();
     let requests = service.metrics.http_requests.clone();
     let app = http::router(service.clone(), routes, &access);
     let main_server = server::serve(listener, app, limits, stop_rx.clone(), grace, requests.clone());
@@ -138,13 +104,13 @@ pub async fn run(
             }
             let listening = async {
                 if listen {
-                    listener::Listener::new(service.clone(), cfg.listener.clone()).run(stop_rx.clone()).await?;
+                    listener::Listener::new(service.clone(), cfg.listener.clone(), grace).run(stop_rx.clone()).await?;
                 }
                 anyhow::Ok(())
             };
             let ingesting = async {
                 if ingest {
-                    let limits = ingest::limits(&cfg);
+                    let limits = ingest::limits(&cfg.ingest, cfg.service.profile_limits());
                     ingest::Ingest::new(service.clone(), cfg.ingest.clone(), limits, grace)
                         .run(stop_rx.clone())
                         .await?;
@@ -206,7 +172,7 @@ pub async fn run_backfill(cfg: Config, restart: bool) -> anyhow::Result<bool> {
 pub async fn recommend_once(cfg: Config, user_id: String, k: Option<usize>) -> anyhow::Result<bool> {
     let service = build_service(&cfg)?;
     service.engine.ready().await?;
-    let k = k.unwrap_or(cfg.default_k);
+    let k = k.unwrap_or(cfg.service.default_k);
     let answer = service.recommend(&user_id, crate::service::Ask { k, explain: false }).await;
     service.webhooks.shutdown(cfg.webhook.drain()).await;
     match answer {
@@ -240,16 +206,16 @@ pub async fn shutdown_signal() {
 
 /// Loads and validates MODEL_DIR exactly as a reload does (catalog, shapes, smoke batch, warm-up).
 pub fn check(cfg: &Config) -> anyhow::Result<()> {
-    let spec = LoadSpec { copies: 1, ..engine_config(cfg)?.load_spec()? };
-    let set = ModelSet::load(&cfg.model_dir, &spec)?;
+    let spec = LoadSpec { copies: 1, ..cfg.engine.engine_config()?.load_spec()? };
+    let set = ModelSet::load(&cfg.engine.model_dir, &spec)?;
     let summary = serde_json::json!({
         "status": "ok",
-        "model_dir": cfg.model_dir.display().to_string(),
+        "model_dir": cfg.engine.model_dir.display().to_string(),
         "model_version": set.info.version,
         "device": set.info.device,
         "catalog_items": set.catalog.len(),
         "stages": set.info.stages,
-        "candidates": { "lightgcn": cfg.lightgcn_candidates, "din": cfg.din_candidates },
+        "candidates": { "lightgcn": cfg.engine.lightgcn_candidates, "din": cfg.engine.din_candidates },
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

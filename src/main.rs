@@ -44,7 +44,7 @@ fn run(command: Command, cfg: Config) -> anyhow::Result<bool> {
 
 /// Binds first: a taken port fails in milliseconds, before any model starts loading.
 async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<bool> {
-    let addr = cfg.listen_addr()?;
+    let addr = cfg.http.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     app::run(cfg, mode, listener, app::shutdown_signal()).await.map(|()| true)
 }

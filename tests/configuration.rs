@@ -37,8 +37,9 @@ fn help(command: Option<&str>) -> String {
 fn env_names(help: &str) -> BTreeSet<String> {
     help.match_indices("[env: ")
         .map(|(at, tag)| {
+            // `[env: NAME=value]`, or `[env: NAME]` for a hidden value (hide_env_values)
             let rest = &help[at + tag.len()..];
-            rest[..rest.find('=').expect("[env: NAME=")].to_string()
+            rest[..rest.find(['=', ']']).expect("[env: NAME")].to_string()
         })
         .collect()
 }
@@ -147,9 +148,65 @@ fn the_configuration_reference_is_the_binarys_help() {
 #[test]
 fn the_help_parser_finds_options_and_their_names() {
     let text = "Options:\n      --redis-url <REDIS_URL>\n          Full URL\n          \n          \
-                [env: REDIS_URL=]\n\n  -h, --help\n          Print help\n";
+                [env: REDIS_URL=]\n\n      --api-token <API_TOKEN>\n          [env: API_TOKEN]\n\n  -h, --help\n\
+                          Print help\n";
     let blocks = option_blocks(text);
-    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    assert_eq!(blocks.len(), 3, "{blocks:?}");
     assert!(blocks[0].contains("[env: REDIS_URL=]"));
-    assert_eq!(env_names(text).into_iter().collect::<Vec<_>>(), vec!["REDIS_URL".to_string()]);
+    assert_eq!(env_names(text).into_iter().collect::<Vec<_>>(), ["API_TOKEN", "REDIS_URL"]);
+}
+
+/// README's configuration table states each variable's default as the binary has it (README once
+/// said LightGCN keeps 200 candidates while the default was 600).
+#[test]
+fn the_defaults_readme_states_are_the_binarys() {
+    use clap::CommandFactory;
+    let mut defaults = std::collections::BTreeMap::new();
+    let cli = model_service::config::Cli::command();
+    for command in std::iter::once(&cli).chain(cli.get_subcommands()) {
+        for arg in command.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                let value: Vec<String> =
+                    arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+                defaults.insert(env.to_string_lossy().into_owned(), value.join(","));
+            }
+        }
+    }
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let section = readme.split("\n## Configuration").nth(1).expect("README has a Configuration section");
+    let section = section.split("\n## ").next().unwrap();
+    let mut checked = 0;
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let names: Vec<&str> = cells[1].split('/').map(|n| n.trim().trim_matches('`')).collect();
+        let mut stated: Vec<&str> = cells[2].split(" / ").map(|d| d.trim().trim_matches('`')).collect();
+        if stated.len() == 1 {
+            stated = vec![stated[0]; names.len()]; // one default for all: `A` / `B` | -
+        }
+        assert_eq!(names.len(), stated.len(), "README row {row:?}: names and defaults do not pair up");
+        for (name, stated) in names.iter().zip(stated) {
+            let actual =
+                defaults.get(*name).unwrap_or_else(|| panic!("README names {name}, which the binary does not read"));
+            assert!(same_default(stated, actual), "README says {name} defaults to {stated:?}; the binary: {actual:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} defaults found in README's table");
+}
+
+/// `-` is no default; numbers compare as numbers (`10` and `10.0`), `N GiB` as bytes.
+fn same_default(stated: &str, actual: &str) -> bool {
+    if stated == "-" {
+        return actual.is_empty();
+    }
+    let number = |s: &str| -> Option<f64> {
+        match s.strip_suffix(" GiB") {
+            Some(n) => n.trim().parse::<f64>().ok().map(|g| g * f64::from(1u32 << 30)),
+            None => s.parse().ok(),
+        }
+    };
+    match (number(stated), number(actual)) {
+        (Some(a), Some(b)) => a == b,
+        _ => stated.trim_start_matches("./") == actual.trim_start_matches("./"),
+    }
 }

@@ -5,3 +5,4 @@ pub mod docs;
 pub mod error;
 pub mod routes;
 pub mod server;
+pub mod settings;

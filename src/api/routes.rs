@@ -36,12 +36,14 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
+    /// From the HTTP settings; an anonymous history's body may be as large as the largest stored
+    /// profile read (`max_profile_bytes`) and its JSON wrapping.
+    pub fn new(http: &crate::api::settings::HttpArgs, max_profile_bytes: usize) -> Self {
         Self {
-            api_token: cfg.api_token.clone(),
-            max_header_bytes: cfg.max_header_bytes,
-            body_read_timeout: cfg.body_read_timeout(),
-            history_body_limit: cfg.max_profile_bytes + 4096,
+            api_token: http.api_token.clone(),
+            max_header_bytes: http.max_header_bytes,
+            body_read_timeout: http.body_read_timeout(),
+            history_body_limit: max_profile_bytes + 4096,
         }
     }
 }

@@ -66,11 +66,11 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
+    pub fn new(http: &crate::api::settings::HttpArgs) -> Self {
         Self {
-            header_read_timeout: cfg.header_read_timeout(),
-            idle_timeout: cfg.idle_timeout(),
-            max_connections: cfg.max_connections,
+            header_read_timeout: http.header_read_timeout(),
+            idle_timeout: http.idle_timeout(),
+            max_connections: http.max_connections,
         }
     }
 }

@@ -12,4 +12,5 @@ pub mod ivf;
 pub mod mode;
 pub mod model_set;
 pub mod models;
+pub mod settings;
 pub mod topk;

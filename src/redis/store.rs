@@ -454,149 +454,53 @@ pub enum Written {
 /// in Redis to count.
 const WRITE_MARGIN: Duration = Duration::from_millis(100);
 
-/// The start of the write scripts (KEYS[1] the profile, ARGV[1] its hash, ARGV[2] the deadline in
-/// ms of the Redis clock): returns -1 past the deadline, 0 when the profile's hash changed.
-const PROFILE_GUARD_LUA: &str = r"
-local t = redis.call('TIME')
-if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[2]) then return -1 end
-local v = redis.call('GET', KEYS[1])
-local sha = 'missing'
-if v then sha = redis.sha1hex(v) end
-if sha ~= ARGV[1] then return 0 end";
+// The scripts are in src/redis/lua/. The write scripts start with `profile_guard.lua` (KEYS[1]
+// the profile, ARGV[1] its hash, ARGV[2] the deadline in ms of the Redis clock): it returns -1
+// past the deadline, 0 when the profile's hash changed.
 
 /// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
 /// model version, computed-at ms, notify channel, user id, scores JSON, strategy, model content
 /// hash. Returns 1 written, 0 profile changed, -1 past the deadline.
-static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{PROFILE_GUARD_LUA}
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'profile_sha', ARGV[1], 'model_version', ARGV[5], 'computed_at_ms', ARGV[6],
-  'scores', ARGV[9], 'strategy', ARGV[10], 'list_sha', redis.sha1hex(ARGV[3]), 'model_sha', ARGV[11])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-return 1
-",
-    ))
-});
+static WRITE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/profile_guard.lua"), include_str!("lua/write_list.lua"))));
 
 /// KEYS: profile, list, meta. Deletes list and meta unless meta's profile hash is the profile's
 /// current one. Returns 1 when it deleted.
-static DROP_STALE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local sha = 'missing'
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'string' then sha = redis.sha1hex(redis.call('GET', KEYS[1])) elseif kind ~= 'none' then sha = kind end
-local stored = false
-if redis.call('TYPE', KEYS[3])['ok'] == 'hash' then stored = redis.call('HGET', KEYS[3], 'profile_sha') end
-if stored == sha then return 0 end
-if redis.call('DEL', KEYS[2], KEYS[3]) > 0 then return 1 end
-return 0
-",
-    )
-});
+static DROP_STALE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/drop_stale.lua")));
 
 /// Cluster write, step 1, in the profile's slot. KEYS: profile. ARGV: profile hash, deadline.
 /// Returns 1 unchanged, 0 changed, -1 past the deadline.
-static GUARD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PROFILE_GUARD_LUA}\nreturn 1\n")));
+static GUARD_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(include_str!("lua/profile_guard.lua"), include_str!("lua/cluster_guard.lua")))
+});
 
 /// Cluster write, step 2. KEYS: list. ARGV: deadline, list JSON, TTL. Returns 1 written, -1 past
 /// the deadline.
-static SET_LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[1]) then return -1 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
-",
-    )
-});
+static SET_LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cluster_set_list.lua")));
 
 /// Cluster write, step 3. KEYS: meta. ARGV: deadline, profile hash, model version, computed-at ms,
 /// scores JSON, strategy, list hash, TTL, notify channel, user id, model content hash. Returns 1
 /// written, -1 past the deadline.
-static SET_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[1]) then return -1 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'profile_sha', ARGV[2], 'model_version', ARGV[3], 'computed_at_ms', ARGV[4],
-  'scores', ARGV[5], 'strategy', ARGV[6], 'list_sha', ARGV[7], 'model_sha', ARGV[11])
-redis.call('EXPIRE', KEYS[1], ARGV[8])
-redis.call('PUBLISH', ARGV[9], ARGV[10])
-return 1
-",
-    )
-});
+static SET_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cluster_set_meta.lua")));
 
 /// The cluster's profile read, in the profile's slot. KEYS: profile. ARGV: the byte cap. Returns
 /// its type, its length and its first bytes (nil unless a string), and the node's TIME.
-static PROFILE_READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local kind = redis.call('TYPE', KEYS[1])['ok']
-local t = redis.call('TIME')
-if kind ~= 'string' then return {kind, false, false, t} end
-return {kind, redis.call('STRLEN', KEYS[1]), redis.call('GETRANGE', KEYS[1], 0, ARGV[1]), t}
-",
-    )
-});
+static PROFILE_READ_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/cluster_read_profile.lua")));
 
 /// KEYS: profile. The hash of its value, `missing`, or the Redis type of a key of another type.
-static PROFILE_SHA_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'string' then return redis.sha1hex(redis.call('GET', KEYS[1])) end
-if kind == 'none' then return 'missing' end
-return kind
-",
-    )
-});
+static PROFILE_SHA_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/profile_sha.lua")));
 
 /// Cluster drop, meta step. KEYS: meta. ARGV: the profile's hash now. Keeps a meta that names it
 /// (nil); otherwise deletes the meta and returns the list hash it named ('' for no meta).
-static DROP_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then
-  redis.call('DEL', KEYS[1])
-  return ''
-end
-if redis.call('HGET', KEYS[1], 'profile_sha') == ARGV[1] then return false end
-local named = redis.call('HGET', KEYS[1], 'list_sha') or ''
-redis.call('DEL', KEYS[1])
-return named
-",
-    )
-});
+static DROP_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cluster_drop_meta.lua")));
 
 /// Cluster drop, list step. KEYS: list. ARGV: the hash the removed meta named ('' for none).
 /// Deletes the list when it is that one (or there was no meta). Returns 1 when it deleted.
-static DROP_LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-if ARGV[1] ~= '' and redis.sha1hex(v) ~= ARGV[1] then return 0 end
-return redis.call('DEL', KEYS[1])
-",
-    )
-});
+static DROP_LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cluster_drop_list.lua")));
 
 /// KEYS: claim. ARGV: owner. Deletes the claim if the owner still holds it.
-static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-",
-    )
-});
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release_claim.lua")));
 
 /// The hash recorded for a profile value: SHA-1 hex, which Redis computes too (`redis.sha1hex`),
 /// so a script can check that a profile is unchanged. Change detection, not security.

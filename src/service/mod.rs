@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 pub mod ingest_health;
+pub mod settings;
 pub mod single_flight;
 
 use crate::error::Error;

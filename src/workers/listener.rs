@@ -19,16 +19,81 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::clock::now_ms;
-use crate::config::ListenerArgs;
-use crate::error::Error;
+use crate::error::{ConfigError, Error};
 use crate::redis::listen::ScanOf;
 use crate::redis::stream::{StreamConsumer, StreamEntry};
 use crate::service::{Refresh, Service};
+
+/// Settings of the listener (`listen`, `serve --listen`, `backfill`).
+#[derive(Debug, Clone, Args)]
+pub struct ListenerArgs {
+    /// Stream of recommendation requests (field `user_id`), consumed through a consumer group.
+    #[arg(long, env = "REQUEST_STREAM", default_value = "recommend_requests", global = true)]
+    pub request_stream: String,
+    #[arg(long, env = "CONSUMER_GROUP", default_value = "model-service", global = true)]
+    pub consumer_group: String,
+    /// This replica's consumer name (default: hostname-pid).
+    #[arg(long, env = "CONSUMER_NAME", global = true)]
+    pub consumer_name: Option<String>,
+    /// Where entries go after MAX_ATTEMPTS failures or a permanent error, with the reason.
+    #[arg(long, env = "DEAD_LETTER_STREAM", default_value = "recommend_requests:dead", global = true)]
+    pub dead_letter_stream: String,
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5, global = true)]
+    pub max_attempts: u64,
+    /// Most entries kept in the dead-letter stream (the oldest are trimmed).
+    #[arg(long, env = "DEAD_LETTER_MAXLEN", default_value_t = 10_000, global = true)]
+    pub dead_letter_maxlen: usize,
+    /// Entries pending this long (a dead or failing consumer) are claimed and retried.
+    #[arg(long, env = "CLAIM_IDLE_MS", default_value_t = 5000, global = true)]
+    pub claim_idle_ms: u64,
+    /// Interval of the catch-up scan for profiles whose recommendations are missing or stale.
+    #[arg(long, env = "CATCHUP_INTERVAL_SECS", default_value_t = 300, global = true)]
+    pub catchup_interval_secs: u64,
+    /// Recommendations computed at once by the listener.
+    #[arg(long, env = "LISTENER_CONCURRENCY", default_value_t = 16, global = true)]
+    pub listener_concurrency: usize,
+    /// Distinct users waiting in the listener's queue; beyond that, events are dropped and a
+    /// catch-up scan recovers them.
+    #[arg(long, env = "MAX_PENDING_USERS", default_value_t = 100_000, global = true)]
+    pub max_pending_users: usize,
+    /// Enable keyspace notifications with CONFIG SET when they are off.
+    #[arg(long, env = "CONFIGURE_NOTIFICATIONS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub configure_notifications: bool,
+    /// How long a listener replica holds its claim on a user it is recomputing (a key in the
+    /// user's slot); the other replicas skip that user meanwhile and look again once it expires,
+    /// so a replica that dies mid-computation delays its users by at most this much.
+    #[arg(long, env = "USER_CLAIM_MS", default_value_t = 10_000, global = true)]
+    pub user_claim_ms: u64,
+}
+
+impl ListenerArgs {
+    pub fn consumer(&self) -> String {
+        self.consumer_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+            format!("{}-{}", if host.is_empty() { "model-service" } else { &host }, std::process::id())
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("DEAD_LETTER_MAXLEN", self.dead_letter_maxlen),
+            ("LISTENER_CONCURRENCY", self.listener_concurrency),
+            ("MAX_PENDING_USERS", self.max_pending_users),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+}
 
 const SCAN_PAGE: usize = 500;
 /// How often the request stream is trimmed of what every consumer group is done with.
@@ -118,6 +183,8 @@ fn outcome(result: &Result<Refresh, Error>) -> &'static str {
 pub struct Listener {
     service: Arc<Service>,
     cfg: ListenerArgs,
+    /// How long work in flight may take to finish on shutdown (SHUTDOWN_GRACE_SECS).
+    grace: Duration,
     consumer: String,
     queue: Coalescer,
     /// Wakes the catch-up scan. A wake-up while a scan runs is kept (one permit), so the users
@@ -130,12 +197,13 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn new(service: Arc<Service>, cfg: ListenerArgs) -> Arc<Self> {
+    pub fn new(service: Arc<Service>, cfg: ListenerArgs, grace: Duration) -> Arc<Self> {
         let consumer = cfg.consumer();
         let queue = Coalescer::new(cfg.max_pending_users);
         Arc::new(Self {
             service,
             cfg,
+            grace,
             consumer,
             queue,
             catchup: Notify::new(),
@@ -172,7 +240,7 @@ impl Listener {
         let _ = stop.wait_for(|s| *s).await;
         tracing::info!("listener stopping: finishing in-flight work");
         background.abort_all();
-        let grace = Duration::from_secs(self.cfg.shutdown_grace_secs);
+        let grace = self.grace;
         if tokio::time::timeout(grace, async { while work.join_next().await.is_some() {} }).await.is_err() {
             tracing::warn!(?grace, "in-flight work did not finish within the grace period");
             work.abort_all();

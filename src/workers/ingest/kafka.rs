@@ -12,8 +12,8 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 
+use super::settings::IngestArgs;
 use super::IngestError;
-use crate::config::IngestArgs;
 use crate::metrics::Metrics;
 
 /// The consumer's context: lag per partition from librdkafka's statistics, rebalance and commit

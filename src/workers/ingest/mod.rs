@@ -20,6 +20,7 @@
 pub mod dead_letter;
 pub mod event;
 pub mod kafka;
+pub mod settings;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,11 +35,12 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::clock::now_ms;
-use crate::config::IngestArgs;
 use crate::error::Error;
 use crate::redis::ingest::{Append, AppendLimits, Applied};
+use crate::redis::store::ProfileLimits;
 use crate::service::{Refresh, Service};
 use event::{Event, EventError};
+use settings::IngestArgs;
 
 /// How long a batch waits for more events after its first one.
 const BATCH_WAIT: Duration = Duration::from_millis(20);
@@ -470,11 +472,11 @@ fn reason(e: &EventError) -> String {
 }
 
 /// The append's bounds: the profile caps the service reads with, and the event-id memory.
-pub fn limits(cfg: &crate::config::Config) -> AppendLimits {
+pub fn limits(args: &IngestArgs, profile: ProfileLimits) -> AppendLimits {
     AppendLimits {
-        max_items: cfg.max_profile_items,
-        max_bytes: cfg.max_profile_bytes,
-        dedupe_ids: cfg.ingest.ingest_dedupe_ids,
-        dedupe_ttl_secs: cfg.ingest.ingest_dedupe_ttl_secs,
+        max_items: profile.max_items,
+        max_bytes: profile.max_bytes,
+        dedupe_ids: args.ingest_dedupe_ids,
+        dedupe_ttl_secs: args.ingest_dedupe_ttl_secs,
     }
 }
