@@ -655,19 +655,40 @@ mod tests {
 
     use unicode_properties::UnicodeGeneralCategory;
 
+    /// Characters no user id may hold, by the class README's HTTP contract names: line breaks and
+    /// other controls, whitespace, zero-width and bidirectional formatting, private use,
+    /// unassigned.
+    const FORBIDDEN: [char; 12] =
+        ['\n', '\r', '\t', '\0', '\u{7f}', ' ', '\u{a0}', '\u{2028}', '\u{200b}', '\u{202e}', '\u{e000}', '\u{0378}'];
+
     proptest::proptest! {
+        /// Any id of printable ASCII (what store ids are made of) up to the length limit is
+        /// accepted, and its key is one clean line ending in the id.
         #[test]
-        fn only_ids_that_make_clean_single_line_keys_are_accepted(id in "(.|\\n|\\r|\\t|[*:{}?\\[\\]]){0,140}") {
-            let ok = !id.is_empty()
-                && id.chars().count() <= MAX_USER_ID_CHARS
-                && !id.chars().any(|c| {
-                    c.is_whitespace() || c.general_category_group() == unicode_properties::GeneralCategoryGroup::Other
-                });
-            proptest::prop_assert_eq!(validate_user_id(&id).is_ok(), ok);
-            if ok {
-                let key = crate::redis::keys::recommendations_key(&id);
-                proptest::prop_assert!(!key.contains('\n') && !key.contains('\r') && key.ends_with(&id));
-            }
+        fn printable_ascii_ids_within_the_limit_are_accepted(id in "[!-~]{1,128}") {
+            proptest::prop_assert!(validate_user_id(&id).is_ok(), "{:?}", id);
+            let key = crate::redis::keys::recommendations_key(&id);
+            proptest::prop_assert!(!key.contains('\n') && !key.contains('\r') && key.ends_with(&id));
+        }
+
+        /// One forbidden character anywhere in an otherwise good id refuses it, with 400
+        /// `invalid_user_id`.
+        #[test]
+        fn one_forbidden_character_anywhere_refuses_the_id(id in "[!-~]{1,100}", at in 0usize..101, which in 0usize..12) {
+            let mut chars: Vec<char> = id.chars().collect();
+            chars.insert(at.min(chars.len()), FORBIDDEN[which]);
+            let bad: String = chars.into_iter().collect();
+            proptest::prop_assert!(matches!(validate_user_id(&bad), Err(Error::InvalidUserId(_))), "{:?}", bad);
+        }
+
+        /// Letters of any script are ids (user ids are not only ASCII); the length counts
+        /// characters, not bytes.
+        #[test]
+        fn ids_in_any_script_are_counted_in_characters(n in 1usize..=128, letter in proptest::sample::select(vec!['é', 'ж', '中', 'ب', '😀'])) {
+            let id: String = std::iter::repeat_n(letter, n).collect();
+            proptest::prop_assert!(validate_user_id(&id).is_ok());
+            let long: String = std::iter::repeat_n(letter, MAX_USER_ID_CHARS + 1).collect();
+            proptest::prop_assert!(validate_user_id(&long).is_err());
         }
     }
 
