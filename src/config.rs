@@ -1,4 +1,5 @@
-//! The one configuration struct: every flag has an environment-variable fallback.
+//! The commands and their configuration: `Config` flattens each subsystem's own settings (every flag
+//! with an environment-variable fallback) and checks the rules that span sections.
 
 use clap::{Args, Parser, Subcommand};
 

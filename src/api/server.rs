@@ -19,7 +19,7 @@
 //!   reload deadlines), the new one is closed at once rather than queued;
 //! - hyper answers a request it cannot parse itself, with an empty body (400, 414, 431):
 //!   `JsonParseErrors` rewrites those answers into the JSON `{"error","detail"}` of
-//!   `crate::error::Error`, with the status refined where the request line says why (505), and
+//!   `api::error::ApiError`, with the status refined where the request line says why (505), and
 //!   counts them in `http_requests_total` (route `unmatched`: no route ran);
 //! - on stop, connections without a request in flight close at once; the others finish their
 //!   request within the grace period and close.
