@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (like start_model_service.sh), then run every test: formatting, clippy, the Rust unit and
-# integration tests (real redis-server, real TorchScript models), and the Python tests.
+# integration tests (real redis-server, real TorchScript models), the Python tests, and last the
+# container image (scripts/container_test.sh: built, and the walk-through run in it; its time printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
@@ -22,3 +23,7 @@ echo "== deployment files"
 scripts/check_deploy.sh
 echo "== python tests"
 (cd tests/python && "$PY" -m pytest -q)
+echo "== container image: build, walk-through in the container, compose (scripts/container_test.sh)"
+container_t0=$SECONDS
+scripts/container_test.sh
+echo "== container test: $((SECONDS - container_t0)) s"
