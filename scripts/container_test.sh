@@ -146,7 +146,18 @@ build_s=$(($(date +%s) - t0))
 size=$("$ENGINE" image inspect --format '{{.Size}}' "$IMAGE")
 cached=$(grep -c -- '--> Using cache\|CACHED' "$work/build.log" || true)
 say "image $IMAGE: $((size / 1000000)) MB, built in ${build_s} s ($cached steps from the layer cache)"
-[ "$("$ENGINE" image inspect --format '{{.Config.User}}' "$IMAGE")" = model-service ] || fail "the image does not run as model-service"
+# What users of the image rely on: user, entrypoint, command, port, health check, environment.
+config=$("$ENGINE" image inspect --format '{{json .Config}}' "$IMAGE")
+python3 -c "
+import json, sys
+c = json.loads(sys.argv[1])
+assert c['User'] == 'model-service', c['User']
+assert c['Entrypoint'] == ['model-service'] and c['Cmd'] == ['serve'], (c['Entrypoint'], c['Cmd'])
+assert '8001/tcp' in c['ExposedPorts'], c['ExposedPorts']
+assert '/health' in ' '.join(c['Healthcheck']['Test']), c.get('Healthcheck')
+env = dict(e.split('=', 1) for e in c['Env'])
+assert env['MODEL_DIR'] == '/app/model_output' and env['PORT'] == '8001' and env['DEVICE'] == 'auto', env
+" "$config" || fail "the image's configuration is not what the Dockerfile promises: $config"
 
 # --- 4. the walk-through ---
 redis_port=$(free_port)
