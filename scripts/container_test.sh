@@ -59,9 +59,9 @@ if [ "$ENGINE" = podman ]; then
     command -v runc >/dev/null || missing+=(runc)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
     if [ ${#missing[@]} -gt 0 ]; then
-        say "installing ${missing[*]}"
+        say "installing ${missing[*]} (with the packages podman recommends)"
         ms_sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive ms_sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        DEBIAN_FRONTEND=noninteractive ms_sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
     # crun fails here ("cgroups in hybrid mode not supported"), and so do the default ulimits
     # (setrlimit: Operation not permitted); runc with cgroupfs and the engine's own limits work.
