@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Validate the deployment files without a Docker engine or a cluster: compose files
-# (docker-compose config), shell scripts (shellcheck), Prometheus config and alert rules
-# (promtool), Kubernetes manifests (kubernetes-validate against the 1.37 schemas, yamllint), and the
-# start script's help and its Docker modes on a machine without a Docker engine.
+# (docker-compose config), the Dockerfile's defaults, shell scripts (shellcheck), Prometheus config
+# and alert rules (promtool), Kubernetes manifests (kubernetes-validate against the 1.37 schemas,
+# yamllint), and the start script's help and its Docker modes on a machine without a Docker engine.
 # Needs the tools setup_apt installs and the venv of setup_venv ($VENV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,14 @@ PY
 for f in model-compose.yml model-compose-standalone.yml; do
     rendered="$(REDIS_CLUSTER_NODES=a:7000,b:7001 docker-compose -f "$f" config)"
     grep -q "REDIS_CLUSTER_NODES: a:7000,b:7001" <<<"$rendered" || fail "$f does not pass REDIS_CLUSTER_NODES on"
+done
+echo "-- Dockerfile defaults"
+# Users with a registry build with no arguments: the Docker Hub bases and the CPU variant.
+# shellcheck disable=SC2016 # the Dockerfile's own ${...}
+for line in "ARG BUILDER_IMAGE=rust:1-bookworm" "ARG RUNTIME_IMAGE=debian:bookworm-slim" "ARG VARIANT=cpu" \
+    "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" 'FROM ${BUILDER_IMAGE} AS builder' \
+    'FROM ${RUNTIME_IMAGE} AS runtime' "USER model-service" 'ENTRYPOINT ["model-service"]' 'CMD ["serve"]'; do
+    grep -qxF -- "$line" Dockerfile || fail "Dockerfile: no line '$line'"
 done
 echo "-- start_model_service.sh"
 help="$(./start_model_service.sh --help)"
