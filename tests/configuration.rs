@@ -6,7 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Command;
 
 const COMMANDS: [&str; 6] = ["serve", "listen", "ingest", "backfill", "recommend", "check"];
 
@@ -17,10 +16,7 @@ fn repo() -> PathBuf {
 /// `model-service [COMMAND] --help` with no configuration in the environment (clap prints the
 /// value of a variable that is set) and without a terminal (clap wraps at 100 columns).
 fn help(command: Option<&str>) -> String {
-    let bin = std::env::var_os("MODEL_SERVICE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_model-service").into());
-    let mut cmd = Command::new(bin);
+    let mut cmd = testkit::bin();
     cmd.env_clear();
     for keep in ["PATH", "LD_LIBRARY_PATH"] {
         if let Some(v) = std::env::var_os(keep) {
