@@ -271,6 +271,16 @@ fn bad_exclusions_get_400_and_a_bad_unavailable_set_keeps_the_last_good_one() {
     let top = rec_ids(&plain)[0].clone();
     redis.cmd(&["SADD", "items:unavailable", &top]);
     wait_until(Duration::from_secs(5), || server.get("/health").1["unavailable_items"]["items"] == 1);
+    // the stored list still holds it: a cache-first read leaves it out, answers from the cache while
+    // k items remain, and recomputes (writing a list without it) when fewer do
+    let (_, cached) = server.get("/recommendations/shopper?k=4");
+    assert_eq!(cached["source"], "cache", "{cached}");
+    assert_eq!(rec_ids(&cached), rec_ids(&plain)[1..5], "{cached}");
+    assert_eq!(server.metric("model_service_filtered_items_total{source=\"unavailable\"}"), 1.0);
+    let (_, computed) = server.get("/recommendations/shopper?k=5");
+    assert_eq!(computed["source"], "computed", "{computed}");
+    assert_eq!(rec_ids(&computed).len(), 5, "{computed}");
+    assert!(!stored_list(&redis, "shopper").contains(&top), "the recomputed list is written without it");
     let check = |why: &str| {
         for (status, body) in [server.post("/recommend/shopper?k=5"), server.get("/recommendations/shopper?k=5")] {
             assert_eq!(status, 200, "{why}: {body}");
