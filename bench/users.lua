@@ -1,6 +1,7 @@
 -- wrk script: POST /recommend/<user_id> over many distinct users.
--- USERS_FILE (env): one user id per line. Each wrk thread walks the list from its own offset, so
--- consecutive requests go to different users. done() prints one JSON line starting with "RESULT ".
+-- USERS_FILE (env): one user id per line; QUERY_SUFFIX (env), if set, is added to every query.
+-- Each wrk thread walks the list from its own offset, so consecutive requests go to different
+-- users. done() prints one JSON line starting with "RESULT ".
 local users = {}
 local threads = {}
 local counter = 0
@@ -19,12 +20,14 @@ function init(args)
   i = offset or 0
   statuses = {}
   k = os.getenv("K") or "10"
+  -- appended to every request's query (e.g. "&exclude=A,B"; bench/filters_ab.py)
+  suffix = os.getenv("QUERY_SUFFIX") or ""
 end
 
 function request()
   i = i + 1
   local id = users[(i % #users) + 1]
-  return wrk.format("POST", "/recommend/" .. id .. "?k=" .. k)
+  return wrk.format("POST", "/recommend/" .. id .. "?k=" .. k .. suffix)
 end
 
 function response(status, headers, body)

@@ -173,7 +173,7 @@ pub async fn recommend_once(cfg: Config, user_id: String, k: Option<usize>) -> a
     let service = build_service(&cfg)?;
     service.engine.ready().await?;
     let k = k.unwrap_or(cfg.service.default_k);
-    let answer = service.recommend(&user_id, crate::service::Ask { k, explain: false }).await;
+    let answer = service.recommend(&user_id, crate::service::Ask { k, explain: false }, &[]).await;
     service.webhooks.shutdown(cfg.webhook.drain()).await;
     match answer {
         Ok(rec) => {

@@ -23,6 +23,9 @@ pub enum Error {
     InvalidUserId(String),
     #[error("invalid k: {0}")]
     InvalidK(String),
+    /// A request's `exclude` (too many ids, or not a list of strings).
+    #[error("invalid exclude: {0}")]
+    InvalidExclude(String),
     /// The stored profile (or a request's history) cannot be ranked.
     #[error(transparent)]
     Profile(ProfileError),
@@ -58,6 +61,7 @@ impl Error {
         match self {
             Error::InvalidUserId(_) => "invalid_user_id",
             Error::InvalidK(_) => "invalid_k",
+            Error::InvalidExclude(_) => "invalid_exclude",
             Error::Profile(ProfileError::Invalid { .. }) => "invalid_profile",
             Error::Profile(ProfileError::TooLarge { .. }) => "profile_too_large",
             Error::Profile(ProfileError::TooLong { .. }) => "profile_too_long",
@@ -82,7 +86,7 @@ impl Error {
     /// frontend rewrites it). The listener, the ingestion and the backfill log such a user and
     /// move on instead of retrying.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Error::Profile(_) | Error::InvalidUserId(_) | Error::InvalidK(_))
+        matches!(self, Error::Profile(_) | Error::InvalidUserId(_) | Error::InvalidK(_) | Error::InvalidExclude(_))
     }
 }
 

@@ -1,8 +1,8 @@
 //! Every Prometheus metric, named once, in one registry with the `model_service_` prefix.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const PREFIX: &str = "model_service";
@@ -39,6 +39,12 @@ pub struct Metrics {
     pub ingest_dead_letter_failures: IntCounterVec,
     pub ingest_dead_letter_failing: IntGauge,
     pub ingest_dead_letter_fallbacks: IntCounterVec,
+    pub filtered_items: IntCounterVec,
+    pub exclude_unknown_items: IntCounter,
+    pub unavailable_items: IntGauge,
+    pub unavailable_age: Gauge,
+    pub unavailable_refresh_failures: IntCounterVec,
+    pub unavailable_recomputes: IntCounter,
     model_info: IntGaugeVec,
 }
 
@@ -226,6 +232,46 @@ impl Metrics {
         for to in ["file", "log"] {
             ingest_dead_letter_fallbacks.with_label_values(&[to]);
         }
+        let filtered_items = IntCounterVec::new(
+            Opts::new(
+                "filtered_items_total",
+                "Items kept out of answers and stored lists, by source: unavailable (items:unavailable) or \
+                 excluded (a request's exclude)",
+            ),
+            &["source"],
+        )
+        .expect("metric");
+        for source in ["unavailable", "excluded"] {
+            filtered_items.with_label_values(&[source]);
+        }
+        let exclude_unknown_items = IntCounter::new(
+            "exclude_unknown_items_total",
+            "Ids of a request's exclude that are not in the catalog (ignored)",
+        )
+        .expect("metric");
+        let unavailable_items =
+            IntGauge::new("unavailable_items", "Items in the cached set of unavailable items").expect("metric");
+        let unavailable_age = Gauge::new(
+            "unavailable_set_age_seconds",
+            "Age of the cached set of unavailable items (since it was last read good from Redis)",
+        )
+        .expect("metric");
+        let unavailable_refresh_failures = IntCounterVec::new(
+            Opts::new(
+                "unavailable_refresh_failures_total",
+                "Reads of items:unavailable that kept the last good set, by reason: wrong_type, too_large, redis",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        for reason in ["wrong_type", "too_large", "redis"] {
+            unavailable_refresh_failures.with_label_values(&[reason]);
+        }
+        let unavailable_recomputes = IntCounter::new(
+            "unavailable_recomputes_total",
+            "Stored lists recomputed because they held an item that became unavailable",
+        )
+        .expect("metric");
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "Models in service (value 1)"),
             &["version", "device", "lightgcn", "din", "ranknet"],
@@ -261,6 +307,12 @@ impl Metrics {
             Box::new(ingest_dead_letter_failures.clone()),
             Box::new(ingest_dead_letter_failing.clone()),
             Box::new(ingest_dead_letter_fallbacks.clone()),
+            Box::new(filtered_items.clone()),
+            Box::new(exclude_unknown_items.clone()),
+            Box::new(unavailable_items.clone()),
+            Box::new(unavailable_age.clone()),
+            Box::new(unavailable_refresh_failures.clone()),
+            Box::new(unavailable_recomputes.clone()),
             Box::new(model_info.clone()),
         ] {
             registry.register(m).expect("metric registered once");
@@ -296,6 +348,12 @@ impl Metrics {
             ingest_dead_letter_failures,
             ingest_dead_letter_failing,
             ingest_dead_letter_fallbacks,
+            filtered_items,
+            exclude_unknown_items,
+            unavailable_items,
+            unavailable_age,
+            unavailable_refresh_failures,
+            unavailable_recomputes,
             model_info,
         }
     }

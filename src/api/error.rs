@@ -131,7 +131,7 @@ impl ApiError {
 fn service_status(e: &Error) -> StatusCode {
     use crate::redis::Error as R;
     match e {
-        Error::InvalidUserId(_) | Error::InvalidK(_) => StatusCode::BAD_REQUEST,
+        Error::InvalidUserId(_) | Error::InvalidK(_) | Error::InvalidExclude(_) => StatusCode::BAD_REQUEST,
         Error::Profile(_) | Error::Redis(R::Profile(_)) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::Redis(R::Unavailable(_) | R::Refused(_)) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Redis(R::Internal(_)) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -179,6 +179,7 @@ mod tests {
         let all = vec![
             (ApiError::Service(Error::InvalidUserId("empty".into())), 400, "invalid_user_id", false),
             (ApiError::Service(Error::InvalidK("0".into())), 400, "invalid_k", false),
+            (ApiError::Service(Error::InvalidExclude("501 ids".into())), 400, "invalid_exclude", false),
             (
                 profile(ProfileError::Invalid { key: "k".into(), reason: "not JSON".into() }),
                 422,
@@ -216,7 +217,9 @@ mod tests {
         // Exhaustive on purpose: a new variant breaks this match until it has a row above.
         for (e, ..) in &all {
             match e {
-                ApiError::Service(Error::InvalidUserId(_) | Error::InvalidK(_) | Error::Profile(_))
+                ApiError::Service(
+                    Error::InvalidUserId(_) | Error::InvalidK(_) | Error::InvalidExclude(_) | Error::Profile(_),
+                )
                 | ApiError::Service(Error::Redis(_) | Error::Inference(_) | Error::Internal(_))
                 | ApiError::NotFound(_)
                 | ApiError::Unauthorized(_)

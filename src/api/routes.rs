@@ -382,9 +382,13 @@ pub struct RankQuery {
     /// Items to return, 1..=MAX_K (default DEFAULT_K, 10).
     #[param(minimum = 1, maximum = 100)]
     pub k: Option<i64>,
-    /// Add each item's score and rank after every stage, and the candidate counts and time per
-    /// stage (costs nothing when off).
+    /// Add each item's score and rank after every stage, the candidate counts and time per
+    /// stage, and what the filters kept out (costs nothing when off).
     pub explain: Option<bool>,
+    /// Item ids to leave out of this answer, comma-separated (at most MAX_EXCLUDE, 500; ids not in
+    /// the catalog are ignored and counted in `unknown_excluded`). The stored list is the one
+    /// without them.
+    pub exclude: Option<String>,
 }
 
 /// The ask from the query string: `k` and `explain`, each at most once.
@@ -400,6 +404,14 @@ fn ask(service: &Service, query: Result<Query<Vec<(String, String)>>, QueryRejec
         }
     };
     Ok(Ask { k, explain })
+}
+
+/// The `exclude` of a query: comma-separated item ids, given at most once (empty entries are
+/// skipped); its length is checked by the service (MAX_EXCLUDE).
+fn exclude_param(query: &Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Vec<String>, ApiError> {
+    let Ok(Query(pairs)) = query else { return Ok(Vec::new()) };
+    let raw = single(pairs, "exclude").map_err(Error::InvalidExclude)?;
+    Ok(raw.map(|r| r.split(',').filter(|id| !id.is_empty()).map(str::to_string).collect()).unwrap_or_default())
 }
 
 /// The user id in the path of the ranking routes (documentation: the handlers take it as a string
@@ -422,7 +434,10 @@ struct UserIdPath {
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 enum ProfileRankErrors {
-    #[response(status = 400, description = "invalid_user_id / invalid_k / invalid_request")]
+    #[response(
+        status = 400,
+        description = "invalid_user_id / invalid_k / invalid_exclude (over MAX_EXCLUDE ids, or given twice) / invalid_request"
+    )]
     BadRequest(ErrorBody),
     #[response(status = 401, description = "unauthorized (API_TOKEN set)")]
     Unauthorized(ErrorBody),
@@ -465,8 +480,9 @@ async fn recommend(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Recommendation>, ApiError> {
     let user_id = user(user_id)?;
+    let exclude = exclude_param(&query)?;
     let ask = ask(&service, query)?;
-    Ok(Json(service.recommend(&user_id, ask).await?))
+    Ok(Json(service.recommend(&user_id, ask, &exclude).await?))
 }
 
 /// Cache-first read: the stored list when it was computed from the profile as it is now by the
@@ -486,8 +502,9 @@ async fn recommendations(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Recommendation>, ApiError> {
     let user_id = user(user_id)?;
+    let exclude = exclude_param(&query)?;
     let ask = ask(&service, query)?;
-    Ok(Json(service.recommendations(&user_id, ask).await?))
+    Ok(Json(service.recommendations(&user_id, ask, &exclude).await?))
 }
 
 /// The one `k` of a query: given at most once, and only ASCII digits (no sign, no spaces, no
@@ -520,6 +537,10 @@ pub struct HistoryRequest {
     /// Items to return, 1..=MAX_K (default DEFAULT_K).
     #[schema(value_type = Option<i64>, minimum = 1, maximum = 100)]
     pub k: Option<Box<serde_json::value::RawValue>>,
+    /// Item ids to leave out of the answer (at most MAX_EXCLUDE, 500; ids not in the catalog are
+    /// ignored and counted in `unknown_excluded`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// The `k` of a history request: an integer in 1..=MAX_K (JSON Schema counts 30.0 among the
@@ -550,7 +571,7 @@ fn body_k(service: &Service, k: Option<&serde_json::value::RawValue>) -> Result<
     request_body = HistoryRequest,
     responses(
         (status = 200, description = "Computed now; nothing is written", body = Recommendation),
-        (status = 400, description = "invalid_k / invalid_request (also: k given in the query; it goes in the body)", body = ErrorBody),
+        (status = 400, description = "invalid_k / invalid_exclude (over MAX_EXCLUDE ids) / invalid_request (also: k or exclude given in the query; they go in the body)", body = ErrorBody),
         (status = 401, description = "unauthorized (API_TOKEN set)", body = ErrorBody),
         (status = 408, description = "request_timeout: the body did not arrive within BODY_READ_TIMEOUT_SECS", body = ErrorBody),
         (status = 413, description = "payload_too_large: over MAX_PROFILE_BYTES", body = ErrorBody),
@@ -572,6 +593,12 @@ async fn recommend_history(
                 "k goes in the body of POST /recommend ({\"history\": [...], \"k\": N}), not in the query".into(),
             ));
         }
+        if pairs.iter().any(|(name, _)| name == "exclude") {
+            return Err(ApiError::InvalidRequest(
+                "exclude goes in the body of POST /recommend ({\"history\": [...], \"exclude\": [...]}), not in the query"
+                    .into(),
+            ));
+        }
     }
     let Ask { explain, .. } = ask(&service, query)?;
     let body = body.map_err(|e| match e.status() {
@@ -582,7 +609,7 @@ async fn recommend_history(
         ApiError::InvalidBody(format!("expected {{\"history\": [\"<item id>\", ...], \"k\": <1..>}}: {e}"))
     })?;
     let k = body_k(&service, request.k.as_deref())?;
-    Ok(Json(service.rank_history(&request.history, Ask { k, explain }).await?))
+    Ok(Json(service.rank_history(&request.history, Ask { k, explain }, &request.exclude).await?))
 }
 
 /// Liveness: the process answers.
@@ -618,6 +645,10 @@ pub struct Health {
     /// (or `none`) while dead letters cannot be written to the topic (ingestion goes on; status 200).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ingest_dead_letter: Option<String>,
+    /// The cached set of unavailable items (`items:unavailable`): its size, its age and, while
+    /// Redis holds a value that is refused (another type, over MAX_UNAVAILABLE), why; the last
+    /// good set serves meanwhile (status 200).
+    pub unavailable_items: crate::service::filters::UnavailableStatus,
     /// `unhealthy`, when unhealthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -657,6 +688,10 @@ async fn readiness(service: &Service, privileged: bool) -> Health {
         catalog_items: set.as_ref().map(|s| s.catalog.len()),
         candidate_search: set.as_ref().map(|s| s.info.candidate_search.clone()),
         ingest_dead_letter: service.ingest_dead_letter.report(),
+        unavailable_items: {
+            service.unavailable().await; // read again when due, so the report is current
+            service.unavailable_status()
+        },
         error: (!healthy).then(|| "unhealthy".into()),
         detail: (!healthy).then(|| problems.join("; ")),
     }
@@ -703,6 +738,7 @@ async fn ready(state: State<Arc<Service>>, privileged: Extension<Privileged>) ->
     responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")),
 )]
 async fn metrics(State(service): State<Arc<Service>>) -> Response {
+    service.unavailable_status(); // sets the set's age
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], service.metrics.render()).into_response()
 }
 

@@ -115,9 +115,9 @@ impl Catalog {
         History { rows: newest_first, exclude, unknown, truncated }
     }
 
-    /// The `k` most popular rows not in `exclude`.
+    /// The `k` most popular rows not in `exclude` (sorted).
     pub fn most_popular(&self, k: usize, exclude: &[i64]) -> Vec<i64> {
-        self.by_popularity.iter().copied().filter(|r| !exclude.contains(r)).take(k).collect()
+        self.by_popularity.iter().copied().filter(|r| exclude.binary_search(r).is_err()).take(k).collect()
     }
 }
 

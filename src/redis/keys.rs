@@ -115,6 +115,10 @@ pub const PROFILE_PREFIX: &str = "user_profile:";
 /// The prefix of `meta_key`: catch-up scans it for lists whose profile is gone.
 pub const META_PREFIX: &str = "recommendations_meta:";
 
+/// The set of item ids that are not to be recommended (out of stock, withdrawn): one key, so on
+/// a cluster it lies in one slot.
+pub const UNAVAILABLE_ITEMS_KEY: &str = "items:unavailable";
+
 /// A short-lived key the readiness check writes (proof that Redis accepts writes).
 pub const HEALTH_KEY: &str = "model_service:health";
 

@@ -10,7 +10,7 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use super::error::Error;
-use super::keys::{profile_key, META_PREFIX, PROFILE_PREFIX};
+use super::keys::{profile_key, META_PREFIX, PROFILE_PREFIX, UNAVAILABLE_ITEMS_KEY};
 use super::store::Store;
 use super::topology::{Kind, Node};
 
@@ -37,6 +37,15 @@ impl ScanOf {
             Self::Lists => META_PREFIX,
         }
     }
+}
+
+/// A keyspace event the listener acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The profile of this user was written, deleted or expired.
+    Profile(String),
+    /// `items:unavailable` was written, deleted or expired.
+    Unavailable,
 }
 
 /// One SCAN page of profile (or meta) keys, as user ids.
@@ -133,10 +142,11 @@ impl Store {
         }
     }
 
-    /// User ids whose profile was written, deleted or expired, from keyspace notifications of
-    /// every master, until a subscription drops or (on a cluster) the set of masters changes: the
-    /// stream then ends, and the caller subscribes again and catches up.
-    pub async fn profile_changes(&self) -> Result<BoxStream<'static, String>, Error> {
+    /// User ids whose profile was written, deleted or expired, and changes of `items:unavailable`,
+    /// from keyspace notifications of every master, until a subscription drops or (on a cluster)
+    /// the set of masters changes: the stream then ends, and the caller subscribes again and
+    /// catches up.
+    pub async fn profile_changes(&self) -> Result<BoxStream<'static, Change>, Error> {
         let unavailable = |e: ::redis::RedisError| Error::Unavailable(e.to_string());
         let masters = tokio::time::timeout(self.op_timeout, self.backend.masters())
             .await
@@ -147,6 +157,7 @@ impl Store {
         }
         let prefix = format!("__keyspace@{}__:{PROFILE_PREFIX}", self.backend.db);
         let pattern = format!("{prefix}*");
+        let unavailable_channel = format!("__keyspace@{}__:{UNAVAILABLE_ITEMS_KEY}", self.backend.db);
         let mut streams = Vec::new();
         for node in &masters {
             let client = self.backend.node_client(node).map_err(unavailable)?;
@@ -155,12 +166,20 @@ impl Store {
                 .map_err(|_| Error::Unavailable(format!("subscribing to {node} timed out")))?
                 .map_err(unavailable)?;
             pubsub.psubscribe(&pattern).await.map_err(unavailable)?;
-            let prefix = prefix.clone();
+            // one key: on a cluster only its master publishes it, every master is asked alike
+            pubsub.subscribe(&unavailable_channel).await.map_err(unavailable)?;
+            let (prefix, unavailable_channel) = (prefix.clone(), unavailable_channel.clone());
             // A channel name that is not UTF-8 comes back as "?" and is dropped here; `None`
             // marks the end of this node's subscription.
             let users = pubsub
                 .into_on_message()
-                .map(move |msg| Some(msg.get_channel_name().strip_prefix(&prefix).map(str::to_string)))
+                .map(move |msg| {
+                    let channel = msg.get_channel_name();
+                    if channel == unavailable_channel {
+                        return Some(Some(Change::Unavailable));
+                    }
+                    Some(channel.strip_prefix(&prefix).map(|user| Change::Profile(user.to_string())))
+                })
                 .chain(futures_util::stream::once(async { None }));
             streams.push(users.boxed());
         }
@@ -175,7 +194,7 @@ impl Store {
 
     /// Yields `None` once the cluster's masters are no longer `masters` (a failover, a node added
     /// or removed); nothing before.
-    fn topology_changed(&self, masters: Vec<Node>) -> impl futures_util::Stream<Item = Option<Option<String>>> {
+    fn topology_changed(&self, masters: Vec<Node>) -> impl futures_util::Stream<Item = Option<Option<Change>>> {
         let backend = self.backend.clone();
         futures_util::stream::unfold((), move |()| {
             let (backend, masters) = (backend.clone(), masters.clone());

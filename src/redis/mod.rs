@@ -4,6 +4,7 @@
 
 pub mod append;
 pub mod error;
+pub mod filters;
 pub mod ingest;
 pub mod keys;
 pub mod listen;

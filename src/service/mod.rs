@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+pub mod filters;
 pub mod ingest_health;
 pub mod settings;
 pub mod single_flight;
@@ -21,6 +22,7 @@ use crate::redis::profile::ProfileRead;
 use crate::redis::store::{ModelId, ProfileLimits, StoredList, Written};
 use crate::redis::Store;
 use crate::webhook::{ListWritten, Origin, WebhookItem, Webhooks};
+use filters::{merge_rows, Exclusions, Filtered, UnavailableCache, UnavailableSet, UnavailableStatus};
 use single_flight::SingleFlight;
 
 /// Longest user id, in characters (Unicode scalar values), as JSON Schema's `maxLength` counts
@@ -96,6 +98,9 @@ pub struct Explanation {
     pub candidates: Option<StageCandidates>,
     /// Milliseconds per step; the model stages are the batch's times.
     pub stage_ms: StageTimes,
+    /// What the filters (unavailable items, the request's `exclude`) kept out, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filtered: Option<Filtered>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
@@ -134,9 +139,16 @@ pub struct Recommendation {
     /// Profile items the models did not see because the profile is longer than MAX_HISTORY
     /// (oldest first); they are still excluded from the list.
     pub truncated_items: usize,
+    /// Ids of the request's `exclude` that are not in the catalog (ignored); absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unknown_excluded: usize,
     pub elapsed_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explain: Option<Explanation>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// What a request asks for besides whose profile.
@@ -162,11 +174,19 @@ pub struct ServiceConfig {
     pub max_history: usize,
     pub ttl_secs: u64,
     pub profile_limits: ProfileLimits,
+    /// Most ids a request's `exclude` may hold (MAX_EXCLUDE).
+    pub max_exclude: usize,
+    /// How old the cached set of unavailable items may grow (UNAVAILABLE_REFRESH_MS).
+    pub unavailable_refresh: std::time::Duration,
+    /// Largest set of unavailable items taken (MAX_UNAVAILABLE).
+    pub max_unavailable: usize,
 }
 
 /// Requests share a computation only when they read the same profile value and would rank it
-/// with the same models for the same question: (user id, ask, profile hash, model version).
-type FlightKey = (String, Ask, String, String);
+/// with the same models for the same question and the same unavailable items: (user id, ask,
+/// items ranked beyond k for the request's exclusions, profile hash, model version, generation of
+/// the unavailable set). Each caller then cuts its own exclusions from the shared ranking.
+type FlightKey = (String, Ask, usize, String, String, u64);
 
 pub struct Service {
     pub store: Store,
@@ -177,6 +197,8 @@ pub struct Service {
     /// What `/health` says of the Kafka ingestion's dead letters (set by the ingestion).
     pub ingest_dead_letter: ingest_health::DeadLetterHealth,
     cfg: ServiceConfig,
+    /// The set of unavailable items (`items:unavailable`), cached.
+    unavailable: UnavailableCache,
     /// Computations in flight: single flight.
     in_flight: SingleFlight<FlightKey, Result<Recommendation, Error>>,
 }
@@ -250,6 +272,7 @@ impl Service {
             metrics,
             webhooks: Webhooks::disabled(),
             ingest_dead_letter: Default::default(),
+            unavailable: UnavailableCache::new(cfg.unavailable_refresh, cfg.max_unavailable),
             cfg,
             in_flight: SingleFlight::default(),
         }
@@ -290,53 +313,194 @@ impl Service {
     /// read it, never an older value: concurrent requests share one computation (single flight)
     /// only when they read the same profile value for the same ask and model version; if the
     /// computing one is cancelled, a waiting one computes instead.
-    pub async fn recommend(&self, user_id: &str, ask: Ask) -> Result<Recommendation, Error> {
-        let mut rec = self.answer(user_id, ask, false).await?;
+    ///
+    /// `exclude` (item ids) shapes this answer only: the cascade ranks `k` more items than there
+    /// are known excluded ids, the stored list is its first `k` (the list without them), the answer
+    /// its first `k` that are not excluded.
+    pub async fn recommend(&self, user_id: &str, ask: Ask, exclude: &[String]) -> Result<Recommendation, Error> {
+        let mut rec = self.answer(user_id, ask, exclude, false).await?;
         rec.source = None;
         Ok(rec)
     }
 
     /// `GET /recommendations/{user_id}`: cache-first. The stored list answers when it was computed
     /// from the profile as it is now by the model version in service and holds at least `k` items
-    /// (`"source": "cache"`, no model runs); otherwise as `recommend`, sharing its single flight.
-    /// `explain` always computes (the trace is not stored).
-    pub async fn recommendations(&self, user_id: &str, ask: Ask) -> Result<Recommendation, Error> {
-        let mut rec = self.answer(user_id, ask, !ask.explain).await?;
+    /// besides the unavailable and excluded ones (`"source": "cache"`, no model runs); otherwise
+    /// as `recommend`, sharing its single flight. `explain` always computes (the trace is not
+    /// stored).
+    pub async fn recommendations(&self, user_id: &str, ask: Ask, exclude: &[String]) -> Result<Recommendation, Error> {
+        let mut rec = self.answer(user_id, ask, exclude, !ask.explain).await?;
         rec.source.get_or_insert(Source::Computed);
         Ok(rec)
     }
 
     /// `POST /recommend` with a history in the body (an anonymous session): ranks it with the same
-    /// validation and caps as a stored profile, writes nothing.
-    pub async fn rank_history(&self, history: &[String], ask: Ask) -> Result<Recommendation, Error> {
+    /// validation, caps and filters as a stored profile, writes nothing.
+    pub async fn rank_history(
+        &self,
+        history: &[String],
+        ask: Ask,
+        exclude: &[String],
+    ) -> Result<Recommendation, Error> {
         let started = Instant::now();
         self.check_k(i64::try_from(ask.k).unwrap_or(i64::MAX))?;
+        self.check_exclude(exclude)?;
         let max = self.cfg.profile_limits.max_items;
         if history.len() > max {
             return Err(ProfileError::TooLong { key: "the request body".into(), items: history.len(), max }.into());
         }
         let set = self.model_set()?;
+        let unavailable = self.unavailable().await;
+        let excl = self.exclusions(exclude, &set);
         let mut explain = ask.explain.then(Explanation::default);
-        let ranking = self.rank_items(history, ask, &set, explain.as_mut()).await?;
-        Ok(ranking.into_answer(None, &set, started, explain))
+        let wide = Ask { k: ask.k + excl.rows.len(), explain: ask.explain };
+        let ranking = self.rank_items(history, wide, &set, &unavailable, explain.as_mut()).await?;
+        let rec = ranking.into_answer(None, &set, started, explain);
+        Ok(self.cut(rec, &excl, ask.k))
     }
 
-    async fn answer(&self, user_id: &str, ask: Ask, cache_first: bool) -> Result<Recommendation, Error> {
+    /// The most ids an `exclude` may hold (MAX_EXCLUDE).
+    pub fn max_exclude(&self) -> usize {
+        self.cfg.max_exclude
+    }
+
+    /// The one bound on a request's `exclude`.
+    fn check_exclude(&self, exclude: &[String]) -> Result<(), Error> {
+        let max = self.cfg.max_exclude;
+        if exclude.len() > max {
+            return Err(Error::InvalidExclude(format!(
+                "exclude holds {} item ids, at most {max} are allowed (MAX_EXCLUDE)",
+                exclude.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A request's exclusions on `set`'s catalog; the ids not in it are counted and ignored.
+    fn exclusions(&self, exclude: &[String], set: &ModelSet) -> Exclusions {
+        let excl = Exclusions::new(exclude, &set.catalog);
+        self.metrics.exclude_unknown_items.inc_by(excl.unknown.len() as u64);
+        excl
+    }
+
+    /// The answer to one request from a ranking shared by requests with as many exclusions: its
+    /// excluded items left out, cut to `k`.
+    fn cut(&self, mut rec: Recommendation, excl: &Exclusions, k: usize) -> Recommendation {
+        let mut removed = Vec::new();
+        if !excl.is_empty() {
+            rec.recommendations.retain(|item| {
+                let keep = !excl.ids.contains(&item.item_id);
+                if !keep {
+                    removed.push(item.item_id.clone());
+                }
+                keep
+            });
+        }
+        rec.recommendations.truncate(k);
+        self.metrics.filtered_items.with_label_values(&["excluded"]).inc_by(removed.len() as u64);
+        rec.unknown_excluded = excl.unknown.len();
+        if let Some(e) = rec.explain.as_mut() {
+            let filtered = e.filtered.get_or_insert_with(Filtered::default);
+            filtered.excluded = removed;
+            filtered.unknown_excluded = excl.unknown.clone();
+        }
+        rec
+    }
+
+    /// The set of unavailable items in use, read again from Redis first when it is older than
+    /// UNAVAILABLE_REFRESH_MS (one read at a time; concurrent callers wait for it).
+    pub async fn unavailable(&self) -> Arc<UnavailableSet> {
+        if self.unavailable.is_due() {
+            let _one = self.unavailable.refreshing().lock().await;
+            if self.unavailable.is_due() {
+                self.read_unavailable().await;
+            }
+        }
+        self.unavailable.current()
+    }
+
+    /// Reads `items:unavailable` now (its keyspace event) and returns the set in use (the last
+    /// good one when the read was refused).
+    pub async fn reload_unavailable(&self) -> Arc<UnavailableSet> {
+        let _one = self.unavailable.refreshing().lock().await;
+        self.read_unavailable().await;
+        self.unavailable.current()
+    }
+
+    /// UNAVAILABLE_REFRESH_MS.
+    pub fn unavailable_every(&self) -> std::time::Duration {
+        self.unavailable.every
+    }
+
+    /// How the cached set stands (`/health`, `/metrics`).
+    pub fn unavailable_status(&self) -> UnavailableStatus {
+        let status = self.unavailable.status();
+        self.metrics.unavailable_age.set(status.age_ms.map_or(0.0, |ms| ms as f64 / 1e3));
+        status
+    }
+
+    /// One read of `items:unavailable` into the cache; the ids it added.
+    async fn read_unavailable(&self) -> Vec<String> {
+        match self.store.read_unavailable(self.unavailable.max).await {
+            Ok(read) => match self.unavailable.apply(read) {
+                Ok(added) => {
+                    self.metrics.unavailable_items.set(self.unavailable.current().ids.len() as i64);
+                    if !added.is_empty() {
+                        tracing::info!(added = added.len(), "items became unavailable");
+                    }
+                    added
+                }
+                Err((reason, why)) => {
+                    self.metrics.unavailable_refresh_failures.with_label_values(&[reason]).inc();
+                    tracing::error!(reason, "{why}");
+                    Vec::new()
+                }
+            },
+            Err(e) => {
+                self.metrics.unavailable_refresh_failures.with_label_values(&["redis"]).inc();
+                tracing::warn!(error = %e, "reading items:unavailable failed; the last good set is used");
+                self.unavailable.failed(format!("reading it failed: {e}"));
+                Vec::new()
+            }
+        }
+    }
+
+    async fn answer(
+        &self,
+        user_id: &str,
+        ask: Ask,
+        exclude: &[String],
+        cache_first: bool,
+    ) -> Result<Recommendation, Error> {
         let started = Instant::now();
         validate_user_id(user_id)?;
         self.check_k(i64::try_from(ask.k).unwrap_or(i64::MAX))?;
+        self.check_exclude(exclude)?;
         let set = self.model_set()?;
+        let unavailable = self.unavailable().await;
+        let excl = self.exclusions(exclude, &set);
         let read = self.read(user_id, cache_first).await?;
         if cache_first {
-            if let Some(hit) = self.cached_answer(user_id, ask.k, &read, &set, started) {
+            if let Some(hit) = self.cached_answer(user_id, ask.k, &read, &set, &unavailable, &excl, started) {
                 self.metrics.cache_answers.with_label_values(&["hit"]).inc();
                 return Ok(hit);
             }
             self.metrics.cache_answers.with_label_values(&["miss"]).inc();
         }
-        let key = (user_id.to_string(), ask, read.sha().to_string(), set.info.content_sha.clone());
+        let extra = excl.rows.len();
+        let key = (
+            user_id.to_string(),
+            ask,
+            extra,
+            read.sha().to_string(),
+            set.info.content_sha.clone(),
+            unavailable.generation,
+        );
         let compute = || async {
-            match self.compute_and_write(user_id, ask, &read, set.clone(), started, Origin::Request).await {
+            let written = self
+                .compute_and_write(user_id, ask, extra, &read, set.clone(), &unavailable, started, Origin::Request)
+                .await;
+            match written {
                 Ok((rec, Written::Overtaken)) => {
                     // The answer stands for the profile it read; Redis gets the new one's list.
                     if let Err(e) = self.refresh_from(user_id, Origin::Request).await {
@@ -351,17 +515,21 @@ impl Service {
         if shared {
             self.metrics.single_flight_shared.inc();
         }
-        result
+        Ok(self.cut(result?, &excl, ask.k))
     }
 
     /// The stored list as an answer, when it is fresh: computed from this profile value by the
-    /// model version in service, at least `k` items long, with its scores.
+    /// model version in service, with its scores, and at least `k` items long once the items
+    /// unavailable now and the request's exclusions are left out.
+    #[allow(clippy::too_many_arguments)]
     fn cached_answer(
         &self,
         user_id: &str,
         k: usize,
         read: &ProfileRead,
         set: &ModelSet,
+        unavailable: &UnavailableSet,
+        excl: &Exclusions,
         started: Instant,
     ) -> Option<Recommendation> {
         let stored = read.stored.as_ref()?;
@@ -371,14 +539,31 @@ impl Service {
         }
         let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
         let history = set.catalog.history(items, self.cfg.max_history);
-        let recommendations = stored
+        let (mut gone, mut excluded) = (Vec::new(), Vec::new());
+        let recommendations: Vec<Item> = stored
             .items
             .iter()
             .zip(&stored.scores)
+            .filter(|(id, _)| {
+                if unavailable.contains(id) {
+                    gone.push((*id).clone());
+                    false
+                } else if excl.ids.contains(*id) {
+                    excluded.push((*id).clone());
+                    false
+                } else {
+                    true
+                }
+            })
             .take(k)
             .map(|(id, &score)| Item { item_id: id.clone(), score, stages: None })
-            .collect::<Vec<_>>();
-        (recommendations.len() == k).then(|| Recommendation {
+            .collect();
+        if recommendations.len() < k {
+            return None;
+        }
+        self.metrics.filtered_items.with_label_values(&["unavailable"]).inc_by(gone.len() as u64);
+        self.metrics.filtered_items.with_label_values(&["excluded"]).inc_by(excluded.len() as u64);
+        Some(Recommendation {
             user_id: Some(user_id.to_string()),
             recommendations,
             strategy,
@@ -386,6 +571,7 @@ impl Service {
             model_version: set.info.version.clone(),
             unknown_items: history.unknown,
             truncated_items: history.truncated,
+            unknown_excluded: excl.unknown.len(),
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
             explain: None,
         })
@@ -410,12 +596,14 @@ impl Service {
         for _ in 0..OVERTAKEN_RETRIES {
             let started = Instant::now();
             let set = self.model_set()?;
-            let read = self.read(user_id, false).await?;
-            if is_fresh(&read, &set) {
+            let unavailable = self.unavailable().await;
+            // With unavailable items, the stored list is read too: one that holds any is recomputed.
+            let read = self.read(user_id, !unavailable.ids.is_empty()).await?;
+            if is_fresh(&read, &set) && !holds_unavailable(&read, &unavailable) {
                 return Ok(Refresh::Unchanged);
             }
             let ask = Ask { k: self.cfg.default_k, explain: false };
-            match self.compute_and_write(user_id, ask, &read, set, started, origin).await?.1 {
+            match self.compute_and_write(user_id, ask, 0, &read, set, &unavailable, started, origin).await?.1 {
                 Written::Stored => return Ok(Refresh::Written),
                 Written::Superseded => return Ok(Refresh::Superseded),
                 Written::Overtaken => continue,
@@ -465,12 +653,17 @@ impl Service {
         read
     }
 
+    /// Ranks `ask.k + extra` items (the extra ones for a request's exclusions, cut by each
+    /// caller), writes the first `ask.k` and answers with all of them.
+    #[allow(clippy::too_many_arguments)]
     async fn compute_and_write(
         &self,
         user_id: &str,
         ask: Ask,
+        extra: usize,
         read: &ProfileRead,
         set: Arc<ModelSet>,
+        unavailable: &UnavailableSet,
         started: Instant,
         origin: Origin,
     ) -> Result<(Recommendation, Written), Error> {
@@ -479,10 +672,12 @@ impl Service {
             ..Default::default()
         });
         let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
-        let ranking = self.rank_items(items, ask, &set, explain.as_mut()).await?;
+        let wide = Ask { k: ask.k + extra, explain: ask.explain };
+        let ranking = self.rank_items(items, wide, &set, unavailable, explain.as_mut()).await?;
         let t = Instant::now();
-        let ids: Vec<&str> = ranking.items.iter().map(|i| i.item_id.as_str()).collect();
-        let scores: Vec<f32> = ranking.items.iter().map(|i| i.score).collect();
+        let stored = &ranking.items[..ranking.items.len().min(ask.k)];
+        let ids: Vec<&str> = stored.iter().map(|i| i.item_id.as_str()).collect();
+        let scores: Vec<f32> = stored.iter().map(|i| i.score).collect();
         let list = StoredList { ids: &ids, scores: &scores, strategy: ranking.strategy.as_str() };
         let model = ModelId { version: &set.info.version, sha: &set.info.content_sha };
         let written = self.store.write_recommendations(user_id, &list, self.cfg.ttl_secs, read, &model).await?;
@@ -496,11 +691,7 @@ impl Service {
             self.webhooks.list_written(ListWritten {
                 user_id: user_id.to_string(),
                 model_version: set.info.version.clone(),
-                items: ranking
-                    .items
-                    .iter()
-                    .map(|i| WebhookItem { item_id: i.item_id.clone(), score: i.score })
-                    .collect(),
+                items: stored.iter().map(|i| WebhookItem { item_id: i.item_id.clone(), score: i.score }).collect(),
                 strategy: ranking.strategy.as_str(),
                 origin,
                 computed_at_ms: crate::clock::now_ms(),
@@ -510,22 +701,28 @@ impl Service {
     }
 
     /// Ranks a profile's items (oldest first) with `set`: the cascade, or the popular list when no
-    /// item is in the catalog. Every item of the profile is excluded.
+    /// item is in the catalog. Every item of the profile and every unavailable item is excluded,
+    /// from every stage's candidates (so before DIN's cut).
     async fn rank_items(
         &self,
         items: &[String],
         ask: Ask,
         set: &Arc<ModelSet>,
-        explain: Option<&mut Explanation>,
+        unavailable: &UnavailableSet,
+        mut explain: Option<&mut Explanation>,
     ) -> Result<Ranking, Error> {
         let catalog = &set.catalog;
         let history = catalog.history(items, self.cfg.max_history);
         self.metrics.unknown_items.inc_by(history.unknown as u64);
         let (unknown, truncated) = (history.unknown, history.truncated);
+        let unavailable_rows = unavailable.rows(catalog, &set.info.content_sha);
+        if let Some(e) = explain.as_deref_mut() {
+            e.filtered.get_or_insert_with(Filtered::default).unavailable = unavailable_rows.len();
+        }
         if history.rows.is_empty() {
             self.metrics.cold_starts.inc();
             let items = catalog
-                .most_popular(ask.k, &[])
+                .most_popular(ask.k, &unavailable_rows)
                 .into_iter()
                 .map(|row| Item {
                     item_id: catalog.item_id(row).to_string(),
@@ -535,7 +732,9 @@ impl Service {
                 .collect();
             return Ok(Ranking { items, strategy: Strategy::Popular, unknown, truncated });
         }
-        let scored = self.engine.rank(set.clone(), history.rows, history.exclude, ask.k, ask.explain).await?;
+        let exclude =
+            if unavailable_rows.is_empty() { history.exclude } else { merge_rows(&history.exclude, &unavailable_rows) };
+        let scored = self.engine.rank(set.clone(), history.rows, exclude, ask.k, ask.explain).await?;
         let s = &scored.stats;
         for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
             if let Some(d) = d {
@@ -607,6 +806,7 @@ impl Ranking {
             model_version: set.info.version.clone(),
             unknown_items: self.unknown,
             truncated_items: self.truncated,
+            unknown_excluded: 0,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
             explain,
         }
@@ -624,6 +824,12 @@ fn is_fresh(read: &ProfileRead, set: &ModelSet) -> bool {
             && c.model_version == set.info.version
             && c.model_sha.as_deref() == Some(set.info.content_sha.as_str())
     })
+}
+
+/// The stored list read holds an item that is unavailable now.
+fn holds_unavailable(read: &ProfileRead, unavailable: &UnavailableSet) -> bool {
+    !unavailable.ids.is_empty()
+        && read.stored.as_ref().is_some_and(|stored| stored.items.iter().any(|id| unavailable.contains(id)))
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -29,6 +29,17 @@ pub struct ServiceArgs {
     /// excluded from the recommendations, whatever MAX_HISTORY the models see.
     #[arg(long, env = "MAX_PROFILE_ITEMS", default_value_t = 10_000, global = true)]
     pub max_profile_items: usize,
+    /// Most item ids a request's `exclude` may hold (400 `invalid_exclude` beyond).
+    #[arg(long, env = "MAX_EXCLUDE", default_value_t = 500, global = true)]
+    pub max_exclude: usize,
+    /// How old the cached set of unavailable items (`items:unavailable`) may grow before it is
+    /// read again, in milliseconds (the listener also reads it on its keyspace event).
+    #[arg(long, env = "UNAVAILABLE_REFRESH_MS", default_value_t = 1000, global = true)]
+    pub unavailable_refresh_ms: u64,
+    /// Largest set of unavailable items taken; a larger one is logged and counted, and the last
+    /// good set goes on serving.
+    #[arg(long, env = "MAX_UNAVAILABLE", default_value_t = 1_000_000, global = true)]
+    pub max_unavailable: usize,
 }
 
 impl ServiceArgs {
@@ -39,6 +50,9 @@ impl ServiceArgs {
             max_history: self.max_history,
             ttl_secs: self.recommendation_ttl,
             profile_limits: self.profile_limits(),
+            max_exclude: self.max_exclude,
+            unavailable_refresh: std::time::Duration::from_millis(self.unavailable_refresh_ms),
+            max_unavailable: self.max_unavailable,
         }
     }
 
@@ -54,6 +68,7 @@ impl ServiceArgs {
             ("MAX_HISTORY", self.max_history),
             ("MAX_PROFILE_BYTES", self.max_profile_bytes),
             ("MAX_PROFILE_ITEMS", self.max_profile_items),
+            ("MAX_UNAVAILABLE", self.max_unavailable),
         ];
         for (name, value) in positive {
             if value == 0 {

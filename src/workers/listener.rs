@@ -10,6 +10,12 @@
 //! with); and catch-up SCANs at start, after every (re-)subscription, as soon as the queue
 //! overflowed or a recomputation failed transiently, and periodically.
 //!
+//! Unavailable items: on the keyspace event of `items:unavailable` (and at least every
+//! UNAVAILABLE_REFRESH_MS) the set is read again; when items were added since the listener last
+//! looked, every stored list (a SCAN of `recommendations_meta:*`) is queued, and `refresh` rewrites
+//! only those that hold an unavailable item (it reads the stored list with the profile while the
+//! set is not empty).
+//!
 //! Replicas share the keyspace and catch-up work through a short per-user claim (a key in the
 //! user's slot): every replica receives every event, the one that claims the user computes it,
 //! the others skip it and look again once the claim has expired (the holder may have died).
@@ -26,7 +32,7 @@ use tokio::task::JoinSet;
 
 use crate::clock::now_ms;
 use crate::error::{ConfigError, Error};
-use crate::redis::listen::ScanOf;
+use crate::redis::listen::{Change, ScanOf};
 use crate::redis::stream::{StreamConsumer, StreamEntry};
 use crate::service::{Refresh, Service};
 
@@ -194,6 +200,8 @@ pub struct Listener {
     overflowed: AtomicBool,
     /// Users claimed by another replica, to look at again once the claim has expired.
     deferred: Mutex<HashSet<String>>,
+    /// Wakes the look at `items:unavailable` (its keyspace event).
+    unavailable_changed: Notify,
 }
 
 impl Listener {
@@ -209,6 +217,7 @@ impl Listener {
             catchup: Notify::new(),
             overflowed: AtomicBool::new(false),
             deferred: Mutex::default(),
+            unavailable_changed: Notify::new(),
         })
     }
 
@@ -230,6 +239,7 @@ impl Listener {
         let mut background = JoinSet::new();
         background.spawn(self.clone().keyspace_loop());
         background.spawn(self.clone().catchup_loop());
+        background.spawn(self.clone().unavailable_loop());
         let mut work = JoinSet::new();
         for _ in 0..self.cfg.listener_concurrency.max(1) {
             work.spawn(self.clone().worker(shutdown.clone()));
@@ -260,7 +270,14 @@ impl Listener {
                 Ok(mut changes) => {
                     // Events published while we were not subscribed are lost: catch up.
                     self.catchup.notify_one();
-                    while let Some(user) = changes.next().await {
+                    while let Some(change) = changes.next().await {
+                        let user = match change {
+                            Change::Profile(user) => user,
+                            Change::Unavailable => {
+                                self.unavailable_changed.notify_one();
+                                continue;
+                            }
+                        };
                         self.count("keyspace", "received");
                         if self.queue.push(user, Instant::now(), "keyspace") == Pushed::Full {
                             self.count("keyspace", "dropped");
@@ -293,6 +310,61 @@ impl Listener {
             let orphans = self.catchup_scan(ScanOf::Lists).await;
             tracing::info!(profiles, orphans, seconds = started.elapsed().as_secs_f64(), "catch-up scan queued");
         }
+    }
+
+    /// Reads `items:unavailable` on its keyspace event (at once) and at least every
+    /// UNAVAILABLE_REFRESH_MS; when it holds items it did not hold at the last look, queues every
+    /// stored list: `refresh` recomputes those that hold an unavailable item and leaves the others.
+    async fn unavailable_loop(self: Arc<Self>) {
+        let every = self.service.unavailable_every().max(Duration::from_millis(50));
+        let mut seen: HashSet<String> = HashSet::new();
+        loop {
+            let event = tokio::time::timeout(every, self.unavailable_changed.notified()).await.is_ok();
+            let set = if event { self.service.reload_unavailable().await } else { self.service.unavailable().await };
+            let added = set.ids.iter().filter(|id| !seen.contains(*id)).count();
+            seen = set.ids.clone();
+            if added == 0 {
+                continue;
+            }
+            let started = Instant::now();
+            let lists = self.queue_every_list("unavailable").await;
+            tracing::info!(
+                added,
+                lists,
+                seconds = started.elapsed().as_secs_f64(),
+                "items became unavailable: stored lists queued"
+            );
+        }
+    }
+
+    /// Queues the user of every stored list (a scan of the metas), as `source`.
+    async fn queue_every_list(&self, source: &'static str) -> u64 {
+        let store = &self.service.store;
+        let mut queued = 0u64;
+        let mut cursor = match store.scan_start(None).await {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                tracing::warn!(error = %e, "scanning the stored lists failed");
+                return queued;
+            }
+        };
+        while !cursor.is_done() {
+            match store.scan_users(ScanOf::Lists, &mut cursor, SCAN_PAGE).await {
+                Ok(page) => {
+                    self.service.metrics.scan_skipped_keys.inc_by(page.skipped);
+                    for user in page.users {
+                        queued += 1;
+                        self.count(source, "received");
+                        self.queue.push_wait(user, Instant::now(), source).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scanning the stored lists failed; the catch-up scan finds the rest");
+                    break;
+                }
+            }
+        }
+        queued
     }
 
     /// One catch-up scan of every master: queues each profile (`ScanOf::Profiles`), or each
@@ -349,12 +421,16 @@ impl Listener {
             };
             self.count(source, outcome(&result));
             match &result {
-                Ok(Refresh::Written) => self
-                    .service
-                    .metrics
-                    .listener_lag
-                    .with_label_values(&[source])
-                    .observe(queued_at.elapsed().as_secs_f64()),
+                Ok(Refresh::Written) => {
+                    if source == "unavailable" {
+                        self.service.metrics.unavailable_recomputes.inc();
+                    }
+                    self.service
+                        .metrics
+                        .listener_lag
+                        .with_label_values(&[source])
+                        .observe(queued_at.elapsed().as_secs_f64())
+                }
                 Ok(Refresh::Unchanged | Refresh::Superseded) => {}
                 Err(e) if e.is_permanent() => tracing::warn!(%user, error = %e, "profile cannot be processed"),
                 Err(e) => {
