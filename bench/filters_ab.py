@@ -84,6 +84,7 @@ def main():
             at = [row for row in rs if row["concurrency"] == c]
             print(f"  c={c:<4d} {name:10s} {mean[name]:8.1f} req/s (x{mean[name] / mean['none']:.3f} none)  "
                   f"p50 {np.mean([row['p50_ms'] for row in at]):6.2f} ms  p99 {np.mean([row['p99_ms'] for row in at]):7.2f} ms  "
+                  f"server CPU {np.mean([row['cpu_ms_per_request'] for row in at]):5.3f} ms/req  "
                   f"not 200: {sum(bad_answers(row) for row in at)}")
 
 

@@ -1,14 +1,15 @@
 //! The item catalog: ASIN <-> model row, and the popularity order used for cold start.
 
-use std::collections::HashMap;
 use std::path::Path;
+
+use rustc_hash::FxHashMap;
 
 use super::error::LoadError;
 
 #[derive(Debug)]
 pub struct Catalog {
     ids: Vec<String>,
-    rows: HashMap<String, i64>,
+    rows: FxHashMap<String, i64>,
     popularity: Vec<u64>,
     /// Rows by descending popularity (ties by row).
     by_popularity: Vec<i64>,
@@ -50,7 +51,7 @@ impl Catalog {
         if entries.is_empty() {
             return Err("catalog is empty".into());
         }
-        let mut rows = HashMap::with_capacity(entries.len());
+        let mut rows = FxHashMap::with_capacity_and_hasher(entries.len(), Default::default());
         let mut ids = Vec::with_capacity(entries.len());
         let mut popularity = Vec::with_capacity(entries.len());
         for (row, (id, pop)) in entries.into_iter().enumerate() {

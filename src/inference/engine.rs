@@ -15,6 +15,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use tokio::sync::{oneshot, watch};
 
 use super::error::{InferenceError, LoadError};
+use super::exclusion::{Excluded, RowMask};
 use crate::inference::device::DeviceChoice;
 use crate::inference::ivf::SearchSpec;
 use crate::inference::model_set::{LoadSpec, ModelSet};
@@ -74,7 +75,7 @@ pub trait Ranker: Send + Sync + 'static {
         &self,
         worker: usize,
         histories: &[&[i64]],
-        excludes: &[&[i64]],
+        excludes: &[Excluded<'_>],
         budget: Budget,
     ) -> Result<(Vec<Ranked>, StageStats), String>;
     /// What is in service (`/health`, `/metrics`, reload answers).
@@ -88,7 +89,7 @@ impl Ranker for ModelSet {
         &self,
         worker: usize,
         histories: &[&[i64]],
-        excludes: &[&[i64]],
+        excludes: &[Excluded<'_>],
         budget: Budget,
     ) -> Result<(Vec<Ranked>, StageStats), String> {
         ModelSet::rank(self, worker, histories, excludes, budget).map_err(|e| crate::inference::models::torch_error(&e))
@@ -159,6 +160,8 @@ struct Job<R> {
     set: Arc<R>,
     history: Vec<i64>,
     exclude: Vec<i64>,
+    /// Rows shared by many jobs that none may be given (the store's unavailable items).
+    masked: Option<Arc<RowMask>>,
     k: usize,
     explain: bool,
     queued: Instant,
@@ -365,20 +368,22 @@ impl<R: Ranker> Engine<R> {
     }
 
     /// Queues one history (non-empty, distinct rows of `set`'s catalog) with the rows it must not
-    /// be recommended (the whole profile), and waits for its top `k`, computed by `set`'s models
-    /// (with each item's per-stage trace when `explain`).
+    /// be recommended (`exclude`, sorted: the whole profile; `masked`: rows shared by many
+    /// requests), and waits for its top `k`, computed by `set`'s models (with each item's
+    /// per-stage trace when `explain`).
     pub async fn rank(
         &self,
         set: Arc<R>,
         history: Vec<i64>,
         exclude: Vec<i64>,
+        masked: Option<Arc<RowMask>>,
         k: usize,
         explain: bool,
     ) -> Result<Scored, InferenceError> {
         let queued = Instant::now();
         let deadline = queued + self.cfg.deadline;
         let (reply, answer) = oneshot::channel();
-        match self.tx.try_send(Job { set, history, exclude, k, explain, queued, deadline, reply }) {
+        match self.tx.try_send(Job { set, history, exclude, masked, k, explain, queued, deadline, reply }) {
             Ok(()) => self.metrics.queue_depth.inc(),
             Err(TrySendError::Full(_)) => return Err(InferenceError::Overloaded(self.cfg.queue_capacity)),
             Err(TrySendError::Disconnected(_)) => {
@@ -464,7 +469,7 @@ fn run_batch<R: Ranker>(worker: usize, cfg: &EngineConfig, jobs: Vec<Job<R>>) {
     let explain = jobs.iter().any(|j| j.explain);
     let set = jobs[0].set.clone();
     let histories: Vec<&[i64]> = jobs.iter().map(|j| j.history.as_slice()).collect();
-    let excludes: Vec<&[i64]> = jobs.iter().map(|j| j.exclude.as_slice()).collect();
+    let excludes: Vec<Excluded<'_>> = jobs.iter().map(|j| Excluded::new(&j.exclude, j.masked.as_deref())).collect();
     let batch = histories.len();
     let outcome =
         std::panic::catch_unwind(AssertUnwindSafe(|| set.rank(worker, &histories, &excludes, cfg.budget(k, explain))));
@@ -510,7 +515,7 @@ mod tests {
 
     async fn rank(engine: &Engine<Fake>, first: i64) -> Result<Vec<i64>, InferenceError> {
         let set = engine.current().expect("a set in service");
-        engine.rank(set, vec![first, 1], vec![], 10, false).await.map(|s| s.ranked.rows)
+        engine.rank(set, vec![first, 1], vec![], None, 10, false).await.map(|s| s.ranked.rows)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

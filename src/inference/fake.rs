@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::engine::{EngineConfig, Loader, Ranker};
 use super::error::LoadError;
+use super::exclusion::Excluded;
 use super::ivf::{CandidateSearch, SearchSpec};
 use super::models::{Budget, ModelInfo, Ranked, Stage, StageStats};
 
@@ -42,7 +43,7 @@ impl Ranker for Fake {
         &self,
         _worker: usize,
         histories: &[&[i64]],
-        _excludes: &[&[i64]],
+        _excludes: &[Excluded<'_>],
         budget: Budget,
     ) -> Result<(Vec<Ranked>, StageStats), String> {
         self.seen.batches.lock().unwrap().push(histories.len());

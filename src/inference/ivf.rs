@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, TchError, Tensor};
 
+use crate::inference::exclusion::Excluded;
 use crate::inference::topk::{cpu_f32, host_i64, select_top};
 
 /// The CPU scan re-scores this many times the candidates it needs on the full vectors.
@@ -185,7 +186,7 @@ impl IvfIndex {
     /// The `probes` lists of the best centroid scores are probed, and more, best first, while they
     /// hold fewer than `c` items besides the excluded ones. A list several profiles of the batch
     /// scan is read once for all of them.
-    pub fn search(&self, users: &Tensor, excludes: &[&[i64]], c: usize) -> Result<(Tensor, Tensor), TchError> {
+    pub fn search(&self, users: &Tensor, excludes: &[Excluded<'_>], c: usize) -> Result<(Tensor, Tensor), TchError> {
         self.search_with(users, excludes, c, self.device == Device::Cpu)
     }
 
@@ -193,7 +194,7 @@ impl IvfIndex {
     fn search_with(
         &self,
         users: &Tensor,
-        excludes: &[&[i64]],
+        excludes: &[Excluded<'_>],
         c: usize,
         on_cpu: bool,
     ) -> Result<(Tensor, Tensor), TchError> {
@@ -229,12 +230,10 @@ impl IvfIndex {
         let mut best_scores = Vec::with_capacity(b * c);
         let mut best_rows = Vec::with_capacity(b * c);
         for (i, exclude) in excludes.iter().enumerate() {
-            let mut sorted_exclude = exclude.to_vec();
-            sorted_exclude.sort_unstable();
             let kept = best[i]
                 .iter()
                 .map(|&(at, score)| (self.rows[at], score))
-                .filter(|(row, _)| sorted_exclude.binary_search(row).is_err())
+                .filter(|&(row, _)| !exclude.contains(row))
                 .take(c);
             let before = best_rows.len();
             for (row, score) in kept {
@@ -287,7 +286,12 @@ impl IvfIndex {
                 .iter()
                 .map(|&(_, at)| vectors.get(at * d..(at + 1) * d).map(|item| dot(item, user)).ok_or_else(short))
                 .collect::<Result<_, _>>()?;
-            best.push(select_top(&exact, &[], need(i)).into_iter().map(|(j, score)| (shortlist[j].1, score)).collect());
+            best.push(
+                select_top(&exact, Excluded::default(), need(i))
+                    .into_iter()
+                    .map(|(j, score)| (shortlist[j].1, score))
+                    .collect(),
+            );
         }
         Ok(best)
     }
@@ -336,7 +340,7 @@ impl IvfIndex {
 struct Scan<'a> {
     probed: &'a [Vec<(usize, usize)>],
     scanners: &'a [Vec<(usize, usize)>],
-    excludes: &'a [&'a [i64]],
+    excludes: &'a [Excluded<'a>],
     c: usize,
 }
 
@@ -614,6 +618,7 @@ fn strided(n: usize, k: usize, device: Device) -> Result<Tensor, TchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inference::exclusion::RowMask;
 
     fn index(n: i64, lists: usize, probes: usize) -> (Tensor, IvfIndex) {
         tch::manual_seed(3);
@@ -632,12 +637,12 @@ mod tests {
         let (_, index) = index(2_000, 20, 4);
         let users = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
         let excludes: Vec<Vec<i64>> = (0..5).map(|i| (0..2_000).filter(|r| r % (i + 3) == 1).collect()).collect();
-        let excludes: Vec<&[i64]> = excludes.iter().map(|e| e.as_slice()).collect();
+        let excludes: Vec<Excluded> = excludes.iter().map(|e| Excluded::new(e, None)).collect();
         let (cpu_scores, cpu_rows) = lists_of(&index.search_with(&users, &excludes, 30, true).unwrap());
         let (ops_scores, ops_rows) = lists_of(&index.search_with(&users, &excludes, 30, false).unwrap());
         assert_eq!(cpu_rows, ops_rows);
         assert!(cpu_scores.iter().zip(&ops_scores).all(|(a, b)| (a - b).abs() < 1e-4), "{cpu_scores:?} {ops_scores:?}");
-        assert!(excludes.iter().zip(cpu_rows.chunks(30)).all(|(ex, rows)| rows.iter().all(|r| !ex.contains(r))));
+        assert!(excludes.iter().zip(cpu_rows.chunks(30)).all(|(ex, rows)| rows.iter().all(|&r| !ex.contains(r))));
     }
 
     #[test]
@@ -648,13 +653,15 @@ mod tests {
         let spec = SearchSpec { mode: CandidateSearch::Ivf, min_items: 0, lists: 20, probes: 20 };
         let index = IvfIndex::build(&table, &spec).unwrap();
         let users = Tensor::randn([5, 16], (Kind::Float, Device::Cpu));
-        let excludes: [&[i64]; 5] = [&[], &[], &[], &[], &[]];
+        let excludes = [Excluded::default(); 5];
         let (scores, rows) = lists_of(&index.search(&users, &excludes, 20).unwrap());
         let exact: Vec<f32> = Vec::try_from(users.mm(&table).flatten(0, -1)).unwrap();
         let mut kept = 0;
         for i in 0..5 {
-            let want: Vec<i64> =
-                select_top(&exact[i * 20_000..(i + 1) * 20_000], &[], 20).iter().map(|&(r, _)| r as i64).collect();
+            let want: Vec<i64> = select_top(&exact[i * 20_000..(i + 1) * 20_000], Excluded::default(), 20)
+                .iter()
+                .map(|&(r, _)| r as i64)
+                .collect();
             kept += rows[i * 20..(i + 1) * 20].iter().filter(|r| want.contains(r)).count();
             for (row, score) in rows[i * 20..(i + 1) * 20].iter().zip(&scores[i * 20..(i + 1) * 20]) {
                 assert!((exact[i * 20_000 + *row as usize] - score).abs() < 1e-4, "scores are the vectors' own");
@@ -726,11 +733,13 @@ mod tests {
     fn probing_every_list_gives_the_exact_top_candidates() {
         let (table, index) = index(1_000, 16, 16);
         let users = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
-        let excludes: [&[i64]; 3] = [&[0, 5, 9], &[], &[999]];
+        // the unavailable items' mask with the first profile's own rows
+        let mask = RowMask::new(vec![1, 2, 500], 1_000);
+        let excludes = [Excluded::new(&[0, 5, 9], Some(&mask)), Excluded::default(), Excluded::new(&[999], None)];
         let (scores, rows) = lists_of(&index.search(&users, &excludes, 50).unwrap());
         let exact: Vec<f32> = Vec::try_from(users.mm(&table).flatten(0, -1)).unwrap();
         for (i, exclude) in excludes.iter().enumerate() {
-            let want: Vec<(usize, f32)> = select_top(&exact[i * 1_000..(i + 1) * 1_000], exclude, 50);
+            let want: Vec<(usize, f32)> = select_top(&exact[i * 1_000..(i + 1) * 1_000], *exclude, 50);
             let got = &rows[i * 50..(i + 1) * 50];
             assert_eq!(got, want.iter().map(|&(r, _)| r as i64).collect::<Vec<_>>().as_slice(), "profile {i}");
             let close = scores[i * 50..(i + 1) * 50].iter().zip(&want).all(|(a, (_, b))| (a - b).abs() < 1e-4);

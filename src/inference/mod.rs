@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod exclusion;
 #[cfg(test)]
 pub mod fake;
 pub mod ivf;

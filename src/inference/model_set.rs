@@ -9,6 +9,7 @@ use std::time::Instant;
 use tch::Device;
 
 use super::error::LoadError;
+use super::exclusion::Excluded;
 use crate::inference::catalog::Catalog;
 use crate::inference::ivf::{CandidateSearch, IvfIndex, SearchSpec};
 use crate::inference::models::{Budget, ModelInfo, Models, Ranked, StageStats};
@@ -212,7 +213,7 @@ impl ModelSet {
         &self,
         worker: usize,
         histories: &[&[i64]],
-        excludes: &[&[i64]],
+        excludes: &[Excluded<'_>],
         budget: Budget,
     ) -> Result<(Vec<Ranked>, StageStats), tch::TchError> {
         let copy = &self.copies[worker % self.copies.len()];
@@ -252,8 +253,9 @@ fn warm_up(models: &Models, spec: &LoadSpec) -> Result<(), String> {
     let warm: Vec<Vec<i64>> =
         (0..spec.warm_batch.clamp(1, 8) as i64).map(|i| (0..(1 + i * 3).min(n)).collect()).collect();
     let refs: Vec<&[i64]> = warm.iter().map(|h| h.as_slice()).collect();
+    let excludes: Vec<Excluded> = warm.iter().map(|h| Excluded::new(h, None)).collect();
     for _ in 0..3 {
-        models.rank(&refs, &refs, spec.warm_budget).map_err(|e| crate::inference::models::torch_error(&e))?;
+        models.rank(&refs, &excludes, spec.warm_budget).map_err(|e| crate::inference::models::torch_error(&e))?;
     }
     Ok(())
 }

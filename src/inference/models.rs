@@ -3,6 +3,7 @@
 //! Every tensor call uses tch's fallible `f_*` API: a model error becomes a `TchError`, never a
 //! panic on an inference worker.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use tch::{CModule, Device, Kind, TchError, Tensor};
 
 use super::error::LoadError;
 use crate::inference::device::device_name;
+use crate::inference::exclusion::Excluded;
 use crate::inference::ivf::IvfIndex;
 use crate::inference::mode::InferenceMode;
 use crate::inference::topk::{cpu_f32, host_f32, host_i64, select_top};
@@ -199,7 +201,10 @@ impl Models {
             last_stage: Stage::Ranknet,
             explain: true,
         };
-        let (ranked, _) = self.rank(&refs, &refs, budget).map_err(|e| torch_error(&e))?;
+        let sorted: Vec<Vec<i64>> =
+            histories.iter().map(|h| h.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()).collect();
+        let excludes: Vec<Excluded> = sorted.iter().map(|h| Excluded::new(h, None)).collect();
+        let (ranked, _) = self.rank(&refs, &excludes, budget).map_err(|e| torch_error(&e))?;
         for (hist, r) in histories.iter().zip(&ranked) {
             if r.scores.iter().any(|s| !s.is_finite()) {
                 return Err("ranknet returned non-finite scores".into());
@@ -263,7 +268,7 @@ impl Models {
     /// The `c` best-scored catalog rows of every profile, the rows in its `exclude` left out, best
     /// first: ([B, c] scores, [B, c] rows). On the CPU `select_top` over each row of the score
     /// matrix; elsewhere the excluded rows are masked with -inf and `topk` runs on the device.
-    fn top_candidates(&self, scores: Tensor, excludes: &[&[i64]], c: i64) -> Result<(Tensor, Tensor), TchError> {
+    fn top_candidates(&self, scores: Tensor, excludes: &[Excluded<'_>], c: i64) -> Result<(Tensor, Tensor), TchError> {
         if self.device == Device::Cpu {
             let scores = scores.f_contiguous()?;
             let values = cpu_f32(&scores)?;
@@ -271,7 +276,7 @@ impl Models {
             let mut rows = Vec::with_capacity(excludes.len() * c as usize);
             let mut best = Vec::with_capacity(rows.capacity());
             for (i, exclude) in excludes.iter().enumerate() {
-                for (row, score) in select_top(&values[i * n..(i + 1) * n], exclude, c as usize) {
+                for (row, score) in select_top(&values[i * n..(i + 1) * n], *exclude, c as usize) {
                     rows.push(row as i64);
                     best.push(score);
                 }
@@ -280,7 +285,7 @@ impl Models {
             return Ok((Tensor::f_from_slice(&best)?.f_view(shape)?, Tensor::f_from_slice(&rows)?.f_view(shape)?));
         }
         let (rows, cols): (Vec<i64>, Vec<i64>) =
-            excludes.iter().enumerate().flat_map(|(i, ex)| ex.iter().map(move |&c| (i as i64, c))).unzip();
+            excludes.iter().enumerate().flat_map(|(i, ex)| ex.to_vec().into_iter().map(move |c| (i as i64, c))).unzip();
         let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
         let cols = Tensor::f_from_slice(&cols)?.f_to_device(self.device)?;
         let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (Kind::Float, self.device))?;
@@ -297,12 +302,12 @@ impl Models {
     pub fn rank(
         &self,
         histories: &[&[i64]],
-        excludes: &[&[i64]],
+        excludes: &[Excluded<'_>],
         budget: Budget,
     ) -> Result<(Vec<Ranked>, StageStats), TchError> {
         let _mode = InferenceMode::enter();
         let n = self.info.num_items;
-        let longest = excludes.iter().map(|h| h.len()).max().unwrap_or(0);
+        let longest = excludes.iter().map(Excluded::len).max().unwrap_or(0);
         // Every row excludes at most `longest` items, so this many other items always exist.
         let c1 = budget.lightgcn.min(n.saturating_sub(longest)) as i64;
         let c2 = budget.din.min(c1 as usize) as i64;

@@ -6,9 +6,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashSet;
 use serde::Serialize;
 
 use crate::inference::catalog::Catalog;
+use crate::inference::exclusion::RowMask;
 use crate::redis::filters::UnavailableRead;
 
 /// The set of unavailable items as last read good from Redis.
@@ -19,33 +21,32 @@ pub struct UnavailableSet {
     pub loaded_at: Option<Instant>,
     /// Which read it is (each good read a new one): computations on different sets never share.
     pub generation: u64,
-    /// The rows of `ids` in one model set's catalog (keyed by its content hash), sorted: computed
-    /// once per set and catalog, not per request.
-    rows: Mutex<Option<(String, Arc<Vec<i64>>)>>,
+    /// The rows of `ids` in one model set's catalog (keyed by its content hash) as the mask the
+    /// cascade leaves out: computed once per set and catalog, not per request.
+    mask: Mutex<Option<(String, Arc<RowMask>)>>,
 }
 
 impl UnavailableSet {
     pub fn new(ids: HashSet<String>, loaded_at: Option<Instant>, generation: u64) -> Self {
-        Self { ids, loaded_at, generation, rows: Mutex::new(None) }
+        Self { ids, loaded_at, generation, mask: Mutex::new(None) }
     }
 
     pub fn contains(&self, id: &str) -> bool {
         self.ids.contains(id)
     }
 
-    /// The sorted catalog rows of the unavailable items (ids not in the catalog have none).
-    pub fn rows(&self, catalog: &Catalog, catalog_key: &str) -> Arc<Vec<i64>> {
-        let mut cached = self.rows.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((key, rows)) = cached.as_ref() {
+    /// The catalog rows of the unavailable items (ids not in the catalog have none).
+    pub fn mask(&self, catalog: &Catalog, catalog_key: &str) -> Arc<RowMask> {
+        let mut cached = self.mask.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((key, mask)) = cached.as_ref() {
             if key == catalog_key {
-                return rows.clone();
+                return mask.clone();
             }
         }
-        let mut rows: Vec<i64> = self.ids.iter().filter_map(|id| catalog.row(id)).collect();
-        rows.sort_unstable();
-        let rows = Arc::new(rows);
-        *cached = Some((catalog_key.to_string(), rows.clone()));
-        rows
+        let rows: Vec<i64> = self.ids.iter().filter_map(|id| catalog.row(id)).collect();
+        let mask = Arc::new(RowMask::new(rows, catalog.len()));
+        *cached = Some((catalog_key.to_string(), mask.clone()));
+        mask
     }
 }
 
@@ -148,67 +149,36 @@ impl UnavailableCache {
     }
 }
 
-/// A request's exclusions mapped onto the catalog.
+/// A request's exclusions mapped onto the catalog (borrowing the request's ids).
 #[derive(Debug, Clone, Default)]
-pub struct Exclusions {
+pub struct Exclusions<'a> {
     /// The ids given that are in the catalog.
-    pub ids: HashSet<String>,
-    /// Their rows, sorted.
-    pub rows: Vec<i64>,
+    pub ids: FxHashSet<&'a str>,
     /// Ids given that are not in the catalog (ignored).
-    pub unknown: Vec<String>,
+    pub unknown: Vec<&'a str>,
 }
 
-impl Exclusions {
-    pub fn new(given: &[String], catalog: &Catalog) -> Self {
+impl<'a> Exclusions<'a> {
+    pub fn new(given: &'a [String], catalog: &Catalog) -> Self {
         let mut out = Exclusions::default();
         for id in given {
-            match catalog.row(id) {
-                Some(row) => {
-                    if out.ids.insert(id.clone()) {
-                        out.rows.push(row);
-                    }
-                }
-                None => out.unknown.push(id.clone()),
+            if catalog.row(id).is_some() {
+                out.ids.insert(id);
+            } else {
+                out.unknown.push(id);
             }
         }
-        out.rows.sort_unstable();
         out
+    }
+
+    /// How many distinct catalog items are excluded.
+    pub fn len(&self) -> usize {
+        self.ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
-}
-
-/// The union of sorted row lists, sorted and without repeats.
-pub fn merge_rows(a: &[i64], b: &[i64]) -> Vec<i64> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        let next = match (a.get(i), b.get(j)) {
-            (Some(&x), Some(&y)) if x == y => {
-                i += 1;
-                j += 1;
-                x
-            }
-            (Some(&x), Some(&y)) if x < y => {
-                i += 1;
-                x
-            }
-            (Some(_), Some(&y)) | (None, Some(&y)) => {
-                j += 1;
-                y
-            }
-            (Some(&x), None) => {
-                i += 1;
-                x
-            }
-            (None, None) => unreachable!(),
-        };
-        out.push(next);
-    }
-    out
 }
 
 /// With `explain=true`: what the filters kept out of this answer and why.
@@ -226,13 +196,6 @@ pub struct Filtered {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn merged_rows_are_sorted_and_distinct() {
-        assert_eq!(merge_rows(&[1, 3, 5], &[2, 3, 9]), vec![1, 2, 3, 5, 9]);
-        assert_eq!(merge_rows(&[], &[4]), vec![4]);
-        assert_eq!(merge_rows(&[4], &[]), vec![4]);
-    }
 
     #[test]
     fn a_bad_read_keeps_the_last_good_set() {

@@ -22,7 +22,7 @@ use crate::redis::profile::ProfileRead;
 use crate::redis::store::{ModelId, ProfileLimits, StoredList, Written};
 use crate::redis::Store;
 use crate::webhook::{ListWritten, Origin, WebhookItem, Webhooks};
-use filters::{merge_rows, Exclusions, Filtered, UnavailableCache, UnavailableSet, UnavailableStatus};
+use filters::{Exclusions, Filtered, UnavailableCache, UnavailableSet, UnavailableStatus};
 use single_flight::SingleFlight;
 
 /// Longest user id, in characters (Unicode scalar values), as JSON Schema's `maxLength` counts
@@ -353,7 +353,7 @@ impl Service {
         let unavailable = self.unavailable().await;
         let excl = self.exclusions(exclude, &set);
         let mut explain = ask.explain.then(Explanation::default);
-        let wide = Ask { k: ask.k + excl.rows.len(), explain: ask.explain };
+        let wide = Ask { k: ask.k + excl.len(), explain: ask.explain };
         let ranking = self.rank_items(history, wide, &set, &unavailable, explain.as_mut()).await?;
         let rec = ranking.into_answer(None, &set, started, explain);
         Ok(self.cut(rec, &excl, ask.k))
@@ -377,7 +377,7 @@ impl Service {
     }
 
     /// A request's exclusions on `set`'s catalog; the ids not in it are counted and ignored.
-    fn exclusions(&self, exclude: &[String], set: &ModelSet) -> Exclusions {
+    fn exclusions<'a>(&self, exclude: &'a [String], set: &ModelSet) -> Exclusions<'a> {
         let excl = Exclusions::new(exclude, &set.catalog);
         self.metrics.exclude_unknown_items.inc_by(excl.unknown.len() as u64);
         excl
@@ -389,7 +389,7 @@ impl Service {
         let mut removed = Vec::new();
         if !excl.is_empty() {
             rec.recommendations.retain(|item| {
-                let keep = !excl.ids.contains(&item.item_id);
+                let keep = !excl.ids.contains(item.item_id.as_str());
                 if !keep {
                     removed.push(item.item_id.clone());
                 }
@@ -402,7 +402,7 @@ impl Service {
         if let Some(e) = rec.explain.as_mut() {
             let filtered = e.filtered.get_or_insert_with(Filtered::default);
             filtered.excluded = removed;
-            filtered.unknown_excluded = excl.unknown.clone();
+            filtered.unknown_excluded = excl.unknown.iter().map(|id| id.to_string()).collect();
         }
         rec
     }
@@ -487,7 +487,7 @@ impl Service {
             }
             self.metrics.cache_answers.with_label_values(&["miss"]).inc();
         }
-        let extra = excl.rows.len();
+        let extra = excl.len();
         let key = (
             user_id.to_string(),
             ask,
@@ -548,7 +548,7 @@ impl Service {
                 if unavailable.contains(id) {
                     gone.push((*id).clone());
                     false
-                } else if excl.ids.contains(*id) {
+                } else if excl.ids.contains(id.as_str()) {
                     excluded.push((*id).clone());
                     false
                 } else {
@@ -715,14 +715,14 @@ impl Service {
         let history = catalog.history(items, self.cfg.max_history);
         self.metrics.unknown_items.inc_by(history.unknown as u64);
         let (unknown, truncated) = (history.unknown, history.truncated);
-        let unavailable_rows = unavailable.rows(catalog, &set.info.content_sha);
+        let unavailable = unavailable.mask(catalog, &set.info.content_sha);
         if let Some(e) = explain.as_deref_mut() {
-            e.filtered.get_or_insert_with(Filtered::default).unavailable = unavailable_rows.len();
+            e.filtered.get_or_insert_with(Filtered::default).unavailable = unavailable.len();
         }
         if history.rows.is_empty() {
             self.metrics.cold_starts.inc();
             let items = catalog
-                .most_popular(ask.k, &unavailable_rows)
+                .most_popular(ask.k, unavailable.rows())
                 .into_iter()
                 .map(|row| Item {
                     item_id: catalog.item_id(row).to_string(),
@@ -732,9 +732,8 @@ impl Service {
                 .collect();
             return Ok(Ranking { items, strategy: Strategy::Popular, unknown, truncated });
         }
-        let exclude =
-            if unavailable_rows.is_empty() { history.exclude } else { merge_rows(&history.exclude, &unavailable_rows) };
-        let scored = self.engine.rank(set.clone(), history.rows, exclude, ask.k, ask.explain).await?;
+        let masked = (!unavailable.is_empty()).then_some(unavailable);
+        let scored = self.engine.rank(set.clone(), history.rows, history.exclude, masked, ask.k, ask.explain).await?;
         let s = &scored.stats;
         for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
             if let Some(d) = d {

@@ -95,7 +95,7 @@ mod tests {
                 tokio::spawn(async move {
                     let set = engine.current().unwrap();
                     let work =
-                        || async { engine.rank(set, vec![first], vec![], 5, false).await.map(|s| s.ranked.rows) };
+                        || async { engine.rank(set, vec![first], vec![], None, 5, false).await.map(|s| s.ranked.rows) };
                     (user, flights.run((user.to_string(), first), work).await)
                 })
             })
