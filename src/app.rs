@@ -111,7 +111,7 @@ pub async fn run(
             let ingesting = async {
                 if ingest {
                     let limits = ingest::limits(&cfg.ingest, cfg.service.profile_limits());
-                    ingest::Ingest::new(service.clone(), cfg.ingest.clone(), limits, grace)
+                    ingest::Ingest::new(service.clone(), cfg.kafka.clone(), cfg.ingest.clone(), limits, grace)
                         .run(stop_rx.clone())
                         .await?;
                 }

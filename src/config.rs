@@ -73,6 +73,8 @@ pub struct Config {
     #[command(flatten)]
     pub listener: crate::workers::listener::ListenerArgs,
     #[command(flatten)]
+    pub kafka: crate::kafka::KafkaArgs,
+    #[command(flatten)]
     pub ingest: crate::workers::ingest::settings::IngestArgs,
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
@@ -92,6 +94,7 @@ impl Config {
         self.service.validate()?;
         self.http.validate()?;
         self.listener.validate()?;
+        self.kafka.validate()?;
         self.ingest.validate()?;
         self.webhook.validate()?;
         if self.service.max_k > self.engine.din_candidates {
@@ -178,7 +181,7 @@ mod tests {
     fn kafka_settings_are_checked() {
         let c = parse(&["model-service", "ingest"]).config;
         assert_eq!(
-            (c.ingest.kafka_topic.as_str(), c.ingest.kafka_brokers.as_str()),
+            (c.ingest.kafka_topic.as_str(), c.kafka.kafka_brokers.as_str()),
             ("user-behavior", "localhost:9092")
         );
         assert_eq!(c.ingest.event_types().len(), 3);

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod inference;
+pub mod kafka;
 pub mod logging;
 pub mod metrics;
 pub mod redis;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::FutureProducer;
@@ -14,6 +14,7 @@ use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::settings::IngestArgs;
 use super::IngestError;
+use crate::kafka::KafkaArgs;
 use crate::metrics::Metrics;
 
 /// The consumer's context: lag per partition from librdkafka's statistics, rebalance and commit
@@ -119,42 +120,12 @@ impl ConsumerContext for IngestContext {
 
 pub type Consumer = StreamConsumer<IngestContext>;
 
-/// The settings shared by the consumer and the dead-letter producer: brokers, TLS, SASL.
-fn common(args: &IngestArgs) -> ClientConfig {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &args.kafka_brokers)
-        .set("client.id", "model-service")
-        .set("security.protocol", args.kafka_security_protocol.to_ascii_lowercase())
-        // a broker that went away is dialled again with backoff, never in a busy loop
-        .set("reconnect.backoff.ms", "100")
-        .set("reconnect.backoff.max.ms", "5000");
-    if let Some(m) = &args.kafka_sasl_mechanism {
-        cfg.set("sasl.mechanism", m);
-    }
-    if let Some(u) = &args.kafka_sasl_username {
-        cfg.set("sasl.username", u);
-    }
-    if let Some(p) = &args.kafka_sasl_password {
-        cfg.set("sasl.password", p);
-    }
-    let path = |p: &std::path::PathBuf| p.display().to_string();
-    if let Some(p) = &args.kafka_ssl_ca_location {
-        cfg.set("ssl.ca.location", path(p));
-    }
-    if let Some(p) = &args.kafka_ssl_certificate_location {
-        cfg.set("ssl.certificate.location", path(p));
-    }
-    if let Some(p) = &args.kafka_ssl_key_location {
-        cfg.set("ssl.key.location", path(p));
-    }
-    cfg
-}
-
 /// The consumer in KAFKA_GROUP, subscribed to KAFKA_TOPIC. Offsets are committed by the
 /// ingestion only (after the Redis write), never automatically; a group without a committed
 /// offset starts at the earliest event.
-pub fn consumer(args: &IngestArgs, metrics: Metrics) -> Result<Consumer, IngestError> {
-    let consumer: Consumer = common(args)
+pub fn consumer(kafka: &KafkaArgs, args: &IngestArgs, metrics: Metrics) -> Result<Consumer, IngestError> {
+    let consumer: Consumer = kafka
+        .client_config()
         .set("group.id", &args.kafka_group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -170,6 +141,6 @@ pub fn consumer(args: &IngestArgs, metrics: Metrics) -> Result<Consumer, IngestE
 
 /// The producer of dead letters, acknowledged by all in-sync replicas before the source offset is
 /// committed (at least once: a dead letter may be written again after a crash).
-pub fn dead_letter_producer(args: &IngestArgs) -> Result<FutureProducer, IngestError> {
-    common(args).set("acks", "all").set("message.timeout.ms", "10000").create().map_err(IngestError::Kafka)
+pub fn dead_letter_producer(kafka: &KafkaArgs) -> Result<FutureProducer, IngestError> {
+    kafka.client_config().set("acks", "all").set("message.timeout.ms", "10000").create().map_err(IngestError::Kafka)
 }

@@ -42,6 +42,8 @@ use crate::service::{Refresh, Service};
 use event::{Event, EventError};
 use settings::IngestArgs;
 
+use crate::kafka::KafkaArgs;
+
 /// How long a batch waits for more events after its first one.
 const BATCH_WAIT: Duration = Duration::from_millis(20);
 /// Backoff between attempts at a failed batch, and after a failed read.
@@ -92,6 +94,7 @@ struct Progress {
 
 pub struct Ingest {
     service: Arc<Service>,
+    kafka: KafkaArgs,
     args: IngestArgs,
     limits: AppendLimits,
     event_types: HashSet<String>,
@@ -99,9 +102,15 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub fn new(service: Arc<Service>, args: IngestArgs, limits: AppendLimits, grace: Duration) -> Arc<Self> {
+    pub fn new(
+        service: Arc<Service>,
+        kafka: KafkaArgs,
+        args: IngestArgs,
+        limits: AppendLimits,
+        grace: Duration,
+    ) -> Arc<Self> {
         let event_types = args.event_types();
-        Arc::new(Self { service, args, limits, event_types, grace })
+        Arc::new(Self { service, kafka, args, limits, event_types, grace })
     }
 
     fn count(&self, outcome: &str, n: u64) {
@@ -114,11 +123,11 @@ impl Ingest {
     /// period), commits what is done synchronously and returns.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         self.service.engine.ready().await?;
-        let consumer = kafka::consumer(&self.args, self.service.metrics.clone())?;
-        let producer = kafka::dead_letter_producer(&self.args)?;
+        let consumer = kafka::consumer(&self.kafka, &self.args, self.service.metrics.clone())?;
+        let producer = kafka::dead_letter_producer(&self.kafka)?;
         self.service.ingest_dead_letter.start(self.args.ingest_dead_letter_file.as_deref());
         self.service.metrics.ingest_dead_letter_failing.set(0);
-        tracing::info!(brokers = %self.args.kafka_brokers, topic = %self.args.kafka_topic,
+        tracing::info!(brokers = %self.kafka.kafka_brokers, topic = %self.args.kafka_topic,
             group = %self.args.kafka_group, "ingest started");
         // partition -> the next offset to commit (the last processed + 1)
         let mut done: HashMap<i32, i64> = HashMap::new();
