@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::api::{routes as http, server};
 use crate::config::Config;
+use crate::impressions::Impressions;
 use crate::inference::engine::Engine;
 use crate::inference::model_set::{LoadSpec, ModelSet};
 use crate::metrics::Metrics;
@@ -25,8 +26,11 @@ pub fn build_service(cfg: &Config) -> anyhow::Result<Arc<Service>> {
     let metrics = Metrics::new();
     // the dead-letter stream's own client: its writes never queue behind the request path's
     let webhooks = Webhooks::start(&cfg.webhook, Store::new(&cfg.redis)?, metrics.clone())?;
+    let impressions = Impressions::start(&cfg.impressions, &cfg.kafka, Store::new(&cfg.redis)?, metrics.clone())?;
     let engine = Engine::start(engine_cfg, metrics.clone());
-    Ok(Arc::new(Service::new(store, engine, metrics, service_cfg).with_webhooks(webhooks)))
+    Ok(Arc::new(
+        Service::new(store, engine, metrics, service_cfg).with_webhooks(webhooks).with_impressions(impressions),
+    ))
 }
 
 /// What a serving process runs besides `/health` and `/metrics`.

@@ -78,6 +78,8 @@ pub struct Config {
     pub ingest: crate::workers::ingest::settings::IngestArgs,
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
+    #[command(flatten)]
+    pub impressions: crate::impressions::ImpressionsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -97,6 +99,7 @@ impl Config {
         self.kafka.validate()?;
         self.ingest.validate()?;
         self.webhook.validate()?;
+        self.impressions.validate()?;
         if self.service.max_k > self.engine.din_candidates {
             return Err(ConfigError::Invalid(format!(
                 "MAX_K ({}) exceeds DIN_CANDIDATES ({}): the final list is drawn from DIN's candidates",

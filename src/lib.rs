@@ -8,6 +8,7 @@ pub mod app;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod impressions;
 pub mod inference;
 pub mod kafka;
 pub mod logging;

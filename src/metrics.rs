@@ -36,6 +36,8 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub webhook_attempt_duration: HistogramVec,
     pub webhook_queue: IntGauge,
+    pub impressions: IntCounterVec,
+    pub impressions_queue_depth: IntGauge,
     pub ingest_dead_letter_failures: IntCounterVec,
     pub ingest_dead_letter_failing: IntGauge,
     pub ingest_dead_letter_fallbacks: IntCounterVec,
@@ -205,6 +207,20 @@ impl Metrics {
             "Webhooks accepted and not yet delivered or dead-lettered (queued, in flight or waiting to retry)",
         )
         .expect("metric");
+        let impressions = IntCounterVec::new(
+            Opts::new(
+                "impressions_total",
+                "Impressions (lists served, shadow lists computed) by outcome: written to the sink, \
+                 dropped_full (IMPRESSIONS_BUFFER full), dropped_sink (the sink failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
+        for outcome in ["written", "dropped_full", "dropped_sink"] {
+            impressions.with_label_values(&[outcome]);
+        }
+        let impressions_queue_depth =
+            IntGauge::new("impressions_queue_depth", "Impressions waiting for the sink").expect("metric");
         let ingest_dead_letter_failures = IntCounterVec::new(
             Opts::new(
                 "ingest_dead_letter_failures_total",
@@ -304,6 +320,8 @@ impl Metrics {
             Box::new(webhook_deliveries.clone()),
             Box::new(webhook_attempt_duration.clone()),
             Box::new(webhook_queue.clone()),
+            Box::new(impressions.clone()),
+            Box::new(impressions_queue_depth.clone()),
             Box::new(ingest_dead_letter_failures.clone()),
             Box::new(ingest_dead_letter_failing.clone()),
             Box::new(ingest_dead_letter_fallbacks.clone()),
@@ -345,6 +363,8 @@ impl Metrics {
             webhook_deliveries,
             webhook_attempt_duration,
             webhook_queue,
+            impressions,
+            impressions_queue_depth,
             ingest_dead_letter_failures,
             ingest_dead_letter_failing,
             ingest_dead_letter_fallbacks,

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Extension, MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -478,11 +478,14 @@ async fn recommend(
     State(service): State<Arc<Service>>,
     user_id: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
 ) -> Result<Json<Recommendation>, ApiError> {
     let user_id = user(user_id)?;
     let exclude = exclude_param(&query)?;
     let ask = ask(&service, query)?;
-    Ok(Json(service.recommend(&user_id, ask, &exclude).await?))
+    let rec = service.recommend(&user_id, ask, &exclude).await?;
+    service.log_impression(request_id(&headers), &user_id, &rec);
+    Ok(Json(rec))
 }
 
 /// Cache-first read: the stored list when it was computed from the profile as it is now by the
@@ -500,11 +503,19 @@ async fn recommendations(
     State(service): State<Arc<Service>>,
     user_id: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
 ) -> Result<Json<Recommendation>, ApiError> {
     let user_id = user(user_id)?;
     let exclude = exclude_param(&query)?;
     let ask = ask(&service, query)?;
-    Ok(Json(service.recommendations(&user_id, ask, &exclude).await?))
+    let rec = service.recommendations(&user_id, ask, &exclude).await?;
+    service.log_impression(request_id(&headers), &user_id, &rec);
+    Ok(Json(rec))
+}
+
+/// The id `track` gave the request (its `x-request-id`).
+fn request_id(headers: &HeaderMap) -> &str {
+    headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
 /// The one `k` of a query: given at most once, and only ASCII digits (no sign, no spaces, no

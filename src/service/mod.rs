@@ -12,6 +12,7 @@ pub mod settings;
 pub mod single_flight;
 
 use crate::error::Error;
+use crate::impressions::{self, Impressions};
 use crate::inference::engine::Engine;
 use crate::inference::engine::EngineState;
 use crate::inference::error::InferenceError;
@@ -54,6 +55,9 @@ impl Strategy {
         }
     }
 }
+
+/// The variant of every answer while no experiment splits the users.
+pub const DEFAULT_VARIANT: &str = "default";
 
 /// Where the answer came from: computed for this request, or read from Redis (cache-first reads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -194,6 +198,8 @@ pub struct Service {
     pub metrics: Metrics,
     /// Announces written lists to WEBHOOK_URL (disabled unless set; see `with_webhooks`).
     pub webhooks: Webhooks,
+    /// Logs the lists served over HTTP (IMPRESSIONS; disabled unless set, see `with_impressions`).
+    pub impressions: Impressions,
     /// What `/health` says of the Kafka ingestion's dead letters (set by the ingestion).
     pub ingest_dead_letter: ingest_health::DeadLetterHealth,
     cfg: ServiceConfig,
@@ -271,6 +277,7 @@ impl Service {
             engine,
             metrics,
             webhooks: Webhooks::disabled(),
+            impressions: Impressions::disabled(),
             ingest_dead_letter: Default::default(),
             unavailable: UnavailableCache::new(cfg.unavailable_refresh, cfg.max_unavailable),
             cfg,
@@ -282,6 +289,33 @@ impl Service {
     pub fn with_webhooks(mut self, webhooks: Webhooks) -> Self {
         self.webhooks = webhooks;
         self
+    }
+
+    /// Logs every list this service serves over HTTP to `impressions` (src/impressions.rs).
+    pub fn with_impressions(mut self, impressions: Impressions) -> Self {
+        self.impressions = impressions;
+        self
+    }
+
+    /// Logs a served answer of `user_id`'s profile as an impression (a no-op when IMPRESSIONS=off;
+    /// never waits).
+    pub fn log_impression(&self, request_id: &str, user_id: &str, rec: &Recommendation) {
+        if !self.impressions.enabled() {
+            return;
+        }
+        let items = rec.recommendations.iter().map(|i| i.item_id.clone()).collect();
+        let source = match rec.source {
+            Some(Source::Cache) => "cache",
+            _ => "computed",
+        };
+        self.impressions.log(impressions::served(
+            request_id,
+            user_id,
+            DEFAULT_VARIANT,
+            &rec.model_version,
+            items,
+            source,
+        ));
     }
 
     /// The largest `k` (MAX_K).
