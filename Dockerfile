@@ -59,6 +59,9 @@ RUN --mount=type=cache,target=/src/target,id=model-service-target,sharing=locked
     --mount=type=cache,target=/usr/local/cargo/registry,id=model-service-cargo-registry,sharing=locked \
     --mount=type=cache,target=/root/.cargo/registry,id=model-service-cargo-registry-debian,sharing=locked \
     set -eu; \
+    # this step runs only when a copied file changed; the cached target directory may hold a build
+    # newer than these files (another checkout's), which cargo's mtime check would take as current
+    find src assets testkit build.rs -type f -exec touch {} +; \
     LIBTORCH="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/torch" \
         cargo build --release --locked; \
     mkdir -p /export/usr/local/bin; cp target/release/model-service /export/usr/local/bin/

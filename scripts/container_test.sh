@@ -147,17 +147,20 @@ size=$("$ENGINE" image inspect --format '{{.Size}}' "$IMAGE")
 cached=$(grep -c -- '--> Using cache\|CACHED' "$work/build.log" || true)
 say "image $IMAGE: $((size / 1000000)) MB, built in ${build_s} s ($cached steps from the layer cache)"
 # What users of the image rely on: user, entrypoint, command, port, health check, environment.
-config=$("$ENGINE" image inspect --format '{{json .Config}}' "$IMAGE")
+# (docker reports the health check in .Config.Healthcheck, podman beside .Config, as .Healthcheck)
+config=$("$ENGINE" image inspect "$IMAGE")
 python3 -c "
 import json, sys
-c = json.loads(sys.argv[1])
+image = json.loads(sys.argv[1])[0]
+c = image['Config']
 assert c['User'] == 'model-service', c['User']
 assert c['Entrypoint'] == ['model-service'] and c['Cmd'] == ['serve'], (c['Entrypoint'], c['Cmd'])
 assert '8001/tcp' in c['ExposedPorts'], c['ExposedPorts']
-assert '/health' in ' '.join(c['Healthcheck']['Test']), c.get('Healthcheck')
+health = c.get('Healthcheck') or image.get('Healthcheck') or {}
+assert '/health' in ' '.join(health.get('Test', [])), health
 env = dict(e.split('=', 1) for e in c['Env'])
 assert env['MODEL_DIR'] == '/app/model_output' and env['PORT'] == '8001' and env['DEVICE'] == 'auto', env
-" "$config" || fail "the image's configuration is not what the Dockerfile promises: $config"
+" "$config" || fail "the image's configuration is not what the Dockerfile promises: ${config:0:3000}"
 
 # --- 4. the walk-through ---
 redis_port=$(free_port)
