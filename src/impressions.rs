@@ -8,7 +8,6 @@
 //! `IMPRESSIONS_TOPIC` (JSON, keyed by user id). A sink that fails drops the batch, counted; an
 //! answer never fails or waits for it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::clock::now_ms;
+use crate::clock::{now_ms, Throttle};
 use crate::error::ConfigError;
 use crate::kafka::KafkaArgs;
 use crate::metrics::Metrics;
@@ -114,8 +113,8 @@ pub struct Impressions {
 struct Inner {
     tx: mpsc::Sender<Impression>,
     metrics: Metrics,
-    /// Unix ms of the last "buffer full" warning (one a second at most).
-    last_full_warning: AtomicU64,
+    /// The "buffer full" warning: one a second at most.
+    full_warning: Throttle,
 }
 
 /// The most impressions written in one round trip.
@@ -147,7 +146,7 @@ impl Impressions {
         let (tx, rx) = mpsc::channel(args.impressions_buffer);
         tokio::spawn(write(rx, sink, metrics.clone()));
         tracing::info!(sink = ?args.impressions, "impressions are logged");
-        Ok(Self { inner: Some(Arc::new(Inner { tx, metrics, last_full_warning: AtomicU64::new(0) })) })
+        Ok(Self { inner: Some(Arc::new(Inner { tx, metrics, full_warning: Throttle::new(1000) })) })
     }
 
     pub fn enabled(&self) -> bool {
@@ -161,11 +160,7 @@ impl Impressions {
             Ok(()) => inner.metrics.impressions_queue_depth.inc(),
             Err(_) => {
                 inner.metrics.impressions.with_label_values(&["dropped_full"]).inc();
-                let now = now_ms();
-                let last = inner.last_full_warning.load(Ordering::Relaxed);
-                if now.saturating_sub(last) >= 1000
-                    && inner.last_full_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-                {
+                if inner.full_warning.ready() {
                     tracing::warn!("the impressions buffer is full (IMPRESSIONS_BUFFER); impressions are dropped");
                 }
             }
@@ -181,7 +176,7 @@ enum Writer {
 /// The writer task: batches from the buffer to the sink until every handle is gone.
 async fn write(mut rx: mpsc::Receiver<Impression>, sink: Writer, metrics: Metrics) {
     let mut batch = Vec::with_capacity(BATCH);
-    let mut last_failure_log = 0u64;
+    let failure_warning = Throttle::new(10_000);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         metrics.impressions_queue_depth.sub(batch.len() as i64);
         let n = batch.len() as u64;
@@ -191,12 +186,12 @@ async fn write(mut rx: mpsc::Receiver<Impression>, sink: Writer, metrics: Metric
                 match store.append_entries(stream, *maxlen, &entries).await {
                     Ok(()) => 0,
                     Err(e) => {
-                        log_failure(&mut last_failure_log, &e.to_string());
+                        log_failure(&failure_warning, &e.to_string());
                         n
                     }
                 }
             }
-            Writer::Kafka { producer, topic } => send_to_kafka(producer, topic, &batch, &mut last_failure_log).await,
+            Writer::Kafka { producer, topic } => send_to_kafka(producer, topic, &batch, &failure_warning).await,
         };
         metrics.impressions.with_label_values(&["written"]).inc_by(n - failed);
         metrics.impressions.with_label_values(&["dropped_sink"]).inc_by(failed);
@@ -206,7 +201,7 @@ async fn write(mut rx: mpsc::Receiver<Impression>, sink: Writer, metrics: Metric
 
 /// Sends a batch and waits for its deliveries (each bounded by `message.timeout.ms`); returns how
 /// many failed.
-async fn send_to_kafka(producer: &FutureProducer, topic: &str, batch: &[Impression], last_log: &mut u64) -> u64 {
+async fn send_to_kafka(producer: &FutureProducer, topic: &str, batch: &[Impression], warning: &Throttle) -> u64 {
     let mut deliveries = Vec::with_capacity(batch.len());
     let mut failed = 0;
     for impression in batch {
@@ -215,7 +210,7 @@ async fn send_to_kafka(producer: &FutureProducer, topic: &str, batch: &[Impressi
         match producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((e, _)) => {
-                log_failure(last_log, &e.to_string());
+                log_failure(warning, &e.to_string());
                 failed += 1;
             }
         }
@@ -224,7 +219,7 @@ async fn send_to_kafka(producer: &FutureProducer, topic: &str, batch: &[Impressi
         match tokio::time::timeout(Duration::from_secs(10), delivery).await {
             Ok(Ok(Ok(_))) => {}
             Ok(Ok(Err((e, _)))) => {
-                log_failure(last_log, &e.to_string());
+                log_failure(warning, &e.to_string());
                 failed += 1;
             }
             _ => failed += 1,
@@ -233,10 +228,8 @@ async fn send_to_kafka(producer: &FutureProducer, topic: &str, batch: &[Impressi
     failed
 }
 
-fn log_failure(last: &mut u64, why: &str) {
-    let now = now_ms();
-    if now.saturating_sub(*last) >= 10_000 {
-        *last = now;
+fn log_failure(warning: &Throttle, why: &str) {
+    if warning.ready() {
         tracing::warn!(error = %why, "writing impressions failed; they are dropped (impressions_total{{outcome=\"dropped_sink\"}})");
     }
 }

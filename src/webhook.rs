@@ -13,11 +13,11 @@
 //! credentials) is never logged nor written to the dead-letter stream, only its host is logged.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::clock::now_ms;
+use crate::clock::{now_ms, Throttle};
 
 use clap::Args;
 use hmac::{Hmac, Mac};
@@ -290,8 +290,8 @@ struct Inner {
     recomputed: bool,
     requests: bool,
     closing: AtomicBool,
-    /// Unix ms of the last "queue full" warning (one a second at most).
-    last_full_warning: AtomicU64,
+    /// The "queue full" warning: one a second at most.
+    full_warning: Throttle,
     metrics: Metrics,
     phase: watch::Sender<Phase>,
     finished: watch::Receiver<bool>,
@@ -373,7 +373,7 @@ impl Webhooks {
                 recomputed: events.contains(&WebhookEvents::Recomputed),
                 requests: events.contains(&WebhookEvents::Requests),
                 closing: AtomicBool::new(false),
-                last_full_warning: AtomicU64::new(0),
+                full_warning: Throttle::new(1000),
                 metrics,
                 phase: phase_tx,
                 finished: finished_rx,
@@ -411,11 +411,7 @@ impl Webhooks {
         };
         if let Some(why) = refused {
             inner.metrics.webhook_deliveries.with_label_values(&["dropped"]).inc();
-            let now = now_ms();
-            let last = inner.last_full_warning.load(Ordering::Relaxed);
-            if now.saturating_sub(last) >= 1000
-                && inner.last_full_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-            {
+            if inner.full_warning.ready() {
                 tracing::warn!(
                     reason = why,
                     "webhook dropped (model_service_webhook_deliveries_total{{outcome=\"dropped\"}} counts them)"
