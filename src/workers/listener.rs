@@ -306,8 +306,8 @@ impl Listener {
             // Every profile; then every stored list whose profile is gone (deleted while no
             // listener ran, so its deletion event was lost): both go through `refresh`, which
             // rewrites a deleted profile's list as the API answers it.
-            let profiles = self.catchup_scan(ScanOf::Profiles).await;
-            let orphans = self.catchup_scan(ScanOf::Lists).await;
+            let profiles = self.scan_and_queue(ScanOf::Profiles, false, "catchup").await;
+            let orphans = self.scan_and_queue(ScanOf::Lists, true, "catchup").await;
             tracing::info!(profiles, orphans, seconds = started.elapsed().as_secs_f64(), "catch-up scan queued");
         }
     }
@@ -327,7 +327,7 @@ impl Listener {
                 continue;
             }
             let started = Instant::now();
-            let lists = self.queue_every_list("unavailable").await;
+            let lists = self.scan_and_queue(ScanOf::Lists, false, "unavailable").await;
             tracing::info!(
                 added,
                 lists,
@@ -337,45 +337,18 @@ impl Listener {
         }
     }
 
-    /// Queues the user of every stored list (a scan of the metas), as `source`.
-    async fn queue_every_list(&self, source: &'static str) -> u64 {
+    /// One scan of every master, queueing each user it finds as `source`: each profile
+    /// (`ScanOf::Profiles`) or each stored list (`ScanOf::Lists`), with `orphans_only` only the
+    /// lists whose profile does not exist. Returns how many it queued; a failure ends the scan
+    /// (the next catch-up finds the rest).
+    async fn scan_and_queue(&self, of: ScanOf, orphans_only: bool, source: &'static str) -> u64 {
         let store = &self.service.store;
         let mut queued = 0u64;
+        let failed = |e: &dyn std::fmt::Display| tracing::warn!(error = %e, source, "scan failed; retrying later");
         let mut cursor = match store.scan_start(None).await {
             Ok(cursor) => cursor,
             Err(e) => {
-                tracing::warn!(error = %e, "scanning the stored lists failed");
-                return queued;
-            }
-        };
-        while !cursor.is_done() {
-            match store.scan_users(ScanOf::Lists, &mut cursor, SCAN_PAGE).await {
-                Ok(page) => {
-                    self.service.metrics.scan_skipped_keys.inc_by(page.skipped);
-                    for user in page.users {
-                        queued += 1;
-                        self.count(source, "received");
-                        self.queue.push_wait(user, Instant::now(), source).await;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "scanning the stored lists failed; the catch-up scan finds the rest");
-                    break;
-                }
-            }
-        }
-        queued
-    }
-
-    /// One catch-up scan of every master: queues each profile (`ScanOf::Profiles`), or each
-    /// stored list whose profile does not exist (`ScanOf::Lists`). Returns how many it queued.
-    async fn catchup_scan(&self, of: ScanOf) -> u64 {
-        let store = &self.service.store;
-        let mut queued = 0u64;
-        let mut cursor = match store.scan_start(None).await {
-            Ok(cursor) => cursor,
-            Err(e) => {
-                tracing::warn!(error = %e, "catch-up scan failed; retrying later");
+                failed(&e);
                 return queued;
             }
         };
@@ -383,25 +356,26 @@ impl Listener {
             let page = match store.scan_users(of, &mut cursor, SCAN_PAGE).await {
                 Ok(page) => page,
                 Err(e) => {
-                    tracing::warn!(error = %e, "catch-up scan failed; retrying later");
+                    failed(&e);
                     break;
                 }
             };
             self.service.metrics.scan_skipped_keys.inc_by(page.skipped);
-            let users = match of {
-                ScanOf::Profiles => page.users,
-                ScanOf::Lists => match store.without_profile(page.users).await {
+            let users = if orphans_only {
+                match store.without_profile(page.users).await {
                     Ok(users) => users,
                     Err(e) => {
-                        tracing::warn!(error = %e, "catch-up scan failed; retrying later");
+                        failed(&e);
                         break;
                     }
-                },
+                }
+            } else {
+                page.users
             };
             for user in users {
                 queued += 1;
-                self.count("catchup", "received");
-                self.queue.push_wait(user, Instant::now(), "catchup").await;
+                self.count(source, "received");
+                self.queue.push_wait(user, Instant::now(), source).await;
             }
         }
         queued
