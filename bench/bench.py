@@ -119,6 +119,17 @@ class Service:
         self.log.close()
 
 
+def measure_round(name: str, rnd: int, binary: str, env: dict, work: str, users_file: str,
+                  concurrencies: list[int], seconds: int) -> list[dict]:
+    """One round of one variant: `binary serve` on env's PORT started, measured, stopped."""
+    svc = Service(f"{name}, round {rnd + 1}", [binary, "serve"], env, int(env["PORT"]),
+                  os.path.join(work, f"{name}-{rnd + 1}.log"))
+    try:
+        return measure(svc, users_file, concurrencies, seconds)
+    finally:
+        svc.stop()
+
+
 def measure(svc: Service, users_file: str, concurrencies: list[int], seconds: int) -> list[dict]:
     wait_healthy(f"http://127.0.0.1:{svc.port}/health", svc.proc)
     run_wrk(svc.port, users_file, 8, 3)  # warm-up

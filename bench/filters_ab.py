@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 
 # bench.py beside this file: Python puts the script's own folder first on its path
-from bench import Service, bad_answers, free_port, load_amazon, measure, server_env
+from bench import bad_answers, free_port, load_amazon, measure_round, server_env
 from model_service_py.evaluate import start_redis
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,12 +66,7 @@ def main():
                     os.environ["QUERY_SUFFIX"] = "&exclude=" + ",".join(excluded)
                 port = free_port()
                 env = {**server_env(rport, port, args.model_dir), **extra}
-                svc = Service(f"{name}, round {rnd + 1}", [args.binary, "serve"], env, port,
-                              os.path.join(work, f"{name}-{rnd + 1}.log"))
-                try:
-                    rows[name] += measure(svc, users_file, concurrencies, args.seconds)
-                finally:
-                    svc.stop()
+                rows[name] += measure_round(name, rnd, args.binary, env, work, users_file, concurrencies, args.seconds)
     finally:
         os.environ.pop("QUERY_SUFFIX", None)
         rproc.terminate()
