@@ -244,7 +244,7 @@ say "GET /recommendations/$user: 200, source cache, the same list"
 
 code=$(http GET /metrics)
 [ "$code" = 200 ] || fail "/metrics: HTTP $code"
-grep -Eq '^model_service_stage_duration_seconds_count\{stage="ranknet"\} [1-9]' "$work/body" || fail "/metrics counts no ranknet stage"
+grep -Eq '^model_service_stage_duration_seconds_count\{stage="ranknet",variant="default"\} [1-9]' "$work/body" || fail "/metrics counts no ranknet stage"
 grep -Eq '^model_service_cache_answers_total\{outcome="hit"\} [1-9]' "$work/body" || fail "/metrics counts no cache hit"
 say "/metrics: 200, the ranking stages and the cache hit counted"
 

@@ -10,6 +10,8 @@ use crate::api::{routes as http, server};
 use crate::config::Config;
 use crate::impressions::Impressions;
 use crate::inference::engine::Engine;
+use crate::inference::experiment::ExperimentSpec;
+use crate::inference::lineup::DEFAULT_VARIANT;
 use crate::inference::model_set::{LoadSpec, ModelSet};
 use crate::metrics::Metrics;
 use crate::redis::Store;
@@ -208,18 +210,46 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received, draining in-flight requests");
 }
 
-/// Loads and validates MODEL_DIR exactly as a reload does (catalog, shapes, smoke batch, warm-up).
+/// Loads and validates MODEL_DIR exactly as a reload does (catalog, shapes, smoke batch, warm-up);
+/// with EXPERIMENT_FILE, the file and every set it names.
 pub fn check(cfg: &Config) -> anyhow::Result<()> {
     let spec = LoadSpec { copies: 1, ..cfg.engine.engine_config()?.load_spec()? };
-    let set = ModelSet::load(&cfg.engine.model_dir, &spec)?;
+    let experiment = match &cfg.engine.experiment_file {
+        Some(file) => Some(ExperimentSpec::read(file)?),
+        None => None,
+    };
+    let dirs: Vec<(String, std::path::PathBuf)> = match &experiment {
+        Some(e) => e
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), v.model_dir.clone()))
+            .chain(e.shadow.iter().map(|s| (s.name.clone(), s.model_dir.clone())))
+            .collect(),
+        None => vec![(DEFAULT_VARIANT.to_string(), cfg.engine.model_dir.clone())],
+    };
+    let mut sets = Vec::new();
+    for (name, dir) in &dirs {
+        let set = ModelSet::load(dir, &spec)?;
+        sets.push(serde_json::json!({
+            "variant": name,
+            "model_dir": dir.display().to_string(),
+            "model_version": set.info.version,
+            "device": set.info.device,
+            "catalog_items": set.catalog.len(),
+            "stages": set.info.stages,
+        }));
+    }
+    let first = sets[0].clone();
     let summary = serde_json::json!({
         "status": "ok",
-        "model_dir": cfg.engine.model_dir.display().to_string(),
-        "model_version": set.info.version,
-        "device": set.info.device,
-        "catalog_items": set.catalog.len(),
-        "stages": set.info.stages,
+        "model_dir": first["model_dir"],
+        "model_version": first["model_version"],
+        "device": first["device"],
+        "catalog_items": first["catalog_items"],
+        "stages": first["stages"],
         "candidates": { "lightgcn": cfg.engine.lightgcn_candidates, "din": cfg.engine.din_candidates },
+        "experiment": experiment.as_ref().map(|e| e.name.clone()),
+        "sets": sets,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub single_flight_shared: IntCounter,
     pub writes_superseded: IntCounter,
     pub cache_answers: IntCounterVec,
+    pub recommendations: IntCounterVec,
+    pub shadow: IntCounterVec,
+    pub shadow_overlap: Histogram,
     pub scan_skipped_keys: IntCounter,
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
@@ -69,10 +72,10 @@ impl Metrics {
         let stage_duration = HistogramVec::new(
             HistogramOpts::new(
                 "stage_duration_seconds",
-                "Latency of one pipeline stage: redis_read, lightgcn, din, ranknet, redis_write",
+                "Latency of one pipeline stage (redis_read, lightgcn, din, ranknet, redis_write) by variant",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-            &["stage"],
+            &["stage", "variant"],
         )
         .expect("metric");
         let stage_candidates = HistogramVec::new(
@@ -92,6 +95,31 @@ impl Metrics {
         let writes_superseded = IntCounter::new(
             "writes_superseded_total",
             "Computed lists not written because the profile changed while they were computed",
+        )
+        .expect("metric");
+        let recommendations = IntCounterVec::new(
+            Opts::new(
+                "recommendations_total",
+                "Recommendation requests by variant and outcome: computed, cache (a stored list served), error",
+            ),
+            &["variant", "outcome"],
+        )
+        .expect("metric");
+        let shadow = IntCounterVec::new(
+            Opts::new(
+                "shadow_total",
+                "Shadow computations by outcome: computed, dropped_full (its queue was full), late (waited past the \
+                 request deadline), failed",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
+        let shadow_overlap = Histogram::with_opts(
+            HistogramOpts::new(
+                "shadow_overlap_ratio",
+                "Share of the served list's items that the shadow set's list of the same length also holds (overlap@k)",
+            )
+            .buckets(vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
         )
         .expect("metric");
         let cache_answers = IntCounterVec::new(
@@ -289,8 +317,8 @@ impl Metrics {
         )
         .expect("metric");
         let model_info = IntGaugeVec::new(
-            Opts::new("model_info", "Models in service (value 1)"),
-            &["version", "device", "lightgcn", "din", "ranknet"],
+            Opts::new("model_info", "Models in service by variant (and shadow set), value 1"),
+            &["variant", "version", "device", "lightgcn", "din", "ranknet"],
         )
         .expect("metric");
         for m in [
@@ -303,6 +331,9 @@ impl Metrics {
             Box::new(single_flight_shared.clone()),
             Box::new(writes_superseded.clone()),
             Box::new(cache_answers.clone()),
+            Box::new(recommendations.clone()),
+            Box::new(shadow.clone()),
+            Box::new(shadow_overlap.clone()),
             Box::new(scan_skipped_keys.clone()),
             Box::new(batch_size.clone()),
             Box::new(queue_depth.clone()),
@@ -346,6 +377,9 @@ impl Metrics {
             single_flight_shared,
             writes_superseded,
             cache_answers,
+            recommendations,
+            shadow,
+            shadow_overlap,
             scan_skipped_keys,
             batch_size,
             queue_depth,
@@ -378,11 +412,13 @@ impl Metrics {
         }
     }
 
-    /// `model_info`: the set in service, with each stage's version (lightgcn, din, ranknet).
-    pub fn set_model_info(&self, version: &str, device: &str, stage_versions: [&str; 3]) {
+    /// `model_info`: the sets in service, one row of labels each: variant (or shadow set),
+    /// version, device, and the stages' versions (lightgcn, din, ranknet).
+    pub fn set_model_info(&self, sets: &[[&str; 6]]) {
         self.model_info.reset();
-        let [l, d, r] = stage_versions;
-        self.model_info.with_label_values(&[version, device, l, d, r]).set(1);
+        for labels in sets {
+            self.model_info.with_label_values(labels).set(1);
+        }
     }
 
     pub fn render(&self) -> String {

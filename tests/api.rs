@@ -205,7 +205,9 @@ fn metrics_pass_promtool_and_show_every_stage() {
     assert_eq!(status, 200);
     for stage in ["redis_read", "lightgcn", "din", "ranknet", "redis_write"] {
         assert!(
-            text.contains(&format!("model_service_stage_duration_seconds_count{{stage=\"{stage}\"}}")),
+            text.contains(&format!(
+                "model_service_stage_duration_seconds_count{{stage=\"{stage}\",variant=\"default\"}}"
+            )),
             "no histogram for {stage}:\n{text}"
         );
     }
@@ -253,7 +255,10 @@ fn last_stage_stops_the_cascade_early_for_ablations() {
         assert_eq!(ids.len(), 10);
         assert!(ids.iter().all(|i| !history.contains(i)));
         let (_, metrics) = server.get_text("/metrics");
-        let ran = |s: &str| metrics.contains(&format!("model_service_stage_duration_seconds_count{{stage=\"{s}\"}} 1"));
+        let ran = |s: &str| {
+            metrics
+                .contains(&format!("model_service_stage_duration_seconds_count{{stage=\"{s}\",variant=\"default\"}} 1"))
+        };
         assert_eq!(
             (ran("lightgcn"), ran("din"), ran("ranknet")),
             (true, stage != "lightgcn", stage == "ranknet"),

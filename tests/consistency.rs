@@ -102,7 +102,8 @@ fn a_request_after_a_profile_rewrite_never_gets_the_list_of_the_old_profile() {
         pipe.set(format!("user_profile:filler{n}"), profile_of((0..200).map(|i| (i * 3 + n) % 300))).ignore();
     }
     pipe.query::<()>(&mut redis.conn()).unwrap();
-    let reads = || server.metric("model_service_stage_duration_seconds_count{stage=\"redis_read\"}");
+    let reads =
+        || server.metric("model_service_stage_duration_seconds_count{stage=\"redis_read\",variant=\"default\"}");
     let before = reads();
     let server = &server;
     let (a, b, gap) = std::thread::scope(|s| {

@@ -31,14 +31,18 @@ fn get_answers_from_redis_when_the_stored_list_is_fresh_and_computes_otherwise()
 
     // fresh: answered from Redis, same items and scores, no model run
     let batches = server.metric("model_service_inference_batch_size_count");
-    let lightgcn_runs = server.metric("model_service_stage_duration_seconds_count{stage=\"lightgcn\"}");
+    let lightgcn_runs =
+        server.metric("model_service_stage_duration_seconds_count{stage=\"lightgcn\",variant=\"default\"}");
     let (status, cached) = server.get("/recommendations/reader?k=3");
     assert_eq!((status, cached["source"].as_str()), (200, Some("cache")), "{cached}");
     assert_eq!(rec_ids(&cached), rec_ids(&first)[..3]);
     assert_eq!(scores(&cached), scores(&first)[..3]);
     assert_eq!(cached["strategy"], "personalized");
     assert_eq!(server.metric("model_service_inference_batch_size_count"), batches, "a cache answer runs no model");
-    assert_eq!(server.metric("model_service_stage_duration_seconds_count{stage=\"lightgcn\"}"), lightgcn_runs);
+    assert_eq!(
+        server.metric("model_service_stage_duration_seconds_count{stage=\"lightgcn\",variant=\"default\"}"),
+        lightgcn_runs
+    );
     assert_eq!(server.metric("model_service_cache_answers_total{outcome=\"hit\"}"), 1.0);
 
     // a stored list shorter than k is a miss

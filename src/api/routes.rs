@@ -15,8 +15,10 @@ use tracing::Instrument;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::error::Error;
 use crate::inference::engine::{EngineState, Reloaded};
+use crate::inference::lineup::{Lineup, Variant};
+use crate::inference::model_set::ModelSet;
 use crate::redis::topology::TopologyReport;
-use crate::service::{Ask, Recommendation, Service};
+use crate::service::{Ask, Recommendation, Service, MAX_USER_ID_CHARS};
 
 /// Largest request body accepted (the API takes none; this bounds what a client can send).
 const BODY_LIMIT: usize = 16 * 1024;
@@ -484,7 +486,7 @@ async fn recommend(
     let exclude = exclude_param(&query)?;
     let ask = ask(&service, query)?;
     let rec = service.recommend(&user_id, ask, &exclude).await?;
-    service.log_impression(request_id(&headers), &user_id, &rec);
+    service.served(request_id(&headers), &user_id, &rec);
     Ok(Json(rec))
 }
 
@@ -509,7 +511,7 @@ async fn recommendations(
     let exclude = exclude_param(&query)?;
     let ask = ask(&service, query)?;
     let rec = service.recommendations(&user_id, ask, &exclude).await?;
-    service.log_impression(request_id(&headers), &user_id, &rec);
+    service.served(request_id(&headers), &user_id, &rec);
     Ok(Json(rec))
 }
 
@@ -552,6 +554,11 @@ pub struct HistoryRequest {
     /// ignored and counted in `unknown_excluded`).
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// The session's id, for the experiment's assignment (as a user id's; it is only hashed, never
+    /// stored); absent: the first variant.
+    #[schema(min_length = 1, max_length = 128)]
+    #[serde(default)]
+    pub session_id: Option<String>,
 }
 
 /// The `k` of a history request: an integer in 1..=MAX_K (JSON Schema counts 30.0 among the
@@ -620,7 +627,16 @@ async fn recommend_history(
         ApiError::InvalidBody(format!("expected {{\"history\": [\"<item id>\", ...], \"k\": <1..>}}: {e}"))
     })?;
     let k = body_k(&service, request.k.as_deref())?;
-    Ok(Json(service.rank_history(&request.history, Ask { k, explain }, &request.exclude).await?))
+    if let Some(session) = &request.session_id {
+        let chars = session.chars().count();
+        if !(1..=MAX_USER_ID_CHARS).contains(&chars) {
+            return Err(ApiError::InvalidRequest(format!(
+                "session_id is {chars} characters; 1 to {MAX_USER_ID_CHARS} are allowed"
+            )));
+        }
+    }
+    let session = request.session_id.as_deref();
+    Ok(Json(service.rank_history(&request.history, session, Ask { k, explain }, &request.exclude).await?))
 }
 
 /// Liveness: the process answers.
@@ -652,6 +668,12 @@ pub struct Health {
     pub catalog_items: Option<usize>,
     /// Stage 1's candidate search: `exact`, or `ivf lists=L probes=P` (the approximate index).
     pub candidate_search: Option<String>,
+    /// With EXPERIMENT_FILE: the experiment's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    /// The model sets in service: each variant (one, `default`, without an experiment), then the
+    /// shadow set. The fields above describe the first variant's.
+    pub sets: Vec<SetHealth>,
     /// With the Kafka ingestion in this process: `ok`, or `failing: <why>; fallback: file <path>`
     /// (or `none`) while dead letters cannot be written to the topic (ingestion goes on; status 200).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -668,14 +690,55 @@ pub struct Health {
     pub detail: Option<String>,
 }
 
+/// One model set in service.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SetHealth {
+    /// The variant's name (or the shadow set's).
+    pub name: String,
+    /// `variant` or `shadow`.
+    pub role: String,
+    /// A variant's percent of the users; the shadow set's percent of the served answers.
+    pub share: f64,
+    pub model_version: String,
+    /// As `model_dir` above: in full with the API token, else its last component.
+    pub model_dir: String,
+    pub lightgcn_candidates: usize,
+    pub din_candidates: usize,
+}
+
+fn set_health(variant: &Variant<ModelSet>, role: &str, share: f64, privileged: bool) -> SetHealth {
+    SetHealth {
+        name: variant.name.clone(),
+        role: role.into(),
+        share,
+        model_version: variant.set.info.version.clone(),
+        model_dir: shown_dir(&variant.set.dir, privileged),
+        lightgcn_candidates: variant.candidates.lightgcn,
+        din_candidates: variant.candidates.din,
+    }
+}
+
+fn shown_dir(dir: &std::path::Path, privileged: bool) -> String {
+    match (privileged, dir.file_name()) {
+        (false, Some(name)) => name.to_string_lossy().into_owned(),
+        _ => dir.display().to_string(),
+    }
+}
+
+fn sets_health(lineup: &Lineup<ModelSet>, privileged: bool) -> Vec<SetHealth> {
+    let variants = lineup.variants.iter().map(|v| set_health(v, "variant", v.share, privileged));
+    let shadow = lineup.shadow.iter().map(|s| set_health(&s.variant, "shadow", s.sample * 100.0, privileged));
+    variants.chain(shadow).collect()
+}
+
 /// Models loaded and warmed up, and Redis accepting writes (`/health` and `/health/ready`).
 /// Unless `privileged`, the model directory is shown by its last component only and the Redis
 /// nodes without their addresses: the probe is open, and these name the host's layout and the
 /// network's.
 async fn readiness(service: &Service, privileged: bool) -> Health {
     let (redis, redis_topology) = tokio::join!(service.store.check_writable(), service.store.topology_report());
-    let (set, engine_problem) = match service.engine.state() {
-        EngineState::Ready(set) => (Some(set), None),
+    let (lineup, engine_problem) = match service.engine.state() {
+        EngineState::Ready(lineup) => (Some(lineup), None),
         EngineState::Loading => (None, Some("models are loading".to_string())),
         EngineState::Failed(reason) => (None, Some(format!("models failed to load: {reason}"))),
     };
@@ -683,21 +746,21 @@ async fn readiness(service: &Service, privileged: bool) -> Health {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("error: {e}"),
     };
+    let set = lineup.as_ref().map(|l| &l.primary().set);
     let problems: Vec<String> = engine_problem.into_iter().chain(redis.err().map(|e| format!("redis: {e}"))).collect();
     let healthy = problems.is_empty();
     Health {
         status: if healthy { "healthy" } else { "unhealthy" }.into(),
         model_loaded: set.is_some(),
-        model_version: set.as_ref().map(|s| s.info.version.clone()),
-        model_dir: set.as_ref().map(|s| match (privileged, s.dir.file_name()) {
-            (false, Some(name)) => name.to_string_lossy().into_owned(),
-            _ => s.dir.display().to_string(),
-        }),
+        model_version: set.map(|s| s.info.version.clone()),
+        model_dir: set.map(|s| shown_dir(&s.dir, privileged)),
         redis: redis_status,
         redis_topology: if privileged { redis_topology } else { redis_topology.without_addresses() },
-        device: set.as_ref().map(|s| s.info.device.clone()),
-        catalog_items: set.as_ref().map(|s| s.catalog.len()),
-        candidate_search: set.as_ref().map(|s| s.info.candidate_search.clone()),
+        device: set.map(|s| s.info.device.clone()),
+        catalog_items: set.map(|s| s.catalog.len()),
+        candidate_search: set.map(|s| s.info.candidate_search.clone()),
+        experiment: lineup.as_ref().and_then(|l| l.experiment.as_ref()).map(|e| e.name.clone()),
+        sets: lineup.as_ref().map(|l| sets_health(l, privileged)).unwrap_or_default(),
         ingest_dead_letter: service.ingest_dead_letter.report(),
         unavailable_items: {
             service.unavailable().await; // read again when due, so the report is current

@@ -88,7 +88,7 @@ impl Ranker for Fake {
 
 /// Loads `vN` as the set tagged N; `broken` fails; `slow-vN` takes 400 ms, then is `vN`.
 pub fn loader(seen: Arc<Seen>) -> Loader<Fake> {
-    Arc::new(move |dir: &Path| {
+    Arc::new(move |dir: &Path, _copies| {
         let mut name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         if let Some(rest) = name.strip_prefix("slow-") {
             std::thread::sleep(Duration::from_millis(400));
@@ -114,12 +114,14 @@ pub fn loader(seen: Arc<Seen>) -> Loader<Fake> {
 pub fn config(model_dir: &str) -> EngineConfig {
     EngineConfig {
         model_dir: model_dir.into(),
+        experiment_file: None,
         device: super::device::DeviceChoice::Cpu,
         workers: 1,
         torch_threads: 1,
         max_batch: 4,
         max_queue_delay: Duration::ZERO,
         queue_capacity: 64,
+        shadow_queue_capacity: 8,
         deadline: Duration::from_secs(1),
         lightgcn_candidates: 10,
         din_candidates: 10,

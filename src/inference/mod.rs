@@ -7,9 +7,11 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod exclusion;
+pub mod experiment;
 #[cfg(test)]
 pub mod fake;
 pub mod ivf;
+pub mod lineup;
 pub mod mode;
 pub mod model_set;
 pub mod models;

@@ -16,6 +16,11 @@ pub struct EngineArgs {
     /// Directory with manifest.json, catalog.tsv and lightgcn/, din/, ranknet/.
     #[arg(long, env = "MODEL_DIR", default_value = "./model_output", global = true)]
     pub model_dir: PathBuf,
+    /// An experiment (JSON: name, salt, variants with their model directories and shares, an
+    /// optional shadow set; docs/experiments.md): its sets are served instead of MODEL_DIR, each
+    /// user's variant picked by a stable hash of (salt, user id). A reload reads it again.
+    #[arg(long, env = "EXPERIMENT_FILE", global = true)]
+    pub experiment_file: Option<PathBuf>,
     /// auto | cpu | cuda | cuda:N (auto: CUDA when available).
     #[arg(long, env = "DEVICE", default_value = "auto", global = true)]
     pub device: String,
@@ -74,6 +79,10 @@ pub struct EngineArgs {
     /// Requests that may wait for the inference workers; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
     pub queue_capacity: usize,
+    /// Shadow computations that may wait for the shadow worker; beyond that they are dropped
+    /// (counted in shadow_total{outcome="dropped_full"}), never delaying an answer.
+    #[arg(long, env = "SHADOW_QUEUE_CAPACITY", default_value_t = 64, global = true)]
+    pub shadow_queue_capacity: usize,
     /// Deadline for one recommendation (queue wait and inference), in milliseconds.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, global = true)]
     pub request_timeout_ms: u64,
@@ -99,12 +108,14 @@ impl EngineArgs {
     pub fn engine_config(&self) -> Result<EngineConfig, LoadError> {
         Ok(EngineConfig {
             model_dir: self.model_dir.clone(),
+            experiment_file: self.experiment_file.clone(),
             device: DeviceChoice::parse(&self.device)?,
             workers: self.inference_workers,
             torch_threads: self.torch_threads_per_worker(),
             max_batch: self.max_batch,
             max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
             queue_capacity: self.queue_capacity,
+            shadow_queue_capacity: self.shadow_queue_capacity,
             deadline: self.request_timeout(),
             lightgcn_candidates: self.lightgcn_candidates,
             din_candidates: self.din_candidates,
@@ -127,6 +138,7 @@ impl EngineArgs {
             ("MAX_BATCH", self.max_batch),
             ("INFERENCE_WORKERS", self.inference_workers),
             ("QUEUE_CAPACITY", self.queue_capacity),
+            ("SHADOW_QUEUE_CAPACITY", self.shadow_queue_capacity),
             ("MAX_MODEL_FILE_BYTES", usize::try_from(self.max_model_file_bytes).unwrap_or(usize::MAX)),
         ];
         for (name, value) in positive {
@@ -147,6 +159,9 @@ impl EngineArgs {
             )));
         }
         DeviceChoice::parse(&self.device)?;
+        if let Some(file) = &self.experiment_file {
+            super::experiment::ExperimentSpec::read(file)?;
+        }
         Ok(())
     }
 }

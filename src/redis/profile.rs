@@ -48,6 +48,8 @@ pub struct ComputedFrom {
     pub model_version: String,
     /// The set's content hash (absent in metas written before it was recorded).
     pub model_sha: Option<String>,
+    /// The variant that computed it (absent in metas written before experiments).
+    pub variant: Option<String>,
 }
 
 /// `recommendations:<id>` as read back, with the scores and strategy kept in its meta.

@@ -146,7 +146,7 @@ impl Store {
         profile.cmd("GETRANGE").arg(&key).arg(0).arg(limits.max_bytes);
         let mut hmget = ::redis::cmd("HMGET");
         hmget.arg(&meta).arg("profile_sha").arg("model_version").arg("scores").arg("strategy").arg("list_sha");
-        hmget.arg("model_sha");
+        hmget.arg("model_sha").arg("variant");
         let mut get_list = ::redis::cmd("GET");
         get_list.arg(recommendations_key(user_id));
         let read_at = Instant::now();
@@ -185,8 +185,16 @@ impl Store {
         // A key of another type fails these two; `kind` names it below.
         let len: Option<u64> = next().ok().and_then(from_or_none);
         let head: Option<Vec<u8>> = next().ok().and_then(from_or_none);
-        type Meta = (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>);
-        let (sha, version, scores, strategy, list_sha, model_sha): Meta = match next() {
+        type Meta = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let (sha, version, scores, strategy, list_sha, model_sha, variant): Meta = match next() {
             Ok(v) => from(v).unwrap_or_default(),
             // Not a hash (written by something else): treated as absent; the next write replaces it.
             Err(e) => {
@@ -201,7 +209,7 @@ impl Store {
         let computed_from = sha
             .zip(version)
             .filter(|_| list_matches)
-            .map(|(profile_sha, model_version)| ComputedFrom { profile_sha, model_version, model_sha });
+            .map(|(profile_sha, model_version)| ComputedFrom { profile_sha, model_version, model_sha, variant });
         let stored = (|| {
             if !list_matches {
                 return None;
@@ -280,6 +288,7 @@ impl Store {
                     call.key(&key).key(&list_key).key(&meta);
                     call.arg(&sha).arg(deadline_ms).arg(&value).arg(ttl_secs).arg(model.version).arg(&now);
                     call.arg(&self.notify_channel).arg(user_id).arg(&scores).arg(list.strategy).arg(model.sha);
+                    call.arg(model.variant);
                     async move { call.invoke_async(&mut c).await }
                 })
                 .await?;
@@ -311,6 +320,7 @@ impl Store {
             self.notify_channel.clone(),
             user_id.to_string(),
             model.sha.to_string(),
+            model.variant.to_string(),
         ];
         if self.script(&SET_META_SCRIPT, &meta, &args).await? != 1 {
             return Err(late("the list was written without its meta, so it counts as not computed"));
@@ -423,12 +433,13 @@ pub struct StoredList<'a> {
     pub strategy: &'a str,
 }
 
-/// The model set a list is computed by: its version and its content hash (both recorded in the
-/// meta; a list counts as current only for the same pair).
+/// The model set a list is computed by: its version, its content hash and the variant it served
+/// (all recorded in the meta; a list counts as current only for the same three).
 #[derive(Debug, Clone, Copy)]
 pub struct ModelId<'a> {
     pub version: &'a str,
     pub sha: &'a str,
+    pub variant: &'a str,
 }
 
 /// Bounds on reading one profile.
@@ -460,7 +471,7 @@ const WRITE_MARGIN: Duration = Duration::from_millis(100);
 
 /// KEYS: profile, list, meta. ARGV: profile hash, deadline (ms, Redis clock), list JSON, TTL,
 /// model version, computed-at ms, notify channel, user id, scores JSON, strategy, model content
-/// hash. Returns 1 written, 0 profile changed, -1 past the deadline.
+/// hash, variant. Returns 1 written, 0 profile changed, -1 past the deadline.
 static WRITE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/profile_guard.lua"), include_str!("lua/write_list.lua"))));
 
@@ -479,7 +490,8 @@ static GUARD_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 static SET_LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cluster_set_list.lua")));
 
 /// Cluster write, step 3. KEYS: meta. ARGV: deadline, profile hash, model version, computed-at ms,
-/// scores JSON, strategy, list hash, TTL, notify channel, user id, model content hash. Returns 1
+/// scores JSON, strategy, list hash, TTL, notify channel, user id, model content hash, variant.
+/// Returns 1
 /// written, -1 past the deadline.
 static SET_META_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cluster_set_meta.lua")));
 

@@ -16,6 +16,7 @@ use crate::impressions::{self, Impressions};
 use crate::inference::engine::Engine;
 use crate::inference::engine::EngineState;
 use crate::inference::error::InferenceError;
+use crate::inference::lineup::{Lineup, Variant, DEFAULT_VARIANT};
 use crate::inference::model_set::ModelSet;
 use crate::metrics::Metrics;
 use crate::redis::error::ProfileError;
@@ -55,9 +56,6 @@ impl Strategy {
         }
     }
 }
-
-/// The variant of every answer while no experiment splits the users.
-pub const DEFAULT_VARIANT: &str = "default";
 
 /// Where the answer came from: computed for this request, or read from Redis (cache-first reads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -138,6 +136,8 @@ pub struct Recommendation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
     pub model_version: String,
+    /// The variant that ranked it: `default` without an experiment (EXPERIMENT_FILE).
+    pub variant: String,
     /// Profile entries that are not in the catalog (skipped).
     pub unknown_items: usize,
     /// Profile items the models did not see because the profile is longer than MAX_HISTORY
@@ -149,6 +149,21 @@ pub struct Recommendation {
     pub elapsed_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explain: Option<Explanation>,
+    /// What the shadow set needs to rank the same profile (only while a lineup has one).
+    #[serde(skip)]
+    pub(crate) shadow_input: Option<Arc<ShadowInput>>,
+}
+
+/// The profile an answer ranked and the lineup it was ranked in, kept for the shadow set.
+pub(crate) struct ShadowInput {
+    lineup: Arc<Lineup<ModelSet>>,
+    items: Vec<String>,
+}
+
+impl std::fmt::Debug for ShadowInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowInput").field("items", &self.items.len()).finish()
+    }
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -207,6 +222,8 @@ pub struct Service {
     unavailable: UnavailableCache,
     /// Computations in flight: single flight.
     in_flight: SingleFlight<FlightKey, Result<Recommendation, Error>>,
+    /// Served answers counted for the shadow set's sample.
+    shadow_counter: std::sync::atomic::AtomicU64,
 }
 
 /// A user id is 1..=128 characters, all printable: no whitespace (Unicode White_Space), and
@@ -282,6 +299,7 @@ impl Service {
             unavailable: UnavailableCache::new(cfg.unavailable_refresh, cfg.max_unavailable),
             cfg,
             in_flight: SingleFlight::default(),
+            shadow_counter: Default::default(),
         }
     }
 
@@ -297,25 +315,80 @@ impl Service {
         self
     }
 
-    /// Logs a served answer of `user_id`'s profile as an impression (a no-op when IMPRESSIONS=off;
-    /// never waits).
-    pub fn log_impression(&self, request_id: &str, user_id: &str, rec: &Recommendation) {
-        if !self.impressions.enabled() {
-            return;
-        }
-        let items = rec.recommendations.iter().map(|i| i.item_id.clone()).collect();
+    /// After a served answer of `user_id`'s profile: logs it as an impression (a no-op when
+    /// IMPRESSIONS=off), and for the shadow set's sample queues the same profile for the shadow
+    /// set. Never waits.
+    pub fn served(&self, request_id: &str, user_id: &str, rec: &Recommendation) {
         let source = match rec.source {
             Some(Source::Cache) => "cache",
             _ => "computed",
         };
-        self.impressions.log(impressions::served(
-            request_id,
-            user_id,
-            DEFAULT_VARIANT,
-            &rec.model_version,
-            items,
-            source,
-        ));
+        if self.impressions.enabled() {
+            let items = rec.recommendations.iter().map(|i| i.item_id.clone()).collect();
+            self.impressions.log(impressions::served(
+                request_id,
+                user_id,
+                &rec.variant,
+                &rec.model_version,
+                items,
+                source,
+            ));
+        }
+        if let Some(input) = &rec.shadow_input {
+            self.shadow(request_id, user_id, rec, input, source);
+        }
+    }
+
+    /// Queues a sampled answer's profile for the shadow set (dropped and counted when its queue is
+    /// full); when ranked, logs its list as an impression with `served=false` and observes its
+    /// overlap with the served list. Never stores it.
+    fn shadow(&self, request_id: &str, user_id: &str, rec: &Recommendation, input: &ShadowInput, source: &'static str) {
+        let Some(shadow) = &input.lineup.shadow else { return };
+        let n = self.shadow_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
+        if ((n + 1.0) * shadow.sample).floor() <= (n * shadow.sample).floor() {
+            return;
+        }
+        let set = shadow.variant.set.clone();
+        let history = set.catalog.history(&input.items, self.cfg.max_history);
+        let k = rec.recommendations.len();
+        if history.rows.is_empty() || k == 0 {
+            return;
+        }
+        let masked = None;
+        let pending = match self.engine.shadow(&shadow.variant, history.rows, history.exclude, masked, k) {
+            Ok(pending) => pending,
+            Err(_) => {
+                self.metrics.shadow.with_label_values(&["dropped_full"]).inc();
+                return;
+            }
+        };
+        let (metrics, impressions) = (self.metrics.clone(), self.impressions.clone());
+        let served: Vec<String> = rec.recommendations.iter().map(|i| i.item_id.clone()).collect();
+        let (request_id, user_id, name) = (request_id.to_string(), user_id.to_string(), shadow.variant.name.clone());
+        tokio::spawn(async move {
+            let scored = match pending.await {
+                Ok(Ok(scored)) => scored,
+                Ok(Err(InferenceError::DeadlineExceeded(_))) => {
+                    metrics.shadow.with_label_values(&["late"]).inc();
+                    return;
+                }
+                Ok(Err(_)) | Err(_) => {
+                    metrics.shadow.with_label_values(&["failed"]).inc();
+                    return;
+                }
+            };
+            metrics.shadow.with_label_values(&["computed"]).inc();
+            let items: Vec<String> =
+                scored.ranked.rows.iter().map(|&row| set.catalog.item_id(row).to_string()).collect();
+            let common = items.iter().filter(|id| served.contains(id)).count();
+            metrics.shadow_overlap.observe(common as f64 / served.len().max(1) as f64);
+            if impressions.enabled() {
+                let mut impression =
+                    impressions::served(&request_id, &user_id, &name, &set.info.version, items, source);
+                impression.served = false;
+                impressions.log(impression);
+            }
+        });
     }
 
     /// The largest `k` (MAX_K).
@@ -370,9 +443,11 @@ impl Service {
 
     /// `POST /recommend` with a history in the body (an anonymous session): ranks it with the same
     /// validation, caps and filters as a stored profile, writes nothing.
+    /// The variant is the `session_id`'s (as a user id's), else the first variant.
     pub async fn rank_history(
         &self,
         history: &[String],
+        session_id: Option<&str>,
         ask: Ask,
         exclude: &[String],
     ) -> Result<Recommendation, Error> {
@@ -383,13 +458,18 @@ impl Service {
         if history.len() > max {
             return Err(ProfileError::TooLong { key: "the request body".into(), items: history.len(), max }.into());
         }
-        let set = self.model_set()?;
+        let lineup = self.lineup()?;
+        let variant = match session_id {
+            Some(session) => lineup.assign(session),
+            None => lineup.primary(),
+        };
         let unavailable = self.unavailable().await;
-        let excl = self.exclusions(exclude, &set);
+        let excl = self.exclusions(exclude, &variant.set);
         let mut explain = ask.explain.then(Explanation::default);
         let wide = Ask { k: ask.k + excl.len(), explain: ask.explain };
-        let ranking = self.rank_items(history, wide, &set, &unavailable, explain.as_mut()).await?;
-        let rec = ranking.into_answer(None, &set, started, explain);
+        let ranking = self.rank_items(history, wide, variant, &unavailable, explain.as_mut()).await;
+        let ranking = self.count(variant, ranking, "computed")?;
+        let rec = ranking.into_answer(None, variant, started, explain);
         Ok(self.cut(rec, &excl, ask.k))
     }
 
@@ -510,13 +590,16 @@ impl Service {
         validate_user_id(user_id)?;
         self.check_k(i64::try_from(ask.k).unwrap_or(i64::MAX))?;
         self.check_exclude(exclude)?;
-        let set = self.model_set()?;
+        let lineup = self.lineup()?;
+        let variant = lineup.assign(user_id);
         let unavailable = self.unavailable().await;
-        let excl = self.exclusions(exclude, &set);
-        let read = self.read(user_id, cache_first).await?;
+        let excl = self.exclusions(exclude, &variant.set);
+        let read = self.read(user_id, cache_first, &variant.name).await.map_err(|e| self.failed(variant, e))?;
         if cache_first {
-            if let Some(hit) = self.cached_answer(user_id, ask.k, &read, &set, &unavailable, &excl, started) {
+            if let Some(mut hit) = self.cached_answer(user_id, ask.k, &read, variant, &unavailable, &excl, started) {
                 self.metrics.cache_answers.with_label_values(&["hit"]).inc();
+                self.metrics.recommendations.with_label_values(&[&variant.name, "cache"]).inc();
+                hit.shadow_input = shadow_input(&lineup, &read);
                 return Ok(hit);
             }
             self.metrics.cache_answers.with_label_values(&["miss"]).inc();
@@ -527,12 +610,12 @@ impl Service {
             ask,
             extra,
             read.sha().to_string(),
-            set.info.content_sha.clone(),
+            format!("{}@{}", variant.name, variant.set.info.content_sha),
             unavailable.generation,
         );
         let compute = || async {
             let written = self
-                .compute_and_write(user_id, ask, extra, &read, set.clone(), &unavailable, started, Origin::Request)
+                .compute_and_write(user_id, ask, extra, &read, variant, &unavailable, started, Origin::Request)
                 .await;
             match written {
                 Ok((rec, Written::Overtaken)) => {
@@ -549,7 +632,26 @@ impl Service {
         if shared {
             self.metrics.single_flight_shared.inc();
         }
-        Ok(self.cut(result?, &excl, ask.k))
+        let mut rec = self.count(variant, result, "computed")?;
+        rec.shadow_input = shadow_input(&lineup, &read);
+        Ok(self.cut(rec, &excl, ask.k))
+    }
+
+    /// Counts a request's outcome by variant (`recommendations_total`).
+    fn count<T>(&self, variant: &Variant<ModelSet>, result: Result<T, Error>, ok: &str) -> Result<T, Error> {
+        match result {
+            Ok(value) => {
+                self.metrics.recommendations.with_label_values(&[&variant.name, ok]).inc();
+                Ok(value)
+            }
+            Err(e) => Err(self.failed(variant, e)),
+        }
+    }
+
+    /// Counts a request of `variant` that failed.
+    fn failed(&self, variant: &Variant<ModelSet>, e: Error) -> Error {
+        self.metrics.recommendations.with_label_values(&[&variant.name, "error"]).inc();
+        e
     }
 
     /// The stored list as an answer, when it is fresh: computed from this profile value by the
@@ -561,14 +663,15 @@ impl Service {
         user_id: &str,
         k: usize,
         read: &ProfileRead,
-        set: &ModelSet,
+        variant: &Variant<ModelSet>,
         unavailable: &UnavailableSet,
         excl: &Exclusions,
         started: Instant,
     ) -> Option<Recommendation> {
+        let set = &variant.set;
         let stored = read.stored.as_ref()?;
         let strategy = Strategy::parse(&stored.strategy)?;
-        if !is_fresh(read, set) || stored.items.len() < k {
+        if !is_fresh(read, variant) || stored.items.len() < k {
             return None;
         }
         let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
@@ -603,11 +706,13 @@ impl Service {
             strategy,
             source: Some(Source::Cache),
             model_version: set.info.version.clone(),
+            variant: variant.name.clone(),
             unknown_items: history.unknown,
             truncated_items: history.truncated,
             unknown_excluded: excl.unknown.len(),
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
             explain: None,
+            shadow_input: None,
         })
     }
 
@@ -629,15 +734,16 @@ impl Service {
         validate_user_id(user_id)?;
         for _ in 0..OVERTAKEN_RETRIES {
             let started = Instant::now();
-            let set = self.model_set()?;
+            let lineup = self.lineup()?;
+            let variant = lineup.assign(user_id);
             let unavailable = self.unavailable().await;
             // With unavailable items, the stored list is read too: one that holds any is recomputed.
-            let read = self.read(user_id, !unavailable.ids.is_empty()).await?;
-            if is_fresh(&read, &set) && !holds_unavailable(&read, &unavailable) {
+            let read = self.read(user_id, !unavailable.ids.is_empty(), &variant.name).await?;
+            if is_fresh(&read, variant) && !holds_unavailable(&read, &unavailable) {
                 return Ok(Refresh::Unchanged);
             }
             let ask = Ask { k: self.cfg.default_k, explain: false };
-            match self.compute_and_write(user_id, ask, 0, &read, set, &unavailable, started, origin).await?.1 {
+            match self.compute_and_write(user_id, ask, 0, &read, variant, &unavailable, started, origin).await?.1 {
                 Written::Stored => return Ok(Refresh::Written),
                 Written::Superseded => return Ok(Refresh::Superseded),
                 Written::Overtaken => continue,
@@ -646,20 +752,21 @@ impl Service {
         Ok(Refresh::Superseded)
     }
 
-    /// Whether the stored list was computed from the profile as it is now by the model version in
-    /// service (what `refresh` would skip).
+    /// Whether the stored list was computed from the profile as it is now by the user's variant
+    /// in service (what `refresh` would skip).
     pub async fn is_current(&self, user_id: &str) -> Result<bool, Error> {
         validate_user_id(user_id)?;
-        let set = self.model_set()?;
-        let read = self.read(user_id, false).await?;
-        Ok(is_fresh(&read, &set))
+        let lineup = self.lineup()?;
+        let variant = lineup.assign(user_id);
+        let read = self.read(user_id, false, &variant.name).await?;
+        Ok(is_fresh(&read, variant))
     }
 
-    /// The model set in service; each request uses the one it started with to the end (a reload
-    /// meanwhile does not mix versions).
-    fn model_set(&self) -> Result<Arc<ModelSet>, Error> {
+    /// The lineup in service; each request uses the one it started with to the end (a reload
+    /// meanwhile does not mix versions or variants).
+    pub fn lineup(&self) -> Result<Arc<Lineup<ModelSet>>, Error> {
         match self.engine.state() {
-            EngineState::Ready(set) => Ok(set),
+            EngineState::Ready(lineup) => Ok(lineup),
             EngineState::Loading => Err(InferenceError::ModelsLoading.into()),
             EngineState::Failed(reason) => {
                 Err(InferenceError::EngineStopped(format!("the models failed to load: {reason}")).into())
@@ -670,11 +777,11 @@ impl Service {
     /// Reads the profile. One that cannot be ranked (malformed, too large, too long) also removes
     /// a stored list that was not computed from it, so Redis never keeps a list the API would not
     /// give now.
-    async fn read(&self, user_id: &str, with_stored_list: bool) -> Result<ProfileRead, Error> {
+    async fn read(&self, user_id: &str, with_stored_list: bool, variant: &str) -> Result<ProfileRead, Error> {
         let t = Instant::now();
         let read =
             self.store.read_profile(user_id, self.cfg.profile_limits, with_stored_list).await.map_err(Error::from);
-        self.observe_stage("redis_read", t);
+        self.observe_stage("redis_read", variant, t);
         if let Err(e) = &read {
             if matches!(e, Error::Profile(_)) {
                 match self.store.drop_stale_recommendations(user_id).await {
@@ -696,26 +803,27 @@ impl Service {
         ask: Ask,
         extra: usize,
         read: &ProfileRead,
-        set: Arc<ModelSet>,
+        variant: &Variant<ModelSet>,
         unavailable: &UnavailableSet,
         started: Instant,
         origin: Origin,
     ) -> Result<(Recommendation, Written), Error> {
+        let set = &variant.set;
         let mut explain = ask.explain.then(|| Explanation {
             stage_ms: StageTimes { redis_read: Some(ms(read.took)), ..Default::default() },
             ..Default::default()
         });
         let items = read.profile.as_ref().map(|p| p.items.as_slice()).unwrap_or_default();
         let wide = Ask { k: ask.k + extra, explain: ask.explain };
-        let ranking = self.rank_items(items, wide, &set, unavailable, explain.as_mut()).await?;
+        let ranking = self.rank_items(items, wide, variant, unavailable, explain.as_mut()).await?;
         let t = Instant::now();
         let stored = &ranking.items[..ranking.items.len().min(ask.k)];
         let ids: Vec<&str> = stored.iter().map(|i| i.item_id.as_str()).collect();
         let scores: Vec<f32> = stored.iter().map(|i| i.score).collect();
         let list = StoredList { ids: &ids, scores: &scores, strategy: ranking.strategy.as_str() };
-        let model = ModelId { version: &set.info.version, sha: &set.info.content_sha };
+        let model = ModelId { version: &set.info.version, sha: &set.info.content_sha, variant: &variant.name };
         let written = self.store.write_recommendations(user_id, &list, self.cfg.ttl_secs, read, &model).await?;
-        self.observe_stage("redis_write", t);
+        self.observe_stage("redis_write", &variant.name, t);
         if let Some(e) = explain.as_mut() {
             e.stage_ms.redis_write = Some(ms(t.elapsed()));
         }
@@ -731,20 +839,21 @@ impl Service {
                 computed_at_ms: crate::clock::now_ms(),
             });
         }
-        Ok((ranking.into_answer(Some(user_id), &set, started, explain), written))
+        Ok((ranking.into_answer(Some(user_id), variant, started, explain), written))
     }
 
-    /// Ranks a profile's items (oldest first) with `set`: the cascade, or the popular list when no
-    /// item is in the catalog. Every item of the profile and every unavailable item is excluded,
-    /// from every stage's candidates (so before DIN's cut).
+    /// Ranks a profile's items (oldest first) with the variant's set: the cascade, or the popular
+    /// list when no item is in the catalog. Every item of the profile and every unavailable item
+    /// is excluded, from every stage's candidates (so before DIN's cut).
     async fn rank_items(
         &self,
         items: &[String],
         ask: Ask,
-        set: &Arc<ModelSet>,
+        variant: &Variant<ModelSet>,
         unavailable: &UnavailableSet,
         mut explain: Option<&mut Explanation>,
     ) -> Result<Ranking, Error> {
+        let set = &variant.set;
         let catalog = &set.catalog;
         let history = catalog.history(items, self.cfg.max_history);
         self.metrics.unknown_items.inc_by(history.unknown as u64);
@@ -767,11 +876,11 @@ impl Service {
             return Ok(Ranking { items, strategy: Strategy::Popular, unknown, truncated });
         }
         let masked = (!unavailable.is_empty()).then_some(unavailable);
-        let scored = self.engine.rank(set.clone(), history.rows, history.exclude, masked, ask.k, ask.explain).await?;
+        let scored = self.engine.rank(variant, history.rows, history.exclude, masked, ask.k, ask.explain).await?;
         let s = &scored.stats;
         for (stage, d) in [("lightgcn", s.lightgcn), ("din", s.din), ("ranknet", s.ranknet)] {
             if let Some(d) = d {
-                self.metrics.stage_duration.with_label_values(&[stage]).observe(d.as_secs_f64());
+                self.metrics.stage_duration.with_label_values(&[stage, &variant.name]).observe(d.as_secs_f64());
             }
         }
         let ranked = &scored.ranked;
@@ -810,8 +919,8 @@ impl Service {
         Ok(Ranking { items, strategy: Strategy::Personalized, unknown, truncated })
     }
 
-    fn observe_stage(&self, stage: &str, since: Instant) {
-        self.metrics.stage_duration.with_label_values(&[stage]).observe(since.elapsed().as_secs_f64());
+    fn observe_stage(&self, stage: &str, variant: &str, since: Instant) {
+        self.metrics.stage_duration.with_label_values(&[stage, variant]).observe(since.elapsed().as_secs_f64());
     }
 }
 
@@ -827,7 +936,7 @@ impl Ranking {
     fn into_answer(
         self,
         user_id: Option<&str>,
-        set: &ModelSet,
+        variant: &Variant<ModelSet>,
         started: Instant,
         explain: Option<Explanation>,
     ) -> Recommendation {
@@ -836,12 +945,14 @@ impl Ranking {
             recommendations: self.items,
             strategy: self.strategy,
             source: None,
-            model_version: set.info.version.clone(),
+            model_version: variant.set.info.version.clone(),
+            variant: variant.name.clone(),
             unknown_items: self.unknown,
             truncated_items: self.truncated,
             unknown_excluded: 0,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
             explain,
+            shadow_input: None,
         }
     }
 }
@@ -849,14 +960,24 @@ impl Ranking {
 /// How often `refresh` recomputes a user whose write a profile change overtook.
 const OVERTAKEN_RETRIES: usize = 3;
 
-/// The stored list was computed from this profile value by this model set: the same version and
+/// The stored list was computed from this profile value by this variant's model set: the same
+/// variant (a meta without one was written before experiments: `default`), the same version and
 /// the same content (a directory changed under an unchanged version is another set).
-fn is_fresh(read: &ProfileRead, set: &ModelSet) -> bool {
+fn is_fresh(read: &ProfileRead, variant: &Variant<ModelSet>) -> bool {
+    let set = &variant.set;
     read.computed_from.as_ref().is_some_and(|c| {
         c.profile_sha == read.sha()
+            && c.variant.as_deref().unwrap_or(DEFAULT_VARIANT) == variant.name
             && c.model_version == set.info.version
             && c.model_sha.as_deref() == Some(set.info.content_sha.as_str())
     })
+}
+
+/// The shadow set's input for an answer of `read`'s profile, when the lineup has a shadow set.
+fn shadow_input(lineup: &Arc<Lineup<ModelSet>>, read: &ProfileRead) -> Option<Arc<ShadowInput>> {
+    lineup.shadow.as_ref()?;
+    let items = read.profile.as_ref()?.items.clone();
+    Some(Arc::new(ShadowInput { lineup: lineup.clone(), items }))
 }
 
 /// The stored list read holds an item that is unavailable now.

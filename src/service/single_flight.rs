@@ -93,9 +93,10 @@ mod tests {
                 // eight callers ask for user "a" (the slow history), two for "b"
                 let (user, first) = if i < 8 { ("a", SLOW) } else { ("b", 7) };
                 tokio::spawn(async move {
-                    let set = engine.current().unwrap();
-                    let work =
-                        || async { engine.rank(set, vec![first], vec![], None, 5, false).await.map(|s| s.ranked.rows) };
+                    let lineup = engine.current().unwrap();
+                    let work = || async {
+                        engine.rank(lineup.primary(), vec![first], vec![], None, 5, false).await.map(|s| s.ranked.rows)
+                    };
                     (user, flights.run((user.to_string(), first), work).await)
                 })
             })

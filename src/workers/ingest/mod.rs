@@ -287,7 +287,7 @@ impl Ingest {
             match result {
                 Applied::Appended { .. } => {
                     progress.outcomes.insert(key, Outcome::Applied);
-                    if set.as_ref().is_some_and(|s| s.catalog.row(append.item_id).is_none()) {
+                    if set.as_ref().is_some_and(|l| l.primary().set.catalog.row(append.item_id).is_none()) {
                         self.service.metrics.ingest_unknown_items.inc();
                     }
                     users.entry(append.user_id).or_default().push(*ts);
