@@ -328,3 +328,123 @@ fn a_changed_experiment_file_swaps_every_set_at_once_under_load_without_a_failed
         "too little load around the reload: {after_count} after, {old_count} old"
     );
 }
+
+/// Done when 1, 3 and 4 of the experiments issue: 3,000 real users split between today's models
+/// (control) and the first version's (treatment, tests/fixtures/models-v1); their held-out
+/// test.txt items replayed as behaviour events on the Kafka topic after the impressions (also on
+/// Kafka); the read-out, reading both topics, ranks the variants as offline Recall@20 of the
+/// served lists does, with intervals.
+#[test]
+fn the_read_out_over_kafka_ranks_3000_real_users_variants_as_offline_recall_does() {
+    const USERS: usize = 3000;
+    const K: usize = 20;
+    let older = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models-v1");
+    let dir = scratch_dir("experiment-real");
+    let file = write_experiment(
+        &dir,
+        &json!({"name": "v2-vs-v1", "salt": "real", "variants": [
+            {"name": "control", "model_dir": shipped_models(), "share": 50, "lightgcn_candidates": 600, "din_candidates": 100},
+            {"name": "treatment", "model_dir": older, "share": 50, "lightgcn_candidates": 200, "din_candidates": 100}]}),
+    );
+    let mut kafka = Kafka::start();
+    kafka.create_topic("recommendation-impressions", 2);
+    kafka.create_topic("user-behavior", 3);
+    let brokers = kafka.brokers();
+    let redis = Redis::start();
+    let train = amazon_book_users("train.txt", USERS);
+    let test = amazon_book_users("test.txt", USERS);
+    for (user, items) in &train {
+        redis.set(&format!("user_profile:{user}"), &serde_json::to_string(items).unwrap());
+    }
+    let server = Server::start_with(
+        redis.port,
+        &shipped_models(),
+        &[
+            ("EXPERIMENT_FILE", file.to_str().unwrap()),
+            ("IMPRESSIONS", "kafka"),
+            ("KAFKA_BROKERS", brokers.as_str()),
+            ("MAX_K", "100"),
+        ],
+    );
+    server.wait_healthy();
+
+    // every user's list, from four clients
+    let served: Arc<Mutex<HashMap<String, (String, Vec<String>)>>> = Arc::default();
+    let users: Arc<Vec<String>> = Arc::new(train.iter().map(|(u, _)| u.clone()).collect());
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (served, users, port) = (served.clone(), users.clone(), server.port);
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::new();
+                for user in users.iter().skip(c).step_by(4) {
+                    let r = http.post(format!("http://127.0.0.1:{port}/recommend/{user}?k={K}")).send().unwrap();
+                    assert_eq!(r.status().as_u16(), 200, "{user}");
+                    let body: serde_json::Value = r.json().unwrap();
+                    let variant = body["variant"].as_str().unwrap().to_string();
+                    served.lock().unwrap().insert(user.clone(), (variant, rec_ids(&body)));
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let served = served.lock().unwrap();
+    let control = served.values().filter(|(v, _)| v == "control").count();
+    let share = control as f64 / USERS as f64;
+    println!("control {control} of {USERS} users ({:.1}%)", share * 100.0);
+    assert!((0.46..=0.54).contains(&share), "50/50 within 4 points: control has {:.1}%", share * 100.0);
+    for (user, (variant, _)) in served.iter() {
+        assert_eq!(variant, expected_variant("real", user, &VARIANTS), "{user}");
+    }
+
+    // offline Recall@20 of the served lists against the held-out items, per variant
+    let held_out: HashMap<&str, &Vec<String>> = test.iter().map(|(u, items)| (u.as_str(), items)).collect();
+    let mut recall: HashMap<&str, (f64, usize)> = HashMap::new();
+    for (user, (variant, items)) in served.iter() {
+        let Some(truth) = held_out.get(user.as_str()).filter(|t| !t.is_empty()) else { continue };
+        let hits = truth.iter().filter(|i| items.contains(i)).count();
+        let entry = recall.entry(variant.as_str()).or_default();
+        entry.0 += hits as f64 / truth.len() as f64;
+        entry.1 += 1;
+    }
+    let offline = |v: &str| recall[v].0 / recall[v].1 as f64;
+    println!("offline Recall@20: control {:.4}, treatment {:.4}", offline("control"), offline("treatment"));
+
+    // the held-out items as behaviour events after the impressions, on the ingestion's topic
+    wait_until(Duration::from_secs(60), || {
+        server.metric("model_service_impressions_total{outcome=\"written\"}") >= USERS as f64
+    });
+    let after = 1_000 + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let mut events = Vec::new();
+    for (user, items) in &test {
+        for (n, item) in items.iter().enumerate() {
+            let event = json!({"event_id": format!("{user}-{n}"), "user_id": user, "item_id": item, "event": "purchase", "ts": after + n as u64});
+            events.push((user.clone(), serde_json::to_vec(&event).unwrap()));
+        }
+    }
+    kafka.produce(&kafka.producer(), "user-behavior", &events);
+
+    let out_file = dir.join("report.json");
+    let report = std::process::Command::new(std::env::var("MODEL_SERVICE_PYTHON").unwrap_or_else(|_| "python3".into()))
+        .env("PYTHONPATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts"))
+        .args(["-m", "model_service_py.experiment_report", "--kafka-brokers", &brokers, "--k", "20", "--json"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&report.stdout);
+    println!("{printed}");
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    let rate = |v: &str| json["variants"][v]["hit_rate"].as_f64().unwrap();
+    for v in ["control", "treatment"] {
+        let ci = &json["variants"][v]["ci95"];
+        assert!(ci[0].as_f64().unwrap() < rate(v) && rate(v) < ci[1].as_f64().unwrap(), "{v}: {ci}");
+        assert!(printed.contains(v), "the printed table lacks {v}");
+        // each user's events are exactly the held-out items, so the hit rate is the offline recall
+        assert!((rate(v) - offline(v)).abs() < 1e-9, "{v}: hit rate {} against offline recall {}", rate(v), offline(v));
+    }
+    assert!(offline("control") > offline("treatment"), "today's models are ahead offline");
+    assert!(rate("control") > rate("treatment"), "the read-out ranks the variants as offline Recall@20 does");
+    kafka.kill();
+}

@@ -1,8 +1,7 @@
 //! Request-time filters: the store-wide set of unavailable items (`items:unavailable`) and a
 //! request's `exclude`. Real redis-server (one node and a 3-master cluster), the real binary; the
 //! shipped Amazon-Book models with real users' profiles (train.txt of the Amazon-Book data set,
-//! found at AMAZON_BOOK_DIR, by default `../shared/data/amazon-book` beside the checkout), and the
-//! TorchScript test models for the per-request cases.
+//! `testkit::amazon_book_users`), and the TorchScript test models for the per-request cases.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,36 +9,6 @@ use std::time::{Duration, Instant};
 
 use redis::ConnectionLike;
 use testkit::*;
-
-/// The first `n` users of Amazon-Book's train.txt as (user id, profile as ASINs, oldest first).
-fn real_profiles(n: usize) -> Vec<(String, Vec<String>)> {
-    let dir = std::env::var_os("AMAZON_BOOK_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/amazon-book"));
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| {
-            panic!("the Amazon-Book data set is needed ({}: {e}); set AMAZON_BOOK_DIR", dir.join(name).display())
-        })
-    };
-    let asins: HashMap<String, String> = read("item_list.txt")
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut cols = l.split_whitespace();
-            let asin = cols.next()?;
-            Some((cols.next()?.to_string(), asin.to_string()))
-        })
-        .collect();
-    read("train.txt")
-        .lines()
-        .take(n)
-        .map(|l| {
-            let mut cols = l.split_whitespace();
-            let user = format!("ab{}", cols.next().unwrap());
-            (user, cols.filter_map(|i| asins.get(i).cloned()).collect())
-        })
-        .collect()
-}
 
 fn query<T: redis::FromRedisValue>(conn: &mut dyn ConnectionLike, args: &[&str]) -> T {
     let mut cmd = redis::cmd(args[0]);
@@ -144,7 +113,7 @@ fn load(conn: &mut dyn ConnectionLike, users: &[(String, Vec<String>)]) {
 
 #[test]
 fn unavailable_items_never_come_back_for_real_users() {
-    let users = real_profiles(1500);
+    let users = amazon_book_users("train.txt", 1500);
     let redis = Redis::start();
     let mut conn = redis.conn();
     load(&mut conn, &users);
@@ -155,7 +124,7 @@ fn unavailable_items_never_come_back_for_real_users() {
 
 #[test]
 fn unavailable_items_never_come_back_on_a_cluster() {
-    let users = real_profiles(1500);
+    let users = amazon_book_users("train.txt", 1500);
     let cluster = Cluster::start_with(3, 0);
     let mut conn = cluster.conn();
     load(&mut conn, &users);

@@ -7,6 +7,7 @@
 //! module compiled into every one of them would warn about the helpers that crate does not use.
 //! Every harness is re-exported here, so a test reads `use testkit::*;`.
 
+mod amazon_book;
 mod cluster;
 mod http;
 mod kafka;
@@ -19,6 +20,7 @@ mod sentinel;
 mod server;
 mod wait;
 
+pub use amazon_book::amazon_book_users;
 pub use cluster::Cluster;
 pub use http::{assert_error, assert_raw_error, raw_exchange, rec_ids, RawResponse};
 pub use kafka::{tansu_bin, Kafka, Letter};
