@@ -4,7 +4,6 @@
 //! `testkit::amazon_book_users`), and the TorchScript test models for the per-request cases.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use redis::ConnectionLike;

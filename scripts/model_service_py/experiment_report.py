@@ -98,7 +98,8 @@ def mean_ci95(values: list[float]) -> tuple[float, float, float]:
         return (mean, mean, mean)
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     half = 1.96 * math.sqrt(var / n)
-    return (mean, mean - half, mean + half)
+    # a hit rate lies in [0, 1]: the normal approximation's interval is clipped to it
+    return (mean, max(0.0, mean - half), min(1.0, mean + half))
 
 
 def report(impressions, events, k: int) -> dict:

@@ -354,7 +354,8 @@ impl Service {
         if history.rows.is_empty() || k == 0 {
             return;
         }
-        let masked = None;
+        let unavailable = self.unavailable.current().mask(&set.catalog, &set.info.content_sha);
+        let masked = (!unavailable.is_empty()).then_some(unavailable);
         let pending = match self.engine.shadow(&shadow.variant, history.rows, history.exclude, masked, k) {
             Ok(pending) => pending,
             Err(_) => {
