@@ -71,6 +71,9 @@ fn run_cli_with(redis_port: u16, env: &[(&str, &str)], args: &[&str]) -> Vec<u8>
     out.stdout
 }
 
+/// User -> (variant, served item ids).
+type Served = HashMap<String, (String, Vec<String>)>;
+
 const VARIANTS: [(&str, f64); 2] = [("control", 50.0), ("treatment", 50.0)];
 
 #[test]
@@ -369,7 +372,7 @@ fn the_read_out_over_kafka_ranks_3000_real_users_variants_as_offline_recall_does
     server.wait_healthy();
 
     // every user's list, from four clients
-    let served: Arc<Mutex<HashMap<String, (String, Vec<String>)>>> = Arc::default();
+    let served: Arc<Mutex<Served>> = Arc::default();
     let users: Arc<Vec<String>> = Arc::new(train.iter().map(|(u, _)| u.clone()).collect());
     let clients: Vec<_> = (0..4)
         .map(|c| {
