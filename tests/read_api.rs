@@ -176,8 +176,16 @@ fn explain_shows_each_items_place_after_every_stage_and_is_absent_by_default() {
     assert_eq!(status, 200);
     // without explain, the answer has exactly the fields it always had
     let fields: Vec<&String> = plain.as_object().unwrap().keys().collect();
-    let want =
-        ["elapsed_ms", "model_version", "recommendations", "strategy", "truncated_items", "unknown_items", "user_id"];
+    let want = [
+        "elapsed_ms",
+        "model_version",
+        "recommendations",
+        "strategy",
+        "truncated_items",
+        "unknown_items",
+        "user_id",
+        "variant",
+    ];
     assert_eq!(fields, want, "{plain}");
     let item_fields: Vec<&String> = plain["recommendations"][0].as_object().unwrap().keys().collect();
     assert_eq!(item_fields, ["item_id", "score"]);
