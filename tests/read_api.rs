@@ -96,11 +96,12 @@ fn get_and_post_racing_for_one_user_compute_once() {
     let (redis, server) = setup(&[]);
     redis.set("user_profile:raced", &profile_of(&[6, 12]));
     let before = server.metric("model_service_inference_batch_size_sum");
-    // Hold Redis so that every request is waiting on its read when it returns.
+    // Hold Redis long enough that every request is waiting on its read when it returns, even on a
+    // busy machine.
     let port = redis.port;
     let sleeper = std::thread::spawn(move || {
         let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
-        redis::cmd("DEBUG").arg("SLEEP").arg(0.3).query::<()>(&mut c).unwrap();
+        redis::cmd("DEBUG").arg("SLEEP").arg(1.0).query::<()>(&mut c).unwrap();
     });
     std::thread::sleep(std::time::Duration::from_millis(50));
     let answers: Vec<(u16, serde_json::Value)> = std::thread::scope(|s| {

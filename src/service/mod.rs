@@ -149,7 +149,7 @@ pub struct Recommendation {
     pub elapsed_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explain: Option<Explanation>,
-    /// What the shadow set needs to rank the same profile (only while a lineup has one).
+    /// What the shadow set needs to rank the same profile (only for the answers in its sample).
     #[serde(skip)]
     pub(crate) shadow_input: Option<Arc<ShadowInput>>,
 }
@@ -316,8 +316,8 @@ impl Service {
     }
 
     /// After a served answer of `user_id`'s profile: logs it as an impression (a no-op when
-    /// IMPRESSIONS=off), and for the shadow set's sample queues the same profile for the shadow
-    /// set. Never waits.
+    /// IMPRESSIONS=off), and when the answer fell in the shadow set's sample queues the same
+    /// profile for the shadow set. Never waits.
     pub fn served(&self, request_id: &str, user_id: &str, rec: &Recommendation) {
         let source = match rec.source {
             Some(Source::Cache) => "cache",
@@ -344,10 +344,6 @@ impl Service {
     /// overlap with the served list. Never stores it.
     fn shadow(&self, request_id: &str, user_id: &str, rec: &Recommendation, input: &ShadowInput, source: &'static str) {
         let Some(shadow) = &input.lineup.shadow else { return };
-        let n = self.shadow_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
-        if ((n + 1.0) * shadow.sample).floor() <= (n * shadow.sample).floor() {
-            return;
-        }
         let set = shadow.variant.set.clone();
         let history = set.catalog.history(&input.items, self.cfg.max_history);
         let k = rec.recommendations.len();
@@ -600,7 +596,7 @@ impl Service {
             if let Some(mut hit) = self.cached_answer(user_id, ask.k, &read, variant, &unavailable, &excl, started) {
                 self.metrics.cache_answers.with_label_values(&["hit"]).inc();
                 self.metrics.recommendations.with_label_values(&[&variant.name, "cache"]).inc();
-                hit.shadow_input = shadow_input(&lineup, &read);
+                hit.shadow_input = self.shadow_input(&lineup, &read);
                 return Ok(hit);
             }
             self.metrics.cache_answers.with_label_values(&["miss"]).inc();
@@ -634,8 +630,21 @@ impl Service {
             self.metrics.single_flight_shared.inc();
         }
         let mut rec = self.count(variant, result, "computed")?;
-        rec.shadow_input = shadow_input(&lineup, &read);
+        rec.shadow_input = self.shadow_input(&lineup, &read);
         Ok(self.cut(rec, &excl, ask.k))
+    }
+
+    /// The shadow set's input for an answer of `read`'s profile, when the lineup has a shadow set
+    /// and this answer falls in its sample: the n-th answer does when `floor(n * sample)` steps,
+    /// so exactly `sample` of the answers are.
+    fn shadow_input(&self, lineup: &Arc<Lineup<ModelSet>>, read: &ProfileRead) -> Option<Arc<ShadowInput>> {
+        let shadow = lineup.shadow.as_ref()?;
+        let n = self.shadow_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
+        if ((n + 1.0) * shadow.sample).floor() <= (n * shadow.sample).floor() {
+            return None;
+        }
+        let items = read.profile.as_ref()?.items.clone();
+        Some(Arc::new(ShadowInput { lineup: lineup.clone(), items }))
     }
 
     /// Counts a request's outcome by variant (`recommendations_total`).
@@ -972,13 +981,6 @@ fn is_fresh(read: &ProfileRead, variant: &Variant<ModelSet>) -> bool {
             && c.model_version == set.info.version
             && c.model_sha.as_deref() == Some(set.info.content_sha.as_str())
     })
-}
-
-/// The shadow set's input for an answer of `read`'s profile, when the lineup has a shadow set.
-fn shadow_input(lineup: &Arc<Lineup<ModelSet>>, read: &ProfileRead) -> Option<Arc<ShadowInput>> {
-    lineup.shadow.as_ref()?;
-    let items = read.profile.as_ref()?.items.clone();
-    Some(Arc::new(ShadowInput { lineup: lineup.clone(), items }))
 }
 
 /// The stored list read holds an item that is unavailable now.
