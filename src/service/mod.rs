@@ -9,6 +9,7 @@ use serde::Serialize;
 pub mod filters;
 pub mod ingest_health;
 pub mod settings;
+pub mod shadow;
 pub mod single_flight;
 
 use crate::error::Error;
@@ -25,6 +26,7 @@ use crate::redis::store::{ModelId, ProfileLimits, StoredList, Written};
 use crate::redis::Store;
 use crate::webhook::{ListWritten, Origin, WebhookItem, Webhooks};
 use filters::{Exclusions, Filtered, UnavailableCache, UnavailableSet, UnavailableStatus};
+use shadow::{Served, ShadowInput, ShadowSample};
 use single_flight::SingleFlight;
 
 /// Longest user id, in characters (Unicode scalar values), as JSON Schema's `maxLength` counts
@@ -154,18 +156,6 @@ pub struct Recommendation {
     pub(crate) shadow_input: Option<Arc<ShadowInput>>,
 }
 
-/// The profile an answer ranked and the lineup it was ranked in, kept for the shadow set.
-pub(crate) struct ShadowInput {
-    lineup: Arc<Lineup<ModelSet>>,
-    items: Vec<String>,
-}
-
-impl std::fmt::Debug for ShadowInput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShadowInput").field("items", &self.items.len()).finish()
-    }
-}
-
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }
@@ -222,8 +212,8 @@ pub struct Service {
     unavailable: UnavailableCache,
     /// Computations in flight: single flight.
     in_flight: SingleFlight<FlightKey, Result<Recommendation, Error>>,
-    /// Served answers counted for the shadow set's sample.
-    shadow_counter: std::sync::atomic::AtomicU64,
+    /// Which served answers the shadow set also ranks.
+    shadow_sample: ShadowSample,
 }
 
 /// A user id is 1..=128 characters, all printable: no whitespace (Unicode White_Space), and
@@ -299,7 +289,7 @@ impl Service {
             unavailable: UnavailableCache::new(cfg.unavailable_refresh, cfg.max_unavailable),
             cfg,
             in_flight: SingleFlight::default(),
-            shadow_counter: Default::default(),
+            shadow_sample: ShadowSample::default(),
         }
     }
 
@@ -335,57 +325,18 @@ impl Service {
             ));
         }
         if let Some(input) = &rec.shadow_input {
-            self.shadow(request_id, user_id, rec, input, source);
+            let unavailable = self.unavailable.current();
+            let served = Served { request_id, user_id, rec, source };
+            shadow::submit(
+                &self.engine,
+                &self.metrics,
+                &self.impressions,
+                &unavailable,
+                self.cfg.max_history,
+                input,
+                served,
+            );
         }
-    }
-
-    /// Queues a sampled answer's profile for the shadow set (dropped and counted when its queue is
-    /// full); when ranked, logs its list as an impression with `served=false` and observes its
-    /// overlap with the served list. Never stores it.
-    fn shadow(&self, request_id: &str, user_id: &str, rec: &Recommendation, input: &ShadowInput, source: &'static str) {
-        let Some(shadow) = &input.lineup.shadow else { return };
-        let set = shadow.variant.set.clone();
-        let history = set.catalog.history(&input.items, self.cfg.max_history);
-        let k = rec.recommendations.len();
-        if history.rows.is_empty() || k == 0 {
-            return;
-        }
-        let unavailable = self.unavailable.current().mask(&set.catalog, &set.info.content_sha);
-        let masked = (!unavailable.is_empty()).then_some(unavailable);
-        let pending = match self.engine.shadow(&shadow.variant, history.rows, history.exclude, masked, k) {
-            Ok(pending) => pending,
-            Err(_) => {
-                self.metrics.shadow.with_label_values(&["dropped_full"]).inc();
-                return;
-            }
-        };
-        let (metrics, impressions) = (self.metrics.clone(), self.impressions.clone());
-        let served: Vec<String> = rec.recommendations.iter().map(|i| i.item_id.clone()).collect();
-        let (request_id, user_id, name) = (request_id.to_string(), user_id.to_string(), shadow.variant.name.clone());
-        tokio::spawn(async move {
-            let scored = match pending.await {
-                Ok(Ok(scored)) => scored,
-                Ok(Err(InferenceError::DeadlineExceeded(_))) => {
-                    metrics.shadow.with_label_values(&["late"]).inc();
-                    return;
-                }
-                Ok(Err(_)) | Err(_) => {
-                    metrics.shadow.with_label_values(&["failed"]).inc();
-                    return;
-                }
-            };
-            metrics.shadow.with_label_values(&["computed"]).inc();
-            let items: Vec<String> =
-                scored.ranked.rows.iter().map(|&row| set.catalog.item_id(row).to_string()).collect();
-            let common = items.iter().filter(|id| served.contains(id)).count();
-            metrics.shadow_overlap.observe(common as f64 / served.len().max(1) as f64);
-            if impressions.enabled() {
-                let mut impression =
-                    impressions::served(&request_id, &user_id, &name, &set.info.version, items, source);
-                impression.served = false;
-                impressions.log(impression);
-            }
-        });
     }
 
     /// The largest `k` (MAX_K).
@@ -596,7 +547,7 @@ impl Service {
             if let Some(mut hit) = self.cached_answer(user_id, ask.k, &read, variant, &unavailable, &excl, started) {
                 self.metrics.cache_answers.with_label_values(&["hit"]).inc();
                 self.metrics.recommendations.with_label_values(&[&variant.name, "cache"]).inc();
-                hit.shadow_input = self.shadow_input(&lineup, &read);
+                hit.shadow_input = self.shadow_sample.input(&lineup, &read);
                 return Ok(hit);
             }
             self.metrics.cache_answers.with_label_values(&["miss"]).inc();
@@ -630,21 +581,8 @@ impl Service {
             self.metrics.single_flight_shared.inc();
         }
         let mut rec = self.count(variant, result, "computed")?;
-        rec.shadow_input = self.shadow_input(&lineup, &read);
+        rec.shadow_input = self.shadow_sample.input(&lineup, &read);
         Ok(self.cut(rec, &excl, ask.k))
-    }
-
-    /// The shadow set's input for an answer of `read`'s profile, when the lineup has a shadow set
-    /// and this answer falls in its sample: the n-th answer does when `floor(n * sample)` steps,
-    /// so exactly `sample` of the answers are.
-    fn shadow_input(&self, lineup: &Arc<Lineup<ModelSet>>, read: &ProfileRead) -> Option<Arc<ShadowInput>> {
-        let shadow = lineup.shadow.as_ref()?;
-        let n = self.shadow_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
-        if ((n + 1.0) * shadow.sample).floor() <= (n * shadow.sample).floor() {
-            return None;
-        }
-        let items = read.profile.as_ref()?.items.clone();
-        Some(Arc::new(ShadowInput { lineup: lineup.clone(), items }))
     }
 
     /// Counts a request's outcome by variant (`recommendations_total`).
