@@ -178,7 +178,9 @@ fn each_user_keeps_one_variant_across_requests_modes_and_replicas_and_the_shadow
     let (shown, shadow): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e["served"] == "true");
     assert_eq!(shown.len(), 240);
     for e in &shown {
-        assert_eq!(e["variant"], served[&e["user_id"]].0, "{e:?}");
+        let (variant, items) = &served[&e["user_id"]];
+        assert_eq!(&e["variant"], variant, "{e:?}");
+        assert_eq!(&serde_json::from_str::<Vec<String>>(&e["items"]).unwrap(), items, "{e:?}");
     }
     let computed = metric("model_service_shadow_total{outcome=\"computed\"}");
     assert_eq!(shadow.len() as f64, computed, "one served=false impression per shadow computation");
