@@ -93,7 +93,8 @@ fn after_a_reload_the_stored_list_is_stale_and_get_recomputes() {
 
 #[test]
 fn get_and_post_racing_for_one_user_compute_once() {
-    let (redis, server) = setup(&[]);
+    // Redis is held 1 s below: the server's Redis response timeout must outlast it
+    let (redis, server) = setup(&[("REDIS_RESPONSE_TIMEOUT_MS", "5000")]);
     redis.set("user_profile:raced", &profile_of(&[6, 12]));
     let before = server.metric("model_service_inference_batch_size_sum");
     // Hold Redis long enough that every request is waiting on its read when it returns, even on a
