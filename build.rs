@@ -14,6 +14,13 @@ fn main() {
     let lib = PathBuf::from(lib);
     compile_inference_mode(&lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // A compiled stage's shared library (model.pt2) needs libtorch.so, which nothing else pulls
+    // in: loaded with the binary, dlopen finds it by its soname.
+    if lib.join("libtorch.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
@@ -38,4 +45,14 @@ fn compile_inference_mode(lib: &std::path::Path) {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("src/inference/mode.cpp")
         .compile("model_service_inference_mode");
+    println!("cargo:rerun-if-changed=src/inference/compiled.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("src/inference/compiled.cpp")
+        .compile("model_service_compiled");
 }

@@ -7,6 +7,7 @@
 #   setup_tansu  the tansu broker (Kafka-compatible, for the ingestion tests; only scripts/test.sh
 #                calls it, not setup_all, so starting the service never waits for it), built once with
 #                `cargo install` into the cache and reused while its version is unchanged
+#   setup_compiled  DIN and RankNet of model_output/ as AOTInductor packages for this CPU, cached
 #   setup_build  the release binary, linked against that venv's libtorch (rpath embedded)
 # After setup_all: $VENV, $PY (its python) and $BIN (the binary) are set, and PYTHONPATH holds scripts/,
 # so the Python side, the package scripts/model_service_py, runs as `"$PY" -m model_service_py.<module>`.
@@ -98,8 +99,23 @@ setup_build() {
     BIN="$MS_ROOT/target/release/model-service"
 }
 
+# DIN and RankNet of model_output/ compiled for this machine (AOTInductor packages beside model.pt,
+# STAGE_RUNTIME): about a minute once per machine, then copied from the cache. The thread count is
+# the workers' (TORCH_THREADS, else the cores divided among INFERENCE_WORKERS, as the server does).
+# A failure leaves TorchScript serving (STAGE_RUNTIME=auto).
+setup_compiled() {
+    local threads="${TORCH_THREADS:-0}"
+    if [ "$threads" -le 0 ]; then
+        threads=$(( $(nproc) / ${INFERENCE_WORKERS:-2} ))
+        [ "$threads" -ge 1 ] || threads=1
+    fi
+    (cd "$MS_ROOT" && PYTHONPATH="$MS_ROOT/scripts" "$PY" -m model_service_py.compile_stages \
+        --model-dir model_output --threads "$threads" --cache "$MS_CACHE/compiled" 2>"$MS_CACHE/compile_stages.log") \
+        || ms_log "compiling the stages failed (TorchScript serves them): $MS_CACHE/compile_stages.log"
+}
+
 setup_all() {
-    setup_apt && setup_venv && setup_build
+    setup_apt && setup_venv && setup_compiled && setup_build
     export VENV PY BIN
     export LIBTORCH_USE_PYTORCH=1 MODEL_SERVICE_PYTHON="$PY"
     export PATH="$VENV/bin:$PATH"

@@ -704,6 +704,9 @@ pub struct SetHealth {
     pub model_dir: String,
     pub lightgcn_candidates: usize,
     pub din_candidates: usize,
+    /// Which form runs each stage (STAGE_RUNTIME): `lightgcn=torchscript din=compiled (batches up
+    /// to 1) ranknet=compiled`.
+    pub runtime: String,
 }
 
 fn set_health(variant: &Variant<ModelSet>, role: &str, share: f64, privileged: bool) -> SetHealth {
@@ -715,6 +718,14 @@ fn set_health(variant: &Variant<ModelSet>, role: &str, share: f64, privileged: b
         model_dir: shown_dir(&variant.set.dir, privileged),
         lightgcn_candidates: variant.candidates.lightgcn,
         din_candidates: variant.candidates.din,
+        runtime: variant
+            .set
+            .info
+            .stages
+            .iter()
+            .map(|s| format!("{}={}", s.stage, s.runtime))
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 

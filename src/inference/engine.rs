@@ -15,6 +15,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 
 use tokio::sync::{oneshot, watch};
 
+use super::compiled::{RuntimeSpec, StageRuntime};
 use super::error::{InferenceError, LoadError};
 use super::exclusion::{Excluded, RowMask};
 use super::experiment::ExperimentSpec;
@@ -52,6 +53,10 @@ pub struct EngineConfig {
     pub reload_timeout: Duration,
     /// Largest model-directory file read (MAX_MODEL_FILE_BYTES).
     pub max_file_bytes: u64,
+    /// TorchScript or the compiled packages (STAGE_RUNTIME).
+    pub stage_runtime: StageRuntime,
+    /// Largest batch the compiled DIN ranks (COMPILED_DIN_MAX_BATCH).
+    pub compiled_din_max_batch: usize,
 }
 
 impl EngineConfig {
@@ -74,6 +79,11 @@ impl EngineConfig {
             warm_budget: self.budget(self.candidates(), 10, false),
             search: self.search,
             max_file_bytes: self.max_file_bytes,
+            runtime: RuntimeSpec {
+                runtime: self.stage_runtime,
+                threads: self.torch_threads,
+                din_max_batch: self.compiled_din_max_batch,
+            },
         })
     }
 }

@@ -129,5 +129,7 @@ pub fn config(model_dir: &str) -> EngineConfig {
         last_stage: Stage::Ranknet,
         reload_timeout: Duration::from_secs(5),
         max_file_bytes: 1 << 20,
+        stage_runtime: super::compiled::StageRuntime::Torchscript,
+        compiled_din_max_batch: 1,
     }
 }

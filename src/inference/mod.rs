@@ -3,6 +3,7 @@
 //! or HTTP.
 
 pub mod catalog;
+pub mod compiled;
 pub mod device;
 pub mod engine;
 pub mod error;

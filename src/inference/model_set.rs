@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tch::Device;
 
+use super::compiled::RuntimeSpec;
 use super::error::LoadError;
 use super::exclusion::Excluded;
 use crate::inference::catalog::Catalog;
@@ -28,6 +29,8 @@ pub struct LoadSpec {
     pub max_file_bytes: u64,
     /// Stage 1's candidate search (the IVF index is built once per set, shared by its copies).
     pub search: SearchSpec,
+    /// TorchScript or the compiled packages (STAGE_RUNTIME).
+    pub runtime: RuntimeSpec,
 }
 
 /// Opens a file of a model directory for reading, only if it is (after symlinks) a regular file
@@ -174,7 +177,7 @@ impl ModelSet {
         let catalog = Catalog::parse(&catalog_path, catalog_bytes)?;
         let threads = spec.torch_threads.max(1);
         let mut copies = each_in_a_thread((0..spec.copies.max(1)).collect(), threads, |_| {
-            Models::load(dir, &manifest, spec.device, catalog.len())
+            Models::load(dir, &manifest, spec.device, catalog.len(), spec.runtime)
         })?;
         if spec.search.uses_index(catalog.len()) {
             // one index per set, built on the models' device with every core, shared by the copies

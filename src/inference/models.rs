@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tch::{CModule, Device, Kind, TchError, Tensor};
 
+use super::compiled::{self, Compiled, RuntimeSpec, StageRuntime};
+
 use super::error::LoadError;
 use crate::inference::device::device_name;
 use crate::inference::exclusion::Excluded;
@@ -83,6 +85,9 @@ pub struct StageInfo {
     pub version: String,
     pub dim: Option<u64>,
     pub file: PathBuf,
+    /// `torchscript`, or `compiled` (its model.pt2; DIN's up to COMPILED_DIN_MAX_BATCH requests
+    /// a batch).
+    pub runtime: String,
 }
 
 /// The stage whose order is final. `ranknet` (the default) runs the whole cascade; `lightgcn` and
@@ -132,6 +137,10 @@ pub struct Models {
     ranknet: CModule,
     /// DIN interface v2: forward(history, mask, cands, s1).
     din_takes_s1: bool,
+    /// The compiled packages of DIN (for batches up to `din_compiled_max_batch`) and RankNet.
+    din_compiled: Option<Compiled>,
+    din_compiled_max_batch: usize,
+    ranknet_compiled: Option<Compiled>,
     device: Device,
     /// Approximate candidate search for stage 1 (None: LightGCN scores every item).
     index: Option<IvfIndex>,
@@ -141,7 +150,13 @@ pub struct Models {
 impl Models {
     /// Parses manifest.json (`manifest`: its bytes, read with a cap by the caller), loads the
     /// three stages onto `device` and checks them with a smoke batch against the catalog size.
-    pub fn load(dir: &Path, manifest: &[u8], device: Device, catalog_len: usize) -> Result<Self, LoadError> {
+    pub fn load(
+        dir: &Path,
+        manifest: &[u8],
+        device: Device,
+        catalog_len: usize,
+        runtime: RuntimeSpec,
+    ) -> Result<Self, LoadError> {
         let err = |reason: String| LoadError::Model { dir: dir.display().to_string(), reason };
         let manifest: Manifest =
             serde_json::from_slice(manifest).map_err(|e| err(format!("manifest.json is not valid: {e}")))?;
@@ -170,7 +185,28 @@ impl Models {
             })?;
             module.set_eval();
             modules.push(module);
-            stages.push(StageInfo { stage: stage.into(), version: m.version.clone(), dim: m.dim, file });
+            stages.push(StageInfo {
+                stage: stage.into(),
+                version: m.version.clone(),
+                dim: m.dim,
+                file,
+                runtime: "torchscript".into(),
+            });
+        }
+        let on_cpu = device == Device::Cpu;
+        let din_compiled = if din_takes_s1 {
+            compiled::load_stage(dir, "din", runtime, on_cpu).map_err(err)?
+        } else if runtime.runtime == StageRuntime::Compiled {
+            return Err(err("STAGE_RUNTIME=compiled: this DIN (interface v1) has no compiled form".into()));
+        } else {
+            None
+        };
+        let ranknet_compiled = compiled::load_stage(dir, "ranknet", runtime, on_cpu).map_err(err)?;
+        if din_compiled.is_some() {
+            stages[1].runtime = format!("compiled (batches up to {})", runtime.din_max_batch);
+        }
+        if ranknet_compiled.is_some() {
+            stages[2].runtime = "compiled".into();
         }
         let ranknet = modules.pop().expect("three modules");
         let din = modules.pop().expect("three modules");
@@ -183,7 +219,18 @@ impl Models {
             device: device_name(device),
             candidate_search: "exact".into(),
         };
-        let models = Self { lightgcn, din, ranknet, din_takes_s1, device, index: None, info };
+        let models = Self {
+            lightgcn,
+            din,
+            ranknet,
+            din_takes_s1,
+            din_compiled,
+            din_compiled_max_batch: runtime.din_max_batch,
+            ranknet_compiled,
+            device,
+            index: None,
+            info,
+        };
         models.smoke_test().map_err(|reason| err(format!("smoke batch failed: {reason}")))?;
         Ok(models)
     }
@@ -346,11 +393,14 @@ impl Models {
         }
 
         let t = Instant::now();
-        let s2 = if self.din_takes_s1 {
-            self.din.forward_ts(&[&h, &m, &cand1, &s1])?
-        } else {
-            self.din.forward_ts(&[&h, &m, &cand1])?
-        };
+        let s2 =
+            if let Some(din) = self.din_compiled.as_ref().filter(|_| histories.len() <= self.din_compiled_max_batch) {
+                din.forward(&[&h, &m, &cand1, &s1]).map_err(TchError::Torch)?
+            } else if self.din_takes_s1 {
+                self.din.forward_ts(&[&h, &m, &cand1, &s1])?
+            } else {
+                self.din.forward_ts(&[&h, &m, &cand1])?
+            };
         expect_shape("din", &s2, [b, c1])?;
         let (s2_top, pos2) = s2.f_topk(c2, 1, true, true)?;
         let cand2 = cand1.f_gather(1, &pos2, false)?;
@@ -366,7 +416,10 @@ impl Models {
         }
 
         let t = Instant::now();
-        let s3 = self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?;
+        let s3 = match &self.ranknet_compiled {
+            Some(ranknet) => ranknet.forward(&[&h, &m, &cand2, &s1_top, &s2_top]).map_err(TchError::Torch)?,
+            None => self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?,
+        };
         expect_shape("ranknet", &s3, [b, c2])?;
         let (s3_top, pos3) = s3.f_topk(k, 1, true, true)?;
         let mut ranked = to_ranked(&cand2.f_gather(1, &pos3, false)?, &s3_top)?;

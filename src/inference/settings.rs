@@ -76,6 +76,16 @@ pub struct EngineArgs {
     /// docs/performance.md): run what is queued at once.
     #[arg(long, env = "MAX_QUEUE_DELAY_US", default_value_t = 0, global = true)]
     pub max_queue_delay_us: u64,
+    /// Which form of DIN and RankNet runs: auto (the compiled AOTInductor package, `<stage>/model.pt2`
+    /// made by `model_service_py.compile_stages`, where one matches the stage's model.pt, this CPU
+    /// and TORCH_THREADS; else TorchScript), torchscript, or compiled (a directory without matching
+    /// packages is refused). `/health` and `check` say which runs.
+    #[arg(long, env = "STAGE_RUNTIME", value_enum, default_value = "auto", global = true)]
+    pub stage_runtime: super::compiled::StageRuntime,
+    /// Largest batch the compiled DIN ranks: its cost follows batch x longest history, TorchScript's
+    /// the real items, so larger batches of mixed lengths run TorchScript (docs/performance.md).
+    #[arg(long, env = "COMPILED_DIN_MAX_BATCH", default_value_t = 1, global = true)]
+    pub compiled_din_max_batch: usize,
     /// Requests that may wait for the inference workers; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
     pub queue_capacity: usize,
@@ -128,6 +138,8 @@ impl EngineArgs {
             last_stage: self.last_stage,
             reload_timeout: self.reload_timeout(),
             max_file_bytes: self.max_model_file_bytes,
+            stage_runtime: self.stage_runtime,
+            compiled_din_max_batch: self.compiled_din_max_batch,
         })
     }
 
