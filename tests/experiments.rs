@@ -98,7 +98,13 @@ fn each_user_keeps_one_variant_across_requests_modes_and_replicas_and_the_shadow
     }
     let admin = free_port();
     let admin_s = admin.to_string();
-    let env = [("EXPERIMENT_FILE", file_s), ("IMPRESSIONS", "redis"), ("ADMIN_PORT", admin_s.as_str())];
+    // the shadow worker unthrottled (SHADOW_CPU_SHARE=1): this test is about what it logs, not its cost
+    let env = [
+        ("EXPERIMENT_FILE", file_s),
+        ("IMPRESSIONS", "redis"),
+        ("ADMIN_PORT", admin_s.as_str()),
+        ("SHADOW_CPU_SHARE", "1"),
+    ];
     let server = Server::start_mode(redis.port, test_models(), &["serve", "--listen"], &env);
     server.wait_healthy();
     let (_, health) = server.get("/health");

@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Shadow computations that may wait for the shadow worker; beyond that they are dropped.
     pub shadow_queue_capacity: usize,
+    /// Most of one core the shadow worker uses (0 to 1]: after each batch it pauses so that its
+    /// busy time stays within this share (SHADOW_CPU_SHARE).
+    pub shadow_cpu_share: f64,
     pub deadline: Duration,
     pub lightgcn_candidates: usize,
     pub din_candidates: usize,
@@ -565,7 +568,9 @@ fn run<R: Ranker>(worker: usize, lane: Lane, cfg: Arc<EngineConfig>, rx: Receive
     let mut under_load = false;
     loop {
         let delay = if under_load { cfg.max_queue_delay } else { Duration::ZERO };
-        let Some(jobs) = gather(&rx, cfg.max_batch.max(1), delay) else { break };
+        // A shadow job runs alone: one short burst at a time, then the duty cycle's pause.
+        let max_batch = if serving { cfg.max_batch.max(1) } else { 1 };
+        let Some(jobs) = gather(&rx, max_batch, delay) else { break };
         under_load = jobs.len() > 1;
         let now = Instant::now();
         if serving {
@@ -582,8 +587,15 @@ fn run<R: Ranker>(worker: usize, lane: Lane, cfg: Arc<EngineConfig>, rx: Receive
         for same_set in by_model_set(live) {
             if serving {
                 metrics.batch_size.observe(same_set.len() as f64);
+                run_batch(worker, &cfg, same_set);
+            } else {
+                // Nice 19 does not keep a shadow batch off the serving threads' core when the
+                // other core (or its hyperthread sibling) is idle for a moment: a duty cycle does.
+                let t = Instant::now();
+                run_batch(worker, &cfg, same_set);
+                let share = cfg.shadow_cpu_share.clamp(0.01, 1.0);
+                std::thread::sleep(t.elapsed().mul_f64((1.0 - share) / share));
             }
-            run_batch(worker, &cfg, same_set);
         }
     }
 }

@@ -122,6 +122,7 @@ pub fn config(model_dir: &str) -> EngineConfig {
         max_queue_delay: Duration::ZERO,
         queue_capacity: 64,
         shadow_queue_capacity: 8,
+        shadow_cpu_share: 1.0,
         deadline: Duration::from_secs(1),
         lightgcn_candidates: 10,
         din_candidates: 10,

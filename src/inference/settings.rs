@@ -93,6 +93,11 @@ pub struct EngineArgs {
     /// (counted in shadow_total{outcome="dropped_full"}), never delaying an answer.
     #[arg(long, env = "SHADOW_QUEUE_CAPACITY", default_value_t = 64, global = true)]
     pub shadow_queue_capacity: usize,
+    /// Most of one core the shadow set's worker uses, above 0 and at most 1: after each batch it
+    /// pauses so that its busy time stays within this share; what it cannot keep up with is
+    /// dropped (shadow_total{outcome="dropped_full"}).
+    #[arg(long, env = "SHADOW_CPU_SHARE", default_value_t = 0.1, global = true)]
+    pub shadow_cpu_share: f64,
     /// Deadline for one recommendation (queue wait and inference), in milliseconds.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, global = true)]
     pub request_timeout_ms: u64,
@@ -126,6 +131,7 @@ impl EngineArgs {
             max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
             queue_capacity: self.queue_capacity,
             shadow_queue_capacity: self.shadow_queue_capacity,
+            shadow_cpu_share: self.shadow_cpu_share,
             deadline: self.request_timeout(),
             lightgcn_candidates: self.lightgcn_candidates,
             din_candidates: self.din_candidates,
@@ -162,6 +168,12 @@ impl EngineArgs {
             return Err(LoadError::Invalid(format!(
                 "DIN_CANDIDATES ({}) exceeds LIGHTGCN_CANDIDATES ({})",
                 self.din_candidates, self.lightgcn_candidates
+            )));
+        }
+        if !(self.shadow_cpu_share > 0.0 && self.shadow_cpu_share <= 1.0) {
+            return Err(LoadError::Invalid(format!(
+                "SHADOW_CPU_SHARE must be above 0 and at most 1, got {}",
+                self.shadow_cpu_share
             )));
         }
         let secs = self.reload_timeout_secs;
