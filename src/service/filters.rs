@@ -112,7 +112,9 @@ impl UnavailableCache {
                 let ids: HashSet<String> = ids.into_iter().collect();
                 let old = self.current();
                 let added = ids.iter().filter(|id| !old.ids.contains(*id)).cloned().collect();
-                let generation = old.generation + 1;
+                // A read that finds the same set keeps its generation: requests sharing a
+                // computation (single flight) are not split by a refresh that changed nothing.
+                let generation = if ids == old.ids { old.generation } else { old.generation + 1 };
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) =
                     Arc::new(UnavailableSet::new(ids, Some(Instant::now()), generation));
                 *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -207,5 +209,16 @@ mod tests {
         assert!(cache.status().error.unwrap().contains("MAX_UNAVAILABLE"));
         assert_eq!(cache.apply(UnavailableRead::Items(vec!["b".into(), "c".into()])).unwrap(), vec!["c".to_string()]);
         assert!(!cache.current().contains("a") && cache.status().error.is_none());
+    }
+
+    #[test]
+    fn a_read_that_finds_the_same_set_keeps_its_generation() {
+        let cache = UnavailableCache::new(Duration::from_millis(1000), 3);
+        cache.apply(UnavailableRead::Items(vec!["a".into(), "b".into()])).unwrap();
+        let first = cache.current().generation;
+        cache.apply(UnavailableRead::Items(vec!["b".into(), "a".into()])).unwrap();
+        assert_eq!(cache.current().generation, first, "an unchanged set split the single-flight keys");
+        cache.apply(UnavailableRead::Items(vec!["a".into()])).unwrap();
+        assert_eq!(cache.current().generation, first + 1);
     }
 }
