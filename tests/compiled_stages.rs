@@ -53,12 +53,15 @@ fn the_compiled_stages_give_the_torchscript_lists_alone_and_in_batches() {
     let compiled = Server::start_with(
         redis.port,
         &dir,
-        &[("STAGE_RUNTIME", "compiled"), ("COMPILED_DIN_MAX_BATCH", "4"), ("MAX_BATCH", "8")],
+        &[("STAGE_RUNTIME", "compiled"), ("COMPILED_MAX_BATCH", "4"), ("MAX_BATCH", "8")],
     );
     let scripted = Server::start_with(redis.port, &dir, &[("STAGE_RUNTIME", "torchscript")]);
     compiled.wait_healthy();
     scripted.wait_healthy();
-    assert_eq!(runtime(&compiled), "lightgcn=torchscript din=compiled (batches up to 4) ranknet=compiled");
+    assert_eq!(
+        runtime(&compiled),
+        "lightgcn=torchscript din=compiled (batches up to 4) ranknet=compiled (batches up to 4)"
+    );
     assert_eq!(runtime(&scripted), "lightgcn=torchscript din=torchscript ranknet=torchscript");
 
     let histories = histories();

@@ -90,9 +90,9 @@ pub struct RuntimeSpec {
     pub runtime: StageRuntime,
     /// libtorch threads per worker: a package runs with the count it was compiled for.
     pub threads: usize,
-    /// Largest batch the compiled DIN ranks (its cost follows batch x longest history; larger
+    /// Largest batch the compiled stages rank (their cost follows batch x longest history; larger
     /// batches run TorchScript's, whose cost follows the real items).
-    pub din_max_batch: usize,
+    pub max_batch: usize,
 }
 
 /// What `<stage>/model.pt2.json` records of a package (`model_service_py.compile_stages`).

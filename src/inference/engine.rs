@@ -58,8 +58,8 @@ pub struct EngineConfig {
     pub max_file_bytes: u64,
     /// TorchScript or the compiled packages (STAGE_RUNTIME).
     pub stage_runtime: StageRuntime,
-    /// Largest batch the compiled DIN ranks (COMPILED_DIN_MAX_BATCH).
-    pub compiled_din_max_batch: usize,
+    /// Largest batch the compiled DIN ranks (COMPILED_MAX_BATCH).
+    pub compiled_max_batch: usize,
 }
 
 impl EngineConfig {
@@ -85,7 +85,7 @@ impl EngineConfig {
             runtime: RuntimeSpec {
                 runtime: self.stage_runtime,
                 threads: self.torch_threads,
-                din_max_batch: self.compiled_din_max_batch,
+                max_batch: self.compiled_max_batch,
             },
         })
     }

@@ -131,6 +131,6 @@ pub fn config(model_dir: &str) -> EngineConfig {
         reload_timeout: Duration::from_secs(5),
         max_file_bytes: 1 << 20,
         stage_runtime: super::compiled::StageRuntime::Torchscript,
-        compiled_din_max_batch: 1,
+        compiled_max_batch: 1,
     }
 }

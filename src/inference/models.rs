@@ -85,7 +85,7 @@ pub struct StageInfo {
     pub version: String,
     pub dim: Option<u64>,
     pub file: PathBuf,
-    /// `torchscript`, or `compiled` (its model.pt2; DIN's up to COMPILED_DIN_MAX_BATCH requests
+    /// `torchscript`, or `compiled` (its model.pt2; DIN's up to COMPILED_MAX_BATCH requests
     /// a batch).
     pub runtime: String,
 }
@@ -137,9 +137,9 @@ pub struct Models {
     ranknet: CModule,
     /// DIN interface v2: forward(history, mask, cands, s1).
     din_takes_s1: bool,
-    /// The compiled packages of DIN (for batches up to `din_compiled_max_batch`) and RankNet.
+    /// The compiled packages of DIN and RankNet, run for batches up to `compiled_max_batch`.
     din_compiled: Option<Compiled>,
-    din_compiled_max_batch: usize,
+    compiled_max_batch: usize,
     ranknet_compiled: Option<Compiled>,
     device: Device,
     /// Approximate candidate search for stage 1 (None: LightGCN scores every item).
@@ -203,10 +203,10 @@ impl Models {
         };
         let ranknet_compiled = compiled::load_stage(dir, "ranknet", runtime, on_cpu).map_err(err)?;
         if din_compiled.is_some() {
-            stages[1].runtime = format!("compiled (batches up to {})", runtime.din_max_batch);
+            stages[1].runtime = format!("compiled (batches up to {})", runtime.max_batch);
         }
         if ranknet_compiled.is_some() {
-            stages[2].runtime = "compiled".into();
+            stages[2].runtime = format!("compiled (batches up to {})", runtime.max_batch);
         }
         let ranknet = modules.pop().expect("three modules");
         let din = modules.pop().expect("three modules");
@@ -225,7 +225,7 @@ impl Models {
             ranknet,
             din_takes_s1,
             din_compiled,
-            din_compiled_max_batch: runtime.din_max_batch,
+            compiled_max_batch: runtime.max_batch,
             ranknet_compiled,
             device,
             index: None,
@@ -393,14 +393,13 @@ impl Models {
         }
 
         let t = Instant::now();
-        let s2 =
-            if let Some(din) = self.din_compiled.as_ref().filter(|_| histories.len() <= self.din_compiled_max_batch) {
-                din.forward(&[&h, &m, &cand1, &s1]).map_err(TchError::Torch)?
-            } else if self.din_takes_s1 {
-                self.din.forward_ts(&[&h, &m, &cand1, &s1])?
-            } else {
-                self.din.forward_ts(&[&h, &m, &cand1])?
-            };
+        let s2 = if let Some(din) = self.din_compiled.as_ref().filter(|_| histories.len() <= self.compiled_max_batch) {
+            din.forward(&[&h, &m, &cand1, &s1]).map_err(TchError::Torch)?
+        } else if self.din_takes_s1 {
+            self.din.forward_ts(&[&h, &m, &cand1, &s1])?
+        } else {
+            self.din.forward_ts(&[&h, &m, &cand1])?
+        };
         expect_shape("din", &s2, [b, c1])?;
         let (s2_top, pos2) = s2.f_topk(c2, 1, true, true)?;
         let cand2 = cand1.f_gather(1, &pos2, false)?;
@@ -416,7 +415,7 @@ impl Models {
         }
 
         let t = Instant::now();
-        let s3 = match &self.ranknet_compiled {
+        let s3 = match self.ranknet_compiled.as_ref().filter(|_| histories.len() <= self.compiled_max_batch) {
             Some(ranknet) => ranknet.forward(&[&h, &m, &cand2, &s1_top, &s2_top]).map_err(TchError::Torch)?,
             None => self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?,
         };

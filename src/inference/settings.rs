@@ -82,10 +82,11 @@ pub struct EngineArgs {
     /// packages is refused). `/health` and `check` say which runs.
     #[arg(long, env = "STAGE_RUNTIME", value_enum, default_value = "auto", global = true)]
     pub stage_runtime: super::compiled::StageRuntime,
-    /// Largest batch the compiled DIN ranks: its cost follows batch x longest history, TorchScript's
-    /// the real items, so larger batches of mixed lengths run TorchScript (docs/performance.md).
-    #[arg(long, env = "COMPILED_DIN_MAX_BATCH", default_value_t = 1, global = true)]
-    pub compiled_din_max_batch: usize,
+    /// Largest batch the compiled stages rank: their cost follows batch x longest history,
+    /// TorchScript's the real items, so larger batches of mixed lengths run TorchScript
+    /// (docs/performance.md).
+    #[arg(long, env = "COMPILED_MAX_BATCH", default_value_t = 1, global = true)]
+    pub compiled_max_batch: usize,
     /// Requests that may wait for the inference workers; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
     pub queue_capacity: usize,
@@ -145,7 +146,7 @@ impl EngineArgs {
             reload_timeout: self.reload_timeout(),
             max_file_bytes: self.max_model_file_bytes,
             stage_runtime: self.stage_runtime,
-            compiled_din_max_batch: self.compiled_din_max_batch,
+            compiled_max_batch: self.compiled_max_batch,
         })
     }
 
