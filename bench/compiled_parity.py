@@ -5,11 +5,10 @@ STAGE_RUNTIME=compiled (the packages of model_service_py.compile_stages beside m
 user's list of 20 compared, and Recall@20 / NDCG@20 of both against the held-out items.
 
 usage: scripts/py bench/compiled_parity.py --data DIR [--concurrency 1] [--users 0]
-           [--env COMPILED_DIN_MAX_BATCH=4,...] [--json OUT]
+           [--env COMPILED_MAX_BATCH=1,...] [--json OUT]
 
-At concurrency 1 every batch holds one request, so the compiled DIN ranks every list (it runs
-batches up to COMPILED_DIN_MAX_BATCH); higher concurrencies mix in TorchScript's DIN for larger
-batches, and RankNet runs compiled in every batch.
+At concurrency 1 every batch holds one request, so the compiled stages rank every list (they run
+batches up to COMPILED_MAX_BATCH); higher concurrencies mix in TorchScript for larger batches.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ STAGE_RUNTIME=compiled (the packages of model_service_py.compile_stages), in alt
 and the server process's own CPU per request.
 
 usage: scripts/py bench/runtime_ab.py --data DIR [--rounds 4] [--concurrency 1,8,32] [--seconds 10]
-           [--env COMPILED_DIN_MAX_BATCH=4,...]
+           [--env COMPILED_MAX_BATCH=1,...]
 """
 
 from __future__ import annotations
