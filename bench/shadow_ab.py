@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a shadow set costs the served answers: one binary, side by side in one run, serving the
 Amazon-Book profiles with an experiment of one variant (today's models) without a shadow set
-("off") and with one ("shadow": the first version's models, tests/fixtures/models-v1, on a sample
+("off") and with one ("shadow": the first version's models, model_output/ at f16d5a6, on a sample
 of the answers), in alternating rounds (the machine's speed drifts; compare the means of the same
 run). Also prints what became of the sampled answers (shadow_total by outcome: computed on the
 shadow worker's idle time, or dropped when its queue was full).
@@ -40,7 +40,7 @@ def main():
     p.add_argument("--data", required=True, help="Amazon-Book directory")
     p.add_argument("--binary", default=os.path.join(ROOT, "target/release/model-service"))
     p.add_argument("--model-dir", default=os.path.join(ROOT, "model_output"))
-    p.add_argument("--shadow-dir", default=os.path.join(ROOT, "tests/fixtures/models-v1"))
+    p.add_argument("--shadow-dir", required=True, help="e.g. the first version: git archive f16d5a6 model_output | tar -x -C DIR")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--concurrency", default="8")
     p.add_argument("--seconds", type=int, default=10, help="per concurrency level and round")

@@ -341,7 +341,7 @@ fn a_changed_experiment_file_swaps_every_set_at_once_under_load_without_a_failed
 }
 
 /// Done when 1, 3 and 4 of the experiments issue: 3,000 real users split between today's models
-/// (control) and the first version's (treatment, tests/fixtures/models-v1); their held-out
+/// (control) and the first version's (treatment, model_output/ at f16d5a6); their held-out
 /// test.txt items replayed as behaviour events on the Kafka topic after the impressions (also on
 /// Kafka); the read-out, reading both topics, ranks the variants as offline Recall@20 of the
 /// served lists does, with intervals.
@@ -349,7 +349,7 @@ fn a_changed_experiment_file_swaps_every_set_at_once_under_load_without_a_failed
 fn the_read_out_over_kafka_ranks_3000_real_users_variants_as_offline_recall_does() {
     const USERS: usize = 3000;
     const K: usize = 20;
-    let older = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models-v1");
+    let older = older_models();
     let dir = scratch_dir("experiment-real");
     let file = write_experiment(
         &dir,

@@ -24,7 +24,7 @@ pub use amazon_book::amazon_book_users;
 pub use cluster::Cluster;
 pub use http::{assert_error, assert_raw_error, raw_exchange, rec_ids, RawResponse};
 pub use kafka::{tansu_bin, Kafka, Letter};
-pub use models::{catalog, catalog_in, copy_models, item, make_models, shipped_models, test_models};
+pub use models::{catalog, catalog_in, copy_models, item, make_models, older_models, shipped_models, test_models};
 pub use paths::{copy_dir, scratch_dir};
 pub use ports::free_port;
 pub use redis_server::Redis;

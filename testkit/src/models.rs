@@ -67,3 +67,19 @@ pub fn catalog_in(model_dir: &Path) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// The first version's model set (cascade v1, `model_output/` at commit f16d5a6), extracted from
+/// the repository's history once per test process: an older set for the experiment tests.
+pub fn older_models() -> PathBuf {
+    let dir = scratch_dir("models-v1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("git -C \"$0\" archive f16d5a6 model_output | tar -x --strip-components=1 -C \"$1\"")
+        .arg(crate::paths::repo())
+        .arg(&dir)
+        .status()
+        .expect("running git archive (the tests need the repository's history)");
+    assert!(status.success(), "git archive f16d5a6 model_output failed");
+    dir
+}
