@@ -22,7 +22,9 @@ import signal
 import socket
 import subprocess
 import sys
+import re
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -90,6 +92,83 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None
     raise SystemExit(f"{url}: not healthy after {timeout}s")
 
 
+SERIES = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+# model-service's per-request stages (stage_duration_seconds), in the order a request meets them
+REQUEST_STAGES = ("redis_read", "lightgcn", "din", "ranknet", "redis_write")
+
+
+def scrape(port: int) -> list[tuple[str, dict, float]] | None:
+    """model-service's /metrics as (name, labels, value) samples; None for a service without them
+    (the peer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.HTTPError, OSError):
+        return None
+    samples = []
+    for line in text.splitlines():
+        m = SERIES.match(line)
+        if m and not line.startswith("#"):
+            samples.append((m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return samples
+
+
+def server_side(before: list | None, after: list | None) -> dict | None:
+    """What the server's own metrics say about the requests between two scrapes: mean time per
+    request in HTTP (the handler, end to end), in the inference queue and in each stage; the mean
+    batch; the inference workers' CPU time per recommendation; jobs abandoned by their callers."""
+    if before is None or after is None:
+        return None
+
+    def delta(name: str, **labels) -> float:
+        def total(samples):
+            return sum(v for n, l, v in samples if n == name and all(l.get(k) == w for k, w in labels.items()))
+        return total(after) - total(before)
+
+    def mean_ms(base: str, **labels) -> float:
+        return delta(base + "_sum", **labels) / max(delta(base + "_count", **labels), 1) * 1e3
+
+    recs = delta("model_service_inference_batch_size_sum")
+    return {
+        "http_ms": mean_ms("model_service_http_request_duration_seconds", route="/recommend/{user_id}"),
+        "queue_wait_ms": mean_ms("model_service_inference_queue_wait_seconds"),
+        "stages_ms": {s: mean_ms("model_service_stage_duration_seconds", stage=s) for s in REQUEST_STAGES},
+        "mean_batch": recs / max(delta("model_service_inference_batch_size_count"), 1),
+        "inference_cpu_ms_per_rec": delta("model_service_inference_cpu_seconds_total") / max(recs, 1) * 1e3,
+        "abandoned": delta("model_service_inference_abandoned_total"),
+    }
+
+
+class PerfStat:
+    """`perf stat -e task-clock -p PID` over a stretch of time: the CPU time of that process's
+    threads only (not wrk's, nor Redis's). Without perf, /proc's count of the same process."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.proc = None
+        if shutil.which("perf"):
+            self.proc = subprocess.Popen(["perf", "stat", "-e", "task-clock", "-x", ",", "-p", str(pid)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.cpu0 = tree_cpu_seconds(pid)
+
+    def stop(self) -> tuple[float, str]:
+        """(CPU seconds, which tool counted them)."""
+        procfs = tree_cpu_seconds(self.pid) - self.cpu0
+        if self.proc is None:
+            return procfs, "procfs"
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=30)
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2].startswith("task-clock"):
+                try:
+                    return float(fields[0]) / 1e3, "perf"
+                except ValueError:
+                    break
+        return procfs, "procfs"
+
+
 def run_wrk(port: int, users_file: str, connections: int, seconds: int) -> dict:
     threads = max(1, min(2, connections))
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s",
@@ -136,16 +215,24 @@ def measure(svc: Service, users_file: str, concurrencies: list[int], seconds: in
     rows = []
     for c in concurrencies:
         cpu0 = tree_cpu_seconds(svc.proc.pid)
+        before = scrape(svc.port)
+        perf = PerfStat(svc.proc.pid) if before is not None else None
         r = run_wrk(svc.port, users_file, c, seconds)
         cpu = tree_cpu_seconds(svc.proc.pid) - cpu0
+        own = perf.stop() if perf else None
         n = max(r["requests"], 1)
         ok = r["status"].get("200", 0)
         rows.append({
             "service": svc.name, "concurrency": c, "requests": r["requests"],
             "rps": r["requests"] / (r["duration_us"] / 1e6), "ok_rps": ok / (r["duration_us"] / 1e6),
             "p50_ms": r["p50_us"] / 1e3, "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
+            "mean_ms": r["mean_us"] / 1e3,
             "cpu_ms_per_request": cpu / n * 1e3, "status": r["status"], "socket_errors": r["errors"],
         })
+        if own:
+            rows[-1]["server_cpu_ms_per_request"] = own[0] / n * 1e3
+            rows[-1]["server_cpu_counted_by"] = own[1]
+            rows[-1]["server"] = server_side(before, scrape(svc.port))
         print(f"  {svc.name:24s} c={c:<4d} {rows[-1]['rps']:8.1f} req/s  p50 {rows[-1]['p50_ms']:8.1f} ms  "
               f"p99 {rows[-1]['p99_ms']:8.1f} ms  status {r['status']}", flush=True)
     return rows
@@ -200,6 +287,7 @@ def print_table(scale: str, rows: list[dict], roof: dict, n_items: int) -> dict:
         print(f"  c={c:<4d} req/s x{ratio:5.2f}   our p99 {o['p99_ms']:7.1f} ms vs peer p50 {p['p50_ms']:7.1f} ms"
               f"   peer CPU per request x{summary['ratios'][c]['cpu']:5.2f} ours")
     best = max(ours.values(), key=lambda r: r["ok_rps"]) if ours else None
+    summary["goals"] = print_goals(rows, roof)
     print(f"\nroofline ({roof['batch']} per batch, mean history {roof['mean_history']:.1f}):")
     for stage, v in roof["stages"].items():
         print(f"  {stage:9s} {v['mflops']:9.2f} MFLOP {v['mbytes']:9.3f} MB  {v['us']:9.1f} us at the ceiling "
@@ -222,6 +310,55 @@ def print_table(scale: str, rows: list[dict], roof: dict, n_items: int) -> dict:
         print(f"  items scored by LightGCN: {best['ok_rps'] * n_items / 1e6:,.0f} M/s batched vs "
               f"{u['ok_rps'] * n_items / 1e6:,.0f} M/s with MAX_BATCH=1 (x{best['ok_rps'] / u['ok_rps']:.1f})")
     return summary
+
+
+def print_goals(rows: list[dict], roof: dict) -> dict:
+    """The performance issue's measures, from this run only: our c=1 p50 against the peer's, req/s
+    at c=32 against the peer's, our p99 against the peer's p50, answers other than 200/429/503,
+    the server's own CPU per recommendation at c=32 (perf) beside the references run here, the
+    inference workers' CPU per recommendation against the roofline of the models' FLOPs (on one
+    core, as each worker runs on one), and where a lone request's time goes."""
+    at = {(r["service"], r["concurrency"]): r for r in rows}
+    goals: dict = {}
+    ours1, peer1 = at.get(("model-service", 1)), at.get(("python-peer", 1))
+    ours32, peer32 = at.get(("model-service", 32)), at.get(("python-peer", 32))
+    print("\nthe performance goals, this run:")
+    if ours1 and peer1:
+        goals["c1_p50_ratio"] = ours1["p50_ms"] / peer1["p50_ms"]
+        print(f"  c=1  p50 {ours1['p50_ms']:.2f} ms vs the peer's {peer1['p50_ms']:.2f} ms: "
+              f"x{goals['c1_p50_ratio']:.3f} (goal <= 0.45)")
+    if ours32 and peer32:
+        goals["c32_rps_ratio"] = ours32["ok_rps"] / max(peer32["ok_rps"], 1e-9)
+        print(f"  c=32 {ours32['ok_rps']:.0f} req/s vs the peer's {peer32['ok_rps']:.0f}: x{goals['c32_rps_ratio']:.2f} "
+              f"(goal >= 5); our p99 {ours32['p99_ms']:.1f} ms vs the peer's p50 {peer32['p50_ms']:.1f} ms")
+    failed = {r["service"] + f" c={r['concurrency']}": sum(v for k, v in r["status"].items() if k not in ("200", "429", "503"))
+              + sum(r["socket_errors"].values()) for r in rows if r["service"].startswith("model-service")}
+    goals["failed"] = sum(failed.values())
+    print(f"  answers other than 200, 429, 503 (and socket errors), model-service: {goals['failed']}")
+    roof_core_us = sum(v["us"] for v in roof["stages"].values()) * roof.get("threads", 1)
+    for r in rows:
+        if r["concurrency"] != 32 or "server_cpu_ms_per_request" not in r:
+            continue
+        srv = r.get("server") or {}
+        inf = srv.get("inference_cpu_ms_per_rec", 0.0)
+        frac = roof_core_us / (inf * 1e3) if inf else 0.0
+        goals.setdefault("c32", {})[r["service"]] = {"server_cpu_ms": r["server_cpu_ms_per_request"],
+                                                     "inference_cpu_ms": inf, "roofline_fraction": frac}
+        print(f"  c=32 {r['service']:38s} server CPU {r['server_cpu_ms_per_request']:.3f} ms/rec "
+              f"({r['server_cpu_counted_by']}), inference {inf:.3f} ms/rec = {frac:.1%} of the roofline's "
+              f"{roof_core_us:.1f} us on one core (goal >= 30%), mean batch {srv.get('mean_batch', 0):.1f}")
+    if ours1 and ours1.get("server"):
+        srv = ours1["server"]
+        st = srv["stages_ms"]
+        parts = [("Redis read", st["redis_read"]), ("queue", srv["queue_wait_ms"]), ("LightGCN", st["lightgcn"]),
+                 ("DIN", st["din"]), ("RankNet", st["ranknet"]), ("Redis write", st["redis_write"])]
+        rest = srv["http_ms"] - sum(v for _, v in parts)
+        goals["c1_breakdown_ms"] = {**dict(parts), "rest of the handler": rest, "server": srv["http_ms"],
+                                    "client mean": ours1["mean_ms"]}
+        print(f"  c=1 where a request's time goes (means, ms): client {ours1['mean_ms']:.3f} = outside the server "
+              f"{ours1['mean_ms'] - srv['http_ms']:.3f} (network, wrk) + server {srv['http_ms']:.3f}: "
+              + ", ".join(f"{name} {v:.3f}" for name, v in parts) + f", the rest of the handler {rest:.3f}")
+    return goals
 
 
 def plot(results: dict, path: str) -> None:
@@ -305,6 +442,8 @@ def main():
     p.add_argument("--synthetic-dir", help="output of make_synthetic.py (omit to skip the 1M-item scale)")
     p.add_argument("--previous-dir", help="a previous Amazon-Book model directory, measured side by side with --model-dir "
                    "by the same binary (each with its own candidate counts, roofline.candidates)")
+    p.add_argument("--baseline-bin", help="another model-service binary (say, built from an earlier commit), measured "
+                   "at concurrency 1 and 32 in the same run for the CPU-per-recommendation comparison")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternating rounds of the previous and the new models with --previous-dir")
     p.add_argument("--concurrency", default="1,8,32,128")
@@ -334,18 +473,28 @@ def main():
             print(f"\n--- {scale}: loading profiles", flush=True)
             users_file, lengths = loader()
             roof = roofline.ceiling(model_dir, np.minimum(lengths, 200), gemm, bw, batch=16)
+            roof["threads"] = cpus
             n_items = roof["sizes"]["N"]
             c1, c2 = roofline.candidates(model_dir)
             base = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "MODEL_DIR": model_dir,
                     "LIGHTGCN_CANDIDATES": str(c1), "DIN_CANDIDATES": str(c2)}
+            ours = {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn"}
+            peer = [uvicorn, "app:app", "--app-dir", os.path.join(HERE, "peer"), "--host", "127.0.0.1", "--workers",
+                    str(cpus), "--no-access-log", "--log-level", "warning"]
             plan = [
-                ("model-service", [args.bin, "serve"], {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn"}, conc),
-                ("python-peer", [uvicorn, "app:app", "--app-dir", os.path.join(HERE, "peer"), "--host",
-                                 "127.0.0.1", "--workers", str(cpus), "--no-access-log", "--log-level",
-                                 "warning"], base, conc),
-                ("model-service MAX_BATCH=1", [args.bin, "serve"],
-                 {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn", "MAX_BATCH": "1"}, [32]),
+                ("model-service", [args.bin, "serve"], ours, conc),
+                ("python-peer", peer, base, conc),
+                ("model-service MAX_BATCH=1", [args.bin, "serve"], {**ours, "MAX_BATCH": "1"}, [32]),
+                # for reference: the TorchScript files only (the form every stage had before the packages)
+                ("model-service STAGE_RUNTIME=torchscript", [args.bin, "serve"],
+                 {**ours, "STAGE_RUNTIME": "torchscript"}, [1, 32]),
             ]
+            if args.baseline_bin:
+                plan.append(("model-service baseline binary", [args.baseline_bin, "serve"], ours, [1, 32]))
+            if all(os.path.exists(os.path.join(model_dir, st, "model.pt2")) for st in ("din", "ranknet")):
+                # for reference: the peer on the same compiled packages (it stands for a service that loads
+                # the TorchScript files, so its main rows stay on those)
+                plan.append(("python-peer, compiled stages", peer, {**base, "PEER_STAGE_RUNTIME": "compiled"}, [1, 32]))
             if scale != "amazon-book":
                 # the approximate candidate search (src/inference/ivf.rs) beside the exact one; its recall is
                 # measured by model_service_py.ann_recall
@@ -355,7 +504,7 @@ def main():
             for name, cmd, env, levels in plan:
                 port = free_port()
                 env = {**env, "PORT": str(port)}
-                if name == "python-peer":
+                if name.startswith("python-peer"):
                     cmd = cmd + ["--port", str(port)]
                 svc = Service(name, cmd, env, port, os.path.join(args.work, f"{scale}-{name.replace(' ', '_')}.log"))
                 try:

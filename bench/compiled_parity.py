@@ -5,10 +5,10 @@ STAGE_RUNTIME=compiled (the packages of model_service_py.compile_stages beside m
 user's list of 20 compared, and Recall@20 / NDCG@20 of both against the held-out items.
 
 usage: scripts/py bench/compiled_parity.py --data DIR [--concurrency 1] [--users 0]
-           [--env COMPILED_MAX_BATCH=1,...] [--json OUT]
+           [--env MAX_BATCH=16,...] [--json OUT]
 
-At concurrency 1 every batch holds one request, so the compiled stages rank every list (they run
-batches up to COMPILED_MAX_BATCH); higher concurrencies mix in TorchScript for larger batches.
+At concurrency 1 every batch holds one request; at higher concurrencies the batches mix profiles
+of different lengths (DIN's package ranks them one profile at a time, RankNet's the whole batch).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ STAGE_RUNTIME=compiled (the packages of model_service_py.compile_stages), in alt
 and the server process's own CPU per request.
 
 usage: scripts/py bench/runtime_ab.py --data DIR [--rounds 4] [--concurrency 1,8,32] [--seconds 10]
-           [--env COMPILED_MAX_BATCH=1,...]
+           [--env MAX_BATCH=16,...]
 """
 
 from __future__ import annotations
@@ -54,14 +54,18 @@ def main():
     print(f"\nmeans over {args.rounds} alternating rounds ({extra or 'default settings'})")
     for c in concurrencies:
         at = {name: [row for row in rs if row["concurrency"] == c] for name, rs in rows.items()}
-        mean = {name: {key: np.mean([row[key] for row in a]) for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_request")}
+        keys = ("rps", "p50_ms", "p99_ms", "cpu_ms_per_request")
+        mean = {name: {**{key: np.mean([row[key] for row in a]) for key in keys},
+                       **{key: np.mean([row["server"][key] for row in a if row.get("server")] or [0.0])
+                          for key in ("inference_cpu_ms_per_rec", "mean_batch")}}
                 for name, a in at.items()}
         base = mean["torchscript"]
         for name, m in mean.items():
             print(f"  c={c:<4d} {name:12s} {m['rps']:8.1f} req/s (x{m['rps'] / base['rps']:.3f})  "
                   f"p50 {m['p50_ms']:6.2f} ms (x{m['p50_ms'] / base['p50_ms']:.3f})  "
                   f"p99 {m['p99_ms']:7.2f} ms  server CPU {m['cpu_ms_per_request']:5.3f} ms/req "
-                  f"(x{m['cpu_ms_per_request'] / base['cpu_ms_per_request']:.3f})  "
+                  f"(x{m['cpu_ms_per_request'] / base['cpu_ms_per_request']:.3f}), inference "
+                  f"{m['inference_cpu_ms_per_rec']:5.3f} ms/rec at {m['mean_batch']:.1f} a batch  "
                   f"not 200: {sum(bad_answers(row) for row in at[name])}")
 
 

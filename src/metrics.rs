@@ -26,6 +26,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
     pub queue_wait: Histogram,
+    pub inference_cpu: prometheus::Counter,
+    pub jobs_abandoned: IntCounter,
     pub listener_events: IntCounterVec,
     pub listener_lag: HistogramVec,
     pub listener_pending: IntGauge,
@@ -145,6 +147,17 @@ impl Metrics {
         let queue_wait = Histogram::with_opts(
             HistogramOpts::new("inference_queue_wait_seconds", "Time a request waited for an inference worker")
                 .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("metric");
+        let inference_cpu = prometheus::Counter::new(
+            "inference_cpu_seconds_total",
+            "CPU time the inference workers' threads spent ranking batches (the three stages and the \
+             candidate selection)",
+        )
+        .expect("metric");
+        let jobs_abandoned = IntCounter::new(
+            "inference_abandoned_total",
+            "Queued requests not ranked because their caller had gone (client disconnected or timed out)",
         )
         .expect("metric");
         let listener_events = IntCounterVec::new(
@@ -338,6 +351,8 @@ impl Metrics {
             Box::new(batch_size.clone()),
             Box::new(queue_depth.clone()),
             Box::new(queue_wait.clone()),
+            Box::new(inference_cpu.clone()),
+            Box::new(jobs_abandoned.clone()),
             Box::new(listener_events.clone()),
             Box::new(listener_lag.clone()),
             Box::new(listener_pending.clone()),
@@ -384,6 +399,8 @@ impl Metrics {
             batch_size,
             queue_depth,
             queue_wait,
+            inference_cpu,
+            jobs_abandoned,
             listener_events,
             listener_lag,
             listener_pending,

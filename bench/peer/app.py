@@ -11,6 +11,8 @@ model-service. Run it with one uvicorn worker per core:
 
 Each worker computes one request at a time (the event loop runs the models inline: with one worker
 per core a thread pool would only add contention), with one libtorch thread (PEER_TORCH_THREADS).
+PEER_STAGE_RUNTIME=compiled runs DIN and RankNet from their AOTInductor packages instead (printed
+for reference by the benchmark; the peer stands for a service that loads the TorchScript files).
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ LIGHTGCN = torch.jit.load(os.path.join(MODEL_DIR, "lightgcn", "model.pt")).eval(
 DIN = torch.jit.load(os.path.join(MODEL_DIR, "din", "model.pt")).eval()
 DIN_TAKES_S1 = len(DIN.forward.schema.arguments) == 5  # interface v2: (history, mask, cands, s1)
 RANKNET = torch.jit.load(os.path.join(MODEL_DIR, "ranknet", "model.pt")).eval()
+if os.environ.get("PEER_STAGE_RUNTIME", "torchscript") == "compiled":
+    # for reference only: DIN and RankNet from the AOTInductor packages beside model.pt
+    # (model_service_py.compile_stages), called the same way
+    import torch._inductor
+
+    DIN = torch._inductor.aoti_load_package(os.path.join(MODEL_DIR, "din", "model.pt2"))
+    RANKNET = torch._inductor.aoti_load_package(os.path.join(MODEL_DIR, "ranknet", "model.pt2"))
 
 redis = aioredis.Redis(
     host=os.environ.get("REDIS_HOST", "127.0.0.1"), port=int(os.environ.get("REDIS_PORT", "6379"))

@@ -6,15 +6,18 @@ TorchScript files beside them, which stay the interchange format and the fallbac
 
 The shipped forwards loop over the batch's rows with sizes read from the mask (data-dependent
 shapes, which torch.export cannot trace with a dynamic batch); the forms below compute the same
-function on the padded batch: DIN's attention over the last min(L, max_att) positions with the
-padding masked, the EASE sum over the padded history with zero weight on the padding, RankNet's
-max cosine as a masked amax. Each is checked against its TorchScript file before it is written.
+functions without the loop. DIN takes a padded batch (its attention over the last min(L, max_att)
+positions with the padding masked, the EASE sum with zero weight on the padding); the server calls
+it one profile at a time, where nothing is padded, because a padded batch's cost follows batch x
+longest history (measured: docs/measurement-history.md). RankNet takes the batch's real history
+items packed (INPUTS), so its cost follows the real items at any batch size. Each is checked
+against its TorchScript file before it is written.
 
 A package is compiled for this machine's CPU (inductor's -march=native) and for `--threads`
 libtorch threads (inductor writes the count into its kernels): `<stage>/model.pt2.json` records
-both, with the SHA-256 of the model.pt it was made from, and the server uses a package only when
-all three match (STAGE_RUNTIME, README). Packages are build outputs: made once per machine
-(scripts/setup.sh), never committed.
+both, with the SHA-256 of the model.pt it was made from and the inputs it takes, and the server
+uses a package only when all four match (STAGE_RUNTIME, README). Packages are build outputs: made
+once per machine (scripts/setup.sh), never committed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 from torch.nn import functional as F
@@ -35,6 +39,9 @@ from . import msmodels
 from .reexport import rebuild
 
 STAGES = ("din", "ranknet")
+# What each package takes (model_output/README.md, "Compiled stages"): DIN one profile's padded
+# history at a time (the server calls it row by row), RankNet the batch's real items packed.
+INPUTS = {"din": ["history", "mask", "cands", "s1"], "ranknet": ["hist", "rows", "cands", "s1", "s2"]}
 # Batch, history and candidate sizes the packages accept.
 MAX_BATCH, MAX_HISTORY, MAX_CANDIDATES = 1024, 4096, 1 << 20
 
@@ -99,8 +106,10 @@ class DINCompiled(torch.nn.Module):
 
 
 class RankNetCompiled(torch.nn.Module):
-    """msmodels.RankNet.forward (7 features, no neighbour table) on the padded batch: the max
-    cosine as a masked amax over the [B, C, L] products."""
+    """msmodels.RankNet.forward (7 features, no neighbour table) on the batch's real history items
+    packed (`hist` [T] the items, `rows` [T] the profile each belongs to): the history sums by
+    index_add, the max cosine as an index_reduce amax over the [T, C] products, so that the cost
+    follows the real items, not batch x longest history."""
 
     def __init__(self, rn: msmodels.RankNet):
         super().__init__()
@@ -116,21 +125,22 @@ class RankNetCompiled(torch.nn.Module):
         self.register_buffer("w2", rn.net[4].weight.detach()[0].clone())
         self.register_buffer("b2", rn.net[4].bias.detach().clone())
 
-    def forward(self, history, mask, cands, s1, s2):
+    def forward(self, hist, rows, cands, s1, s2):
         b, c = cands.shape
-        length = history.shape[1]
-        lens = mask.sum(dim=1)
-        hlen = lens.to(torch.float32).unsqueeze(1)
+        lens = torch.zeros(b, dtype=torch.float32, device=cands.device).index_add(0, rows, torch.ones_like(hist, dtype=torch.float32))
+        hlen = lens.unsqueeze(1)
         order = torch.argsort(s1, dim=1, descending=True)
         steps = torch.arange(c, device=s1.device, dtype=s1.dtype).expand(b, c)
         rank = torch.empty_like(s1).scatter_(1, order, steps) / c
         cu = self.item_unit.index_select(0, cands.reshape(-1)).view(b, c, -1)  # [B, C, D]
-        hu = self.item_unit.index_select(0, history.reshape(-1)).view(b, length, -1)  # [B, L, D]
-        hu = hu * mask.unsqueeze(2).to(torch.float32)
-        mean_sim = torch.bmm(cu, hu.sum(dim=1).unsqueeze(2)).squeeze(2) / hlen.clamp(min=1.0)
-        sims = torch.bmm(cu, hu.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), float("-inf"))
-        max_sim = torch.amax(sims, dim=2)
-        max_sim = torch.where(lens.unsqueeze(1) > 0, max_sim, torch.zeros_like(max_sim))
+        hu = self.item_unit.index_select(0, hist)  # [T, D]
+        hsum = torch.zeros(b, hu.shape[1], dtype=hu.dtype, device=hu.device).index_add(0, rows, hu)
+        mean_sim = torch.bmm(cu, hsum.unsqueeze(2)).squeeze(2) / hlen.clamp(min=1.0)
+        sims = (cu.index_select(0, rows) * hu.unsqueeze(1)).sum(dim=2)  # [T, C], fused: never materialised
+        with warnings.catch_warnings():  # "index_reduce() is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            max_sim = torch.full((b, c), float("-inf"), device=cu.device).index_reduce(0, rows, sims, "amax")
+        max_sim = torch.where(hlen > 0, max_sim, torch.zeros_like(max_sim))
         pop = self.log_pop.index_select(0, cands.reshape(-1)).view(b, c)
         x = torch.stack([s1, s2, rank, pop, torch.log1p(hlen).expand(b, c), max_sim, mean_sim]).view(7, b * c)
         y = torch.relu(x.t() @ self.w0_t + self.b0)
@@ -171,9 +181,23 @@ def sample_inputs(stage: str, n: int, batch: int = 3, length: int = 7, cands: in
     return tuple(args)
 
 
-def package_key(source_sha: str, threads: int) -> str:
-    """What a package depends on: its model.pt, the CPU, the thread count, torch's version."""
-    return hashlib.sha256(f"{source_sha} {cpu_signature()} {threads} {torch.__version__}".encode()).hexdigest()[:16]
+def packed(history, mask):
+    """The real items of a padded batch packed row after row, and the row each belongs to."""
+    rows = torch.arange(history.shape[0]).repeat_interleave(mask.sum(dim=1))
+    return history.masked_select(mask), rows
+
+
+def package_args(stage: str, args: tuple) -> tuple:
+    """A stage's package inputs from its TorchScript inputs (INPUTS)."""
+    if stage == "ranknet":
+        return (*packed(args[0], args[1]), *args[2:])
+    return args
+
+
+def package_key(source_sha: str, stage: str, threads: int) -> str:
+    """What a package depends on: its model.pt, its inputs, the CPU, the thread count, torch's version."""
+    what = f"{source_sha} {INPUTS[stage]} {cpu_signature()} {threads} {torch.__version__}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
 def current(model_dir: str, stage: str, source_sha: str, threads: int) -> bool:
@@ -183,8 +207,8 @@ def current(model_dir: str, stage: str, source_sha: str, threads: int) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return (meta.get("source_sha256"), meta.get("cpu"), meta.get("threads")) == (source_sha, cpu_signature(), threads) \
-        and os.path.exists(os.path.join(model_dir, stage, "model.pt2"))
+    return (meta.get("source_sha256"), meta.get("cpu"), meta.get("threads"), meta.get("inputs")) \
+        == (source_sha, cpu_signature(), threads, INPUTS[stage]) and os.path.exists(os.path.join(model_dir, stage, "model.pt2"))
 
 
 def compile_stage(model_dir: str, stage: str, threads: int, cache: str | None = None) -> dict | None:
@@ -197,7 +221,7 @@ def compile_stage(model_dir: str, stage: str, threads: int, cache: str | None = 
     if current(model_dir, stage, source_sha, threads):
         with open(out + ".json") as f:
             return json.load(f)
-    cached = os.path.join(cache, package_key(source_sha, threads)) if cache else None
+    cached = os.path.join(cache, package_key(source_sha, stage, threads)) if cache else None
     if cached and os.path.exists(os.path.join(cached, "model.pt2.json")):
         shutil.copyfile(os.path.join(cached, "model.pt2"), out + ".copy")
         os.replace(out + ".copy", out)
@@ -217,17 +241,17 @@ def compile_stage(model_dir: str, stage: str, threads: int, cache: str | None = 
     with torch.inference_mode():
         for seed, shape in enumerate([(3, 7, 40), (1, 1, 5), (4, 60, 30)]):
             args = sample_inputs(stage, n, *shape, seed=seed)
-            diff = (module(*args) - scripted(*args)).abs().max().item()
+            diff = (module(*package_args(stage, args)) - scripted(*args)).abs().max().item()
             if not diff <= 1e-4:
                 raise SystemExit(f"{stage}: the compiled form differs from {src} by {diff}")
-    dims = {"history": (0, 1), "mask": (0, 1), "cands": (0, 2), "s1": (0, 2), "s2": (0, 2)}
     b = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     length = torch.export.Dim("history", min=1, max=MAX_HISTORY)
     c = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
-    by_axis = {1: length, 2: c}
-    names = ["history", "mask", "cands", "s1"] + (["s2"] if stage == "ranknet" else [])
-    shapes = {name: {0: b, 1: by_axis[dims[name][1]]} for name in names}
-    args = sample_inputs(stage, n, 4, 9, min(50, n), seed=7)
+    t = torch.export.Dim("items", min=1, max=MAX_BATCH * MAX_HISTORY)
+    axes = {"history": {0: b, 1: length}, "mask": {0: b, 1: length}, "hist": {0: t}, "rows": {0: t},
+            "cands": {0: b, 1: c}, "s1": {0: b, 1: c}, "s2": {0: b, 1: c}}
+    shapes = {name: axes[name] for name in INPUTS[stage]}
+    args = package_args(stage, sample_inputs(stage, n, 4, 9, min(50, n), seed=7))
     t0 = time.time()
     exported = torch.export.export(module, args, dynamic_shapes=shapes)
     tmp = os.path.join(model_dir, stage, "model.tmp.pt2")
@@ -235,11 +259,12 @@ def compile_stage(model_dir: str, stage: str, threads: int, cache: str | None = 
     loaded = torch._inductor.aoti_load_package(tmp)
     with torch.inference_mode():
         args = sample_inputs(stage, n, 3, 12, min(60, n), seed=11)
-        diff = (loaded(*args) - scripted(*args)).abs().max().item()
+        diff = (loaded(*package_args(stage, args)) - scripted(*args)).abs().max().item()
     if not diff <= 1e-4:
         raise SystemExit(f"{stage}: the package differs from {src} by {diff}")
     meta = {
         "stage": stage,
+        "inputs": INPUTS[stage],
         "source_sha256": source_sha,
         "threads": threads,
         "cpu": cpu_signature(),

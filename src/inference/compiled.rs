@@ -84,15 +84,12 @@ pub enum StageRuntime {
     Compiled,
 }
 
-/// How the stages of a set are loaded and when a compiled DIN runs.
+/// How the stages of a set are loaded.
 #[derive(Debug, Clone, Copy)]
 pub struct RuntimeSpec {
     pub runtime: StageRuntime,
     /// libtorch threads per worker: a package runs with the count it was compiled for.
     pub threads: usize,
-    /// Largest batch the compiled stages rank (their cost follows batch x longest history; larger
-    /// batches run TorchScript's, whose cost follows the real items).
-    pub max_batch: usize,
 }
 
 /// What `<stage>/model.pt2.json` records of a package (`model_service_py.compile_stages`).
@@ -101,6 +98,18 @@ struct PackageMeta {
     source_sha256: String,
     threads: usize,
     cpu: String,
+    /// Absent in the packages of the first compile_stages (RankNet's then took a padded batch).
+    #[serde(default)]
+    inputs: Vec<String>,
+}
+
+/// The inputs each stage's package takes (`compile_stages.INPUTS`, model_output/README.md): DIN
+/// one profile's history at a time, RankNet the batch's history items packed with their rows.
+fn package_inputs(stage: &str) -> &'static [&'static str] {
+    match stage {
+        "din" => &["history", "mask", "cands", "s1"],
+        _ => &["hist", "rows", "cands", "s1", "s2"],
+    }
 }
 
 /// `<dir>/<stage>/model.pt2` when the runtime asks for it and it was compiled from this model.pt,
@@ -129,6 +138,14 @@ pub fn load_stage(dir: &Path, stage: &str, spec: RuntimeSpec, on_cpu: bool) -> R
                 package.display(),
                 meta.threads,
                 spec.threads
+            ));
+        }
+        if meta.inputs != package_inputs(stage) {
+            return Err(format!(
+                "{} takes {:?}, this server calls it with {:?} (made by an older compile_stages: run it again)",
+                package.display(),
+                meta.inputs,
+                package_inputs(stage)
             ));
         }
         if meta.cpu != cpu_signature() {

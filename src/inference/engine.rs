@@ -58,8 +58,6 @@ pub struct EngineConfig {
     pub max_file_bytes: u64,
     /// TorchScript or the compiled packages (STAGE_RUNTIME).
     pub stage_runtime: StageRuntime,
-    /// Largest batch the compiled DIN ranks (COMPILED_MAX_BATCH).
-    pub compiled_max_batch: usize,
 }
 
 impl EngineConfig {
@@ -82,11 +80,7 @@ impl EngineConfig {
             warm_budget: self.budget(self.candidates(), 10, false),
             search: self.search,
             max_file_bytes: self.max_file_bytes,
-            runtime: RuntimeSpec {
-                runtime: self.stage_runtime,
-                threads: self.torch_threads,
-                max_batch: self.compiled_max_batch,
-            },
+            runtime: RuntimeSpec { runtime: self.stage_runtime, threads: self.torch_threads },
         })
     }
 }
@@ -579,6 +573,12 @@ fn run<R: Ranker>(worker: usize, lane: Lane, cfg: Arc<EngineConfig>, rx: Receive
                 metrics.queue_wait.observe(now.duration_since(job.queued).as_secs_f64());
             }
         }
+        // A job whose caller has gone (the client disconnected, or its request was cancelled) has
+        // nobody to answer: it is counted and not ranked.
+        let (gone, jobs): (Vec<Job<R>>, Vec<Job<R>>) = jobs.into_iter().partition(|j| j.reply.is_closed());
+        if serving {
+            metrics.jobs_abandoned.inc_by(gone.len() as u64);
+        }
         let (live, late): (Vec<Job<R>>, Vec<Job<R>>) = jobs.into_iter().partition(|j| j.deadline > now);
         for job in late {
             // Its caller answers 503 deadline_exceeded at the same moment, if it has not already.
@@ -587,7 +587,9 @@ fn run<R: Ranker>(worker: usize, lane: Lane, cfg: Arc<EngineConfig>, rx: Receive
         for same_set in by_model_set(live) {
             if serving {
                 metrics.batch_size.observe(same_set.len() as f64);
+                let cpu = thread_cpu_seconds();
                 run_batch(worker, &cfg, same_set);
+                metrics.inference_cpu.inc_by((thread_cpu_seconds() - cpu).max(0.0));
             } else {
                 // Nice 19 does not keep a shadow batch off the serving threads' core when the
                 // other core (or its hyperthread sibling) is idle for a moment: a duty cycle does.
@@ -598,6 +600,16 @@ fn run<R: Ranker>(worker: usize, lane: Lane, cfg: Arc<EngineConfig>, rx: Receive
             }
         }
     }
+}
+
+/// CPU seconds the calling thread has used (0 where the clock is not available).
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// The calling thread at nice 19: the shadow set's work runs on what the serving threads leave.
@@ -740,6 +752,35 @@ mod tests {
         assert_eq!(rank(&engine, 8).await.unwrap(), vec![1, 8]);
         // the late job was answered without running: only the slow one and the last one ran
         assert_eq!(seen.ranked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn jobs_whose_caller_has_gone_are_counted_and_not_ranked() {
+        let mut cfg = fake::config("v1");
+        cfg.max_batch = 1;
+        let (engine, seen) = started(cfg).await;
+        let slow = tokio::spawn({
+            let engine = engine.clone();
+            async move { rank(&engine, SLOW).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // three callers queue behind the slow batch and give up (a client that disconnected)
+        let gone: Vec<_> = (0..3)
+            .map(|i| {
+                tokio::spawn({
+                    let engine = engine.clone();
+                    async move { rank(&engine, 10 + i).await }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for call in &gone {
+            call.abort();
+        }
+        assert_eq!(slow.await.unwrap().unwrap(), vec![1, SLOW]);
+        assert_eq!(rank(&engine, 8).await.unwrap(), vec![1, 8]);
+        assert_eq!(seen.ranked.load(std::sync::atomic::Ordering::SeqCst), 2, "an abandoned job was ranked");
+        assert_eq!(engine.metrics.jobs_abandoned.get(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -131,6 +131,5 @@ pub fn config(model_dir: &str) -> EngineConfig {
         reload_timeout: Duration::from_secs(5),
         max_file_bytes: 1 << 20,
         stage_runtime: super::compiled::StageRuntime::Torchscript,
-        compiled_max_batch: 1,
     }
 }

@@ -85,8 +85,7 @@ pub struct StageInfo {
     pub version: String,
     pub dim: Option<u64>,
     pub file: PathBuf,
-    /// `torchscript`, or `compiled` (its model.pt2; DIN's up to COMPILED_MAX_BATCH requests
-    /// a batch).
+    /// `torchscript`, or `compiled` (its model.pt2).
     pub runtime: String,
 }
 
@@ -137,9 +136,8 @@ pub struct Models {
     ranknet: CModule,
     /// DIN interface v2: forward(history, mask, cands, s1).
     din_takes_s1: bool,
-    /// The compiled packages of DIN and RankNet, run for batches up to `compiled_max_batch`.
+    /// The compiled packages of DIN and RankNet, run instead of their TorchScript modules.
     din_compiled: Option<Compiled>,
-    compiled_max_batch: usize,
     ranknet_compiled: Option<Compiled>,
     device: Device,
     /// Approximate candidate search for stage 1 (None: LightGCN scores every item).
@@ -203,10 +201,10 @@ impl Models {
         };
         let ranknet_compiled = compiled::load_stage(dir, "ranknet", runtime, on_cpu).map_err(err)?;
         if din_compiled.is_some() {
-            stages[1].runtime = format!("compiled (batches up to {})", runtime.max_batch);
+            stages[1].runtime = "compiled".into();
         }
         if ranknet_compiled.is_some() {
-            stages[2].runtime = format!("compiled (batches up to {})", runtime.max_batch);
+            stages[2].runtime = "compiled".into();
         }
         let ranknet = modules.pop().expect("three modules");
         let din = modules.pop().expect("three modules");
@@ -219,18 +217,8 @@ impl Models {
             device: device_name(device),
             candidate_search: "exact".into(),
         };
-        let models = Self {
-            lightgcn,
-            din,
-            ranknet,
-            din_takes_s1,
-            din_compiled,
-            compiled_max_batch: runtime.max_batch,
-            ranknet_compiled,
-            device,
-            index: None,
-            info,
-        };
+        let models =
+            Self { lightgcn, din, ranknet, din_takes_s1, din_compiled, ranknet_compiled, device, index: None, info };
         models.smoke_test().map_err(|reason| err(format!("smoke batch failed: {reason}")))?;
         Ok(models)
     }
@@ -393,8 +381,8 @@ impl Models {
         }
 
         let t = Instant::now();
-        let s2 = if let Some(din) = self.din_compiled.as_ref().filter(|_| histories.len() <= self.compiled_max_batch) {
-            din.forward(&[&h, &m, &cand1, &s1]).map_err(TchError::Torch)?
+        let s2 = if let Some(din) = &self.din_compiled {
+            self.compiled_din(din, histories, &cand1, &s1)?
         } else if self.din_takes_s1 {
             self.din.forward_ts(&[&h, &m, &cand1, &s1])?
         } else {
@@ -415,8 +403,11 @@ impl Models {
         }
 
         let t = Instant::now();
-        let s3 = match self.ranknet_compiled.as_ref().filter(|_| histories.len() <= self.compiled_max_batch) {
-            Some(ranknet) => ranknet.forward(&[&h, &m, &cand2, &s1_top, &s2_top]).map_err(TchError::Torch)?,
+        let s3 = match &self.ranknet_compiled {
+            Some(ranknet) => {
+                let (hist, rows) = packed_history(histories)?;
+                ranknet.forward(&[&hist, &rows, &cand2, &s1_top, &s2_top]).map_err(TchError::Torch)?
+            }
             None => self.ranknet.forward_ts(&[&h, &m, &cand2, &s1_top, &s2_top])?,
         };
         expect_shape("ranknet", &s3, [b, c2])?;
@@ -428,6 +419,43 @@ impl Models {
         }
         Ok((ranked, times))
     }
+}
+
+impl Models {
+    /// The compiled DIN, one profile at a time: each call gets that profile's own history with
+    /// no padding (a padded batch's cost follows batch x longest history), and the rows' scores
+    /// are stacked into [B, c1].
+    fn compiled_din(
+        &self,
+        din: &Compiled,
+        histories: &[&[i64]],
+        cand1: &Tensor,
+        s1: &Tensor,
+    ) -> Result<Tensor, TchError> {
+        if histories.len() == 1 {
+            let (h, m) = self.history_tensors(histories)?;
+            return din.forward(&[&h, &m, cand1, s1]).map_err(TchError::Torch);
+        }
+        let rows = histories
+            .iter()
+            .enumerate()
+            .map(|(i, history)| {
+                let (h, m) = self.history_tensors(&[history])?;
+                let i = i as i64;
+                din.forward(&[&h, &m, &cand1.f_narrow(0, i, 1)?, &s1.f_narrow(0, i, 1)?]).map_err(TchError::Torch)
+            })
+            .collect::<Result<Vec<Tensor>, TchError>>()?;
+        Tensor::f_cat(&rows, 0)
+    }
+}
+
+/// The batch's history items packed row after row ([T]) and the row each belongs to ([T]), the
+/// compiled RankNet's input (model_output/README.md).
+fn packed_history(histories: &[&[i64]]) -> Result<(Tensor, Tensor), TchError> {
+    let hist: Vec<i64> = histories.iter().flat_map(|h| h.iter().copied()).collect();
+    let rows: Vec<i64> =
+        histories.iter().enumerate().flat_map(|(i, h)| std::iter::repeat_n(i as i64, h.len())).collect();
+    Ok((Tensor::f_from_slice(&hist)?, Tensor::f_from_slice(&rows)?))
 }
 
 /// libtorch's message without the C++ stack trace it appends (for logs and error bodies).

@@ -82,11 +82,6 @@ pub struct EngineArgs {
     /// packages is refused). `/health` and `check` say which runs.
     #[arg(long, env = "STAGE_RUNTIME", value_enum, default_value = "auto", global = true)]
     pub stage_runtime: super::compiled::StageRuntime,
-    /// Largest batch the compiled stages rank: their cost follows batch x longest history,
-    /// TorchScript's the real items, so larger batches of mixed lengths run TorchScript
-    /// (docs/performance.md).
-    #[arg(long, env = "COMPILED_MAX_BATCH", default_value_t = 1, global = true)]
-    pub compiled_max_batch: usize,
     /// Requests that may wait for the inference workers; beyond that requests get 429.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 256, global = true)]
     pub queue_capacity: usize,
@@ -146,7 +141,6 @@ impl EngineArgs {
             reload_timeout: self.reload_timeout(),
             max_file_bytes: self.max_model_file_bytes,
             stage_runtime: self.stage_runtime,
-            compiled_max_batch: self.compiled_max_batch,
         })
     }
 
