@@ -4,7 +4,7 @@
 #
 #   scripts/bench.sh DATA_DIR [bench.py options, e.g. --seconds 15 --concurrency 1,8,32,128]
 #
-# Installs what it needs: wrk (Debian), the peer's packages (bench/requirements.txt, into the project
+# Installs what it needs: wrk and perf (Debian), the peer's packages (bench/requirements.txt, into the project
 # venv), the release binary; generates the 1M-item models once under the cache
 # (MODEL_SERVICE_CACHE, default ~/.cache/model-service). SYNTHETIC_ITEMS=0 skips that scale.
 # Writes bench/results/latest.json and bench/results/latency_throughput.png.
@@ -24,6 +24,12 @@ if ! command -v wrk >/dev/null; then
     ms_sudo apt-get install -y -qq --no-install-recommends wrk >/dev/null || {
         ms_sudo apt-get update -qq && ms_sudo apt-get install -y -qq --no-install-recommends wrk >/dev/null
     }
+fi
+if ! command -v perf >/dev/null; then
+    # the server's own CPU per recommendation (perf stat -p); without it the harness reads /proc
+    ms_log "installing perf (Debian package linux-perf)"
+    ms_sudo apt-get install -y -qq --no-install-recommends linux-perf >/dev/null 2>&1 \
+        || ms_log "linux-perf is not installable here; the server's CPU comes from /proc"
 fi
 BENCH_MARK="$VENV/.bench-$(sha256sum bench/requirements.txt | cut -c1-12)"
 if [ ! -f "$BENCH_MARK" ]; then
