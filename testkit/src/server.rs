@@ -93,6 +93,10 @@ impl Server {
         wait_until(Duration::from_secs(60), || {
             server.exited().is_some() || server.try_get("/health/live").map(|(s, _)| s == 200).unwrap_or(false)
         });
+        if let Some(status) = server.exited() {
+            // shown only if the test fails: a test expecting the exit checks it (and its log) itself
+            eprintln!("the server on port {port} exited at start ({status})");
+        }
         server
     }
 
@@ -107,7 +111,19 @@ impl Server {
 
     /// Waits until /health says healthy (models warmed up, Redis reachable).
     pub fn wait_healthy(&self) {
-        wait_until(Duration::from_secs(60), || self.get("/health").0 == 200);
+        wait_until(Duration::from_secs(60), || match self.try_get("/health") {
+            Some((status, _)) => status == 200,
+            None => {
+                assert!(!self.is_zombie(), "the server (pid {}) exited before it was healthy", self.child.id());
+                false
+            }
+        });
+    }
+
+    /// The process has ended and not yet been waited for (it can no longer answer).
+    fn is_zombie(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
     }
 
     pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
