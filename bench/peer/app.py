@@ -57,7 +57,11 @@ if os.environ.get("PEER_STAGE_RUNTIME", "torchscript") == "compiled":
     import torch._inductor
 
     DIN = torch._inductor.aoti_load_package(os.path.join(MODEL_DIR, "din", "model.pt2"))
-    RANKNET = torch._inductor.aoti_load_package(os.path.join(MODEL_DIR, "ranknet", "model.pt2"))
+    _RANKNET_PACKAGE = torch._inductor.aoti_load_package(os.path.join(MODEL_DIR, "ranknet", "model.pt2"))
+
+    def RANKNET(history, mask, cands, s1, s2):  # noqa: N802 (stands in for the module)
+        # the package takes the history packed with each item's row (one row here)
+        return _RANKNET_PACKAGE(history.reshape(-1), torch.zeros(history.numel(), dtype=torch.long), cands, s1, s2)
 
 redis = aioredis.Redis(
     host=os.environ.get("REDIS_HOST", "127.0.0.1"), port=int(os.environ.get("REDIS_PORT", "6379"))

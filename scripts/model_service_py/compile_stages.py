@@ -30,7 +30,6 @@ import platform
 import shutil
 import sys
 import time
-import warnings
 
 import torch
 from torch.nn import functional as F
@@ -42,6 +41,8 @@ STAGES = ("din", "ranknet")
 # What each package takes (model_output/README.md, "Compiled stages"): DIN one profile's padded
 # history at a time (the server calls it row by row), RankNet the batch's real items packed.
 INPUTS = {"din": ["history", "mask", "cands", "s1"], "ranknet": ["hist", "rows", "cands", "s1", "s2"]}
+# Raised whenever the compiled forms below change, so that packages made before are made again.
+FORM = 3
 # Batch, history and candidate sizes the packages accept.
 MAX_BATCH, MAX_HISTORY, MAX_CANDIDATES = 1024, 4096, 1 << 20
 
@@ -108,7 +109,7 @@ class DINCompiled(torch.nn.Module):
 class RankNetCompiled(torch.nn.Module):
     """msmodels.RankNet.forward (7 features, no neighbour table) on the batch's real history items
     packed (`hist` [T] the items, `rows` [T] the profile each belongs to): the history sums by
-    index_add, the max cosine as an index_reduce amax over the [T, C] products, so that the cost
+    index_add, the max cosine as a scatter_reduce amax over the [T, C] products, so that the cost
     follows the real items, not batch x longest history."""
 
     def __init__(self, rn: msmodels.RankNet):
@@ -137,9 +138,8 @@ class RankNetCompiled(torch.nn.Module):
         hsum = torch.zeros(b, hu.shape[1], dtype=hu.dtype, device=hu.device).index_add(0, rows, hu)
         mean_sim = torch.bmm(cu, hsum.unsqueeze(2)).squeeze(2) / hlen.clamp(min=1.0)
         sims = (cu.index_select(0, rows) * hu.unsqueeze(1)).sum(dim=2)  # [T, C], fused: never materialised
-        with warnings.catch_warnings():  # "index_reduce() is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            max_sim = torch.full((b, c), float("-inf"), device=cu.device).index_reduce(0, rows, sims, "amax")
+        at = rows.unsqueeze(1).expand(-1, c)
+        max_sim = torch.full((b, c), float("-inf"), device=cu.device).scatter_reduce(0, at, sims, "amax")
         max_sim = torch.where(hlen > 0, max_sim, torch.zeros_like(max_sim))
         pop = self.log_pop.index_select(0, cands.reshape(-1)).view(b, c)
         x = torch.stack([s1, s2, rank, pop, torch.log1p(hlen).expand(b, c), max_sim, mean_sim]).view(7, b * c)
@@ -196,7 +196,7 @@ def package_args(stage: str, args: tuple) -> tuple:
 
 def package_key(source_sha: str, stage: str, threads: int) -> str:
     """What a package depends on: its model.pt, its inputs, the CPU, the thread count, torch's version."""
-    what = f"{source_sha} {INPUTS[stage]} {cpu_signature()} {threads} {torch.__version__}"
+    what = f"{source_sha} {INPUTS[stage]} {FORM} {cpu_signature()} {threads} {torch.__version__}"
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -207,8 +207,9 @@ def current(model_dir: str, stage: str, source_sha: str, threads: int) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return (meta.get("source_sha256"), meta.get("cpu"), meta.get("threads"), meta.get("inputs")) \
-        == (source_sha, cpu_signature(), threads, INPUTS[stage]) and os.path.exists(os.path.join(model_dir, stage, "model.pt2"))
+    return (meta.get("source_sha256"), meta.get("cpu"), meta.get("threads"), meta.get("inputs"), meta.get("form")) \
+        == (source_sha, cpu_signature(), threads, INPUTS[stage], FORM) \
+        and os.path.exists(os.path.join(model_dir, stage, "model.pt2"))
 
 
 def compile_stage(model_dir: str, stage: str, threads: int, cache: str | None = None) -> dict | None:
@@ -265,6 +266,7 @@ def compile_stage(model_dir: str, stage: str, threads: int, cache: str | None = 
     meta = {
         "stage": stage,
         "inputs": INPUTS[stage],
+        "form": FORM,
         "source_sha256": source_sha,
         "threads": threads,
         "cpu": cpu_signature(),
