@@ -72,28 +72,8 @@ class RankNetPadded(RankNetCompiled):
         return (y @ self.w2 + self.b2).view(b, c)
 
 
-class RankNetPacked(RankNetCompiled):
-    """hist [T], rows [T], cands, s1, s2 (the shipped form, written out as measured)."""
-
-    def forward(self, hist, rows, cands, s1, s2):
-        b, c = cands.shape
-        lens = torch.zeros(b, dtype=torch.float32, device=cands.device).index_add(0, rows, torch.ones_like(hist, dtype=torch.float32))
-        hlen = lens.unsqueeze(1)
-        order = torch.argsort(s1, dim=1, descending=True)
-        steps = torch.arange(c, device=s1.device, dtype=s1.dtype).expand(b, c)
-        rank = torch.empty_like(s1).scatter_(1, order, steps) / c
-        cu = self.item_unit.index_select(0, cands.reshape(-1)).view(b, c, -1)  # [B, C, D]
-        hu = self.item_unit.index_select(0, hist)  # [T, D]
-        hsum = torch.zeros(b, hu.shape[1], dtype=hu.dtype, device=hu.device).index_add(0, rows, hu)
-        mean_sim = torch.bmm(cu, hsum.unsqueeze(2)).squeeze(2) / hlen.clamp(min=1.0)
-        sims = (cu.index_select(0, rows) * hu.unsqueeze(1)).sum(-1)  # [T, C]
-        max_sim = torch.full((b, c), float("-inf"), device=cu.device).index_reduce(0, rows, sims, "amax")  # as measured
-        max_sim = torch.where(hlen > 0, max_sim, torch.zeros_like(max_sim))
-        pop = self.log_pop.index_select(0, cands.reshape(-1)).view(b, c)
-        x = torch.stack([s1, s2, rank, pop, torch.log1p(hlen).expand(b, c), max_sim, mean_sim]).view(7, b * c)
-        y = torch.relu(x.t() @ self.w0_t + self.b0)
-        y = torch.relu(F.linear(y, self.w1, self.b1))
-        return (y @ self.w2 + self.b2).view(b, c)
+# the shipped form (measured with index_reduce for the amax; it now uses scatter_reduce, the same sums)
+RankNetPacked = RankNetCompiled
 
 
 def packed_inputs(h, m, max_att):
