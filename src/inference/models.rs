@@ -382,7 +382,7 @@ impl Models {
 
         let t = Instant::now();
         let s2 = if let Some(din) = &self.din_compiled {
-            self.compiled_din(din, histories, &cand1, &s1)?
+            self.compiled_din(din, histories, (&h, &m), &cand1, &s1)?
         } else if self.din_takes_s1 {
             self.din.forward_ts(&[&h, &m, &cand1, &s1])?
         } else {
@@ -425,16 +425,17 @@ impl Models {
     /// The compiled DIN, one profile at a time: each call gets that profile's own history with
     /// no padding (a padded batch's cost follows batch x longest history), and the rows' scores
     /// are stacked into [B, c1].
+    /// `padded`: the batch's history and mask, already built (a batch of one is passed as is).
     fn compiled_din(
         &self,
         din: &Compiled,
         histories: &[&[i64]],
+        padded: (&Tensor, &Tensor),
         cand1: &Tensor,
         s1: &Tensor,
     ) -> Result<Tensor, TchError> {
         if histories.len() == 1 {
-            let (h, m) = self.history_tensors(histories)?;
-            return din.forward(&[&h, &m, cand1, s1]).map_err(TchError::Torch);
+            return din.forward(&[padded.0, padded.1, cand1, s1]).map_err(TchError::Torch);
         }
         let rows = histories
             .iter()
