@@ -7,6 +7,7 @@
 # Installs what it needs: wrk and perf (Debian), the peer's packages (bench/requirements.txt, into the project
 # venv), the release binary; generates the 1M-item models once under the cache
 # (MODEL_SERVICE_CACHE, default ~/.cache/model-service). SYNTHETIC_ITEMS=0 skips that scale.
+# BASELINE_REV=<commit> also measures that commit's binary at concurrency 1 and 32 (built once).
 # Writes bench/results/latest.json and bench/results/latency_throughput.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,4 +45,21 @@ if [ "$ITEMS" != 0 ]; then
     "$PY" bench/make_synthetic.py --data "$DATA" --out "$SYN_DIR" --items "$ITEMS"
     SYNTHETIC=(--synthetic-dir "$SYN_DIR")
 fi
-exec "$PY" bench/bench.py --data "$DATA" --bin "$BIN" "${SYNTHETIC[@]}" "$@"
+BASELINE=()
+if [ -n "${BASELINE_REV:-}" ]; then
+    # the release binary of an earlier commit, measured beside today's (bench.py --baseline-bin): built
+    # once per commit from a worktree with a target directory of its own (two checkouts sharing one
+    # overwrite each other's build-script output)
+    rev=$(git rev-parse --short "$BASELINE_REV")
+    BASE_BIN="$MS_CACHE/bench/baseline-$rev"
+    if [ ! -x "$BASE_BIN" ]; then
+        ms_log "building the baseline binary of $rev (once)"
+        tree="$MS_CACHE/bench/worktree-$rev"
+        [ -d "$tree" ] || git worktree add --detach "$tree" "$rev" >/dev/null
+        (cd "$tree" && CARGO_TARGET_DIR="$MS_CACHE/bench/baseline-target" cargo build --release --quiet)
+        cp "$MS_CACHE/bench/baseline-target/release/model-service" "$BASE_BIN"
+        git worktree remove --force "$tree"
+    fi
+    BASELINE=(--baseline-bin "$BASE_BIN")
+fi
+exec "$PY" bench/bench.py --data "$DATA" --bin "$BIN" "${SYNTHETIC[@]}" "${BASELINE[@]}" "$@"
