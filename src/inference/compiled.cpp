@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -15,10 +16,20 @@ void set_error(char *err, size_t len, const char *what) {
     err[len - 1] = '\0';
   }
 }
+
+// Loaders are made and destroyed one at a time in the process: constructing them from several
+// threads at once (the copies of a model set load in parallel, a reload frees the old set while
+// the new one loads) corrupted the heap ("double free or corruption", "unaligned tcache chunk")
+// within a few dozen reloads (tests/compiled_stages.rs). Running a loaded package needs no lock.
+std::mutex &lifecycle() {
+  static std::mutex m;
+  return m;
+}
 }  // namespace
 
 extern "C" void *model_service_aoti_load(const char *path, char *err, size_t err_len) {
   try {
+    std::lock_guard<std::mutex> one_at_a_time(lifecycle());
     return new torch::inductor::AOTIModelPackageLoader(path);
   } catch (const std::exception &e) {
     set_error(err, err_len, e.what());
@@ -51,5 +62,6 @@ extern "C" at::Tensor *model_service_aoti_run(void *loader, at::Tensor **inputs,
 }
 
 extern "C" void model_service_aoti_free(void *loader) {
+  std::lock_guard<std::mutex> one_at_a_time(lifecycle());
   delete static_cast<torch::inductor::AOTIModelPackageLoader *>(loader);
 }
