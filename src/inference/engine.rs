@@ -707,6 +707,12 @@ mod tests {
         (engine, seen)
     }
 
+    /// `rank` in a task of its own (a caller that can wait, or give up, beside the test).
+    fn spawn_rank(engine: &Engine<Fake>, first: i64) -> tokio::task::JoinHandle<Result<Vec<i64>, InferenceError>> {
+        let engine = engine.clone();
+        tokio::spawn(async move { rank(&engine, first).await })
+    }
+
     async fn rank(engine: &Engine<Fake>, first: i64) -> Result<Vec<i64>, InferenceError> {
         let lineup = engine.current().expect("a lineup in service");
         engine.rank(lineup.primary(), vec![first, 1], vec![], None, 10, false).await.map(|s| s.ranked.rows)
@@ -739,10 +745,7 @@ mod tests {
         cfg.deadline = Duration::from_millis(100);
         cfg.max_batch = 1;
         let (engine, seen) = started(cfg).await;
-        let slow = tokio::spawn({
-            let engine = engine.clone();
-            async move { rank(&engine, SLOW).await }
-        });
+        let slow = spawn_rank(&engine, SLOW);
         tokio::time::sleep(Duration::from_millis(20)).await;
         // queued behind the slow batch: its deadline passes before a worker takes it
         let queued = rank(&engine, 7).await;
@@ -759,20 +762,10 @@ mod tests {
         let mut cfg = fake::config("v1");
         cfg.max_batch = 1;
         let (engine, seen) = started(cfg).await;
-        let slow = tokio::spawn({
-            let engine = engine.clone();
-            async move { rank(&engine, SLOW).await }
-        });
+        let slow = spawn_rank(&engine, SLOW);
         tokio::time::sleep(Duration::from_millis(20)).await;
         // three callers queue behind the slow batch and give up (a client that disconnected)
-        let gone: Vec<_> = (0..3)
-            .map(|i| {
-                tokio::spawn({
-                    let engine = engine.clone();
-                    async move { rank(&engine, 10 + i).await }
-                })
-            })
-            .collect();
+        let gone: Vec<_> = (0..3).map(|i| spawn_rank(&engine, 10 + i)).collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
         for call in &gone {
             call.abort();
@@ -789,19 +782,9 @@ mod tests {
         cfg.queue_capacity = 2;
         cfg.max_batch = 1;
         let (engine, _) = started(cfg).await;
-        let busy = tokio::spawn({
-            let engine = engine.clone();
-            async move { rank(&engine, SLOW).await }
-        });
+        let busy = spawn_rank(&engine, SLOW);
         tokio::time::sleep(Duration::from_millis(50)).await; // the worker holds the slow job
-        let waiting: Vec<_> = (0..2)
-            .map(|i| {
-                tokio::spawn({
-                    let engine = engine.clone();
-                    async move { rank(&engine, i).await }
-                })
-            })
-            .collect();
+        let waiting: Vec<_> = (0..2).map(|i| spawn_rank(&engine, i)).collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let started_at = Instant::now();
         assert!(matches!(rank(&engine, 9).await, Err(InferenceError::Overloaded(2))));
@@ -825,10 +808,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_reload_lets_requests_on_the_old_set_finish_there_and_later_ones_get_the_new_set() {
         let (engine, _) = started(fake::config("v1")).await;
-        let on_old = tokio::spawn({
-            let engine = engine.clone();
-            async move { rank(&engine, SLOW).await }
-        });
+        let on_old = spawn_rank(&engine, SLOW);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let reloaded = engine.reload(Some("v2".into())).await.expect("v2 loads");
         assert_eq!((reloaded.previous_version.as_str(), reloaded.model_version.as_str()), ("v1", "v2"));
