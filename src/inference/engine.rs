@@ -389,7 +389,8 @@ impl<R: Ranker> Engine<R> {
     ///
     /// The loading thread, not this future, holds the one-reload-at-a-time flag: a client that
     /// gives up, or the timeout, does not end the load, so further reloads get 409 until it has
-    /// really ended. Past `reload_timeout` the caller gets `ReloadTimeout` and the load's result
+    /// really ended. It frees the old lineup (unless requests still hold it) and clears the flag
+    /// before it answers, so a reload answered has ended. Past `reload_timeout` the caller gets `ReloadTimeout` and the load's result
     /// is discarded. The thread is not joined: SIGTERM ends the process during a reload.
     pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Reloaded, InferenceError> {
         if self.reloading.swap(true, Ordering::SeqCst) {
@@ -410,9 +411,11 @@ impl<R: Ranker> Engine<R> {
         std::thread::Builder::new()
             .name("model-reload".into())
             .spawn(move || {
-                let _running = running;
                 let loaded = engine.load_lineup(dir.as_deref(), Some(&previous));
-                let _ = reply.send(engine.finish_reload(loaded, &previous, started, &decider));
+                let outcome = engine.finish_reload(loaded, &previous, started, &decider);
+                drop(previous);
+                drop(running);
+                let _ = reply.send(outcome);
             })
             .map_err(|e| InferenceError::ReloadRefused(format!("cannot start the loading thread: {e}")))?;
         let timeout = self.cfg.reload_timeout;
@@ -815,6 +818,17 @@ mod tests {
         assert_eq!(on_old.await.unwrap().unwrap(), vec![1, SLOW], "the in-flight request changed sets");
         assert_eq!(rank(&engine, 4).await.unwrap(), vec![2, 4]);
         assert_eq!(engine.current().unwrap().primary().set.info().version, "v2");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_reload_answers_once_it_has_ended_so_the_next_one_starts_even_when_freeing_the_old_set_is_slow() {
+        let (engine, seen) = started(fake::config("heavy-v1")).await;
+        for (n, next) in ["heavy-v2", "heavy-v3", "heavy-v1"].into_iter().enumerate() {
+            let reloaded = engine.reload(Some(next.into())).await;
+            assert!(reloaded.is_ok(), "reload {n}: {reloaded:?}");
+            assert_eq!(seen.dropped.load(Ordering::SeqCst), n + 1, "reload {n} answered before the old set was freed");
+        }
+        assert_eq!(rank(&engine, 6).await.unwrap(), vec![1, 6]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

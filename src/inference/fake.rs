@@ -29,6 +29,8 @@ pub struct Seen {
     pub batches: Mutex<Vec<usize>>,
     /// Histories ranked, all sets together.
     pub ranked: AtomicUsize,
+    /// Copies of sets dropped (freed).
+    pub dropped: AtomicUsize,
 }
 
 pub struct Fake {
@@ -36,6 +38,15 @@ pub struct Fake {
     dir: PathBuf,
     tag: i64,
     seen: Arc<Seen>,
+    /// How long dropping this copy takes (`heavy-` sets), as freeing real models does.
+    drop_delay: Duration,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        std::thread::sleep(self.drop_delay);
+        self.seen.dropped.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Ranker for Fake {
@@ -86,10 +97,16 @@ impl Ranker for Fake {
     }
 }
 
-/// Loads `vN` as the set tagged N; `broken` fails; `slow-vN` takes 400 ms, then is `vN`.
+/// Loads `vN` as the set tagged N; `broken` fails; `slow-vN` takes 400 ms, then is `vN`;
+/// `heavy-vN` is `vN` whose copies take 300 ms each to drop.
 pub fn loader(seen: Arc<Seen>) -> Loader<Fake> {
     Arc::new(move |dir: &Path, _copies| {
         let mut name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let mut drop_delay = Duration::ZERO;
+        if let Some(rest) = name.strip_prefix("heavy-") {
+            drop_delay = Duration::from_millis(300);
+            name = rest.to_string();
+        }
         if let Some(rest) = name.strip_prefix("slow-") {
             std::thread::sleep(Duration::from_millis(400));
             name = rest.to_string();
@@ -106,7 +123,7 @@ pub fn loader(seen: Arc<Seen>) -> Loader<Fake> {
             device: "cpu".into(),
             candidate_search: "exact".into(),
         };
-        Ok(Fake { info, dir: dir.to_path_buf(), tag, seen: seen.clone() })
+        Ok(Fake { info, dir: dir.to_path_buf(), tag, seen: seen.clone(), drop_delay })
     })
 }
 
