@@ -156,3 +156,22 @@ fn reloads_of_a_compiled_set_keep_the_server_serving() {
     assert_eq!(ask_with(server.port, &history, "reloads"), before);
     assert_eq!(runtime(&server), "lightgcn=torchscript din=compiled ranknet=compiled");
 }
+
+#[test]
+fn a_running_server_keeps_no_unpacked_package_on_disk() {
+    // libtorch unpacks every package it loads into a directory of its own under /tmp and removes it
+    // only in the loader's destructor, which a killed or crashed server never runs: each start left
+    // 6.7 MB per package and copy behind. On the CPU the server removes it once the package is
+    // loaded, so the libraries it runs from are already deleted files.
+    let dir = compiled_models("compiled-unpacked");
+    let redis = Redis::start();
+    let server = Server::start_with(redis.port, &dir, &[("STAGE_RUNTIME", "compiled"), ("INFERENCE_WORKERS", "2")]);
+    server.wait_healthy();
+    let history: Vec<String> = (0..8).map(|j| item(j * 3)).collect();
+    assert_eq!(ask(server.port, &history).len(), 10, "the packages serve after their files are gone");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
+    let libraries: Vec<&str> = maps.lines().filter(|l| l.contains(".wrapper.so")).collect();
+    assert!(!libraries.is_empty(), "no package library is mapped:\n{maps}");
+    let on_disk: Vec<&&str> = libraries.iter().filter(|l| !l.ends_with("(deleted)")).collect();
+    assert!(on_disk.is_empty(), "still on disk: {on_disk:#?}");
+}

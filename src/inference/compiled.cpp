@@ -5,8 +5,12 @@
 
 #include <cstring>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <mutex>
+#include <set>
 #include <string>
+#include <system_error>
 #include <vector>
 
 namespace {
@@ -25,12 +29,47 @@ std::mutex &lifecycle() {
   static std::mutex m;
   return m;
 }
+
+// The directories the loaders unpacked packages into, as mapped in this process: a package's
+// library is <temp dir>/<archive>/data/aotinductor/<model>/<hash>.wrapper.so.
+std::set<std::filesystem::path> unpacked_dirs() {
+  std::set<std::filesystem::path> dirs;
+  std::ifstream maps("/proc/self/maps");
+  const std::string marker = "/data/aotinductor/", suffix = ".wrapper.so";
+  std::string line;
+  while (std::getline(maps, line)) {
+    auto slash = line.find('/');
+    if (slash == std::string::npos) continue;
+    std::string path = line.substr(slash);
+    auto at = path.find(marker);
+    if (at == std::string::npos || path.size() < suffix.size() ||
+        path.compare(path.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    dirs.insert(std::filesystem::path(path.substr(0, at)).parent_path());
+  }
+  return dirs;
+}
+
+// The loader unpacks each package into a directory of its own, /tmp/XXXXXX (whatever TMPDIR says),
+// and removes it in its destructor, which a killed or crashed process never runs (each start of
+// a server left 6.7 MB per package and copy behind). A CPU package needs none of those files once
+// loaded (its library is mapped, its weights are in memory), so its directory goes at once; a
+// CUDA package may still load kernels from it, so its directory stays for the destructor.
+void remove_unpacked(const std::set<std::filesystem::path> &before) {
+  std::error_code ec;
+  for (const auto &dir : unpacked_dirs()) {
+    if (before.count(dir) == 0 && dir.parent_path() == "/tmp") std::filesystem::remove_all(dir, ec);
+  }
+}
 }  // namespace
 
 extern "C" void *model_service_aoti_load(const char *path, char *err, size_t err_len) {
   try {
     std::lock_guard<std::mutex> one_at_a_time(lifecycle());
-    return new torch::inductor::AOTIModelPackageLoader(path);
+    auto before = unpacked_dirs();
+    auto loader = new torch::inductor::AOTIModelPackageLoader(path);
+    if (loader->get_metadata()["AOTI_DEVICE_KEY"] == "cpu") remove_unpacked(before);
+    return loader;
   } catch (const std::exception &e) {
     set_error(err, err_len, e.what());
   } catch (...) {
