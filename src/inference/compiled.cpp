@@ -7,6 +7,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -67,9 +68,10 @@ extern "C" void *model_service_aoti_load(const char *path, char *err, size_t err
   try {
     std::lock_guard<std::mutex> one_at_a_time(lifecycle());
     auto before = unpacked_dirs();
-    auto loader = new torch::inductor::AOTIModelPackageLoader(path);
+    std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader(
+        new torch::inductor::AOTIModelPackageLoader(path));
     if (loader->get_metadata()["AOTI_DEVICE_KEY"] == "cpu") remove_unpacked(before);
-    return loader;
+    return loader.release();
   } catch (const std::exception &e) {
     set_error(err, err_len, e.what());
   } catch (...) {
