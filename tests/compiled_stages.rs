@@ -25,6 +25,17 @@ fn compiled_models(name: &str) -> PathBuf {
     dir
 }
 
+/// A healthy server on a fresh compiled copy of the test models (`STAGE_RUNTIME=compiled`), with
+/// its Redis.
+fn compiled_server(name: &str, env: &[(&str, &str)]) -> (Redis, Server) {
+    let dir = compiled_models(name);
+    let redis = Redis::start();
+    let env: Vec<(&str, &str)> = env.iter().copied().chain([("STAGE_RUNTIME", "compiled")]).collect();
+    let server = Server::start_with(redis.port, &dir, &env);
+    server.wait_healthy();
+    (redis, server)
+}
+
 fn runtime(server: &Server) -> String {
     let (status, health) = server.get("/health");
     assert_eq!(status, 200, "{health}");
@@ -143,10 +154,7 @@ fn reloads_of_a_compiled_set_keep_the_server_serving() {
     // Every reload makes two copies of the packages in parallel and frees the old set's: made from
     // several threads at once, libtorch's package loaders corrupted the heap within a few dozen
     // reloads (the server aborted with "double free or corruption").
-    let dir = compiled_models("compiled-reloads");
-    let redis = Redis::start();
-    let server = Server::start_with(redis.port, &dir, &[("API_TOKEN", "reloads"), ("STAGE_RUNTIME", "compiled")]);
-    server.wait_healthy();
+    let (_redis, server) = compiled_server("compiled-reloads", &[("API_TOKEN", "reloads")]);
     let history: Vec<String> = (0..12).map(|j| item(j * 5)).collect();
     let before = ask_with(server.port, &history, "reloads");
     for n in 0..60 {
@@ -163,10 +171,7 @@ fn a_running_server_keeps_no_unpacked_package_on_disk() {
     // only in the loader's destructor, which a killed or crashed server never runs: each start left
     // 6.7 MB per package and copy behind. On the CPU the server removes it once the package is
     // loaded, so the libraries it runs from are already deleted files.
-    let dir = compiled_models("compiled-unpacked");
-    let redis = Redis::start();
-    let server = Server::start_with(redis.port, &dir, &[("STAGE_RUNTIME", "compiled"), ("INFERENCE_WORKERS", "2")]);
-    server.wait_healthy();
+    let (_redis, server) = compiled_server("compiled-unpacked", &[("INFERENCE_WORKERS", "2")]);
     let history: Vec<String> = (0..8).map(|j| item(j * 3)).collect();
     assert_eq!(ask(server.port, &history).len(), 10, "the packages serve after their files are gone");
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
