@@ -51,7 +51,7 @@ std::set<std::filesystem::path> unpacked_dirs() {
   return dirs;
 }
 
-// The loader unpacks each package into a directory of its own, /tmp/XXXXXX (whatever TMPDIR says),
+// The loader unpacks each package into a directory of its own, /tmp/XXXXXX (TMPDIR is not read),
 // and removes it in its destructor, which a killed or crashed process never runs (each start of
 // a server left 6.7 MB per package and copy behind). A CPU package needs none of those files once
 // loaded (its library is mapped, its weights are in memory), so its directory goes at once; a

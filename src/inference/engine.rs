@@ -390,8 +390,9 @@ impl<R: Ranker> Engine<R> {
     /// The loading thread, not this future, holds the one-reload-at-a-time flag: a client that
     /// gives up, or the timeout, does not end the load, so further reloads get 409 until it has
     /// really ended. It frees the old lineup (unless requests still hold it) and clears the flag
-    /// before it answers, so a reload answered has ended. Past `reload_timeout` the caller gets `ReloadTimeout` and the load's result
-    /// is discarded. The thread is not joined: SIGTERM ends the process during a reload.
+    /// before it answers, so a reload answered has ended. Past `reload_timeout` the caller gets
+    /// `ReloadTimeout` and the load's result is discarded. The thread is not joined: SIGTERM ends
+    /// the process during a reload.
     pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Reloaded, InferenceError> {
         if self.reloading.swap(true, Ordering::SeqCst) {
             return Err(InferenceError::ReloadInProgress);
