@@ -73,7 +73,17 @@ def main():
             at = [row for row in rs if row["concurrency"] == c]
             print(f"  c={c:<4d} {name:12s} {mean[name]:8.1f} req/s (x{mean[name] / mean[base]:.3f} {base})  "
                   f"p50 {np.mean([row['p50_ms'] for row in at]):6.2f} ms  p99 {np.mean([row['p99_ms'] for row in at]):7.2f} ms  "
-                  f"not 200: {sum(bad_answers(row) for row in at)}")
+                  f"not 200: {sum(bad_answers(row) for row in at)}" + cpu_columns(at))
+
+
+def cpu_columns(rows: list[dict]) -> str:
+    """The server's own CPU (perf) and its inference workers' CPU per recommendation, means over
+    the rounds: steadier than req/s on a machine whose speed drifts."""
+    own = [row["server_cpu_ms_per_request"] for row in rows if "server_cpu_ms_per_request" in row]
+    inference = [row["server"]["inference_cpu_ms_per_rec"] for row in rows if row.get("server")]
+    text = f"  server CPU {np.mean(own):.3f} ms/rec" if own else ""
+    return text + (f", inference {np.mean(inference):.3f}" if inference else "")
+
 
 if __name__ == "__main__":
     main()

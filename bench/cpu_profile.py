@@ -10,7 +10,7 @@ on those threads, and the tokio threads (HTTP, Redis client, JSON) and the kerne
 scheduling); idle time is left out. Printed as shares of the busy samples and as CPU milliseconds
 per request.
 
-usage: python bench/cpu_profile.py --data DIR [--bin target/release/model-service] [--concurrency 32] [--seconds 20]
+usage: python bench/cpu_profile.py --data DIR [--bin target/release/model-service] [--concurrency 32] [--seconds 20] [--top 15]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main():
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--json", help="write the buckets here")
+    p.add_argument("--top", type=int, default=0, help="also print each bucket's N heaviest symbols")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="ms-cpu-")
     rproc, r, rport = start_redis(work)
@@ -92,13 +93,16 @@ def main():
                              "--percent-limit", "0", "-F", "period,comm,dso,sym"],
                             capture_output=True, text=True).stdout
     buckets: dict[str, int] = collections.Counter()
+    symbols: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     total = 0
     for line in report.splitlines():
         m = re.match(r"\s*(\d+)\s+(\S+)\s+(\S+)\s+\[.\]\s+(.*)", line)
         if not m:
             continue
         period, comm, dso, sym = int(m.group(1)), m.group(2), m.group(3), m.group(4).strip()
-        buckets[bucket(comm, dso, sym)] += period
+        where = bucket(comm, dso, sym)
+        buckets[where] += period
+        symbols[where][f"{os.path.basename(dso)} {sym}"] += period
         total += period
     requests = max(result["requests"], 1)
     idle = buckets.pop(IDLE, 0)
@@ -117,6 +121,11 @@ def main():
         rows[name] = {"share": period / total, "ms_per_request": period / 1e6 / requests}
         print(f"| {name} | {period / total:.1%} | {period / 1e6 / requests:.3f} |")
     print(f"| all | 100% | {total / 1e6 / requests:.3f} |")
+    if args.top:
+        for name, _ in sorted(buckets.items(), key=lambda kv: -kv[1]):
+            print(f"\n{name}, heaviest symbols (CPU ms per request):")
+            for sym, period in symbols[name].most_common(args.top):
+                print(f"  {period / 1e6 / requests:.4f}  {sym[:150]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"concurrency": args.concurrency, "req_per_s": rps, "p50_ms": result["p50_us"] / 1e3,
