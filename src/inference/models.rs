@@ -422,10 +422,14 @@ impl Models {
 }
 
 impl Models {
-    /// The compiled DIN, one profile at a time: each call gets that profile's own history with
-    /// no padding (a padded batch's cost follows batch x longest history), and the rows' scores
-    /// are stacked into [B, c1].
-    /// `padded`: the batch's history and mask, already built (a batch of one is passed as is).
+    /// The compiled DIN over the batch in groups of profiles with histories of about the same
+    /// length: a call's cost follows its rows x its longest history, plus about as much per call
+    /// as 18 padded items in one row (measured: docs/measurement-history.md, "DIN in groups of
+    /// like lengths"), so profiles sorted by length are called together while the padding they
+    /// add costs less than another call would. The rows' scores are put back in batch order
+    /// ([B, c1]).
+    /// `padded`: the batch's history and mask, already built (used as is when one group holds
+    /// the whole batch: the order of a call's rows does not change their scores).
     fn compiled_din(
         &self,
         din: &Compiled,
@@ -434,20 +438,51 @@ impl Models {
         cand1: &Tensor,
         s1: &Tensor,
     ) -> Result<Tensor, TchError> {
-        if histories.len() == 1 {
+        let groups = like_length_groups(histories);
+        if groups.len() == 1 {
             return din.forward(&[padded.0, padded.1, cand1, s1]).map_err(TchError::Torch);
         }
-        let rows = histories
-            .iter()
-            .enumerate()
-            .map(|(i, history)| {
-                let (h, m) = self.history_tensors(&[history])?;
-                let i = i as i64;
-                din.forward(&[&h, &m, &cand1.f_narrow(0, i, 1)?, &s1.f_narrow(0, i, 1)?]).map_err(TchError::Torch)
-            })
-            .collect::<Result<Vec<Tensor>, TchError>>()?;
-        Tensor::f_cat(&rows, 0)
+        let mut scores: Vec<Option<Tensor>> = (0..histories.len()).map(|_| None).collect();
+        for group in groups {
+            let rows: Vec<&[i64]> = group.iter().map(|&i| histories[i]).collect();
+            let (h, m) = self.history_tensors(&rows)?;
+            let index = Tensor::f_from_slice(&group.iter().map(|&i| i as i64).collect::<Vec<_>>())?
+                .f_to_device(cand1.device())?;
+            let out = din
+                .forward(&[&h, &m, &cand1.f_index_select(0, &index)?, &s1.f_index_select(0, &index)?])
+                .map_err(TchError::Torch)?;
+            for (j, &i) in group.iter().enumerate() {
+                scores[i] = Some(out.f_select(0, j as i64)?);
+            }
+        }
+        let rows: Vec<Tensor> = scores.into_iter().flatten().collect();
+        Tensor::f_stack(&rows, 0)
     }
+}
+
+/// A padded item slot in one row against the fixed cost of a call, in the compiled DIN's measured
+/// cost model (about 1.4 us per row and history item, 25 us per call).
+const DIN_CALL_IN_ITEM_SLOTS: usize = 18;
+
+/// The batch's rows in groups for the compiled DIN: sorted by history length, a row joins the
+/// group before it while the padding it adds (every row there padded to its length) stays within
+/// `DIN_CALL_IN_ITEM_SLOTS`.
+fn like_length_groups(histories: &[&[i64]]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..histories.len()).collect();
+    order.sort_by_key(|&i| histories[i].len());
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        let len = histories[i].len();
+        let joins = |group: &Vec<usize>| {
+            let longest = group.last().map_or(len, |&j| histories[j].len());
+            group.len() * (len - longest) <= DIN_CALL_IN_ITEM_SLOTS
+        };
+        match groups.last_mut() {
+            Some(group) if joins(group) => group.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    groups
 }
 
 /// The batch's history items packed row after row ([T]) and the row each belongs to ([T]), the
@@ -526,6 +561,21 @@ fn add_traces(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compiled_din_takes_like_lengths_together_and_keeps_apart_what_padding_would_cost() {
+        let groups = |lens: &[usize]| {
+            let items: Vec<Vec<i64>> = lens.iter().map(|&n| (1..=n as i64).collect()).collect();
+            like_length_groups(&items.iter().map(Vec::as_slice).collect::<Vec<_>>())
+        };
+        // sorted 3 3 4 10 11 | 30 40 48: 10 pads the three rows before it by 6 (18 slots, a
+        // call's worth), 30 would pad five rows by 19; 40 and 48 pad one row by 10, two by 8
+        assert_eq!(groups(&[10, 3, 30, 3, 48, 4, 40, 11]), vec![vec![1, 3, 5, 0, 7], vec![2, 6, 4]]);
+        // 10 after four rows of 3 would pad 28 slots: a call of its own is cheaper
+        assert_eq!(groups(&[3, 3, 10, 3, 3]), vec![vec![0, 1, 3, 4], vec![2]]);
+        assert_eq!(groups(&[7]), vec![vec![0]]);
+        assert_eq!(groups(&[]), Vec::<Vec<usize>>::new());
+    }
 
     #[test]
     fn traces_follow_each_item_back_through_the_stages() {
