@@ -8,7 +8,7 @@ usage: scripts/py bench/compiled_parity.py --data DIR [--concurrency 1] [--users
            [--env MAX_BATCH=16,...] [--json OUT]
 
 At concurrency 1 every batch holds one request; at higher concurrencies the batches mix profiles
-of different lengths (DIN's package ranks them one profile at a time, RankNet's the whole batch).
+of different lengths (DIN's package ranks them in groups of like history lengths, RankNet's the whole batch).
 """
 
 from __future__ import annotations

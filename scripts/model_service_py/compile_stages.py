@@ -8,8 +8,8 @@ The shipped forwards loop over the batch's rows with sizes read from the mask (d
 shapes, which torch.export cannot trace with a dynamic batch); the forms below compute the same
 functions without the loop. DIN takes a padded batch (its attention over the last min(L, max_att)
 positions with the padding masked, the EASE sum with zero weight on the padding); the server calls
-it one profile at a time, where nothing is padded, because a padded batch's cost follows batch x
-longest history (measured: docs/measurement-history.md). RankNet takes the batch's real history
+it on groups of profiles of about the same history length, because a padded batch's cost follows
+batch x longest history (measured: docs/measurement-history.md). RankNet takes the batch's real history
 items packed (INPUTS), so its cost follows the real items at any batch size. Each is checked
 against its TorchScript file before it is written.
 
