@@ -24,10 +24,11 @@ FROM ${BUILDER_IMAGE} AS builder
 ARG VARIANT
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV DEBIAN_FRONTEND=noninteractive
-# Python for pip; g++ for build.rs's C++ shim and torch-sys' wrapper; make, OpenSSL and zlib headers
-# and pkg-config for the librdkafka that rdkafka-sys builds (./configure && make: no cmake); patchelf
-# for the CPU reduction below; Rust from Debian when the base has no cargo. The optional build secret
-# `extra_ca` (PEM) is trusted by pip and cargo in this stage only, for networks that intercept TLS.
+# Python for pip; g++ (and its gcc) for build.rs's C++ shim, torch-sys' wrapper and mimalloc; make,
+# OpenSSL and zlib headers and pkg-config for the librdkafka that rdkafka-sys builds (./configure &&
+# make: no cmake); patchelf for the CPU reduction below; Rust from Debian when the base has no cargo.
+# The optional build secret `extra_ca` (PEM) is trusted by pip and cargo in this stage only, for
+# networks that intercept TLS.
 RUN --mount=type=secret,id=extra_ca set -eu; \
     case "$VARIANT" in cpu|cuda) ;; *) echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1 ;; esac; \
     pkgs="ca-certificates python3 python3-venv g++ make pkg-config libssl-dev zlib1g-dev patchelf"; \

@@ -9,9 +9,11 @@ use clap::Parser;
 use model_service::app::{self, Mode};
 use model_service::config::{Cli, Command, Config, LogFormat};
 
-// The request path allocates many small short-lived buffers (HTTP, Redis replies, JSON, the
-// stages' index vectors) on several threads: mimalloc's per-thread pages serve them with less
-// locking and fewer returns to the kernel than glibc's arenas (docs/performance.md).
+// mimalloc serves every allocation of the process: Rust's through this declaration, and (its
+// `override` feature: the binary exports malloc, free, posix_memalign, ...) libtorch's and the other
+// C and C++ libraries' too. A lone request frees and allocates tensors of the whole catalog's
+// scores and the stages' buffers; glibc consolidated and trimmed its heap for them each time
+// (docs/measurement-history.md, "mimalloc for the whole process").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
