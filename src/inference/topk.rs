@@ -143,25 +143,22 @@ fn keep_by(scores: &[f32], t: f32, mask: Option<&RowMask>, out: &mut Vec<u64>, c
     }
 }
 
-/// `rank_key` of a score known not to be NaN (one that compared `>=` to a number).
-fn number_key(pos: usize, score: f32) -> u64 {
-    let bits = score.to_bits();
-    let ascending = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
-    (u64::from(!ascending) << 32) | pos as u64
-}
-
 /// A key whose integer order is `select_top`'s: higher score first, NaN after every number, then
 /// the lower position (catalog rows fit in 32 bits).
 fn rank_key(pos: usize, score: f32) -> u64 {
-    let bits = score.to_bits();
-    // the float's order as an unsigned integer's (negative numbers reversed); NaN lowest
-    let ascending = if score.is_nan() {
-        0
-    } else if bits >> 31 == 1 {
-        !bits
+    if score.is_nan() {
+        // below every number
+        (u64::from(u32::MAX) << 32) | pos as u64
     } else {
-        bits | 0x8000_0000
-    };
+        number_key(pos, score)
+    }
+}
+
+/// `rank_key` of a score known not to be NaN (one that compared `>=` to a number): the float's
+/// order as an unsigned integer's (negative numbers reversed), inverted so that higher comes first.
+fn number_key(pos: usize, score: f32) -> u64 {
+    let bits = score.to_bits();
+    let ascending = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
     (u64::from(!ascending) << 32) | pos as u64
 }
 
