@@ -210,6 +210,21 @@ def measure_round(name: str, rnd: int, binary: str, env: dict, work: str, users_
         svc.stop()
 
 
+def measure_service(name: str, cmd: list[str], env: dict, log: str, users_file: str, concurrencies: list[int],
+                    seconds: int, label: str | None = None) -> list[dict]:
+    """One plan entry (model-service or the peer, which takes its port as an argument) started on a
+    free port, measured and stopped; `label` names it in the printed rows (default `name`)."""
+    port = free_port()
+    env = {**env, "PORT": str(port)}
+    if name.startswith("python-peer"):
+        cmd = cmd + ["--port", str(port)]
+    svc = Service(label or name, cmd, env, port, log)
+    try:
+        return measure(svc, users_file, concurrencies, seconds)
+    finally:
+        svc.stop()
+
+
 def measure(svc: Service, users_file: str, concurrencies: list[int], seconds: int) -> list[dict]:
     wait_healthy(f"http://127.0.0.1:{svc.port}/health", svc.proc)
     run_wrk(svc.port, users_file, 8, 3)  # warm-up
@@ -293,17 +308,10 @@ def goal_rounds(args, plan: list[tuple], users_file: str) -> list[dict]:
     for rnd in range(args.goal_rounds):
         start = rnd % len(plan)
         for name, cmd, env in plan[start:] + plan[:start]:
-            port = free_port()
-            env = {**env, "PORT": str(port)}
-            if name.startswith("python-peer"):
-                cmd = cmd + ["--port", str(port)]
-            svc = Service(f"{name}, round {rnd + 1}", cmd, env, port,
-                          os.path.join(args.work, f"goals-{name.replace(' ', '_')}-{rnd + 1}.log"))
-            try:
-                for row in measure(svc, users_file, [1, 32], args.seconds):
-                    rows[(name, row["concurrency"])].append({**row, "service": name})
-            finally:
-                svc.stop()
+            log = os.path.join(args.work, f"goals-{name.replace(' ', '_')}-{rnd + 1}.log")
+            for row in measure_service(name, cmd, env, log, users_file, [1, 32], args.seconds,
+                                       label=f"{name}, round {rnd + 1}"):
+                rows[(name, row["concurrency"])].append({**row, "service": name})
     return [mean_rows(rs) for rs in rows.values()]
 
 
@@ -548,15 +556,8 @@ def main():
                              {**base, "HOST": "127.0.0.1", "RUST_LOG": "warn", "CANDIDATE_SEARCH": "ivf"}, [1, 32]))
             rows, goal_rows = [], None
             for name, cmd, env, levels in plan:
-                port = free_port()
-                env = {**env, "PORT": str(port)}
-                if name.startswith("python-peer"):
-                    cmd = cmd + ["--port", str(port)]
-                svc = Service(name, cmd, env, port, os.path.join(args.work, f"{scale}-{name.replace(' ', '_')}.log"))
-                try:
-                    rows += measure(svc, users_file, levels, args.seconds)
-                finally:
-                    svc.stop()
+                log = os.path.join(args.work, f"{scale}-{name.replace(' ', '_')}.log")
+                rows += measure_service(name, cmd, env, log, users_file, levels, args.seconds)
             if scale == "amazon-book" and args.goal_rounds > 0:
                 goal_plan = [(name, cmd, env) for name, cmd, env, _ in plan
                              if name in ("model-service", "python-peer", "model-service baseline binary")]
