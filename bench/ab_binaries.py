@@ -5,7 +5,10 @@ and driven by wrk over the same shuffled users at each concurrency, for several 
 (the machine's speed drifts; compare the means of the same run). Each round starts one variant
 later than the one before (A B C, B C A, C A B, ...), so that a drift within a round falls on every
 variant alike: on a shared 2-core VM the last of three identical variants once served 14% more than
-the first, every round. Give a multiple of the number of variants as --rounds.
+the first, every round. Give a multiple of the number of variants as --rounds. Under each variant's
+means it prints its ratio to the first variant round by round, lowest to highest: one binary
+against itself (an A/A run, 2 rounds of 3 s) once read x0.881 to x0.962 at concurrency 32, so a
+lever smaller than that needs more rounds or a measurement in isolation.
 
 usage: scripts/py bench/ab_binaries.py --data DIR [--rounds 3] [--concurrency 1,8,32] [--seconds 10]
            NAME=BINARY[:ENV=VALUE,ENV=VALUE] NAME=BINARY[:...] ...
@@ -69,11 +72,25 @@ def main():
     base = args.variants[0][0]
     for c in concurrencies:
         mean = {name: np.mean([row["rps"] for row in rs if row["concurrency"] == c]) for name, rs in rows.items()}
+        base_at = [row for row in rows[base] if row["concurrency"] == c]
         for name, rs in rows.items():
             at = [row for row in rs if row["concurrency"] == c]
             print(f"  c={c:<4d} {name:12s} {mean[name]:8.1f} req/s (x{mean[name] / mean[base]:.3f} {base})  "
                   f"p50 {np.mean([row['p50_ms'] for row in at]):6.2f} ms  p99 {np.mean([row['p99_ms'] for row in at]):7.2f} ms  "
                   f"not 200: {sum(bad_answers(row) for row in at)}" + cpu_columns(at))
+            if name != base and len(at) > 1:
+                print(f"  {'':6s} {'':12s} {paired_spread(at, base_at)}")
+
+
+def paired_spread(rows: list[dict], base_rows: list[dict]) -> str:
+    """The ratio to the base variant round by round (both measured minutes apart in one round),
+    lowest to highest: a difference whose rounds fall on both sides of x1 is within the machine's
+    drift, whatever the means say."""
+    rps = sorted(r["rps"] / b["rps"] for r, b in zip(rows, base_rows) if b["rps"])
+    text = f"rounds: req/s x{rps[0]:.3f} to x{rps[-1]:.3f}" if rps else ""
+    cpu = sorted(r["server_cpu_ms_per_request"] / b["server_cpu_ms_per_request"] for r, b in zip(rows, base_rows)
+                 if r.get("server_cpu_ms_per_request") and b.get("server_cpu_ms_per_request"))
+    return text + (f", server CPU x{cpu[0]:.3f} to x{cpu[-1]:.3f}" if cpu else "")
 
 
 def cpu_columns(rows: list[dict]) -> str:
