@@ -442,21 +442,23 @@ impl Models {
         if groups.len() == 1 {
             return din.forward(&[padded.0, padded.1, cand1, s1]).map_err(TchError::Torch);
         }
-        let mut scores: Vec<Option<Tensor>> = (0..histories.len()).map(|_| None).collect();
-        for group in groups {
+        let mut outs = Vec::with_capacity(groups.len());
+        for group in &groups {
             let rows: Vec<&[i64]> = group.iter().map(|&i| histories[i]).collect();
             let (h, m) = self.history_tensors(&rows)?;
             let index = Tensor::f_from_slice(&group.iter().map(|&i| i as i64).collect::<Vec<_>>())?
                 .f_to_device(cand1.device())?;
-            let out = din
-                .forward(&[&h, &m, &cand1.f_index_select(0, &index)?, &s1.f_index_select(0, &index)?])
-                .map_err(TchError::Torch)?;
-            for (j, &i) in group.iter().enumerate() {
-                scores[i] = Some(out.f_select(0, j as i64)?);
-            }
+            outs.push(
+                din.forward(&[&h, &m, &cand1.f_index_select(0, &index)?, &s1.f_index_select(0, &index)?])
+                    .map_err(TchError::Torch)?,
+            );
         }
-        let rows: Vec<Tensor> = scores.into_iter().flatten().collect();
-        Tensor::f_stack(&rows, 0)
+        // the groups' rows one after another; `at[i]`: where batch row i stands among them
+        let mut at = vec![0i64; histories.len()];
+        for (p, &i) in groups.iter().flatten().enumerate() {
+            at[i] = p as i64;
+        }
+        Tensor::f_cat(&outs, 0)?.f_index_select(0, &Tensor::f_from_slice(&at)?.f_to_device(cand1.device())?)
     }
 }
 
