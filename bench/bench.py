@@ -201,13 +201,9 @@ class Service:
 
 def measure_round(name: str, rnd: int, binary: str, env: dict, work: str, users_file: str,
                   concurrencies: list[int], seconds: int) -> list[dict]:
-    """One round of one variant: `binary serve` on env's PORT started, measured, stopped."""
-    svc = Service(f"{name}, round {rnd + 1}", [binary, "serve"], env, int(env["PORT"]),
-                  os.path.join(work, f"{name}-{rnd + 1}.log"))
-    try:
-        return measure(svc, users_file, concurrencies, seconds)
-    finally:
-        svc.stop()
+    """One round of one variant: `binary serve` with env started on a free port, measured, stopped."""
+    return measure_service(name, [binary, "serve"], env, os.path.join(work, f"{name}-{rnd + 1}.log"), users_file,
+                           concurrencies, seconds, label=f"{name}, round {rnd + 1}")
 
 
 def measure_service(name: str, cmd: list[str], env: dict, log: str, users_file: str, concurrencies: list[int],
@@ -293,7 +289,8 @@ def mean_rows(rows: list[dict]) -> dict:
         return values[0]
     out = mean(rows)
     for counts in ("status", "socket_errors"):
-        out[counts] = {k: sum(r[counts].get(k, 0) for r in rows) for r in rows for k in r[counts]}
+        keys = {k for r in rows for k in r[counts]}
+        out[counts] = {k: sum(r[counts].get(k, 0) for r in rows) for k in keys}
     out["rounds"] = len(rows)
     return out
 
